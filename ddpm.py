@@ -1,0 +1,2205 @@
+"""ddpm.py: a DDPM trainer and sampler in one readable file.
+
+A hand-written UNet and Gaussian diffusion (Ho et al. 2020: linear betas, T=1000, epsilon
+prediction), trained on a folder of images and sampled with DDPM, DDIM or DPM-Solver++(2M).
+
+Runbook
+-------
+CPU, no data needed (a built-in generator of anime-style faces, small preset, about 10 min):
+    python ddpm.py --train --demo
+    python ddpm.py --loadckpt ckpt --num-samples 16             # newest checkpoint in ckpt/
+
+One GPU, your own folder (recursively read; png/jpg/jpeg/webp/bmp/gif):
+    python ddpm.py --train --data-folders data/faces
+    python ddpm.py --loadckpt ckpt/ckpt-0.pth --batch-size 64   # output/ddpm-{i}.png, ddpm-all.png
+
+Several GPUs or machines (detected from torchrun's environment; --batch-size is global):
+    torchrun --standalone --nproc_per_node 8 ddpm.py --train --data-folders data/faces --batch-size 512
+
+Continue, fine-tune, inspect, export, evaluate:
+    python ddpm.py --train --resume --data-folders data/faces
+    python ddpm.py --train --loadckpt ckpt/ckpt-4.pth --lr 1e-5 --data-folders data/faces
+    python ddpm.py --info ckpt/ckpt-0.pth
+    python ddpm.py --loadckpt ckpt --export model.safetensors
+    python ddpm.py --loadckpt ckpt --eval nll --eval-folders data/val
+
+Nothing runs at import: `import ddpm` gives UNet, GaussianDiffusion, load_images, load_model.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+FORMAT = "ddpm.py"
+FORMAT_VERSION = 2
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+CKPT_PATTERN = "ckpt-*.pth"
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+class DDPMError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2, no traceback."""
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. repeated non-finite losses): one line, exit status 1."""
+
+
+def is_rank0() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def log(*msg) -> None:
+    """Print on rank 0 only."""
+    if is_rank0():
+        print(*msg, flush=True)
+
+
+_warned = set()
+
+
+def warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        if is_rank0():
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def extract(a: torch.Tensor, t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Gather a[t] for a batch of timesteps t: (B,), reshaped to (B, 1, 1, ...) to broadcast on `shape`."""
+    assert t.dim() == 1 and t.shape[0] == shape[0], f"t {tuple(t.shape)} does not match batch {shape[0]}"
+    return a.gather(0, t).view(-1, *([1] * (len(shape) - 1)))
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed derived from integers, stable across runs, platforms and Python versions."""
+    digest = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def parse_bool(value: str) -> bool:
+    """The original's t/f, plus true/false, yes/no, 1/0."""
+    v = value.strip().lower()
+    if v in ("t", "true", "y", "yes", "1"):
+        return True
+    if v in ("f", "false", "n", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected t/f or true/false, got {value!r}")
+
+
+def parse_duration(value: str) -> float:
+    """'2h', '90m', '45s', '1h30m' or plain seconds -> seconds."""
+    v = value.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", v):
+        return float(v)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", v)
+    if not parts or "".join(n + u for n, u in parts) != v:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 2h, 90m, 45s or 1h30m, got {value!r}")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder so a rename in it is durable. POSIX only; elsewhere a no-op."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(str(folder), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write a file so that a crash at any moment leaves either the old file or the new one.
+
+    Temporary file in the same folder, flush + fsync, os.replace, fsync of the folder.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def make_progress(transient: bool = False):
+    """A rich progress display: spinner, description, bar, count, elapsed and remaining time."""
+    import rich.progress as rp
+
+    return rp.Progress(
+        rp.SpinnerColumn(),
+        rp.TextColumn("[progress.description]{task.description}"),
+        rp.BarColumn(),
+        rp.MofNCompleteColumn(),
+        rp.TimeElapsedColumn(),
+        rp.TimeRemainingColumn(),
+        rp.TextColumn("{task.fields[info]}"),
+        transient=transient,
+        disable=not is_rank0(),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Model configuration
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the model; stored in every checkpoint."""
+
+    img_channels: int = 3
+    img_size: int = 64
+    num_channels: int = 64
+    channel_multiples: Tuple[int, ...] = (1, 2, 4, 8)
+    has_attn: Tuple[bool, ...] = (False, False, True, True)
+    num_blocks: int = 2
+    timesteps: int = 1000
+    beta_min: float = 0.0001
+    beta_max: float = 0.02
+    dropout: float = 0.1
+    legacy_attention: bool = False  # the original script's cross-batch attention (its old checkpoints)
+
+    def __post_init__(self):
+        self.channel_multiples = tuple(int(m) for m in self.channel_multiples)
+        self.has_attn = tuple(bool(a) for a in self.has_attn)
+
+    def validate(self) -> "ModelConfig":
+        """Fail with one line on combinations the UNet cannot build or run."""
+        if self.img_channels not in (1, 3):
+            raise DDPMError(f"--img-channels must be 1 (grayscale) or 3 (RGB), got {self.img_channels}")
+        if len(self.has_attn) != len(self.channel_multiples):
+            raise DDPMError(f"--has-attn has {len(self.has_attn)} values but --channel-multiples has "
+                            f"{len(self.channel_multiples)}; give one t/f per resolution")
+        if not self.channel_multiples or min(self.channel_multiples) < 1:
+            raise DDPMError("--channel-multiples needs one or more positive integers")
+        if self.num_blocks < 1:
+            raise DDPMError(f"--num-blocks must be at least 1, got {self.num_blocks}")
+        factor = 2 ** (len(self.channel_multiples) - 1)
+        if self.img_size < factor or self.img_size % factor:
+            raise DDPMError(f"--img-size {self.img_size} cannot be halved {len(self.channel_multiples) - 1} times "
+                            f"cleanly; use a multiple of {factor}, or fewer --channel-multiples")
+        for c in [self.num_channels] + [self.num_channels * m for m in self.channel_multiples]:
+            if c % 32:
+                raise DDPMError(f"GroupNorm(32) cannot divide {c} channels; --num-channels times each of "
+                                f"--channel-multiples must be a multiple of 32")
+        if self.num_channels < 4:
+            raise DDPMError("--num-channels must be at least 4")
+        if self.timesteps < 2:
+            raise DDPMError(f"--timesteps must be at least 2, got {self.timesteps}")
+        if not 0 < self.beta_min <= self.beta_max < 1:
+            raise DDPMError(f"need 0 < --beta-min <= --beta-max < 1, got {self.beta_min} and {self.beta_max}")
+        if not 0 <= self.dropout < 1:
+            raise DDPMError(f"dropout must be in [0, 1), got {self.dropout}")
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channel_multiples"] = list(self.channel_multiples)
+        d["has_attn"] = list(self.has_attn)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+MODEL_KEYS = [f.name for f in fields(ModelConfig) if f.name not in ("dropout", "legacy_attention")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise schedule
+# ----------------------------------------------------------------------------------------------
+
+def linear_beta_schedule(timesteps: int, beta_min: float, beta_max: float) -> torch.Tensor:
+    """beta_1..beta_T, linear as in Ho et al. 2020 (Sec. 4), in float64."""
+    return torch.linspace(beta_min, beta_max, timesteps, dtype=torch.float64)
+
+
+def timestep_grid(timesteps: int, steps: int) -> List[int]:
+    """`steps` timesteps from T-1 down to 0, evenly spaced (all of them when steps >= T)."""
+    if steps >= timesteps:
+        return list(range(timesteps - 1, -1, -1))
+    grid = torch.linspace(timesteps - 1, 0, max(steps, 1), dtype=torch.float64).round().long().tolist()
+    return list(dict.fromkeys(grid))  # spacing >= 1, so rounding keeps them distinct
+
+
+# ----------------------------------------------------------------------------------------------
+# UNet blocks
+# ----------------------------------------------------------------------------------------------
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal embedding of t followed by a 2-layer MLP (Vaswani et al. 2017; Ho et al. 2020)."""
+
+    def __init__(self, fourier_channels: int, time_channels: int, theta: float = 10000.0):
+        super().__init__()
+        half = fourier_channels // 2
+        freqs = torch.exp(torch.arange(half, dtype=torch.float64) * -(math.log(theta) / (half - 1)))
+        self.register_buffer("freqs", freqs.float(), persistent=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * half, time_channels), nn.SiLU(), nn.Linear(time_channels, time_channels))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t: (B,) -> (B, time_channels)"""
+        emb = t.float()[:, None] * self.freqs[None, :]  # (B, half)
+        return self.mlp(torch.cat((emb.sin(), emb.cos()), dim=1))
+
+
+class ResidualBlock(nn.Module):
+    """GroupNorm-SiLU-Conv, add the time embedding, GroupNorm-SiLU-Dropout-Conv, plus a shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, time_channels: int, dropout: float = 0.1):
+        super().__init__()
+        self.conv1 = nn.Sequential(
+            nn.GroupNorm(32, in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.time_emb = nn.Sequential(nn.SiLU(), nn.Linear(time_channels, out_channels))
+        self.conv2 = nn.Sequential(
+            nn.GroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_c, H, W), t: (B, time_c) -> (B, out_c, H, W)"""
+        h = self.conv1(x)
+        h = h + self.time_emb(t)[:, :, None, None]
+        return self.conv2(h) + self.shortcut(x)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the H*W positions of each image, with a residual connection.
+
+    The weights live in an nn.MultiheadAttention (in_proj_*, out_proj) so that checkpoints of the
+    original script load unchanged; the computation is F.scaled_dot_product_attention, which picks
+    flash / memory-efficient kernels where available.
+
+    legacy=True reproduces the original script exactly, for its old checkpoints: it passed (B, HW, C)
+    to a sequence-first MultiheadAttention, so each position attended across the images of the
+    batch, and it added the residual to the normalised input.
+    """
+
+    def __init__(self, num_channels: int, num_heads: int = 1, legacy: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.legacy = legacy
+        self.norm = nn.GroupNorm(32, num_channels)
+        self.attn = nn.MultiheadAttention(num_channels, num_heads)
+
+    def _attend(self, h: torch.Tensor) -> torch.Tensor:
+        """h: (N, L, C) -> (N, L, C), attention over L for each of the N sequences."""
+        N, L, C = h.shape
+        qkv = F.linear(h, self.attn.in_proj_weight, self.attn.in_proj_bias)  # (N, L, 3C)
+        q, k, v = qkv.view(N, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (N, nh, L, d)
+        o = F.scaled_dot_product_attention(q, k, v)  # (N, nh, L, d)
+        return self.attn.out_proj(o.transpose(1, 2).reshape(N, L, C))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)"""
+        B, C, H, W = x.shape
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        if self.legacy:
+            out = h + self._attend(h.transpose(0, 1)).transpose(0, 1)  # attends over B; residual on norm(x)
+            return out.transpose(1, 2).reshape(B, C, H, W)
+        return x + self._attend(h).transpose(1, 2).reshape(B, C, H, W)
+
+
+class DownBlock(nn.Module):
+    """ResidualBlock, then attention at resolutions that have it (first half of the UNet)."""
+
+    def __init__(self, in_channels, out_channels, time_channels, has_attn, dropout, legacy):
+        super().__init__()
+        self.res = ResidualBlock(in_channels, out_channels, time_channels, dropout)
+        self.attn = AttentionBlock(out_channels, legacy=legacy) if has_attn else nn.Identity()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_c, H, W) -> (B, out_c, H, W)"""
+        return self.attn(self.res(x, t))
+
+
+class UpBlock(nn.Module):
+    """Concatenate the skip connection, ResidualBlock, then attention (second half of the UNet)."""
+
+    def __init__(self, in_channels, out_channels, time_channels, has_attn, dropout, legacy):
+        super().__init__()
+        self.res = ResidualBlock(in_channels + out_channels, out_channels, time_channels, dropout)
+        self.attn = AttentionBlock(out_channels, legacy=legacy) if has_attn else nn.Identity()
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_c, H, W), skip: (B, out_c, H, W) -> (B, out_c, H, W)"""
+        return self.attn(self.res(torch.cat([x, skip], dim=1), t))
+
+
+class MiddleBlock(nn.Module):
+    """ResidualBlock, attention, ResidualBlock at the lowest resolution."""
+
+    def __init__(self, num_channels, time_channels, dropout, legacy):
+        super().__init__()
+        self.res1 = ResidualBlock(num_channels, num_channels, time_channels, dropout)
+        self.attn = AttentionBlock(num_channels, legacy=legacy)
+        self.res2 = ResidualBlock(num_channels, num_channels, time_channels, dropout)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)"""
+        return self.res2(self.attn(self.res1(x, t)), t)
+
+
+class DownSample(nn.Module):
+    """3x3 convolution with stride 2: (B, C, H, W) -> (B, C, H/2, W/2)."""
+
+    def __init__(self, num_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(num_channels, num_channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class UpSample(nn.Module):
+    """4x4 transposed convolution with stride 2: (B, C, H, W) -> (B, C, 2H, 2W)."""
+
+    def __init__(self, num_channels: int):
+        super().__init__()
+        self.conv = nn.ConvTranspose2d(num_channels, num_channels, 4, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# UNet
+# ----------------------------------------------------------------------------------------------
+
+class UNet(nn.Module):
+    """The noise predictor eps_theta(x_t, t).
+
+    Same layout as the original script (module names included, so its state_dicts load): per
+    resolution, num_blocks DownBlocks then a DownSample; a MiddleBlock; per resolution,
+    num_blocks + 1 UpBlocks then an UpSample. Default flags give 54.56M parameters.
+    """
+
+    def __init__(self, img_channels: int = 3, num_channels: int = 64,
+                 channel_multiples: Sequence[int] = (1, 2, 4, 8),
+                 has_attn: Sequence[bool] = (False, False, True, True), num_blocks: int = 2,
+                 dropout: float = 0.1, legacy_attention: bool = False):
+        super().__init__()
+        assert len(channel_multiples) == len(has_attn), "one has_attn flag per resolution"
+        time_channels = num_channels * 4
+        block = dict(time_channels=time_channels, dropout=dropout, legacy=legacy_attention)
+
+        self.time_emb = TimeEmbedding(num_channels, time_channels)
+        self.in_conv = nn.Conv2d(img_channels, num_channels, 3, padding=1)
+        self.down = nn.ModuleList()
+        self.up = nn.ModuleList()
+        in_c = num_channels
+        for i, mult in enumerate(channel_multiples):
+            out_c = num_channels * mult
+            self.down.append(DownBlock(in_c, out_c, has_attn=has_attn[i], **block))
+            for _ in range(num_blocks - 1):
+                self.down.append(DownBlock(out_c, out_c, has_attn=has_attn[i], **block))
+            # The up path is built in the same order and applied reversed (this keeps the
+            # original's parameter names): UpSample, num_blocks x UpBlock(out, out), UpBlock(out, in).
+            self.up.append(UpBlock(out_c, in_c, has_attn=has_attn[i], **block))
+            for _ in range(num_blocks):
+                self.up.append(UpBlock(out_c, out_c, has_attn=has_attn[i], **block))
+            if i < len(channel_multiples) - 1:
+                self.down.append(DownSample(out_c))
+                self.up.append(UpSample(out_c))
+            in_c = out_c
+        self.middle = MiddleBlock(in_c, time_channels, dropout, legacy_attention)
+        self.out_conv = nn.Sequential(
+            nn.GroupNorm(32, num_channels), nn.SiLU(), nn.Conv2d(num_channels, img_channels, 3, padding=1))
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "UNet":
+        return cls(cfg.img_channels, cfg.num_channels, cfg.channel_multiples, cfg.has_attn, cfg.num_blocks,
+                   cfg.dropout, cfg.legacy_attention)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x: (B, img_c, H, W), t: (B,) -> predicted noise (B, img_c, H, W)"""
+        temb = self.time_emb(t)
+        x = self.in_conv(x)
+        skips = [x]
+        for m in self.down:
+            x = m(x, temb) if isinstance(m, DownBlock) else m(x)
+            skips.append(x)
+        x = self.middle(x, temb)
+        for m in reversed(self.up):
+            x = m(x, skips.pop(), temb) if isinstance(m, UpBlock) else m(x)
+        assert not skips, "every skip connection is used once"
+        return self.out_conv(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gaussian diffusion and samplers
+# ----------------------------------------------------------------------------------------------
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class GaussianDiffusion(nn.Module):
+    """Forward process q, reverse process p and the simple loss of Ho et al. 2020.
+
+    Buffers are named after the paper's symbols, computed in float64 and stored as float32, and
+    not saved in the state_dict (which therefore holds only `eps_model.*`, as the original's did).
+    """
+
+    def __init__(self, eps_model: nn.Module, timesteps: int = 1000, beta_min: float = 0.0001,
+                 beta_max: float = 0.02):
+        super().__init__()
+        self.eps_model = eps_model
+        self.timesteps = timesteps
+        beta = linear_beta_schedule(timesteps, beta_min, beta_max)
+        alpha = 1.0 - beta
+        alpha_bar = torch.cumprod(alpha, dim=0)
+        alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+        self.alpha_bar_f64 = alpha_bar  # exact values for samplers and the bound (a plain attribute)
+        buffers = {
+            "beta": beta,
+            "alpha": alpha,
+            "alpha_bar": alpha_bar,
+            "alpha_bar_prev": alpha_bar_prev,
+            "sqrt_alpha_bar": alpha_bar.sqrt(),                     # mean coefficient of q(x_t | x_0), eq. 4
+            "sqrt_one_minus_alpha_bar": (1 - alpha_bar).sqrt(),     # std of q(x_t | x_0), eq. 4
+            "p_mu_coef": 1 / alpha.sqrt(),                          # 1/sqrt(alpha_t), eq. 11
+            "p_eps_coef": beta / (1 - alpha_bar).sqrt(),            # beta_t/sqrt(1-alpha_bar_t), eq. 11
+            "p_sigma": beta.sqrt(),                                 # sigma_t^2 = beta_t (Sec. 3.2)
+            # posterior q(x_{t-1} | x_t, x_0), eq. 6-7
+            "posterior_variance": beta * (1 - alpha_bar_prev) / (1 - alpha_bar),
+            "posterior_mean_coef1": beta * alpha_bar_prev.sqrt() / (1 - alpha_bar),
+            "posterior_mean_coef2": (1 - alpha_bar_prev) * alpha.sqrt() / (1 - alpha_bar),
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, value.float(), persistent=False)
+
+    # -- forward process ------------------------------------------------------------------------
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x_t ~ q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), eq. 4. x0: (B, C, H, W), t: (B,)"""
+        if eps is None:
+            eps = torch.randn_like(x0)
+        return extract(self.sqrt_alpha_bar, t, x0.shape) * x0 + extract(self.sqrt_one_minus_alpha_bar, t, x0.shape) * eps
+
+    def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of q(x_{t-1} | x_t, x_0), eq. 6-7."""
+        mean = extract(self.posterior_mean_coef1, t, xt.shape) * x0 + extract(self.posterior_mean_coef2, t, xt.shape) * xt
+        return mean, extract(self.posterior_variance, t, xt.shape)
+
+    # -- reverse process ------------------------------------------------------------------------
+    def p_mean(self, xt: torch.Tensor, t: torch.Tensor, eps_theta: torch.Tensor) -> torch.Tensor:
+        """Mean of p(x_{t-1} | x_t) = 1/sqrt(alpha_t) (x_t - beta_t/sqrt(1-alpha_bar_t) eps_theta), eq. 11."""
+        return extract(self.p_mu_coef, t, xt.shape) * (xt - extract(self.p_eps_coef, t, xt.shape) * eps_theta)
+
+    def p_sample(self, xt: torch.Tensor, t: torch.Tensor, eps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One ancestral step x_t -> x_{t-1} (Algorithm 2), sigma_t^2 = beta_t; no noise where t == 0."""
+        if eps is None:
+            eps = torch.randn_like(xt)
+        eps_theta = self.eps_model(xt, t).float()
+        sigma = extract(self.p_sigma, t, xt.shape) * (t > 0).float().view(-1, *([1] * (xt.dim() - 1)))
+        return self.p_mean(xt, t, eps_theta) + sigma * eps
+
+    def predict_x0(self, xt: torch.Tensor, t: torch.Tensor, eps_theta: torch.Tensor) -> torch.Tensor:
+        """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), inverting eq. 4."""
+        return (xt - extract(self.sqrt_one_minus_alpha_bar, t, xt.shape) * eps_theta) / extract(self.sqrt_alpha_bar, t, xt.shape)
+
+    # -- loss -----------------------------------------------------------------------------------
+    def forward(self, x0: torch.Tensor, t: Optional[torch.Tensor] = None,
+                noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """L_simple = E ||eps - eps_theta(x_t, t)||^2 (eq. 14), in float32. x0: (B, C, H, W) in [-1, 1]."""
+        if t is None:
+            t = torch.randint(0, self.timesteps, x0.shape[:1], device=x0.device)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        xt = self.q_sample(x0.float(), t, eps=noise.float())
+        eps_theta = self.eps_model(xt, t)
+        return F.mse_loss(eps_theta.float(), noise.float())
+
+    # -- sampling -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, x: torch.Tensor, sampler: str = "dpm++", steps: int = 25, eta: float = 0.0,
+               noise_fn: Optional[Callable[[], torch.Tensor]] = None, model_fn: Optional[ModelFn] = None,
+               callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None) -> torch.Tensor:
+        """Denoise x = x_T: (B, C, H, W) to x_0 with `steps` model calls.
+
+        sampler: "ddpm" (ancestral, Ho et al. Alg. 2, sigma^2 = beta; respaced when steps < T),
+                 "ddim" (Song et al. 2020, eq. 12; eta=0 is deterministic),
+                 "dpm++" (DPM-Solver++(2M), Lu et al. 2022, Alg. 2, data prediction).
+        noise_fn() returns fresh N(0, I) noise shaped like x (default torch.randn_like).
+        model_fn(x, t) returns eps_theta in float32 (default self.eps_model).
+        callback(i, x, x0_pred) is called after each step.
+        No noise is added at the last step, which returns the model's x_0 estimate.
+        """
+        if sampler not in SAMPLERS:
+            raise DDPMError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        model_fn = model_fn or (lambda xt, tt: self.eps_model(xt, tt).float())
+        noise_fn = noise_fn or (lambda: torch.randn_like(x))
+        ab = self.alpha_bar_f64.tolist()
+        grid = timestep_grid(self.timesteps, steps)
+        x = x.float()
+        x0_prev, h_prev = None, None
+        for i, t in enumerate(grid):
+            s = grid[i + 1] if i + 1 < len(grid) else -1
+            ab_t, ab_s = ab[t], (ab[s] if s >= 0 else 1.0)
+            tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            eps = model_fn(x, tt).float()
+            x0 = (x - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
+            if s < 0:
+                x = x0  # the final step: the mean of every sampler at alpha_bar = 1 is x_0
+            elif sampler == "ddpm":
+                beta_ts = 1 - ab_t / ab_s  # the respaced beta; equals beta_t when s = t - 1
+                x = (x - beta_ts / math.sqrt(1 - ab_t) * eps) / math.sqrt(1 - beta_ts) + math.sqrt(beta_ts) * noise_fn()
+            elif sampler == "ddim":
+                sigma = eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
+                x = math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - sigma ** 2, 0.0)) * eps
+                if sigma > 0:
+                    x = x + sigma * noise_fn()
+            else:  # dpm++ (2M): lambda = log(alpha / sigma), second order from the previous x0
+                lam_t = 0.5 * math.log(ab_t / (1 - ab_t))
+                lam_s = 0.5 * math.log(ab_s / (1 - ab_s))
+                h = lam_s - lam_t
+                d = x0 if x0_prev is None else (1 + h / (2 * h_prev)) * x0 - (h / (2 * h_prev)) * x0_prev  # 1/(2r), r = h_prev/h
+                x = math.sqrt((1 - ab_s) / (1 - ab_t)) * x - math.sqrt(ab_s) * math.expm1(-h) * d
+                x0_prev, h_prev = x0, h
+            if callback is not None:
+                callback(i, x, x0)
+        return x
+
+
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+SKIP_REASONS = {
+    "not_image": "not an image file",
+    "unreadable": "unreadable or not an image",
+    "corrupt": "truncated or corrupt",
+    "too_large": "over the decompression-bomb limit",
+}
+
+
+def _flatten_alpha(img, background: Tuple[int, int, int]):
+    """Composite an image with transparency onto a solid background colour; returns RGB."""
+    from PIL import Image
+
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("RGB", "L") and "transparency" in img.info):
+        img = img.convert("RGBA")
+        base = Image.new("RGBA", img.size, tuple(background) + (255,))
+        return Image.alpha_composite(base, img).convert("RGB")
+    return img
+
+
+def _decode_image(path: Path, img_size: int, mode: str, background: Tuple[int, int, int]):
+    """Decode one file to a (C, size, size) uint8 tensor; returns (tensor or None, reason, upscaled)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+                    # 16/32-bit grayscale: scale the full range to 8 bits (convert("L") would clip to white)
+                    import numpy as np
+
+                    arr = np.asarray(img, dtype=np.float64)
+                    top = 65535.0 if img.mode.startswith("I;16") or arr.max() <= 65535 else float(arr.max())
+                    img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+                elif img.mode == "F":
+                    import numpy as np
+
+                    arr = np.asarray(img, dtype=np.float64)
+                    img = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+                img = _flatten_alpha(img, background)
+                img = img.convert(mode)  # CMYK, YCbCr, 1, P ... -> RGB or L
+                upscaled = min(img.size) < img_size
+                img = ImageOps.fit(img, (img_size, img_size), Image.BICUBIC)  # resize shorter side, centre-crop
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return None, "too_large", False
+    except UnidentifiedImageError:
+        return None, "unreadable", False
+    except (OSError, SyntaxError, ValueError):  # PIL reports truncated data as OSError
+        return None, "corrupt", False
+    import numpy as np
+
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), "", upscaled  # (C, H, W)
+
+
+def find_image_files(folders: Sequence) -> Tuple[List[Path], int]:
+    """All files under the folders, recursively, sorted: (image files, count of other files)."""
+    images, others = [], 0
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise DDPMError(f"data folder {folder} does not exist or is not a folder; check --data-folders")
+        found = 0
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("._"):
+                    images.append(p)
+                    found += 1
+                else:
+                    others += 1
+        if not found:
+            raise DDPMError(f"data folder {folder} holds no image files (.png .jpg .jpeg .webp .bmp .gif); "
+                            f"check --data-folders")
+    return images, others
+
+
+def load_images(folders: Sequence, img_size: int = 64, img_channels: int = 3,
+                background: Tuple[int, int, int] = (255, 255, 255), workers: Optional[int] = None,
+                quiet: bool = False) -> torch.Tensor:
+    """Decode every image under `folders` into one (N, C, img_size, img_size) torch.uint8 tensor.
+
+    Shorter side resized (antialiased) then centre-cropped; EXIF orientation applied; transparency
+    composited onto `background`; 16-bit images scaled; files that cannot be decoded are skipped
+    and counted. Prints one summary line.
+    """
+    if img_channels not in (1, 3):
+        raise DDPMError(f"--img-channels must be 1 or 3, got {img_channels}")
+    paths, others = find_image_files(folders)
+    mode = "L" if img_channels == 1 else "RGB"
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
+        results = list(pool.map(lambda p: _decode_image(p, img_size, mode, tuple(background)), paths))
+    images = [r[0] for r in results if r[0] is not None]
+    skipped = {k: 0 for k in SKIP_REASONS}
+    skipped["not_image"] = others
+    for _, reason, _ in results:
+        if reason:
+            skipped[reason] += 1
+    upscaled = sum(r[2] for r in results)
+    names = ", ".join(str(f) for f in folders)
+    if not images:
+        raise DDPMError(f"no readable images in {names}; put .png/.jpg/.jpeg/.webp/.bmp/.gif files there "
+                        f"or check --data-folders")
+    data = torch.stack(images)
+    if not quiet:
+        why = ", ".join(f"{n} {SKIP_REASONS[k]}" for k, n in skipped.items() if n)
+        log(f"data: {len(images)} images from {names} ({img_size}x{img_size} {mode}, "
+            f"{data.numel() / 2**20:.1f} MiB as uint8); skipped {sum(skipped.values())}"
+            + (f" ({why})" if why else "")
+            + (f"; warning: {upscaled} smaller than {img_size}px were upscaled" if upscaled else ""))
+    return data
+
+
+def demo_faces(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """(n, 3, size, size) torch.uint8 tensor of anime-style faces; image i depends only on (seed, i).
+
+    Each face is drawn with PIL at 4x resolution (flat colours, simple shapes) and downsampled
+    with LANCZOS. Hair colour/style, eyes, skin, mouth, blush, background, position and a small
+    tilt are drawn from random.Random(seed * 1000003 + i). Needs: colorsys, math, random, torch,
+    PIL.Image, PIL.ImageDraw.
+    """
+    import colorsys
+
+    from PIL import Image, ImageDraw
+
+    HAIR = [(30, 28, 38), (92, 58, 36), (140, 90, 50), (240, 205, 110), (250, 150, 190),
+            (70, 120, 230), (205, 210, 225), (205, 45, 50), (60, 170, 95), (140, 80, 200),
+            (245, 130, 40), (60, 200, 210), (250, 245, 235), (60, 60, 120)]
+    EYES = [(40, 110, 230), (40, 160, 80), (210, 40, 50), (140, 60, 200), (230, 150, 30),
+            (230, 90, 160), (30, 170, 180), (120, 70, 40), (90, 90, 110)]
+    SKIN = [(255, 236, 224), (255, 224, 204), (248, 212, 186), (236, 192, 160), (212, 160, 122)]
+    S = 4 * size
+    lanczos = getattr(Image, "Resampling", Image).LANCZOS
+    grad = Image.linear_gradient("L").resize((S, S))
+    circle = [(math.cos(2 * math.pi * j / 24), math.sin(2 * math.pi * j / 24)) for j in range(24)]
+
+    def mix(a, b, t):
+        return tuple(int(round(x + (y - x) * t)) for x, y in zip(a, b))
+
+    def shade(c, f):
+        return tuple(max(0, min(255, int(v * f))) for v in c)
+
+    def one(rng):
+        # background: plain or vertical two-tone gradient of a pastel colour
+        h = rng.random()
+        bg1 = tuple(int(255 * v) for v in colorsys.hsv_to_rgb(h, rng.uniform(0.15, 0.45), rng.uniform(0.75, 1.0)))
+        bg2 = mix(bg1, (255, 255, 255) if rng.random() < 0.5 else (40, 40, 70), rng.uniform(0.3, 0.6))
+        img = Image.new("RGB", (S, S), bg1)
+        if rng.random() < 0.6:
+            img = Image.composite(Image.new("RGB", (S, S), bg2), img, grad)
+        d = ImageDraw.Draw(img)
+        cx, cy = 0.5 + rng.uniform(-0.03, 0.03), 0.5 + rng.uniform(-0.03, 0.03)
+        sc = rng.uniform(0.93, 1.05)
+        tilt = math.radians(rng.uniform(-7, 7))
+        ct, st = math.cos(tilt), math.sin(tilt)
+
+        # face-relative unit coords -> canvas pixels: scale by sc, tilt about the neck (0, 0.2)
+        a, b = S * sc * ct, S * sc * st
+        ox, oy = S * cx + 0.2 * b, S * (cy + 0.2 * sc) - 0.2 * a
+
+        def P(x, y):
+            return (ox + a * x - b * y, oy + b * x + a * y)
+
+        def poly(pts, col):
+            d.polygon([P(x, y) for x, y in pts], fill=col)
+
+        def arcpts(x0, y0, x1, y1, a0=0, a1=360, k=24):
+            mx, my, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+            cs = circle if (a0, a1, k) == (0, 360, 24) else [
+                (math.cos(t), math.sin(t)) for t in (math.radians(a0 + (a1 - a0) * j / k) for j in range(k + 1))]
+            return [(mx + rx * c, my + ry * s) for c, s in cs]
+
+        def ell(x0, y0, x1, y1, col, a0=0, a1=360):  # filled ellipse (or chord) as a tiltable polygon
+            poly(arcpts(x0, y0, x1, y1, a0, a1), col)
+
+        def arc(x0, y0, x1, y1, a0, a1, col, w):
+            d.line([P(x, y) for x, y in arcpts(x0, y0, x1, y1, a0, a1, 10)], fill=col, width=w, joint="curve")
+
+        hair = HAIR[rng.randrange(len(HAIR))]
+        hair = shade(hair, rng.uniform(0.85, 1.1))
+        dark = shade(hair, 0.7)
+        skin = SKIN[rng.randrange(len(SKIN))]
+        longh = rng.random() < 0.55
+        # --- back hair (long hair / ponytail / twin tails)
+        ell(-0.40, -0.48, 0.40, 0.22, dark)
+        if longh:
+            poly([(-0.40, -0.1), (0.40, -0.1), (0.44, 0.6), (-0.44, 0.6)], dark)
+        tail = rng.random()
+        if tail < 0.18:  # twin tails
+            ell(-0.58, -0.30, -0.34, 0.45, dark)
+            ell(0.34, -0.30, 0.58, 0.45, dark)
+        elif tail < 0.3:  # ponytail peeking out at one side
+            s = rng.choice((-1, 1))
+            ell(min(0.3 * s, 0.55 * s), -0.40, max(0.3 * s, 0.55 * s), 0.20, dark)
+        # --- neck and shirt
+        shirt = tuple(int(255 * v) for v in colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.2, 0.7), rng.uniform(0.5, 0.95)))
+        poly([(-0.08, 0.2), (0.08, 0.2), (0.09, 0.45), (-0.09, 0.45)], shade(skin, 0.85))
+        ell(-0.38, 0.40, 0.38, 0.80, shirt)
+        poly([(-0.09, 0.40), (0.09, 0.40), (0.0, 0.50)], shade(skin, 0.85))
+        # --- head: wide cranium + pointed anime chin
+        ell(-0.30, -0.34, 0.30, 0.20, skin)
+        chin = rng.uniform(0.30, 0.36)
+        poly([(-0.30, -0.04), (-0.26, 0.14), (-0.08, chin - 0.02), (0.0, chin), (0.08, chin - 0.02),
+              (0.26, 0.14), (0.30, -0.04)], skin)
+        # --- eyes
+        eye = EYES[rng.randrange(len(EYES))]
+        ew, eh = rng.uniform(0.16, 0.19), rng.uniform(0.13, 0.20)
+        ey, ex = rng.uniform(0.04, 0.06), rng.uniform(0.125, 0.14)
+        hx, hy = rng.choice((-0.22, 0.22)), rng.uniform(-0.3, -0.15)
+        line = mix(eye, (20, 15, 25), 0.8)
+        for s in (-1, 1):
+            x = s * ex
+            ell(x - ew / 2, ey - eh / 2, x + ew / 2, ey + eh / 2, (255, 255, 255))
+            iw = ew * 0.72
+            ell(x - iw / 2, ey - eh / 2, x + iw / 2, ey + eh / 2, line)
+            ell(x - iw / 2 + 0.01, ey - eh / 2 + 0.012, x + iw / 2 - 0.01, ey + eh / 2 - 0.006, eye)
+            ell(x - iw / 2 + 0.016, ey, x + iw / 2 - 0.016, ey + eh / 2 - 0.01, mix(eye, (255, 255, 255), 0.35))
+            ell(x - iw * 0.22, ey - eh * 0.2, x + iw * 0.22, ey + eh * 0.22, line)
+            # upper lash: thick dark band with a little outward wing
+            poly([(x - s * ew * 0.55, ey - eh * 0.32), (x - s * ew * 0.35, ey - eh * 0.58), (x + s * ew * 0.3, ey - eh * 0.60),
+                  (x + s * ew * 0.62, ey - eh * 0.35), (x + s * ew * 0.55, ey - eh * 0.18), (x + s * ew * 0.3, ey - eh * 0.42),
+                  (x - s * ew * 0.35, ey - eh * 0.40)], line)
+            r = 0.024
+            hxx, hyy = x + hx * iw, ey + hy * eh  # same side on both eyes (one light source)
+            ell(hxx - r, hyy - r, hxx + r, hyy + r, (255, 255, 255))
+            r2 = 0.012
+            ell(x - hx * iw * 0.8 - r2, ey + eh * 0.25 - r2, x - hx * iw * 0.8 + r2, ey + eh * 0.25 + r2, (255, 255, 255))
+        # --- blush and mouth
+        if rng.random() < 0.6:
+            bl = mix(skin, (255, 110, 130), 0.45)
+            for s in (-1, 1):
+                ell(s * 0.17 - 0.05, 0.13, s * 0.17 + 0.05, 0.17, bl)
+        mcol, my = (150, 40, 50), rng.uniform(0.21, 0.24)
+        m = rng.randrange(4)
+        if m == 0:    # smile arc
+            arc(-0.05, my - 0.05, 0.05, my + 0.015, 20, 160, mcol, max(1, S // 48))
+        elif m == 1:  # small 'o'
+            ell(-0.022, my - 0.02, 0.022, my + 0.025, mcol)
+        elif m == 2:  # flat line
+            d.line([P(-0.035, my), P(0.035, my)], fill=mcol, width=max(1, S // 48))
+        else:         # open smile
+            ell(-0.045, my - 0.03, 0.045, my + 0.035, mcol, 0, 180)
+        # --- front hair: cap, fringe, side locks, ahoge
+        ell(-0.34, -0.46, 0.34, 0.20, hair, 180, 360)
+        fr = rng.randrange(4)
+        fy = ey - eh / 2 - 0.02
+        if fr == 0:    # spiky fringe
+            k = rng.randint(4, 6)
+            pts = [(-0.34, -0.13)]
+            for j in range(k):
+                x0, x1 = -0.30 + 0.60 * j / k, -0.30 + 0.60 * (j + 1) / k
+                pts += [(x0, -0.12), ((x0 + x1) / 2 + rng.uniform(-0.02, 0.02), fy + rng.uniform(-0.05, 0.01))]
+            pts += [(0.30, -0.12), (0.34, -0.13)]
+        elif fr == 1:  # straight hime cut
+            pts = [(-0.34, -0.13), (-0.30, fy), (0.30, fy), (0.34, -0.13)]
+        elif fr == 2:  # side-swept
+            s = rng.choice((-1, 1))
+            pts = [(-0.34 * s, -0.13), (-0.30 * s, fy - 0.02), (0.05 * s, fy - 0.1), (0.30 * s, fy), (0.34 * s, -0.13)]
+        else:          # centre part, two curtains
+            pts = [(-0.34, -0.13), (-0.30, fy), (-0.12, fy - 0.03), (0.0, -0.2), (0.12, fy - 0.03), (0.30, fy), (0.34, -0.13)]
+        poly(pts + [(0.34, -0.2), (-0.34, -0.2)], hair)
+        lock = 0.40 if longh else rng.uniform(0.12, 0.28)
+        for s in (-1, 1):
+            poly([(s * 0.35, -0.2), (s * 0.24, -0.12), (s * 0.25, lock - 0.08), (s * 0.30, lock), (s * 0.36, lock - 0.1)], hair)
+        arc(-0.24, -0.38, 0.24, -0.10, 200, 250, mix(hair, (255, 255, 255), 0.45), max(1, S // 40))
+        if rng.random() < 0.35:  # ahoge
+            t = rng.choice((-1, 1))
+            poly([(0.0, -0.42), (0.03 * t, -0.52), (0.12 * t, -0.55), (0.05 * t, -0.50), (0.03 * t, -0.40)], hair)
+        return img.resize((size, size), lanczos)
+
+    data = b"".join(one(random.Random(seed * 1000003 + i)).tobytes() for i in range(n))
+    out = torch.frombuffer(bytearray(data), dtype=torch.uint8) if n else torch.zeros(0, dtype=torch.uint8)
+    return out.view(n, size, size, 3).permute(0, 3, 1, 2).contiguous()
+
+
+def to_model_range(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return x.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255], rounded."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round_().to(torch.uint8)
+
+
+class Batches:
+    """The training set as one uint8 tensor, on the GPU when it fits, else in pinned CPU memory.
+
+    The order of each epoch and the flips follow from (seed, epoch) alone, so a resumed run sees
+    the same batches. Each step takes the global batch `perm[k*B:(k+1)*B]`; process r keeps its
+    contiguous share, so N processes see together what one process would.
+    """
+
+    def __init__(self, data: torch.Tensor, device: torch.device, seed: int):
+        self.n = data.shape[0]
+        self.seed = seed
+        self.device = device
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if data.numel() < 0.25 * free:
+                data = data.to(device)
+            else:
+                data = data.pin_memory()
+                log(f"data: {data.numel() / 2**20:.0f} MiB does not fit comfortably on the GPU; "
+                    f"kept in pinned CPU memory")
+        self.data = data
+        self._epoch, self._perm, self._flip = None, None, None
+
+    def epoch_order(self, epoch: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._epoch != epoch:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 1))
+            self._perm = torch.randperm(self.n, generator=g)
+            self._flip = torch.rand(self.n, generator=g) < 0.5
+            self._epoch = epoch
+        return self._perm, self._flip
+
+    def get(self, epoch: int, start: int, count: int) -> torch.Tensor:
+        """Images perm[start:start+count] of `epoch`, as float in [-1, 1] on the device, randomly flipped."""
+        perm, flip = self.epoch_order(epoch)
+        idx, fl = perm[start:start + count], flip[start:start + count]
+        if self.data.device.type != "cpu":
+            idx, fl = idx.to(self.data.device, non_blocking=True), fl.to(self.data.device, non_blocking=True)
+        x = self.data[idx]
+        x = torch.where(fl.view(-1, 1, 1, 1), x.flip(3), x)
+        return to_model_range(x.to(self.device, non_blocking=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomically torch.save a checkpoint dict (see atomic_write)."""
+    atomic_write(Path(path), lambda f: torch.save(state, f))
+
+
+def read_checkpoint(path) -> dict:
+    """Load a .pth checkpoint as data only (weights_only=True), or a .safetensors export.
+
+    Pickled code is refused without running it; unreadable files get a one-line DDPMError.
+    """
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise DDPMError(f"checkpoint {path} does not exist; check --loadckpt")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
+        return _read_safetensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
+            raise DDPMError(f"{path}: refused: the file holds Python objects besides tensors (possibly code), "
+                            f"which are never run; re-save it as a plain state_dict from a trusted source") from None
+        raise DDPMError(f"{path}: not a readable checkpoint ({first}); the file may be truncated or corrupt") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise DDPMError(f"{path}: not a readable checkpoint ({first}); the file may be truncated or corrupt") from None
+    if not isinstance(obj, dict):
+        raise DDPMError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
+def _read_safetensors(path: Path) -> dict:
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise DDPMError(f"{path} is a safetensors file; run `pip install safetensors` to read it") from None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # the library raises its own error types for bad headers
+        raise DDPMError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise DDPMError(f"{path}: safetensors file without a ddpm.py config in its metadata")
+    return {"format": FORMAT, "version": int(meta.get("version", FORMAT_VERSION)),
+            "config": json.loads(meta["config"]), "model": weights, "ema": None,
+            "step": int(meta.get("step", 0)), "exported": meta.get("weights", "ema")}
+
+
+def is_legacy_state_dict(obj: dict) -> bool:
+    """A bare state_dict of the original script's GaussianDiffusion (no config inside)."""
+    return bool(obj) and "format" not in obj and all(
+        isinstance(k, str) and k.startswith("eps_model.") and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step recorded in a checkpoint, or -1 where there is none (memory-mapped, cheap)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(obj.get("step", -1)) if isinstance(obj, dict) else -1
+    except Exception:
+        return -1
+
+
+def newest_checkpoint(folder: Path) -> Optional[Path]:
+    """The checkpoint in `folder` with the highest recorded step (not the newest file time)."""
+    best, best_step = None, -2
+    for p in sorted(Path(folder).glob(CKPT_PATTERN)):
+        s = checkpoint_step(p)
+        if s > best_step:
+            best, best_step = p, s
+    return best
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint file, or a folder meaning its newest checkpoint by step."""
+    path = Path(path)
+    if path.is_dir():
+        found = newest_checkpoint(path)
+        if found is None:
+            raise DDPMError(f"no {CKPT_PATTERN} checkpoint in {path}; train first or name a file")
+        return found
+    return path
+
+
+def config_from_checkpoint(obj: dict, path: Path, explicit: Dict[str, object], fallback: ModelConfig) -> ModelConfig:
+    """The model config of a checkpoint. `explicit` holds the model flags the user typed: they must
+    agree with a self-describing checkpoint; for a legacy file they (and the defaults) define it."""
+    if is_legacy_state_dict(obj):
+        cfg = ModelConfig.from_dict({**fallback.to_dict(), **explicit, "legacy_attention": True})
+        log(f"note: {path} is a checkpoint of the original script (a bare state_dict without config); "
+            f"using the model flags and the original's cross-batch attention (legacy mode)")
+        return cfg.validate()
+    if obj.get("format") != FORMAT or "config" not in obj or "model" not in obj:
+        raise DDPMError(f"{path}: not a ddpm.py checkpoint (no config/model inside)")
+    cfg = ModelConfig.from_dict(obj["config"])
+    diff = [f"{k} (checkpoint {getattr(cfg, k)!r}, flag {v!r})" for k, v in explicit.items()
+            if k in MODEL_KEYS and _norm(getattr(cfg, k)) != _norm(v)]
+    if diff:
+        raise DDPMError(f"{path}: checkpoint config disagrees with the model flags: {'; '.join(diff)}; "
+                        f"drop those flags (the checkpoint knows its model) or use another checkpoint")
+    return cfg
+
+
+def _norm(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def build_diffusion(cfg: ModelConfig) -> GaussianDiffusion:
+    return GaussianDiffusion(UNet.from_config(cfg), cfg.timesteps, cfg.beta_min, cfg.beta_max)
+
+
+def load_weights(module: nn.Module, state: dict, path: Path) -> None:
+    """load_state_dict with a one-line error that names the file and the first mismatch."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        what = (f"shape of {shapes[0]}: file {tuple(state[shapes[0]].shape)} vs model {tuple(own[shapes[0]].shape)}"
+                if shapes else f"{len(missing)} missing keys (e.g. {missing[:1]}), {len(unexpected)} unexpected "
+                f"(e.g. {unexpected[:1]})")
+        raise DDPMError(f"{path}: weights do not fit the model ({what}); give the model flags it was trained with")
+    module.load_state_dict(state)
+
+
+def load_model(path, device="cpu", use_ema: bool = True, **overrides) -> GaussianDiffusion:
+    """A GaussianDiffusion in eval mode, built from a checkpoint alone (EMA weights when present).
+
+    `overrides` are model config values (e.g. num_channels=64); for a self-describing checkpoint
+    they must agree with it, for a file of the original script they describe its model.
+    """
+    path = resolve_checkpoint(path)
+    obj = read_checkpoint(path)
+    cfg = config_from_checkpoint(obj, path, overrides, ModelConfig())
+    model = build_diffusion(cfg)
+    if is_legacy_state_dict(obj):
+        state = obj
+    else:
+        state = obj["ema"] if use_ema and obj.get("ema") is not None else obj["model"]
+    load_weights(model, state, path)
+    model.config = cfg
+    model.source = {"path": str(path), "ema": use_ema and not is_legacy_state_dict(obj) and obj.get("ema") is not None,
+                    "step": obj.get("step") if not is_legacy_state_dict(obj) else None}
+    return model.to(device).eval()
+
+
+def export_safetensors(model: GaussianDiffusion, cfg: ModelConfig, out: Path, weights: str, step: int) -> None:
+    """Write the model weights as safetensors with the config as JSON metadata."""
+    try:
+        from safetensors.torch import save as st_save
+    except ImportError:
+        raise DDPMError("--export needs the safetensors package; run `pip install safetensors`") from None
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "config": json.dumps(cfg.to_dict()),
+            "weights": weights, "step": str(step)}
+    blob = st_save(state, metadata=meta)
+    atomic_write(Path(out), lambda f: f.write(blob))
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtime: device, precision, processes, compile
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Runtime:
+    device: torch.device
+    precision: str            # fp32 | bf16 | fp16
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    compile: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def amp_dtype(self) -> Optional[torch.dtype]:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    def autocast(self):
+        """Autocast context for the model call; a no-op in fp32."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def setup_runtime(device: Optional[str], precision: str = "auto", compile_flag: Optional[bool] = None,
+                  training: bool = False) -> Runtime:
+    """Decide device, precision, processes and compile in one place, after argument parsing, and
+    say so once. A torchrun launch (WORLD_SIZE > 1) starts the process group: nccl on CUDA, gloo
+    otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    why = "--device"
+    if device is None:
+        if torch.cuda.is_available():
+            device, why = "cuda", "auto: CUDA available"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device, why = "mps", "auto: Apple GPU available"
+        else:
+            device, why = "cpu", "auto: no GPU found"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DDPMError("--device cuda was asked for but CUDA is not available; use --device cpu")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if precision == "auto":
+        if dev.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            pwhy = "auto: " + ("GPU supports bf16" if precision == "bf16" else "no bf16 on this GPU, fp16 + GradScaler")
+        else:
+            precision, pwhy = "fp32", f"auto: fp32 on {dev.type}"
+    else:
+        pwhy = "--precision"
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if compile_flag is None:
+        compile_flag = training and dev.type == "cuda"
+    rt = Runtime(dev, precision, rank, world, local_rank, compile_flag)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    log(f"device: {dev} ({name}; {why}) | precision: {precision} ({pwhy}) | compile: "
+        f"{'on' if compile_flag else 'off'}" + (f" | processes: {world}" if world > 1 else ""))
+    return rt
+
+
+def compile_available(device: torch.device) -> Tuple[bool, str]:
+    """Whether torch.compile can generate code here (Triton on GPUs; on Windows it is often missing)."""
+    if not hasattr(torch, "compile"):
+        return False, "this torch has no torch.compile"
+    if device.type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+            if not has_triton():
+                return False, "Triton is not installed (common on Windows)"
+        except ImportError:
+            return False, "Triton is not available"
+    return True, ""
+
+
+def maybe_compile(fn, rt: Runtime, **kwargs):
+    """torch.compile(fn) when asked and possible; otherwise fn, with one warning."""
+    if not rt.compile:
+        return fn
+    ok, why = compile_available(rt.device)
+    if not ok:
+        warn_once(f"torch.compile unavailable ({why}); running in eager mode")
+        rt.compile = False
+        return fn
+    return torch.compile(fn, **kwargs)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under torch.compile and DistributedDataParallel wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def broadcast_int(value: int, rt: Runtime) -> int:
+    """Rank 0's value, on every rank."""
+    if not rt.distributed:
+        return value
+    obj = [value]
+    dist.broadcast_object_list(obj, src=0)
+    return int(obj[0])
+
+
+def any_rank(flag: bool, rt: Runtime) -> bool:
+    """True on every rank if it is true on any rank."""
+    if not rt.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=rt.device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+class EMA:
+    """Exponential moving average of the weights, with warm-up min(decay, (1 + n) / (10 + n))."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._ema = list(self.model.parameters())
+        self._src = list(model.parameters())
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self._ema, [p.detach() for p in self._src], 1.0 - d)
+
+
+class StopRequest:
+    """SIGINT / SIGTERM: the first asks training to finish its step, save and exit; the second aborts
+    at once (KeyboardInterrupt) without touching the files. SIGTERM is skipped where the platform
+    cannot install it (e.g. some Windows setups)."""
+
+    def __init__(self):
+        self.reason: Optional[str] = None
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.reason is not None:
+            raise KeyboardInterrupt
+        self.reason = signal.Signals(signum).name
+        print(f"\n{self.reason}: finishing the current step, then saving (press Ctrl-C again to abort "
+              f"without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        for name in ("SIGINT", "SIGTERM"):
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except (ValueError, OSError):  # not the main thread, or unsupported here
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(sig, old)
+        return False
+
+
+class MetricsLog:
+    """metrics.csv (one row per --log-every steps) and events.csv (checkpoints, previews) in the
+    checkpoint folder; a resumed run first drops rows past its step, so no step is logged twice."""
+
+    METRICS = ["step", "epoch", "images_seen", "loss", "lr", "img_per_s", "wall_time"]
+    EVENTS = ["step", "event", "path", "wall_time"]
+
+    def __init__(self, folder: Path, start_step: int, enabled: bool, tensorboard: bool = False):
+        self.enabled = enabled
+        self.metrics = folder / "metrics.csv"
+        self.events = folder / "events.csv"
+        self.tb = None
+        if not enabled:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        for path, cols in ((self.metrics, self.METRICS), (self.events, self.EVENTS)):
+            rows = []
+            if path.exists() and start_step > 0:
+                with open(path, newline="") as f:
+                    rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= start_step]
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, cols)
+                w.writeheader()
+                w.writerows({c: r.get(c, "") for c in cols} for r in rows)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=start_step or None)
+
+    def _append(self, path: Path, cols: List[str], row: dict) -> None:
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, cols).writerow(row)
+
+    def metric(self, **row) -> None:
+        if self.enabled:
+            self._append(self.metrics, self.METRICS, row)
+            if self.tb is not None:
+                for k in ("loss", "lr", "img_per_s"):
+                    self.tb.add_scalar(f"train/{k}", row[k], row["step"])
+
+    def event(self, step: int, event: str, path: Path, image: Optional[torch.Tensor] = None) -> None:
+        if self.enabled:
+            self._append(self.events, self.EVENTS, {"step": step, "event": event, "path": str(path),
+                                                    "wall_time": round(time.time(), 3)})
+            if self.tb is not None and image is not None:
+                self.tb.add_image(event, image, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def oom_split(micro: int, accum: int) -> Tuple[int, int]:
+    """After CUDA out-of-memory: half the micro-batch, twice the accumulation (same effective batch)."""
+    if micro < 2 or micro % 2:
+        raise TrainingError(f"CUDA out of memory even at micro-batch {micro}; lower --batch-size or --img-size")
+    return micro // 2, accum * 2
+
+
+class Trainer:
+    """One training run: model, EMA, optimizer, data order and RNG, all saved and restored together."""
+
+    def __init__(self, args, rt: Runtime, cfg: ModelConfig, batches: Batches, seed: int,
+                 resume: Optional[dict] = None, init: Optional[dict] = None):
+        self.args, self.rt, self.cfg, self.batches, self.seed = args, rt, cfg, batches, seed
+        dev = rt.device
+        self.model = build_diffusion(cfg).to(dev)
+        self.channels_last = dev.type == "cuda"
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        source = resume or init
+        if source is not None:
+            state = source if is_legacy_state_dict(source) else source["model"]
+            load_weights(self.model, state, Path(args.loadckpt or "checkpoint"))
+        self.ema = EMA(self.model, args.ema_decay) if args.ema_decay > 0 else None
+        if self.ema is not None and source is not None and not is_legacy_state_dict(source) and source.get("ema"):
+            self.ema.model.load_state_dict(source["ema"])
+        self.opt = self._make_optimizer()
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=rt.precision == "fp16")
+        self.train_model = self.model
+        if rt.distributed:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        self.loss_fn = maybe_compile(self.train_model, rt)
+
+        # batch layout: global batch B = world * micro * accum
+        self.batch = args.batch_size
+        self.accum = args.grad_accum
+        self.micro = self.batch // rt.world // self.accum
+        self.steps_per_epoch = max(1, batches.n // self.batch)
+        self.step, self.epoch, self.epoch_step, self.images_seen = 0, 0, 0, 0
+        self.end_epoch = args.epochs
+        self.noise_gen = torch.Generator(dev)
+        self.noise_gen.manual_seed(mix_seed(seed, 2))
+        torch.manual_seed(mix_seed(seed, 3, rt.rank))
+        if init is not None and not is_legacy_state_dict(init):  # fine-tune: continue the counters
+            self.step, self.images_seen = int(init.get("step", 0)), int(init.get("images_seen", 0))
+            self.epoch = int(init.get("epoch", 0))
+            self.end_epoch = self.epoch + args.epochs
+            self.noise_gen.manual_seed(mix_seed(seed, 2, self.step))
+            torch.manual_seed(mix_seed(seed, 3, rt.rank, self.step))
+        if resume is not None:
+            self._restore(resume)
+        # device-side counters, read only at sync points (no host sync on the hot path)
+        self.loss_sum = torch.zeros((), device=dev)
+        self.epoch_loss_sum = torch.zeros((), device=dev)
+        self.bad_total = torch.zeros((), device=dev)
+        self.bad_run = torch.zeros((), device=dev)
+        self.bad_run_max = torch.zeros((), device=dev)
+        self.last_loss: Optional[float] = resume.get("last_loss") if resume else None
+        self.first_step = self.step
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        try:
+            opt = torch.optim.Adam(params, lr=self.args.lr, fused=True)
+            self.fused = True
+        except (RuntimeError, TypeError, ValueError):
+            opt = torch.optim.Adam(params, lr=self.args.lr)
+            self.fused = False
+        return opt
+
+    # -- checkpoint state -----------------------------------------------------------------------
+    def _gather_rng(self) -> dict:
+        cpu = torch.get_rng_state()
+        cuda = torch.cuda.get_rng_state(self.rt.device) if self.rt.device.type == "cuda" else None
+        states = [(cpu, cuda)]
+        if self.rt.distributed:
+            states = [None] * self.rt.world
+            dist.all_gather_object(states, (cpu, cuda))
+        return {"noise": self.noise_gen.get_state(), "torch": [s[0] for s in states],
+                "cuda": [s[1] for s in states]}
+
+    def state_dict(self) -> dict:
+        rng = self._gather_rng()
+        return {
+            "format": FORMAT, "version": FORMAT_VERSION, "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "ema": self.ema.model.state_dict() if self.ema is not None else None,
+            "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "end_epoch": self.end_epoch,
+            "images_seen": self.images_seen, "seed": self.seed, "world_size": self.rt.world, "rng": rng,
+            "last_loss": self.last_loss,
+            "train": {"lr": self.args.lr, "batch_size": self.batch, "grad_accum": self.accum,
+                      "ema_decay": self.args.ema_decay, "data_folders": [str(f) for f in self.args.data_folders or []],
+                      "demo": bool(self.args.demo), "precision": self.rt.precision},
+            "torch_version": torch.__version__,
+        }
+
+    def _restore(self, obj: dict) -> None:
+        self.opt.load_state_dict(obj["optimizer"])
+        for g in self.opt.param_groups:
+            g["lr"] = self.args.lr
+        if obj.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(obj["scaler"])
+        self.step, self.epoch = int(obj["step"]), int(obj["epoch"])
+        self.epoch_step, self.images_seen = int(obj.get("epoch_step", 0)), int(obj.get("images_seen", 0))
+        if not self.args.explicit_epochs:
+            self.end_epoch = int(obj.get("end_epoch", self.end_epoch))
+        rng = obj.get("rng") or {}
+        if "noise" in rng:
+            self.noise_gen.set_state(rng["noise"])
+        if len(rng.get("torch", [])) == self.rt.world:
+            torch.set_rng_state(rng["torch"][self.rt.rank])
+            if self.rt.device.type == "cuda" and rng["cuda"][self.rt.rank] is not None:
+                torch.cuda.set_rng_state(rng["cuda"][self.rt.rank], self.rt.device)
+        else:
+            log(f"note: the checkpoint was written by {len(rng.get('torch', []))} processes and this run has "
+                f"{self.rt.world}; dropout noise is reseeded (data order and diffusion noise still follow)")
+            torch.manual_seed(mix_seed(self.seed, 3, self.rt.rank, self.step))
+
+    def save(self, path: Path, log_: Optional[MetricsLog] = None) -> None:
+        """Rank 0 writes (atomically); every rank waits for it."""
+        state = self.state_dict()  # collective under torchrun
+        if is_rank0():
+            save_checkpoint(path, state)
+            if log_ is not None:
+                log_.event(self.step, "checkpoint", path)
+        barrier(self.rt)
+
+    # -- one optimisation step ------------------------------------------------------------------
+    def train_step(self) -> None:
+        """Forward/backward over the accumulation micro-batches, then one (maybe skipped) update."""
+        rt, B = self.rt, self.batch
+        C, S = self.cfg.img_channels, self.cfg.img_size
+        start = self.epoch_step * B
+        gen_state = self.noise_gen.get_state()
+        # t and noise for the whole global batch, from one generator: N processes = one process
+        t_all = torch.randint(0, self.cfg.timesteps, (B,), device=rt.device, generator=self.noise_gen)
+        noise_all = torch.randn((B, C, S, S), device=rt.device, generator=self.noise_gen)
+        try:
+            self._forward_backward(start, t_all, noise_all)
+        except torch.OutOfMemoryError:
+            if self.step - self.first_step >= 10:
+                raise
+            self.opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            self.micro, self.accum = oom_split(self.micro, self.accum)
+            log(f"note: CUDA out of memory; retrying with micro-batch {self.micro} x {self.accum} accumulation "
+                f"steps (effective batch unchanged: {B})")
+            self.noise_gen.set_state(gen_state)
+            return self.train_step()
+        self._update()
+
+    def _forward_backward(self, start: int, t_all: torch.Tensor, noise_all: torch.Tensor) -> None:
+        rt = self.rt
+        share = self.micro * self.accum
+        self.step_loss = torch.zeros((), device=rt.device)
+        for k in range(self.accum):
+            off = rt.rank * share + k * self.micro
+            x = self.batches.get(self.epoch, start + off, self.micro)
+            t, noise = t_all[off:off + self.micro], noise_all[off:off + self.micro]
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+                noise = noise.contiguous(memory_format=torch.channels_last)
+            sync = self.train_model.no_sync() if rt.distributed and k < self.accum - 1 else contextlib.nullcontext()
+            with sync:
+                with rt.autocast():
+                    loss = self.loss_fn(x, t, noise)
+                self.scaler.scale(loss / self.accum).backward()
+            self.step_loss += loss.detach().float() / self.accum
+
+    def _update(self) -> None:
+        if self.scaler.is_enabled():  # fp16: the scaler skips steps with inf/NaN itself
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            total = torch.stack(torch._foreach_norm(grads)).sum() + self.step_loss
+            bad = (~torch.isfinite(total)).float()
+            if self.fused:
+                self.opt.found_inf = bad  # the fused kernel skips the update on the device, no sync
+                self.opt.step()
+            elif bad.item() == 0:
+                self.opt.step()
+            self.bad_total += bad
+            self.bad_run = (self.bad_run + 1) * bad
+            torch.maximum(self.bad_run_max, self.bad_run, out=self.bad_run_max)
+            self.step_loss = torch.nan_to_num(self.step_loss * (1 - bad), nan=0.0, posinf=0.0)
+        self.opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.step)
+        self.loss_sum += self.step_loss
+        self.epoch_loss_sum += self.step_loss
+        self.step += 1
+        self.epoch_step += 1
+        self.images_seen += self.batch
+
+    def check_health(self) -> None:
+        """Host sync: stop after 10 non-finite updates in a row (the weights stay finite)."""
+        if self.bad_run_max.item() >= 10:
+            raise TrainingError(f"10 non-finite losses or gradients in a row at step {self.step} "
+                                f"({int(self.bad_total.item())} in all); lower --lr. The last checkpoint is kept")
+        self.bad_run_max.zero_()
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self, save_dir: Path, ckpt_dir: Path, deadline: Optional[float]) -> str:
+        """Train until the epochs, --max-steps, the time budget or a signal end it; returns why."""
+        args, rt = self.args, self.rt
+        metrics = MetricsLog(ckpt_dir, self.step, is_rank0(), args.tensorboard)
+        preview = PreviewGrid(self, save_dir / "preview", metrics) if args.sample_every > 0 and is_rank0() else None
+        self.first_step = self.step
+        sync_every = 1 if rt.device.type == "cpu" else max(1, min(args.log_every, 25))
+        reason = "done"
+        t_log, n_log, step_log = time.time(), 0, self.step
+        t_epoch, step_epoch = time.time(), self.step
+        t_compile = time.time()
+        if self.step >= (args.max_steps or float("inf")) or self.epoch >= self.end_epoch:
+            reason = "nothing to do"
+        with StopRequest() as stop, make_progress() as progress:
+            epochs_task = progress.add_task("Epochs", total=self.end_epoch, completed=self.epoch, info="")
+            batches_task = progress.add_task("Batches", total=self.steps_per_epoch * self.batch,
+                                             completed=self.epoch_step * self.batch, info="")
+            while reason == "done" and self.epoch < self.end_epoch:
+                if self.epoch_step >= self.steps_per_epoch:
+                    self.epoch, self.epoch_step = self.epoch + 1, 0
+                    continue
+                self.train_step()
+                if rt.compile and self.step == self.first_step + 1:
+                    sync_device(rt)
+                    log(f"compile: first step took {time.time() - t_compile:.1f} s (torch.compile included)")
+                    t_log = t_epoch = time.time()
+                    step_log = step_epoch = self.step
+                progress.advance(batches_task, self.batch)
+                if self.step % sync_every == 0:
+                    self.check_health()
+                if self.step % args.log_every == 0 and is_rank0():
+                    loss = self.loss_sum.item() / max(1, self.step - step_log)
+                    self.loss_sum.zero_()
+                    now = time.time()
+                    ips = (self.step - step_log) * self.batch / max(now - t_log, 1e-9)
+                    t_log, step_log, self.last_loss = now, self.step, loss
+                    left = f" | time left {format_duration(deadline - now)}" if deadline else ""
+                    progress.update(batches_task, info=f"loss {loss:.4f} | {ips:,.0f} img/s{left}")
+                    metrics.metric(step=self.step, epoch=self.epoch, images_seen=self.images_seen,
+                                   loss=round(loss, 6), lr=self.opt.param_groups[0]["lr"],
+                                   img_per_s=round(ips, 1), wall_time=round(now, 3))
+                elif self.step % args.log_every == 0:
+                    self.loss_sum.zero_()
+                if preview is not None and self.step % args.sample_every == 0:
+                    preview.write(self.step)
+                if args.max_steps and self.step >= args.max_steps:
+                    reason = "max_steps"  # the same step on every rank
+                else:  # clocks and signals differ between ranks: agree at sync points
+                    local = "time_budget" if deadline and time.time() >= deadline else stop.reason
+                    if not rt.distributed:
+                        reason = local or reason
+                    elif self.step % sync_every == 0 and any_rank(local is not None, rt):
+                        reason = local or "stop_on_another_process"
+                if self.epoch_step >= self.steps_per_epoch:  # end of an epoch: log, save, rotate
+                    n_img = (self.step - step_epoch) * self.batch
+                    mean = self.epoch_loss_sum.item() / max(1, self.step - step_epoch)
+                    dt = time.time() - t_epoch
+                    progress.print(f"[Epoch {self.epoch}] Loss: {mean:.6f} Elapsed: {dt / 60:.2f} min "
+                                   f"({n_img / max(dt, 1e-9):,.0f} img/s, step {self.step})")
+                    self.epoch_loss_sum.zero_()
+                    self.epoch, self.epoch_step = self.epoch + 1, 0
+                    self.save(ckpt_dir / f"ckpt-{(self.epoch - 1) % 5}.pth", metrics)
+                    t_epoch, step_epoch = time.time(), self.step
+                    progress.update(epochs_task, completed=self.epoch)
+                    progress.reset(batches_task)
+                elif reason != "done":
+                    self.save(ckpt_dir / f"ckpt-{self.epoch % 5}.pth", metrics)
+        if reason not in ("done", "nothing to do"):
+            log(f"stopped ({reason.replace('_', ' ')}) at step {self.step}, epoch {self.epoch}; "
+                f"checkpoint saved in {ckpt_dir}; continue with --resume")
+        metrics.close()
+        if is_rank0():
+            write_loss_curve(ckpt_dir / "metrics.csv", save_dir / "loss.png")
+        return reason
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling and pictures
+# ----------------------------------------------------------------------------------------------
+
+def sync_device(rt: Runtime) -> None:
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+
+
+class ImageNoise:
+    """Per-image noise: image i draws all its noise (x_T, then each step's) from its own generator
+    seeded by (seed, i), so it is the same image at any batch size and on any number of processes.
+    Drawn on the CPU, so the noise is also the same on every device."""
+
+    def __init__(self, seed: int, indices: Sequence[int], shape: Sequence[int], device: torch.device):
+        self.gens = [torch.Generator().manual_seed(mix_seed(seed, int(i))) for i in indices]
+        self.shape, self.device = tuple(shape), device
+
+    def __call__(self) -> torch.Tensor:
+        """(n, C, H, W) standard normal noise on the device."""
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.gens]).to(self.device)
+
+
+def sampling_model_fn(model: GaussianDiffusion, rt: Runtime, compile_: bool = False) -> ModelFn:
+    """eps_theta(x, t) in float32, under the run's autocast (bf16 on GPUs), optionally compiled
+    (CUDA graphs via mode="reduce-overhead" for the fixed batch shape)."""
+    net = model.eps_model
+    if compile_:
+        net = maybe_compile(net, Runtime(rt.device, rt.precision, compile=True),
+                            mode="reduce-overhead" if rt.device.type == "cuda" else None)
+    channels_last = rt.device.type == "cuda"
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with rt.autocast():
+            return net(x, t).float()
+    return fn
+
+
+def generate(model: GaussianDiffusion, rt: Runtime, indices: Sequence[int], seed: int, sampler: str = "dpm++",
+             steps: int = 25, eta: float = 0.0, batch_size: int = 64, compile_: bool = False,
+             callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+             model_fn: Optional[ModelFn] = None, show_progress: bool = True) -> torch.Tensor:
+    """Images `indices` as a (N, C, H, W) uint8 CPU tensor, in the order of `indices` (on rank 0;
+    other ranks return None). Under torchrun the indices are split across processes."""
+    cfg = model.config
+    if cfg.legacy_attention and len(indices) > 1:
+        warn_once("legacy-mode models attend across the batch: an image depends on its batch-mates, "
+                  "so per-image seeds reproduce only at the same --batch-size")
+    mine = list(indices)[rt.rank::rt.world]
+    n_steps = len(timestep_grid(cfg.timesteps, steps))
+    fn = model_fn or sampling_model_fn(model, rt, compile_)
+    out = []
+    with torch.inference_mode(), make_progress(transient=True) as progress:
+        task = progress.add_task(f"Sampling ({sampler}, {n_steps} steps)", total=len(mine) * n_steps, info="",
+                                 visible=show_progress)
+        for b in range(0, len(mine), batch_size):
+            chunk = mine[b:b + batch_size]
+            noise = ImageNoise(seed, chunk, (cfg.img_channels, cfg.img_size, cfg.img_size), rt.device)
+
+            def step_cb(i, x, x0, n=len(chunk)):
+                progress.advance(task, n)
+                if callback is not None:
+                    callback(i, x, x0)
+            x = model.sample(noise(), sampler, steps, eta, noise_fn=noise, model_fn=fn, callback=step_cb)
+            out.append(to_uint8(x).cpu())
+    mine_imgs = torch.cat(out) if out else torch.zeros(0, cfg.img_channels, cfg.img_size, cfg.img_size, dtype=torch.uint8)
+    if not rt.distributed:
+        return mine_imgs
+    parts = [None] * rt.world
+    dist.all_gather_object(parts, mine_imgs)
+    if not is_rank0():
+        return None
+    imgs = torch.empty(len(indices), *mine_imgs.shape[1:], dtype=torch.uint8)
+    for r, part in enumerate(parts):
+        imgs[r::rt.world] = part
+    return imgs
+
+
+def save_png(img: torch.Tensor, path: Path) -> None:
+    """Write a (C, H, W) uint8 image."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = img.permute(1, 2, 0).numpy()
+    Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(path)
+
+
+def image_grid(imgs: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """The original's ddpm-all.png layout: torchvision's make_grid (padding 2) of images in [-1, 1],
+    padded with 0 (mid-grey); one channel kept for grayscale. uint8 in, (C, H', W') uint8 out."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(to_model_range(imgs), nrow=nrow, padding=2, pad_value=0.0)
+    return to_uint8(grid[:imgs.shape[1]])
+
+
+def strip(columns: List[torch.Tensor]) -> torch.Tensor:
+    """The original's step strips: each (n, C, H, W) uint8 tensor becomes a column of n images."""
+    return torch.cat([torch.cat(list(c), dim=1) for c in columns], dim=2)
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Spherical interpolation between two noise tensors (Shoemake 1985)."""
+    a, b = z0.flatten().double(), z1.flatten().double()
+    omega = torch.arccos(torch.clamp(torch.dot(a / a.norm(), b / b.norm()), -1, 1))
+    if omega.abs() < 1e-6:
+        return (1 - alpha) * z0 + alpha * z1
+    so = torch.sin(omega)
+    return ((torch.sin((1 - alpha) * omega) / so) * z0.double() + (torch.sin(alpha * omega) / so) * z1.double()).float()
+
+
+def snapshot_steps(n_steps: int, count: int = 10) -> set:
+    """Which sampler steps to keep for strips and animations: about `count`, always the last."""
+    return {round(i * (n_steps - 1) / max(count - 1, 1)) for i in range(count)} | {n_steps - 1}
+
+
+def reverse_strip(model, rt, seed: int, n: int, sampler: str, steps: int, eta: float = 0.0) -> torch.Tensor:
+    """Rows: n images; columns: x_T, then snapshots of the reverse process, ending at x_0."""
+    n_steps = len(timestep_grid(model.config.timesteps, steps))
+    keep = snapshot_steps(n_steps)
+    cols = []
+    cfg = model.config
+    first = ImageNoise(seed, range(n), (cfg.img_channels, cfg.img_size, cfg.img_size), torch.device("cpu"))()
+    cols.append(to_uint8(first))
+
+    def cb(i, x, x0):
+        if i in keep:
+            cols.append(to_uint8(x).cpu())
+    generate(model, rt, list(range(n)), seed, sampler, steps, eta, batch_size=n, callback=cb)
+    return strip(cols)
+
+
+def forward_strip(model: GaussianDiffusion, x0: torch.Tensor, seed: int) -> torch.Tensor:
+    """Rows: training images; columns: x_0 then x_t of q(x_t | x_0) at t = 99, 199, ..., T-1."""
+    g = torch.Generator().manual_seed(mix_seed(seed, 4))
+    x0 = to_model_range(x0)
+    cols = [to_uint8(x0)]
+    for t in range(99, model.timesteps, 100):
+        tt = torch.full((x0.shape[0],), t, dtype=torch.long)
+        cols.append(to_uint8(model.cpu().q_sample(x0, tt, torch.randn(x0.shape, generator=g))))
+    return strip(cols)
+
+
+def save_gif(frames: List[torch.Tensor], path: Path, ms: int = 80) -> None:
+    """An animated GIF from (C, H, W) uint8 frames, written with PIL; the last frame is held."""
+    from PIL import Image
+
+    pics = [Image.fromarray(f.permute(1, 2, 0).numpy().squeeze(2) if f.shape[0] == 1 else f.permute(1, 2, 0).numpy())
+            for f in frames]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pics[0].save(path, save_all=True, append_images=pics[1:] + [pics[-1]] * 10, duration=ms, loop=0)
+
+
+def upscale(img: torch.Tensor, factor: int) -> torch.Tensor:
+    """Nearest-neighbour enlargement of a (C, H, W) image, so small samples are visible."""
+    return img.repeat_interleave(factor, 1).repeat_interleave(factor, 2) if factor > 1 else img
+
+
+class PreviewGrid:
+    """Every --sample-every steps, sample the same fixed noise (seed, indices 0..n-1) with the EMA
+    weights and save preview/step-NNNNNNN.png, so grids can be laid side by side as training goes."""
+
+    def __init__(self, trainer: "Trainer", folder: Path, metrics: MetricsLog, n: int = 16):
+        self.trainer, self.folder, self.metrics, self.n = trainer, folder, metrics, n
+
+    def write(self, step: int) -> Path:
+        tr = self.trainer
+        model = tr.ema.model if tr.ema is not None else tr.model
+        model.config = tr.cfg
+        was_training = model.training
+        model.eval()
+        imgs = generate(model, Runtime(tr.rt.device, tr.rt.precision), list(range(self.n)), tr.seed, "dpm++", 25,
+                        batch_size=self.n, show_progress=False)
+        model.train(was_training)
+        grid = image_grid(imgs, nrow=int(math.ceil(math.sqrt(self.n))))
+        path = self.folder / f"step-{step:07d}.png"
+        save_png(grid, path)
+        self.metrics.event(step, "preview", path, image=grid)
+        return path
+
+
+def write_loss_curve(metrics_csv: Path, out: Path) -> None:
+    """loss.png from metrics.csv with matplotlib, when it is installed."""
+    if not metrics_csv.exists():
+        return
+    with open(metrics_csv, newline="") as f:
+        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f) if r.get("loss")]
+    if len(rows) < 2:
+        return
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("note: loss.png skipped (pip install matplotlib to draw it); the numbers are in " + str(metrics_csv))
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([r[0] for r in rows], [r[1] for r in rows], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (epsilon MSE)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+# --demo: a CPU-sized preset on the built-in faces; any flag typed explicitly still wins.
+DEMO_PRESET = dict(
+    img_size=32, num_channels=32, channel_multiples=[1, 2, 2, 2], has_attn=[False, False, True, True],
+    num_blocks=1, dropout=0.0, batch_size=32, lr=1e-3, epochs=6, ema_decay=0.999, sample_every=250,
+    log_every=25, demo_images=4096, time_budget=12 * 60.0, num_samples=64,
+)
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> ArgParser:
+    p = ArgParser(prog="ddpm.py", allow_abbrev=False,
+                  formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                  description="Train a DDPM on a folder of images, or sample from a checkpoint. "
+                              "Sampling defaults to DPM-Solver++(2M) with 25 steps on the EMA weights.",
+                  epilog="Examples: `ddpm.py --train --demo` (CPU, built-in faces); "
+                         "`ddpm.py --train --data-folders data/faces`; `ddpm.py --loadckpt ckpt/ckpt-0.pth "
+                         "--batch-size 64`. Under torchrun, --batch-size is the global batch.")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-folders", type=str, nargs="*", help="folders of training images, read recursively")
+    g.add_argument("--img-channels", type=int, default=3, help="3 for RGB, 1 for grayscale")
+    g.add_argument("--img-size", type=int, default=64, help="images are resized (shorter side) and centre-cropped")
+    g.add_argument("--background", type=str, default="white", help="colour under transparent pixels (name, #rrggbb)")
+    g.add_argument("--demo", action="store_true", help="train on built-in procedural anime faces with a CPU preset")
+    g.add_argument("--demo-images", type=int, default=4096, help="how many demo faces to generate")
+
+    g = p.add_argument_group("model (stored in checkpoints; not needed when sampling)")
+    g.add_argument("--num-channels", type=int, default=64, help="channels of the first feature map")
+    g.add_argument("--channel-multiples", type=int, nargs="+", default=[1, 2, 4, 8], help="per resolution")
+    g.add_argument("--has-attn", type=parse_bool, nargs="+", default=[False, False, True, True],
+                   help="attention per resolution: t/f (or true/false)")
+    g.add_argument("--num-blocks", type=int, default=2, help="residual blocks per resolution")
+    g.add_argument("--dropout", type=float, default=0.1, help="dropout in the residual blocks")
+
+    g = p.add_argument_group("diffusion")
+    g.add_argument("--timesteps", type=int, default=1000, help="T")
+    g.add_argument("--beta-min", type=float, default=0.0001, help="beta_1 of the linear schedule")
+    g.add_argument("--beta-max", type=float, default=0.02, help="beta_T of the linear schedule")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--train", action="store_true", help="train (otherwise sample from --loadckpt)")
+    g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    g.add_argument("--epochs", type=int, default=5, help="epochs to train (with --resume: the run's total)")
+    g.add_argument("--ckpt-save-dir", type=str, default="ckpt", help="checkpoints ckpt-{epoch %% 5}.pth, metrics.csv")
+    g.add_argument("--resume", action="store_true", help="continue the run of the newest checkpoint (by step) "
+                   "in --ckpt-save-dir, or of --loadckpt")
+    g.add_argument("--max-steps", type=int, default=None, help="stop (and save) at this global step")
+    g.add_argument("--time-budget", type=parse_duration, default=None, help="stop (and save) after this wall "
+                   "time: 2h, 90m, 45s")
+    g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of the weights; 0 turns it off")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (same effective batch)")
+    g.add_argument("--log-every", type=int, default=50, help="steps between metrics.csv rows")
+    g.add_argument("--sample-every", type=int, default=1000, help="steps between preview grids (0: never)")
+    g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (needs tensorboard)")
+    g.add_argument("--no-run-pictures", action="store_true", help="skip run-before/after.png and the final grid")
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--save-dir", type=str, default="output", help="where images are written")
+    g.add_argument("--sampler", choices=SAMPLERS, default="dpm++", help="dpm++ = DPM-Solver++(2M)")
+    g.add_argument("--steps", type=int, default=None, help="model calls per image (default: 25; T for ddpm)")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic, 1: DDPM-like)")
+    g.add_argument("--num-samples", type=int, default=None, help="images to generate (default: --batch-size)")
+    g.add_argument("--index", type=int, default=None, help="generate only image INDEX of --seed")
+    g.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    g.add_argument("--reverse-steps", action="store_true", help="also write reverse.png: x_T ... x_0 strips")
+    g.add_argument("--forward-steps", action="store_true", help="also write forward.png: q(x_t|x_0) of data")
+    g.add_argument("--gif", action="store_true", help="also write denoise.gif of the grid being denoised")
+    g.add_argument("--interpolate", type=int, nargs=2, metavar=("SEED_A", "SEED_B"), default=None,
+                   help="also write interpolate.png: slerp between the noise of two seeds")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=None, help="seed (0 is a seed); default: random, printed")
+    g.add_argument("--device", type=str, default=None, help="cuda, cuda:N, mps or cpu (default: the best found)")
+    g.add_argument("--loadckpt", type=str, default=None, help="checkpoint file (or folder: its newest) to "
+                   "sample from, fine-tune (--train) or resume (--train --resume)")
+    g.add_argument("--batch-size", type=int, default=64, help="training batch (global) and sampling batch")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 on GPUs that have it, else fp16 with GradScaler; fp32 on CPU")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile (default: on for CUDA training, off otherwise)")
+
+    g = p.add_argument_group("tools")
+    g.add_argument("--info", type=str, default=None, metavar="CKPT", help="describe a checkpoint and exit")
+    g.add_argument("--export", type=str, default=None, metavar="FILE.safetensors",
+                   help="write --loadckpt's EMA (or --no-ema raw) weights as safetensors")
+    return p
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set:
+    """The dests of the flags the user actually typed."""
+    typed = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    return {a.dest for a in parser._actions if typed.intersection(a.option_strings)}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--demo" in argv:
+        parser.set_defaults(**DEMO_PRESET)
+    args = parser.parse_args(argv)
+    args.explicit = explicit_flags(parser, argv)
+    args.explicit_epochs = "epochs" in args.explicit
+    for name in ("batch_size", "epochs", "grad_accum", "log_every", "demo_images", "img_size", "num_channels",
+                 "num_blocks", "timesteps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise DDPMError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.steps is not None and args.steps < 1:
+        raise DDPMError(f"--steps must be at least 1, got {args.steps}")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise DDPMError(f"--num-samples must be at least 1, got {args.num_samples}")
+    if not 0 <= args.ema_decay < 1:
+        raise DDPMError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    try:
+        from PIL import ImageColor
+        args.background_rgb = ImageColor.getrgb(args.background)[:3]
+    except ValueError:
+        raise DDPMError(f"--background {args.background!r} is not a colour; use a name like white or #rrggbb") from None
+    return args
+
+
+def model_config_from_args(args) -> ModelConfig:
+    return ModelConfig(args.img_channels, args.img_size, args.num_channels, tuple(args.channel_multiples),
+                       tuple(args.has_attn), args.num_blocks, args.timesteps, args.beta_min, args.beta_max,
+                       args.dropout)
+
+
+def explicit_model_flags(args) -> Dict[str, object]:
+    """Model config values the user typed (these must agree with a self-describing checkpoint)."""
+    return {k: getattr(args, k) for k in MODEL_KEYS if k in args.explicit}
+
+
+def pick_seed(args) -> int:
+    if args.seed is not None:
+        return args.seed
+    seed = broadcast_int(random.SystemRandom().randrange(2**31), Runtime(torch.device("cpu"), "fp32",
+                                                                       world=int(os.environ.get("WORLD_SIZE", "1"))))
+    log(f"seed: {seed} (pass --seed {seed} to repeat)")
+    return seed
+
+
+def load_training_data(args, cfg: ModelConfig) -> torch.Tensor:
+    if args.demo:
+        t0 = time.time()
+        data = demo_faces(args.demo_images, cfg.img_size, seed=0)
+        if cfg.img_channels == 1:
+            data = (data.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).round().to(torch.uint8)
+        log(f"data: {len(data)} built-in demo faces ({cfg.img_size}x{cfg.img_size}, made in {time.time() - t0:.1f} s)")
+        return data
+    if not args.data_folders:
+        raise DDPMError("--train needs --data-folders DIR [DIR ...] (or --demo for the built-in faces)")
+    return load_images(args.data_folders, cfg.img_size, cfg.img_channels, args.background_rgb)
+
+
+def train_command(args, rt: Runtime) -> int:
+    """--train: fresh, fine-tuned from --loadckpt, or resumed with --resume."""
+    ckpt_dir, save_dir = Path(args.ckpt_save_dir), Path(args.save_dir)
+    resume = init = None
+    cfg = model_config_from_args(args)
+    if args.resume:
+        path = resolve_checkpoint(args.loadckpt) if args.loadckpt else newest_checkpoint(ckpt_dir)
+        if path is None:
+            raise DDPMError(f"--resume found no {CKPT_PATTERN} in {ckpt_dir}; train without --resume first")
+        resume = read_checkpoint(path)
+        if is_legacy_state_dict(resume):
+            raise DDPMError(f"{path} was written by the original script and has no run state to resume; "
+                            f"use --loadckpt {path} --train (without --resume) to fine-tune it")
+        cfg = config_from_checkpoint(resume, path, explicit_model_flags(args), cfg)
+        args.loadckpt = str(path)
+        log(f"resume: {path} (step {resume['step']}, epoch {resume['epoch']})")
+    elif args.loadckpt:
+        path = resolve_checkpoint(args.loadckpt)
+        init = read_checkpoint(path)
+        cfg = config_from_checkpoint(init, path, explicit_model_flags(args), cfg)
+        args.loadckpt = str(path)
+        log(f"fine-tune: weights from {path}, lr {args.lr}")
+    cfg.validate()
+    seed = int(resume["seed"]) if resume is not None and "seed" in resume and args.seed is None else pick_seed(args)
+    data = load_training_data(args, cfg)
+    B = args.batch_size
+    if B % (rt.world * args.grad_accum):
+        raise DDPMError(f"--batch-size {B} is the global batch and must divide evenly over {rt.world} processes x "
+                        f"{args.grad_accum} accumulation steps")
+    if len(data) < B:
+        raise DDPMError(f"--batch-size {B} is larger than the {len(data)} training images; use --batch-size "
+                        f"{len(data)} or fewer")
+    deadline = (START_TIME + args.time_budget) if args.time_budget else None
+    for stale in ckpt_dir.glob(".ckpt-*.tmp-*"):  # left by a killed process; never a valid checkpoint
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    trainer = Trainer(args, rt, cfg, Batches(data, rt.device, seed), seed, resume=resume, init=init)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    log(f"model: {n_params / 1e6:.2f}M parameters | batch {B} = {rt.world} process(es) x {trainer.micro} x "
+        f"{trainer.accum} accumulation | {trainer.steps_per_epoch} steps per epoch | EMA "
+        f"{args.ema_decay if args.ema_decay else 'off'}")
+    pictures = is_rank0() and not args.no_run_pictures
+    local = Runtime(rt.device, rt.precision)
+    if pictures:
+        save_png(upscale(reverse_strip(_sampling_view(trainer, ema=False), local, seed, 8, "dpm++", 25), 2),
+                 save_dir / "run-before.png")
+    reason = trainer.fit(save_dir, ckpt_dir, deadline)
+    if pictures and reason != "nothing to do":
+        model = _sampling_view(trainer, ema=True)
+        save_png(upscale(reverse_strip(model, local, seed, 8, "dpm++", 25), 2), save_dir / "run-after.png")
+        imgs = generate(model, local, list(range(args.num_samples or 64)), seed, "dpm++", 25, batch_size=64)
+        grid = image_grid(imgs)
+        save_png(upscale(grid, 2 if cfg.img_size <= 32 else 1), save_dir / "final-grid.png")
+        log(f"wrote {save_dir / 'run-before.png'}, {save_dir / 'run-after.png'} and {save_dir / 'final-grid.png'}")
+    return 0
+
+
+def _sampling_view(trainer: Trainer, ema: bool) -> GaussianDiffusion:
+    """The trainer's EMA (or raw) model, in eval mode, for pictures; training mode is restored by fit."""
+    model = trainer.ema.model if ema and trainer.ema is not None else trainer.model
+    model.config = trainer.cfg
+    return model.eval()
+
+
+def sample_command(args, rt: Runtime) -> int:
+    """Sampling from --loadckpt: ddpm-{i}.png for each index, ddpm-all.png, optional extras."""
+    if not args.loadckpt:
+        raise DDPMError("nothing to do: give --train to train, or --loadckpt CKPT to sample from a checkpoint")
+    model = load_model(args.loadckpt, rt.device, use_ema=not args.no_ema, **explicit_model_flags(args))
+    cfg = model.config
+    src = model.source
+    log(f"model: {src['path']} (step {src['step'] if src['step'] is not None else 'unknown'}, "
+        f"{'EMA' if src['ema'] else 'raw'} weights)")
+    seed = pick_seed(args)
+    steps = args.steps or (cfg.timesteps if args.sampler == "ddpm" else 25)
+    save_dir = Path(args.save_dir)
+    if args.index is not None:
+        if args.index < 0:
+            raise DDPMError(f"--index must be 0 or more, got {args.index}")
+        indices = [args.index]
+    else:
+        indices = list(range(args.num_samples or args.batch_size))
+    t0 = time.time()
+    imgs = generate(model, rt, indices, seed, args.sampler, steps, args.eta, args.batch_size, compile_=bool(args.compile))
+    if is_rank0():
+        for i, img in zip(indices, imgs):
+            save_png(img, save_dir / f"ddpm-{i}.png")
+        if len(indices) > 1:
+            save_png(image_grid(imgs), save_dir / "ddpm-all.png")
+        log(f"wrote {len(indices)} images to {save_dir} in {time.time() - t0:.1f} s "
+            f"({args.sampler}, {steps} steps, seed {seed})" + (", and ddpm-all.png" if len(indices) > 1 else ""))
+    local = Runtime(rt.device, rt.precision)
+    if is_rank0() and args.reverse_steps:
+        save_png(reverse_strip(model, local, seed, 8, args.sampler, steps, args.eta), save_dir / "reverse.png")
+    if is_rank0() and args.forward_steps:
+        data = load_training_data(args, cfg)
+        save_png(forward_strip(copy.deepcopy(model), data[:8], seed), save_dir / "forward.png")
+    if is_rank0() and args.gif:
+        frames = []
+        n = min(16, len(indices))
+        keep = snapshot_steps(len(timestep_grid(cfg.timesteps, steps)), 30)
+        generate(model, local, indices[:n], seed, args.sampler, steps, args.eta, n,
+                 callback=lambda i, x, x0: frames.append(image_grid(to_uint8(x).cpu(), nrow=4)) if i in keep else None)
+        save_gif(frames, save_dir / "denoise.gif")
+    if is_rank0() and args.interpolate:
+        a, b = args.interpolate
+        shape = (cfg.img_channels, cfg.img_size, cfg.img_size)
+        za = ImageNoise(a, [0], shape, torch.device("cpu"))()[0]
+        zb = ImageNoise(b, [0], shape, torch.device("cpu"))()[0]
+        x = torch.stack([slerp(za, zb, k / 7) for k in range(8)]).to(rt.device)
+        sampler = args.sampler if args.sampler != "ddpm" else "ddim"  # deterministic path from each noise
+        with torch.inference_mode():
+            out = model.sample(x, sampler, args.steps or 25, 0.0, model_fn=sampling_model_fn(model, local))
+        save_png(strip([to_uint8(out).cpu()[k:k + 1] for k in range(8)]), save_dir / "interpolate.png")
+    return 0
+
+
+def info_command(path: str) -> int:
+    """--info: describe a checkpoint without building the model."""
+    p = resolve_checkpoint(path)
+    obj = read_checkpoint(p)
+    size = p.stat().st_size
+    if is_legacy_state_dict(obj):
+        n = sum(v.numel() for v in obj.values())
+        w = obj.get("eps_model.in_conv.weight")
+        guess = f"img_channels={w.shape[1]}, num_channels={w.shape[0]}" if w is not None else "unknown"
+        print(f"{p}: checkpoint of the original script (bare state_dict, no format version)\n"
+              f"  config: unknown (from the weights: {guess}); pass the model flags it was trained with\n"
+              f"  step, epoch, images seen, last loss: unknown\n  EMA: no\n"
+              f"  parameters: {n / 1e6:.2f}M | file: {size / 2**20:.1f} MiB")
+        return 0
+    if obj.get("format") != FORMAT:
+        raise DDPMError(f"{p}: not a ddpm.py checkpoint")
+    n = sum(v.numel() for v in obj["model"].values())
+    cfg = ", ".join(f"{k}={v}" for k, v in obj["config"].items())
+    last = obj.get("last_loss")
+    print(f"{p}: ddpm.py checkpoint, format version {obj.get('version')}\n"
+          f"  config: {cfg}\n"
+          f"  step: {obj.get('step', 'unknown')} | epoch: {obj.get('epoch', 'unknown')} | images seen: "
+          f"{obj.get('images_seen', 'unknown')} | last loss: {'unknown' if last is None else f'{last:.6f}'}\n"
+          f"  EMA: {'yes' if obj.get('ema') is not None or obj.get('exported') == 'ema' else 'no'}"
+          + (f" (exported {obj['exported']} weights)" if obj.get("exported") else "") + "\n"
+          f"  parameters: {n / 1e6:.2f}M | file: {size / 2**20:.1f} MiB")
+    return 0
+
+
+def export_command(args) -> int:
+    if not args.loadckpt:
+        raise DDPMError("--export needs --loadckpt CKPT to know which weights to write")
+    model = load_model(args.loadckpt, "cpu", use_ema=not args.no_ema, **explicit_model_flags(args))
+    weights = "ema" if model.source["ema"] else "raw"
+    export_safetensors(model, model.config, Path(args.export), weights, model.source["step"] or 0)
+    print(f"wrote {args.export} ({weights} weights, config in the metadata)")
+    return 0
+
+
+START_TIME = time.time()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line; returns the exit status. Errors in the input are one line, status 2."""
+    global START_TIME
+    START_TIME = time.time()
+    try:
+        args = parse_args(argv)
+        if args.info:
+            return info_command(args.info)
+        if args.export:
+            return export_command(args)
+        if args.tensorboard:
+            try:
+                import torch.utils.tensorboard  # noqa: F401
+            except ImportError:
+                raise DDPMError("--tensorboard needs the tensorboard package; run `pip install tensorboard`") from None
+        if not args.train and not args.loadckpt:
+            raise DDPMError("nothing to do: give --train to train, or --loadckpt CKPT to sample from a checkpoint")
+        if args.train and not args.demo and not args.data_folders:
+            raise DDPMError("--train needs --data-folders DIR [DIR ...] (or --demo for the built-in faces)")
+        if args.train and args.data_folders:
+            find_image_files(args.data_folders)  # a missing or empty folder fails here, before any model
+        rt = setup_runtime(args.device, args.precision, args.compile, training=args.train)
+        return train_command(args, rt) if args.train else sample_command(args, rt)
+    except DDPMError as e:
+        print(f"ddpm.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except TrainingError as e:
+        print(f"ddpm.py: training stopped: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("\nddpm.py: aborted; files on disk were left as they were", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
