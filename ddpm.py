@@ -1538,6 +1538,9 @@ class Trainer:
         try:
             self._forward_backward(start, t_all, noise_all)
         except torch.OutOfMemoryError:
+            if self.rt.distributed:  # one rank alone cannot change the batch layout of all of them
+                raise TrainingError(f"CUDA out of memory on rank {self.rt.rank} at micro-batch {self.micro}; "
+                                    f"restart with --grad-accum {self.accum * 2}") from None
             if self.step - self.first_step >= 10:
                 raise
             self.opt.zero_grad(set_to_none=True)
@@ -2213,7 +2216,8 @@ def eval_command(args, rt: Runtime, feature_fn: Optional[Callable[[torch.Tensor]
     how = f"{args.sampler}, {steps} steps, seed {seed}"
 
     def samples(lo: int, hi: int) -> torch.Tensor:  # (hi - lo, C, H, W) uint8
-        return generate(model, rt, list(range(lo, hi)), seed, args.sampler, steps, args.eta, args.batch_size)
+        return generate(model, rt, list(range(lo, hi)), seed, args.sampler, steps, args.eta, args.batch_size,
+                        clip=not args.no_clip)
     if args.eval == "fid":
         tag = getattr(feature_fn, "tag", "custom features")
         folders, demo_n = ((list(args.eval_folders or args.data_folders), 0) if args.eval_folders or args.data_folders
@@ -2285,6 +2289,15 @@ DEMO_PRESET = dict(
 )
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except where there is none or the help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgParser(argparse.ArgumentParser):
     """argparse with one-line errors."""
 
@@ -2294,7 +2307,7 @@ class ArgParser(argparse.ArgumentParser):
 
 def build_parser() -> ArgParser:
     p = ArgParser(prog="ddpm.py", allow_abbrev=False,
-                  formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                  formatter_class=HelpFormatter,
                   description="Train a DDPM on a folder of images, or sample from a checkpoint. "
                               "Sampling defaults to DPM-Solver++(2M) with 25 steps on the EMA weights.",
                   epilog="Examples: `ddpm.py --train --demo` (CPU, built-in faces); "
