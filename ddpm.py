@@ -973,8 +973,9 @@ class Batches:
     def epoch_order(self, epoch: int) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._epoch != epoch:
             g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 1))
-            self._perm = torch.randperm(self.n, generator=g)
-            self._flip = torch.rand(self.n, generator=g) < 0.5
+            # drawn on the CPU (the same order on every device), moved once per epoch to where the data is
+            self._perm = torch.randperm(self.n, generator=g).to(self.data.device)
+            self._flip = (torch.rand(self.n, generator=g) < 0.5).to(self.data.device)
             self._epoch = epoch
         return self._perm, self._flip
 
@@ -982,9 +983,7 @@ class Batches:
         """Images perm[start:start+count] of `epoch`, as float in [-1, 1] on the device, randomly flipped."""
         perm, flip = self.epoch_order(epoch)
         idx, fl = perm[start:start + count], flip[start:start + count]
-        if self.data.device.type != "cpu":
-            idx, fl = idx.to(self.data.device, non_blocking=True), fl.to(self.data.device, non_blocking=True)
-        x = self.data[idx]
+        x = self.data[idx]  # (count, C, H, W) uint8, gathered where the data lives
         x = torch.where(fl.view(-1, 1, 1, 1), x.flip(3), x)
         return to_model_range(x.to(self.device, non_blocking=True))
 
@@ -1530,6 +1529,8 @@ class Trainer:
         """Forward/backward over the accumulation micro-batches, then one (maybe skipped) update."""
         rt, B = self.rt, self.batch
         C, S = self.cfg.img_channels, self.cfg.img_size
+        if self.epoch_step >= self.steps_per_epoch:  # fit() rolls epochs over itself; this is for direct calls
+            self.epoch, self.epoch_step = self.epoch + 1, 0
         start = self.epoch_step * B
         gen_state = self.noise_gen.get_state()
         # t and noise for the whole global batch, from one generator: N processes = one process
@@ -1570,7 +1571,21 @@ class Trainer:
                 self.scaler.scale(loss / self.accum).backward()
             self.step_loss += loss.detach().float() / self.accum
 
+    def lr_at(self, step: int) -> float:
+        """--lr with linear warm-up over --warmup-steps, then constant (the original) or a cosine decay
+        to zero at the end of the run's last epoch (--lr-schedule cosine; --max-steps does not move it,
+        so a run stopped early and resumed follows the same schedule)."""
+        a = self.args
+        lr = a.lr * min(1.0, (step + 1) / a.warmup_steps) if a.warmup_steps else a.lr
+        if a.lr_schedule == "cosine":
+            total = self.end_epoch * self.steps_per_epoch
+            lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total))))
+        return lr
+
     def _update(self) -> None:
+        lr = self.lr_at(self.step)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
         if self.rt.distributed:  # the global batch's loss on every rank: logged, and the same skip decision
             dist.all_reduce(self.step_loss)
             self.step_loss /= self.rt.world
@@ -1820,11 +1835,12 @@ def reverse_strip(model, rt, seed: int, n: int, sampler: str, steps: int, eta: f
 
 
 def forward_strip(model: GaussianDiffusion, x0: torch.Tensor, seed: int) -> torch.Tensor:
-    """Rows: training images; columns: x_0 then x_t of q(x_t | x_0) at t = 99, 199, ..., T-1."""
+    """Rows: training images; columns: x_0, then x_t ~ q(x_t | x_0) at ten evenly spaced t, ending at T-1
+    (t = 99, 199, ..., 999 for T = 1000, as the original)."""
     g = torch.Generator().manual_seed(mix_seed(seed, 4))
     x0 = to_model_range(x0)
     cols = [to_uint8(x0)]
-    for t in range(99, model.timesteps, 100):
+    for t in sorted({round((k + 1) * model.timesteps / 10) - 1 for k in range(10)}):
         tt = torch.full((x0.shape[0],), t, dtype=torch.long)
         cols.append(to_uint8(model.cpu().q_sample(x0, tt, torch.randn(x0.shape, generator=g))))
     return strip(cols)
@@ -1858,12 +1874,13 @@ class PreviewGrid:
         model.config = tr.cfg
         was_training = model.training
         model.eval()
-        imgs = generate(model, Runtime(tr.rt.device, tr.rt.precision), list(range(self.n)), tr.seed, "dpm++", 25,
+        imgs = generate(model, Runtime(tr.rt.device, tr.rt.precision), list(range(self.n)), tr.seed,
+                        tr.args.sampler, sampling_steps(tr.args, tr.cfg), tr.args.eta, clip=not tr.args.no_clip,
                         batch_size=self.n, show_progress=False)
         model.train(was_training)
         grid = image_grid(imgs, nrow=int(math.ceil(math.sqrt(self.n))))
         path = self.folder / f"step-{step:07d}.png"
-        save_png(grid, path)
+        save_png(upscale(grid, 2 if tr.cfg.img_size <= 32 else 1), path)
         self.metrics.event(step, "preview", path, image=grid)
         return path
 
@@ -2211,7 +2228,7 @@ def eval_command(args, rt: Runtime, feature_fn: Optional[Callable[[torch.Tensor]
         log(f"  terms (bits/dim): prior L_T {r['prior']:.4f} | KL L_1..L_T-1 {r['kl']:.4f} | decoder L_0 "
             f"{r['decoder']:.4f} (sigma_t^2 = beta_t; 8-bit data scaled to [-1, 1], 256 bins)")
         return 0
-    steps = args.steps or (cfg.timesteps if args.sampler == "ddpm" else 25)
+    steps = sampling_steps(args, cfg)
     n = args.num_samples if "num_samples" in args.explicit else (5000 if args.eval == "fid" else 16)
     how = f"{args.sampler}, {steps} steps, seed {seed}"
 
@@ -2284,7 +2301,8 @@ def eval_command(args, rt: Runtime, feature_fn: Optional[Callable[[torch.Tensor]
 # --demo: a CPU-sized preset on the built-in faces; any flag typed explicitly still wins.
 DEMO_PRESET = dict(
     img_size=32, num_channels=32, channel_multiples=[1, 2, 2, 2], has_attn=[False, False, True, True],
-    num_blocks=1, dropout=0.0, batch_size=32, lr=1e-3, epochs=6, ema_decay=0.999, sample_every=250,
+    num_blocks=1, dropout=0.0, batch_size=32, lr=1e-3, epochs=6, ema_decay=0.999, sample_every=256,
+    lr_schedule="cosine", warmup_steps=50, sampler="ddpm", steps=100,
     log_every=25, demo_images=4096, time_budget=12 * 60.0, num_samples=64,
 )
 
@@ -2346,6 +2364,9 @@ def build_parser() -> ArgParser:
                    "time: 2h, 90m, 45s")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of the weights; 0 turns it off")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (same effective batch)")
+    g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="constant (the original) or cosine decay to 0 at the end of --epochs")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
     g.add_argument("--log-every", type=int, default=50, help="steps between metrics.csv rows")
     g.add_argument("--sample-every", type=int, default=1000, help="steps between preview grids (0: never)")
     g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (needs tensorboard)")
@@ -2430,6 +2451,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def sampling_steps(args, cfg: ModelConfig) -> int:
+    """--steps, or its default: 25, and T for the ddpm sampler (the original)."""
+    return args.steps or (cfg.timesteps if args.sampler == "ddpm" else 25)
+
+
 def model_config_from_args(args) -> ModelConfig:
     return ModelConfig(args.img_channels, args.img_size, args.num_channels, tuple(args.channel_multiples),
                        tuple(args.has_attn), args.num_blocks, args.timesteps, args.beta_min, args.beta_max,
@@ -2508,15 +2534,17 @@ def train_command(args, rt: Runtime) -> int:
         f"{trainer.accum} accumulation | {trainer.steps_per_epoch} steps per epoch | EMA "
         f"{args.ema_decay if args.ema_decay else 'off'}")
     pictures = is_rank0() and not args.no_run_pictures
+    steps = sampling_steps(args, cfg)  # the pictures use the sampling flags (--sampler, --steps)
     local = Runtime(rt.device, rt.precision)
     if pictures:
-        save_png(upscale(reverse_strip(_sampling_view(trainer, ema=False), local, seed, 8, "dpm++", 25), 2),
+        save_png(upscale(reverse_strip(_sampling_view(trainer, ema=False), local, seed, 8, args.sampler, steps), 2),
                  save_dir / "run-before.png")
     reason = trainer.fit(save_dir, ckpt_dir, deadline)
     if pictures and reason != "nothing to do" and not reason.startswith("SIG"):  # a signal means: exit now
         model = _sampling_view(trainer, ema=True)
-        save_png(upscale(reverse_strip(model, local, seed, 8, "dpm++", 25), 2), save_dir / "run-after.png")
-        imgs = generate(model, local, list(range(args.num_samples or 64)), seed, "dpm++", 25, batch_size=64)
+        save_png(upscale(reverse_strip(model, local, seed, 8, args.sampler, steps), 2), save_dir / "run-after.png")
+        imgs = generate(model, local, list(range(args.num_samples or 64)), seed, args.sampler, steps, args.eta,
+                        batch_size=64, clip=not args.no_clip)
         grid = image_grid(imgs)
         save_png(upscale(grid, 2 if cfg.img_size <= 32 else 1), save_dir / "final-grid.png")
         log(f"wrote {save_dir / 'run-before.png'}, {save_dir / 'run-after.png'} and {save_dir / 'final-grid.png'}")
@@ -2540,7 +2568,7 @@ def sample_command(args, rt: Runtime) -> int:
     log(f"model: {src['path']} (step {src['step'] if src['step'] is not None else 'unknown'}, "
         f"{'EMA' if src['ema'] else 'raw'} weights)")
     seed = pick_seed(args)
-    steps = args.steps or (cfg.timesteps if args.sampler == "ddpm" else 25)
+    steps = sampling_steps(args, cfg)
     save_dir = Path(args.save_dir)
     if args.index is not None:
         if args.index < 0:

@@ -28,7 +28,8 @@ TINY = ["--img-size", "8", "--num-channels", "32", "--channel-multiples", "1", "
 # 32 images, global batch 8 = 2 ranks x 2 micro x 2 accumulation: 4 steps per epoch, 8 steps in all
 TRAIN = ["--train", "--demo", "--demo-images", "32", *TINY, "--dropout", "0", "--batch-size", "8",
          "--grad-accum", "2", "--epochs", "2", "--seed", "11", "--log-every", "1", "--sample-every", "8",
-         "--num-samples", "4"]
+         "--num-samples", "4", "--warmup-steps", "0", "--lr-schedule", "constant", "--sampler", "dpm++",
+         "--steps", "25"]
 SAMPLE = ["--num-samples", "5", "--batch-size", "4", "--steps", "10", "--seed", "7", "--device", "cpu"]
 TIMEOUT = 300  # a deadlock (a collective on only some ranks) shows up as this timeout
 

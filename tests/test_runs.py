@@ -24,7 +24,8 @@ DDPM = str(REPO / "ddpm.py")
 TINY = ["--img-size", "8", "--num-channels", "32", "--channel-multiples", "1", "2", "--has-attn", "f", "t",
         "--num-blocks", "1", "--timesteps", "50", "--batch-size", "4", "--device", "cpu"]
 # 16 demo faces, batch 4: 4 steps per epoch
-TRAIN = ["--train", "--demo", "--demo-images", "16", *TINY]
+TRAIN = ["--train", "--demo", "--demo-images", "16", *TINY, "--warmup-steps", "0", "--lr-schedule", "constant",
+         "--sampler", "dpm++", "--steps", "10"]
 QUIET = ["--no-run-pictures", "--sample-every", "0"]
 
 
@@ -330,8 +331,8 @@ def test_preview_grids_every_n_steps_and_reproducible(tmp_path):
     prev = a / "output" / "preview"
     assert sorted(p.name for p in prev.iterdir()) == ["step-0000002.png", "step-0000004.png"]
     g2, g4 = png(prev / "step-0000002.png"), png(prev / "step-0000004.png")
-    # 16 images of 8x8 in a 4x4 make_grid (padding 2): 4 * (8 + 2) + 2 = 42
-    assert g2.shape == g4.shape == (42, 42, 3)
+    # 16 images of 8x8 in a 4x4 make_grid (padding 2): 4 * (8 + 2) + 2 = 42, shown 2x for images <= 32 px
+    assert g2.shape == g4.shape == (84, 84, 3)
     events = [(int(e["step"]), e["event"], Path(e["path"]).name) for e in rows(a / "ckpt" / "events.csv")]
     assert [(s, n) for s, ev, n in events if ev == "preview"] == [(2, "step-0000002.png"), (4, "step-0000004.png")]
 

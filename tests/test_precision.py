@@ -1,0 +1,95 @@
+"""The speed paths compute the same thing: bf16 autocast, torch.compile, and checkpoints of compiled
+models. torch.compile runs with the aot_eager backend here (it traces the model with dynamo and
+AOTAutograd like inductor does, without spending minutes generating C++ on a 2-core CPU)."""
+import pytest
+import torch
+
+import ddpm
+
+TINY = ["--img-size", "8", "--num-channels", "32", "--channel-multiples", "1", "2", "--has-attn", "f", "t",
+        "--num-blocks", "1", "--timesteps", "50", "--device", "cpu", "--batch-size", "4", "--seed", "5"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_diffusion(seed=0):
+    torch.manual_seed(seed)
+    return ddpm.GaussianDiffusion(ddpm.UNet(3, 32, (1, 2), (False, True), 1, dropout=0.0), 50)
+
+
+def test_bf16_loss_agrees_with_fp32_within_rounding():
+    model = tiny_diffusion()
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(8, 3, 8, 8, generator=g) * 2 - 1
+    t = torch.randint(0, 50, (8,), generator=g)
+    noise = torch.randn(8, 3, 8, 8, generator=g)
+    fp32 = model(x0, t, noise)
+    rt = ddpm.Runtime(torch.device("cpu"), "bf16")
+    with rt.autocast():
+        bf16 = model(x0, t, noise)
+        eps = model.eps_model(model.q_sample(x0, t, noise), t)
+    assert eps.dtype == torch.bfloat16  # autocast really ran the network in bf16 ...
+    assert bf16.dtype == torch.float32  # ... and the loss stays in fp32
+    assert abs(bf16.item() - fp32.item()) / fp32.item() < 0.03  # bf16 has 8 bits of mantissa
+    assert bf16.item() != fp32.item()
+
+
+def test_compiled_model_gives_the_same_outputs_and_gradients():
+    eager = tiny_diffusion()
+    compiled = torch.compile(eager.eps_model, backend="aot_eager")
+    x = torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 10, 30, 49])
+    y_e = eager.eps_model(x, t)
+    y_c = compiled(x, t)
+    torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
+    g_e = torch.autograd.grad(y_e.square().sum(), list(eager.eps_model.parameters()))
+    g_c = torch.autograd.grad(compiled(x, t).square().sum(), list(eager.eps_model.parameters()))
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _trainer(argv):
+    args = ddpm.parse_args(["--train", "--demo", "--demo-images", "8", *TINY, *argv])
+    rt = ddpm.Runtime(torch.device("cpu"), "fp32", compile="--compile" in argv)
+    cfg = ddpm.model_config_from_args(args).validate()
+    return ddpm.Trainer(args, rt, cfg, ddpm.Batches(ddpm.demo_faces(8, 8), rt.device, 5), 5)
+
+
+def test_compiled_training_matches_eager_and_its_checkpoint_loads_uncompiled(monkeypatch, tmp_path):
+    real_compile = torch.compile
+    monkeypatch.setattr(ddpm.torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager"))
+    runs = {}
+    for name, extra in (("eager", ["--no-compile"]), ("compiled", ["--compile"])):
+        tr = _trainer(extra)
+        assert (tr.loss_fn is not tr.train_model) == (name == "compiled")
+        for _ in range(3):
+            tr.train_step()
+        runs[name] = tr
+    for (k, a), b in zip(runs["compiled"].model.state_dict().items(), runs["eager"].model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+    path = tmp_path / "ckpt-0.pth"
+    runs["compiled"].save(path)
+    state = ddpm.read_checkpoint(path)
+    assert not [k for k in state["model"] if "_orig_mod" in k or k.startswith("module.")]
+    plain = ddpm.load_model(path, use_ema=False)  # an ordinary, uncompiled GaussianDiffusion
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([5, 25])
+    runs["compiled"].model.eval()
+    torch.testing.assert_close(plain.eps_model(x, t), runs["compiled"].model.eps_model(x, t))
+
+
+def test_compile_falls_back_to_eager_with_one_warning(monkeypatch, capsys):
+    monkeypatch.setattr(ddpm, "compile_available", lambda device: (False, "Triton is not installed"))
+    monkeypatch.setattr(ddpm, "_warned", set())
+    rt = ddpm.Runtime(torch.device("cpu"), "fp32", compile=True)
+    fn = lambda x: x  # noqa: E731
+    assert ddpm.maybe_compile(fn, rt) is fn and rt.compile is False
+    rt.compile = True
+    assert ddpm.maybe_compile(fn, rt) is fn
+    err = capsys.readouterr().err
+    assert err.count("torch.compile unavailable (Triton is not installed); running in eager mode") == 1
