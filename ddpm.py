@@ -43,7 +43,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -280,9 +280,10 @@ def timestep_grid(timesteps: int, steps: int) -> List[int]:
 
 def logsnr_grid(alpha_bar: torch.Tensor, steps: int) -> List[int]:
     """`steps` timesteps from T-1 down to 0, evenly spaced in log-SNR lambda_t = log(alpha_bar_t / (1 -
-    alpha_bar_t)) / 2 where integer timesteps allow (always at least 1 apart), for DPM-Solver++; Lu et al.
-    recommend it at low resolutions. On the uniform grid, the 2M step into t = 0 spans most of lambda and
-    extrapolates x_0 by a factor ~3 (+24% std on Gaussian data at 20 steps). Same length as timestep_grid."""
+    alpha_bar_t)) / 2 where integer timesteps allow (always at least 1 apart), for DPM-Solver++ and DDIM;
+    Lu et al. recommend it at low resolutions. On the uniform grid, the 2M step into t = 0 spans most of
+    lambda and extrapolates x_0 by a factor ~3 (+24% std on Gaussian data at 20 steps), and DDIM loses
+    half the variance of fine detail at 25 steps. Same length as timestep_grid."""
     T = alpha_bar.shape[0]
     if steps >= T:
         return list(range(T - 1, -1, -1))
@@ -1631,7 +1632,7 @@ class Trainer:
         self.model.train()  # run-before.png (rank 0 only) left it in eval mode: dropout must be on, on every rank
         sync_every = 1 if rt.device.type == "cpu" else max(1, min(args.log_every, 25))
         reason = "done"
-        t_log, n_log, step_log = time.time(), 0, self.step
+        t_log, step_log = time.time(), self.step
         t_epoch, step_epoch = time.time(), self.step
         t_compile = time.time()
         if self.step >= (args.max_steps or float("inf")) or self.epoch >= self.end_epoch:
@@ -1726,10 +1727,12 @@ def sampling_model_fn(model: GaussianDiffusion, rt: Runtime, compile_: bool = Fa
     """eps_theta(x, t) in float32, under the run's autocast (bf16 on GPUs), optionally compiled
     (CUDA graphs via mode="reduce-overhead" for the fixed batch shape)."""
     net = model.eps_model
+    channels_last = rt.device.type == "cuda"
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
     if compile_:
         net = maybe_compile(net, Runtime(rt.device, rt.precision, compile=True),
                             mode="reduce-overhead" if rt.device.type == "cuda" else None)
-    channels_last = rt.device.type == "cuda"
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if channels_last:
@@ -1863,7 +1866,8 @@ def upscale(img: torch.Tensor, factor: int) -> torch.Tensor:
 
 class PreviewGrid:
     """Every --sample-every steps, sample the same fixed noise (seed, indices 0..n-1) with the EMA
-    weights and save preview/step-NNNNNNN.png, so grids can be laid side by side as training goes."""
+    weights and the sampling flags (--sampler, --steps) and save preview/step-NNNNNNN.png, so grids
+    can be laid side by side as training goes."""
 
     def __init__(self, trainer: "Trainer", folder: Path, metrics: MetricsLog, n: int = 16):
         self.trainer, self.folder, self.metrics, self.n = trainer, folder, metrics, n
@@ -1981,9 +1985,14 @@ def read_source(args, cfg: ModelConfig, folders: Optional[List[str]], demo_n: in
 
 def eval_datasets(args, obj: dict, cfg: ModelConfig) -> Tuple[torch.Tensor, Optional[torch.Tensor], str]:
     """(the training images the model saw, held-out images or None, what the held-out set is).
-    Held out: --eval-folders, else the checkpoint's --holdout split rebuilt from its record."""
-    data = read_source(args, cfg, *training_source(args, obj))
+    Held out: --eval-folders, else the checkpoint's --holdout split rebuilt from its record, else for
+    the demo 256 faces past the ones it trained on (face i depends on i alone, so they are new)."""
+    folders, demo_n = training_source(args, obj)
+    data = read_source(args, cfg, folders, demo_n)
     rec, held, what = obj.get("holdout") or {}, None, ""
+    if folders is None and not rec.get("n") and not args.eval_folders:
+        held = read_source(args, cfg, None, demo_n + 256)[demo_n:]
+        what = f"256 new demo faces (indices {demo_n} to {demo_n + 255}, never trained on)"
     if rec.get("n"):
         if rec.get("total") == len(data):
             data, held, _ = split_holdout(data, rec["fraction"], rec["seed"])
@@ -2303,7 +2312,7 @@ DEMO_PRESET = dict(
     img_size=32, num_channels=32, channel_multiples=[1, 2, 2, 2], has_attn=[False, False, True, True],
     num_blocks=1, dropout=0.0, batch_size=32, lr=1e-3, epochs=6, ema_decay=0.999, sample_every=256,
     lr_schedule="cosine", warmup_steps=50, sampler="ddpm", steps=100,
-    log_every=25, demo_images=4096, time_budget=12 * 60.0, num_samples=64,
+    log_every=25, demo_images=4096, time_budget=10 * 60.0, num_samples=64,
 )
 
 

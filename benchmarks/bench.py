@@ -100,6 +100,9 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--samplers", nargs="+", default=None, metavar="NAME:STEPS",
+                   help="e.g. dpm++:25 ddim:50 ddpm:1000 (the default list)")
+    p.add_argument("--images", type=int, default=None, help="images per sampling run (default 64)")
     a = p.parse_args()
     flags = ["--device", "cuda" if torch.cuda.is_available() else "cpu"]
     if a.no_compile:
@@ -112,6 +115,10 @@ def main():
         a.steps, a.warmup, a.batches = 3, 1, [8]
         samplers = [("dpm++", 25), ("ddim", 50), ("ddpm", 100)]
         n_sample = 8
+    if a.samplers:
+        samplers = [(x.split(":")[0], int(x.split(":")[1])) for x in a.samplers]
+    if a.images:
+        n_sample = a.images
     cfg = ddpm.model_config_from_args(ddpm.parse_args(flags)).validate()
     flops = forward_flops(cfg)
     emit(what="model", params_m=round(sum(p.numel() for p in ddpm.UNet.from_config(cfg).parameters()) / 1e6, 2),

@@ -89,15 +89,6 @@ class Payload:
         return (Path.touch, (self.marker,))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine they spin: one thread here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A tiny run of 3 steps (2 steps per epoch): ckpt-0.pth at step 2, ckpt-1.pth at step 3."""

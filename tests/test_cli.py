@@ -26,15 +26,6 @@ CFG = ddpm.ModelConfig(3, 8, 32, (1, 2), (False, True), 1, 50)  # the same model
 N_FACES = 8  # batch 4: 2 steps per epoch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores shared with other work: one intra-op thread is much faster and deterministic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cli(cwd: Path, *args, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, DDPM, *args], cwd=cwd, env=env, capture_output=True, text=True,

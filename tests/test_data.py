@@ -25,15 +25,6 @@ RED, BLUE, GREEN, WHITE, BLACK = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 25
 BOMB_LIMIT = 4096  # Image.MAX_IMAGE_PIXELS during these tests: 64 x 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine they spin: one thread here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def bomb_limit(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", BOMB_LIMIT)

@@ -21,15 +21,6 @@ for _b in BETA:
 AB = torch.tensor(ALPHA_BAR, dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops on a busy 2-core machine run far faster on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Affine(nn.Module):
     """A deterministic stand-in for eps_theta that depends on x and t."""
 

@@ -159,25 +159,14 @@ def metrics_rows(path: Path) -> list:
         return list(csv.DictReader(f))
 
 
-@contextlib.contextmanager
-def one_thread():
-    """In-process runs use one thread, like the launched ranks (OMP_NUM_THREADS=1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def run_here(folder: Path, args) -> int:
-    """ddpm.main(args) in this process, one process, with `folder` as the working directory."""
+    """ddpm.main(args) in this process, one process (one thread, like each rank: see conftest.py),
+    with `folder` as the working directory."""
     folder.mkdir(parents=True, exist_ok=True)
     old = os.getcwd()
     os.chdir(folder)
     try:
-        with one_thread():
-            return ddpm.main(args)
+        return ddpm.main(args)
     finally:
         os.chdir(old)
 

@@ -19,15 +19,6 @@ TINY = dict(img_channels=3, num_channels=32, channel_multiples=(1, 2), has_attn=
             dropout=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops on a busy 2-core machine run far faster on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_unet(legacy: bool, seed: int = 0) -> ddpm.UNet:
     torch.manual_seed(seed)
     return ddpm.UNet(legacy_attention=legacy, **TINY).eval()

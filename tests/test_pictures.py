@@ -15,28 +15,19 @@ TINY = ["--img-size", "8", "--num-channels", "32", "--channel-multiples", "1", "
 def trained(tmp_path_factory):
     """A tiny checkpoint (2 steps on demo faces) and its folder."""
     folder = tmp_path_factory.mktemp("pictures")
-    old, n = os.getcwd(), torch.get_num_threads()
-    os.chdir(folder)
-    torch.set_num_threads(1)
-    try:
-        rc = ddpm.main(["--train", "--demo", "--demo-images", "16", *TINY, "--batch-size", "8", "--max-steps", "2",
-                        "--no-run-pictures", "--sample-every", "0", "--seed", "0"])
-    finally:
-        os.chdir(old)
-        torch.set_num_threads(n)
+    rc = run_in(folder, ["--train", "--demo", "--demo-images", "16", *TINY, "--batch-size", "8", "--max-steps", "2",
+                         "--no-run-pictures", "--sample-every", "0", "--seed", "0"])
     assert rc == 0
     return folder
 
 
 def run_in(folder, argv):
-    old, n = os.getcwd(), torch.get_num_threads()
+    old = os.getcwd()
     os.chdir(folder)
-    torch.set_num_threads(1)
     try:
         return ddpm.main(argv)
     finally:
         os.chdir(old)
-        torch.set_num_threads(n)
 
 
 def test_strips_gif_and_interpolation(trained, tmp_path):

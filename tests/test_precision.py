@@ -1,21 +1,12 @@
 """The speed paths compute the same thing: bf16 autocast, torch.compile, and checkpoints of compiled
 models. torch.compile runs with the aot_eager backend here (it traces the model with dynamo and
 AOTAutograd like inductor does, without spending minutes generating C++ on a 2-core CPU)."""
-import pytest
 import torch
 
 import ddpm
 
 TINY = ["--img-size", "8", "--num-channels", "32", "--channel-multiples", "1", "2", "--has-attn", "f", "t",
         "--num-blocks", "1", "--timesteps", "50", "--device", "cpu", "--batch-size", "4", "--seed", "5"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_diffusion(seed=0):

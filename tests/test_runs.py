@@ -29,15 +29,6 @@ TRAIN = ["--train", "--demo", "--demo-images", "16", *TINY, "--warmup-steps", "0
 QUIET = ["--no-run-pictures", "--sample-every", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores shared with other work: one intra-op thread is much faster and deterministic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def dirs(root: Path):
     return ["--ckpt-save-dir", str(root / "ckpt"), "--save-dir", str(root / "output")]
 
