@@ -1007,7 +1007,7 @@ def read_checkpoint(path) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise DDPMError(f"checkpoint {path} does not exist; check --loadckpt")
+        raise DDPMError(f"checkpoint {path} does not exist; check the path")
     with open(path, "rb") as f:
         head = f.read(16)
     if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
@@ -2685,6 +2685,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise DDPMError("nothing to do: give --train to train, or --loadckpt CKPT to sample from a checkpoint")
         if args.train and not args.demo and not args.data_folders:
             raise DDPMError("--train needs --data-folders DIR [DIR ...] (or --demo for the built-in faces)")
+        if args.train and not (args.resume or args.loadckpt):
+            model_config_from_args(args).validate()  # bad flag combinations fail before any work
         if args.train and args.data_folders:
             find_image_files(args.data_folders)  # a missing or empty folder fails here, before any model
         rt = setup_runtime(args.device, args.precision, args.compile, training=args.train)

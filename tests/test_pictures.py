@@ -1,6 +1,5 @@
 """The pictures people share: reverse and forward strips, the denoising GIF, seed interpolation."""
-import os
-
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,27 +14,23 @@ TINY = ["--img-size", "8", "--num-channels", "32", "--channel-multiples", "1", "
 def trained(tmp_path_factory):
     """A tiny checkpoint (2 steps on demo faces) and its folder."""
     folder = tmp_path_factory.mktemp("pictures")
-    rc = run_in(folder, ["--train", "--demo", "--demo-images", "16", *TINY, "--batch-size", "8", "--max-steps", "2",
-                         "--no-run-pictures", "--sample-every", "0", "--seed", "0"])
+    rc = ddpm.main(["--train", "--demo", "--demo-images", "16", *TINY, "--batch-size", "8", "--max-steps", "2",
+                    "--no-run-pictures", "--sample-every", "0", "--seed", "0", "--ckpt-save-dir", str(folder / "ckpt"),
+                    "--save-dir", str(folder / "output")])
     assert rc == 0
     return folder
 
 
-def run_in(folder, argv):
-    old = os.getcwd()
-    os.chdir(folder)
-    try:
-        return ddpm.main(argv)
-    finally:
-        os.chdir(old)
+def pixels(path) -> torch.Tensor:
+    """A PNG as a (C, H, W) uint8 tensor."""
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
 
 
 def test_strips_gif_and_interpolation(trained, tmp_path):
     out = tmp_path / "out"
-    rc = run_in(trained, ["--loadckpt", "ckpt", "--num-samples", "4", "--sampler", "dpm++", "--steps", "6", "--seed", "3",
-                          "--device", "cpu",
-                          "--save-dir", str(out), "--reverse-steps", "--forward-steps", "--demo", "--demo-images", "16",
-                          "--gif", "--interpolate", "3", "9"])
+    rc = ddpm.main(["--loadckpt", str(trained / "ckpt"), "--num-samples", "4", "--sampler", "dpm++", "--steps", "6",
+                    "--seed", "3", "--device", "cpu", "--save-dir", str(out), "--reverse-steps", "--forward-steps",
+                    "--demo", "--demo-images", "16", "--gif", "--interpolate", "3", "9"])
     assert rc == 0
     s = 8
     # reverse.png: 8 rows of images; x_T, then one column per kept snapshot (all 6 steps here)
@@ -43,17 +38,16 @@ def test_strips_gif_and_interpolation(trained, tmp_path):
     n_cols = 1 + len(ddpm.snapshot_steps(6))
     assert rev.size == (n_cols * s, 8 * s)
     # its first column is the per-image noise of seed 3, its last the final images = ddpm-0..3.png
-    arr = torch.from_numpy(__import__("numpy").asarray(rev).copy()).permute(2, 0, 1)
+    arr = pixels(out / "reverse.png")
     noise = ddpm.to_uint8(ddpm.ImageNoise(3, range(8), (3, s, s), torch.device("cpu"))())
     assert torch.equal(arr[:, :, :s], torch.cat(list(noise), dim=1))
     for i in range(4):
-        final = torch.from_numpy(__import__("numpy").asarray(Image.open(out / f"ddpm-{i}.png")).copy()).permute(2, 0, 1)
-        assert torch.equal(arr[:, i * s:(i + 1) * s, -s:], final)
+        assert torch.equal(arr[:, i * s:(i + 1) * s, -s:], pixels(out / f"ddpm-{i}.png"))
     # forward.png: x_0 and ten noised columns for 8 training images; the first column is the data itself
     fwd = Image.open(out / "forward.png")
     assert fwd.size == (11 * s, 8 * s)
     data = ddpm.demo_faces(16, s, seed=0)[:8]
-    farr = torch.from_numpy(__import__("numpy").asarray(fwd).copy()).permute(2, 0, 1)
+    farr = pixels(out / "forward.png")
     assert torch.equal(farr[:, :, :s], torch.cat(list(data), dim=1))
     # the columns are ever noisier: their correlation with the data falls as sqrt(alpha_bar_t) does
     col = torch.cat(list(data), 1).float().flatten()
@@ -64,10 +58,9 @@ def test_strips_gif_and_interpolation(trained, tmp_path):
     gif = Image.open(out / "denoise.gif")
     assert gif.n_frames > 3
     # interpolate.png: 8 images; the ends are exactly the images of seeds 3 and 9 (index 0)
-    itp = torch.from_numpy(__import__("numpy").asarray(Image.open(out / "interpolate.png").convert("RGB")).copy())
-    itp = itp.permute(2, 0, 1)
+    itp = pixels(out / "interpolate.png")
     assert itp.shape == (3, s, 8 * s)
-    model = ddpm.load_model(trained / "ckpt")
+    model = ddpm.load_model(trained / "ckpt")  # the newest checkpoint in the folder
     rt = ddpm.Runtime(torch.device("cpu"), "fp32")
     a = ddpm.generate(model, rt, [0], 3, "dpm++", 6, show_progress=False)[0]
     b = ddpm.generate(model, rt, [0], 9, "dpm++", 6, show_progress=False)[0]
