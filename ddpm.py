@@ -1123,14 +1123,15 @@ def load_weights(module: nn.Module, state: dict, path: Path) -> None:
     module.load_state_dict(state)
 
 
-def load_model(path, device="cpu", use_ema: bool = True, **overrides) -> GaussianDiffusion:
+def load_model(path, device="cpu", use_ema: bool = True, _obj: Optional[dict] = None, **overrides) -> GaussianDiffusion:
     """A GaussianDiffusion in eval mode, built from a checkpoint alone (EMA weights when present).
 
     `overrides` are model config values (e.g. num_channels=64); for a self-describing checkpoint
     they must agree with it, for a file of the original script they describe its model.
+    `_obj` is the checkpoint already read from `path`, if the caller has it.
     """
     path = resolve_checkpoint(path)
-    obj = read_checkpoint(path)
+    obj = _obj if _obj is not None else read_checkpoint(path)
     cfg = config_from_checkpoint(obj, path, overrides, ModelConfig())
     model = build_diffusion(cfg)
     if is_legacy_state_dict(obj):
@@ -1307,7 +1308,7 @@ class EMA:
     @torch.no_grad()
     def update(self, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self._ema, [p.detach() for p in self._src], 1.0 - d)
+        torch._foreach_lerp_(self._ema, self._src, 1.0 - d)
 
 
 class StopRequest:
@@ -2217,7 +2218,7 @@ def eval_command(args, rt: Runtime, feature_fn: Optional[Callable[[torch.Tensor]
         feature_fn = inception_features(args.fid_weights, rt.device)  # fails fast: package, weights
     path = resolve_checkpoint(args.loadckpt)
     obj = read_checkpoint(path)
-    model = load_model(path, rt.device, use_ema=not args.no_ema, **explicit_model_flags(args))
+    model = load_model(path, rt.device, use_ema=not args.no_ema, _obj=obj, **explicit_model_flags(args))
     cfg, src = model.config, model.source
     log(f"model: {path} (step {src['step'] if src['step'] is not None else 'unknown'}, "
         f"{'EMA' if src['ema'] else 'raw'} weights)")
