@@ -1365,10 +1365,11 @@ class MetricsLog:
             if path.exists() and start_step > 0:
                 with open(path, newline="") as f:
                     rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= start_step]
-            with open(path, "w", newline="") as f:
-                w = csv.DictWriter(f, cols)
-                w.writeheader()
-                w.writerows({c: r.get(c, "") for c in cols} for r in rows)
+            text = io.StringIO(newline="")
+            w = csv.DictWriter(text, cols)
+            w.writeheader()
+            w.writerows({c: r.get(c, "") for c in cols} for r in rows)
+            atomic_write(path, lambda f: f.write(text.getvalue().encode()))  # a kill here keeps the old log
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             # purge_step hides events at steps >= it: the checkpoint's own step stays, as in metrics.csv
