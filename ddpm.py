@@ -166,6 +166,26 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
     fsync_dir(path.parent)
 
 
+def is_stale_temp(path: Path) -> bool:
+    """Whether a temporary file of atomic_write (named .NAME.tmp-PID) was left by a process that no
+    longer runs (POSIX: signal 0 to its pid), or, where that cannot be asked, is over an hour old."""
+    pid = path.name.rsplit("-", 1)[-1]
+    if os.name == "posix" and pid.isdigit():
+        if int(pid) == os.getpid():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # alive, owned by someone else
+            return False
+        return False
+    try:
+        return time.time() - path.stat().st_mtime > 3600
+    except OSError:
+        return False
+
+
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     h, rem = divmod(seconds, 3600)
@@ -672,7 +692,7 @@ def _flatten_alpha(img, background: Tuple[int, int, int]):
 
 
 def _decode_image(path: Path, img_size: int, mode: str, background: Tuple[int, int, int]):
-    """Decode one file to a (C, size, size) uint8 tensor; returns (tensor or None, reason, upscaled)."""
+    """Decode one file to a (C, size, size) uint8 tensor; returns (tensor or None, skip reason, upscaled)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -699,7 +719,7 @@ def _decode_image(path: Path, img_size: int, mode: str, background: Tuple[int, i
             img = img.convert(mode)  # CMYK, YCbCr, 1, P ... -> RGB or L
             upscaled = min(img.size) < img_size
             img = ImageOps.fit(img, (img_size, img_size), Image.BICUBIC)  # resize shorter side, centre-crop
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         return None, "too_large", False
     except UnidentifiedImageError:
         return None, "unreadable", False
@@ -2536,9 +2556,10 @@ def train_command(args, rt: Runtime) -> int:
         raise DDPMError(f"--batch-size {B} is larger than the {len(data)} training images; use --batch-size "
                         f"{len(data)} or fewer")
     deadline = (START_TIME + args.time_budget) if args.time_budget else None
-    for stale in ckpt_dir.glob(".ckpt-*.tmp-*"):  # left by a killed process; never a valid checkpoint
-        with contextlib.suppress(OSError):
-            stale.unlink()
+    for tmp in ckpt_dir.glob(".ckpt-*.tmp-*"):  # left by a killed process; never a valid checkpoint
+        if is_stale_temp(tmp):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
     trainer = Trainer(args, rt, cfg, Batches(data, rt.device, seed), seed, resume=resume, init=init)
     n_params = sum(p.numel() for p in trainer.model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters | batch {B} = {rt.world} process(es) x {trainer.micro} x "

@@ -634,3 +634,13 @@ def test_non_finite_losses_via_cli_exit_1_and_keep_the_checkpoints(tmp_path, mon
         assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in o[part].values())
         if o["step"] > 4:  # every later update was skipped: the weights are those of step 4
             assert_same_tensors(o["model"], good[0]["model"], "model")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="asks the pid with signal 0")
+def test_only_temp_files_of_dead_processes_are_stale(tmp_path):
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)
+    for pid, stale in ((os.getpid(), False), (os.getppid(), False), (dead, True)):
+        p = tmp_path / f".ckpt-0.pth.tmp-{pid}"
+        p.write_bytes(b"partial")
+        assert ddpm.is_stale_temp(p) is stale, pid
