@@ -1659,6 +1659,8 @@ class Trainer:
         t_compile = time.time()
         if self.step >= (args.max_steps or float("inf")) or self.epoch >= self.end_epoch:
             reason = "nothing to do"
+            log(f"nothing to do: the run is at step {self.step}, epoch {self.epoch} of {self.end_epoch}"
+                + (f", --max-steps {args.max_steps}" if args.max_steps else "") + "; raise --epochs or --max-steps")
         with StopRequest() as stop, make_progress() as progress:
             epochs_task = progress.add_task("Epochs", total=self.end_epoch, completed=self.epoch, info="")
             batches_task = progress.add_task("Batches", total=self.steps_per_epoch * self.batch,
