@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import gc
 import hashlib
 import io
 import json
@@ -184,6 +185,39 @@ def is_stale_temp(path: Path) -> bool:
         return time.time() - path.stat().st_mtime > 3600
     except OSError:
         return False
+
+
+class PinnedStager:
+    """Host-to-GPU copies through two reused pinned buffers: the copy is asynchronous
+    (non_blocking, no wait for the GPU), and a buffer is refilled only once its previous copy has
+    finished. Elsewhere (CPU, MPS) a plain copy."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._bufs: List[Optional[torch.Tensor]] = [None, None]
+        self._done: list = [None, None]
+        self._k = 0
+
+    def stage(self, fill: Callable[[torch.Tensor], None], shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """fill(host) writes a (shape, dtype) host tensor in place; returns it on the device."""
+        if not self.cuda:
+            host = torch.empty(tuple(shape), dtype=dtype)
+            fill(host)
+            return host.to(self.device)
+        k, self._k = self._k, 1 - self._k
+        n = math.prod(shape)
+        buf = self._bufs[k]
+        if self._done[k] is not None:
+            self._done[k].synchronize()  # its last copy has left the buffer
+        if buf is None or buf.dtype != dtype or buf.numel() < n:
+            buf = self._bufs[k] = torch.empty(n, dtype=dtype, pin_memory=True)
+        host = buf[:n].view(tuple(shape))
+        fill(host)
+        out = host.to(self.device, non_blocking=True)
+        self._done[k] = torch.cuda.Event()
+        self._done[k].record(torch.cuda.current_stream(self.device))
+        return out
 
 
 def format_duration(seconds: float) -> str:
@@ -969,34 +1003,42 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 class Batches:
-    """The training set as one uint8 tensor, on the GPU when it fits, else in pinned CPU memory.
+    """The training set as one uint8 tensor, and the order in which training reads it.
 
-    The order of each epoch and the flips follow from (seed, epoch) alone, so a resumed run sees
-    the same batches. Each step takes the global batch `perm[k*B:(k+1)*B]`; process r keeps its
-    contiguous share, so N processes see together what one process would.
+    The data stays in ordinary CPU memory until `place` puts it on the GPU (the trainer decides,
+    once the model and optimizer are allocated); when it stays on the CPU, each batch is gathered
+    into a reused pinned buffer and copied asynchronously. The order of each epoch and the flips
+    follow from (seed, epoch) alone, so a resumed run sees the same batches. Each step takes the
+    global batch `perm[k*B:(k+1)*B]`; process r keeps its contiguous share, so N processes see
+    together what one process would.
     """
 
     def __init__(self, data: torch.Tensor, device: torch.device, seed: int):
         self.n = data.shape[0]
         self.seed = seed
         self.device = device
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            if data.numel() < 0.25 * free:
-                data = data.to(device)
-            else:
-                data = data.pin_memory()
-                log(f"data: {data.numel() / 2**20:.0f} MiB does not fit comfortably on the GPU; "
-                    f"kept in pinned CPU memory")
         self.data = data
+        self.on_device = data.device == device
+        self.stager = PinnedStager(device)
         self._epoch, self._perm, self._flip = None, None, None
 
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def place(self, on_device: bool) -> None:
+        """Keep the data on the training device (True) or in CPU memory (False)."""
+        self.data = self.data.to(self.device if on_device else "cpu")
+        self.on_device = on_device
+        self._epoch = None
+
     def epoch_order(self, epoch: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(perm where the data lives, flips on the device) of `epoch`."""
         if self._epoch != epoch:
             g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 1))
-            # drawn on the CPU (the same order on every device), moved once per epoch to where the data is
+            # drawn on the CPU (the same order on every device), moved once per epoch
             self._perm = torch.randperm(self.n, generator=g).to(self.data.device)
-            self._flip = (torch.rand(self.n, generator=g) < 0.5).to(self.data.device)
+            self._flip = (torch.rand(self.n, generator=g) < 0.5).to(self.device)
             self._epoch = epoch
         return self._perm, self._flip
 
@@ -1004,9 +1046,13 @@ class Batches:
         """Images perm[start:start+count] of `epoch`, as float in [-1, 1] on the device, randomly flipped."""
         perm, flip = self.epoch_order(epoch)
         idx, fl = perm[start:start + count], flip[start:start + count]
-        x = self.data[idx]  # (count, C, H, W) uint8, gathered where the data lives
+        if self.on_device:
+            x = self.data[idx]  # (count, C, H, W) uint8, gathered where the data lives
+        else:  # gathered on the CPU straight into pinned memory, copied without waiting
+            x = self.stager.stage(lambda out: torch.index_select(self.data, 0, idx, out=out),
+                                  (count, *self.data.shape[1:]), self.data.dtype)
         x = torch.where(fl.view(-1, 1, 1, 1), x.flip(3), x)
-        return to_model_range(x.to(self.device, non_blocking=True))
+        return to_model_range(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1189,12 +1235,12 @@ class Runtime:
     precision: str            # fp32 | bf16 | fp16
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
     compile: bool = False
+    group: bool = False       # a torch.distributed process group is running (torchrun, even with 1 process)
 
     @property
     def distributed(self) -> bool:
-        return self.world > 1
+        return self.world > 1 or self.group
 
     @property
     def amp_dtype(self) -> Optional[torch.dtype]:
@@ -1233,23 +1279,28 @@ def setup_runtime(device: Optional[str], precision: str = "auto", compile_flag: 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    if precision == "auto":
-        if dev.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-            pwhy = "auto: " + ("GPU supports bf16" if precision == "bf16" else "no bf16 on this GPU, fp16 + GradScaler")
-        else:
-            precision, pwhy = "fp32", f"auto: fp32 on {dev.type}"
-    else:
-        pwhy = "--precision"
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    precision, pwhy = auto_precision(dev) if precision == "auto" else (precision, "--precision")
+    if (world > 1 or os.environ.get("TORCHELASTIC_RUN_ID")) and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")  # torchrun: one code path for any N
     if compile_flag is None:
         compile_flag = training and dev.type == "cuda"
-    rt = Runtime(dev, precision, rank, world, local_rank, compile_flag)
+    rt = Runtime(dev, precision, rank, world, compile=resolve_compile(compile_flag, dev), group=dist.is_initialized())
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
     log(f"device: {dev} ({name}; {why}) | precision: {precision} ({pwhy}) | compile: "
-        f"{'on' if compile_flag else 'off'}" + (f" | processes: {world}" if world > 1 else ""))
+        f"{'on' if rt.compile else 'off'}" + (f" | processes: {world} ({dist.get_backend()})" if rt.group else ""))
     return rt
+
+
+def auto_precision(dev: torch.device) -> Tuple[str, str]:
+    """--precision auto: bf16 where the GPU computes it natively (compute capability 8.0 and up:
+    A100, RTX 30xx and later), fp16 with a GradScaler on older GPUs (T4, V100, RTX 20xx, GTX 16xx,
+    where torch.cuda.is_bf16_supported() also counts slow emulation), fp32 elsewhere."""
+    if dev.type != "cuda":
+        return "fp32", f"auto: fp32 on {dev.type}"
+    major, minor = torch.cuda.get_device_capability(dev)
+    if major >= 8:
+        return "bf16", f"auto: native bf16 (compute capability {major}.{minor})"
+    return "fp16", f"auto: compute capability {major}.{minor} has no native bf16; fp16 + GradScaler"
 
 
 def compile_available(device: torch.device) -> Tuple[bool, str]:
@@ -1266,16 +1317,19 @@ def compile_available(device: torch.device) -> Tuple[bool, str]:
     return True, ""
 
 
-def maybe_compile(fn, rt: Runtime, **kwargs):
-    """torch.compile(fn) when asked and possible; otherwise fn, with one warning."""
-    if not rt.compile:
-        return fn
-    ok, why = compile_available(rt.device)
+def resolve_compile(wanted: bool, device: torch.device) -> bool:
+    """Whether torch.compile will really run: asked for and possible; otherwise eager, with one warning."""
+    if not wanted:
+        return False
+    ok, why = compile_available(device)
     if not ok:
         warn_once(f"torch.compile unavailable ({why}); running in eager mode")
-        rt.compile = False
-        return fn
-    return torch.compile(fn, **kwargs)
+    return ok
+
+
+def maybe_compile(fn, rt: Runtime, **kwargs):
+    """torch.compile(fn) when rt.compile (already resolved by resolve_compile), else fn itself."""
+    return torch.compile(fn, **kwargs) if rt.compile else fn
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -1418,6 +1472,71 @@ class MetricsLog:
             self.tb.close()
 
 
+def activation_bytes(model: GaussianDiffusion, rt: Runtime, cfg: ModelConfig) -> Tuple[int, int]:
+    """(bytes per image, fixed bytes) that one training step keeps for its backward pass, measured
+    on the device with the run's precision: the tensors autograd saves in the forward pass of 1 and
+    of 2 images (weights and their casts excluded per image, counted once as fixed)."""
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    sizes = []
+    for n in (1, 2):
+        seen: Dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            st = t.untyped_storage()
+            if st.data_ptr() not in own:
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+        x = torch.zeros(n, cfg.img_channels, cfg.img_size, cfg.img_size, device=rt.device)
+        t = torch.full((n,), cfg.timesteps // 2, device=rt.device, dtype=torch.long)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), rt.autocast():
+            loss = model(x, t, torch.zeros_like(x))
+        del loss
+        sizes.append(sum(seen.values()))
+    per_image = max(1, sizes[1] - sizes[0])
+    return per_image, max(0, sizes[0] - per_image)
+
+
+def cuda_free_bytes(dev: torch.device) -> int:
+    """Memory this process may still take on the GPU: the device's free memory, and no more than
+    torch.cuda.set_per_process_memory_fraction allows beside what the allocator already holds."""
+    free, total = torch.cuda.mem_get_info(dev)
+    held, used = torch.cuda.memory_reserved(dev), torch.cuda.memory_allocated(dev)
+    fraction = torch.cuda.get_per_process_memory_fraction(dev) if hasattr(
+        torch.cuda, "get_per_process_memory_fraction") else 1.0
+    return max(0, min(free + held - used, int(fraction * total) - used))
+
+
+@dataclass
+class MemoryPlan:
+    micro: int          # images per forward/backward on each process
+    accum: int          # micro-batches per update
+    data_on_device: bool
+    note: str           # for the start-up line
+
+
+def plan_memory(free: int, state: int, per_image: int, fixed: int, share: int, accum: int,
+                auto_accum: bool, data_bytes: int) -> MemoryPlan:
+    """Pick the micro-batch and the data's place from measured numbers (all in bytes).
+
+    free: what the process may still allocate; state: what training adds before the first step
+    (gradients and Adam's two moments); per_image / fixed: activation_bytes. A step needs
+    state + fixed + micro * per_image, with 25% on the activations for the backward pass's
+    temporaries and 10% of `free` kept back for the allocator's fragmentation. The micro-batch is
+    halved (accumulation doubled, same update) until that fits, unless --grad-accum was typed.
+    The data goes on the GPU only if it fits in what is left."""
+    budget = 0.9 * free - state - fixed
+    micro = share // accum
+    while auto_accum and micro % 2 == 0 and micro > 1 and 1.25 * micro * per_image > budget:
+        micro, accum = micro // 2, accum * 2
+    left = budget - 1.25 * micro * per_image
+    on_device = data_bytes <= left
+    gib = 2 ** 30
+    note = (f"GPU memory: {free / gib:.1f} GiB free, a step needs about "
+            f"{(state + fixed + 1.25 * micro * per_image) / gib:.1f} GiB at micro-batch {micro}; data "
+            + ("on the GPU" if on_device else "in CPU memory, copied per batch"))
+    return MemoryPlan(micro, accum, on_device, note)
+
+
 def oom_split(micro: int, accum: int) -> Tuple[int, int]:
     """After CUDA out-of-memory: half the micro-batch, twice the accumulation (same effective batch)."""
     if micro < 2 or micro % 2:
@@ -1434,7 +1553,9 @@ class Trainer:
         dev = rt.device
         torch.manual_seed(mix_seed(seed, -1))  # initial weights from the seed, the same on every rank
         self.model = build_diffusion(cfg).to(dev)
-        self.channels_last = dev.type == "cuda"
+        # channels_last pays only under torch.compile: eager GroupNorm returns the standard layout,
+        # so every convolution would convert back and forth
+        self.channels_last = dev.type == "cuda" and rt.compile
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         source = resume or init
@@ -1452,10 +1573,18 @@ class Trainer:
                 self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
         self.loss_fn = maybe_compile(self.train_model, rt)
 
-        # batch layout: global batch B = world * micro * accum
+        # batch layout: global batch B = world * micro * accum; on a GPU the micro-batch and the
+        # data's place follow from the memory left once the model, EMA and optimizer exist
         self.batch = args.batch_size
         self.accum = args.grad_accum
         self.micro = self.batch // rt.world // self.accum
+        self.memory_note = ""
+        if dev.type == "cuda":
+            plan = self._plan_memory("grad_accum" not in getattr(args, "explicit", ()))
+            self.micro, self.accum, self.memory_note = plan.micro, plan.accum, plan.note
+            batches.place(plan.data_on_device)
+        elif dev.type != "cpu":
+            batches.place(True)
         self.steps_per_epoch = max(1, batches.n // self.batch)
         self.step, self.epoch, self.epoch_step, self.images_seen = 0, 0, 0, 0
         self.end_epoch = args.epochs
@@ -1479,6 +1608,15 @@ class Trainer:
         self.last_loss: Optional[float] = resume.get("last_loss") if resume else None
         self.first_step = self.step
 
+    def _plan_memory(self, auto_accum: bool) -> MemoryPlan:
+        per_image, fixed = activation_bytes(self.model, self.rt, self.cfg)
+        n_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        free = cuda_free_bytes(self.rt.device)
+        # gradients and Adam's two moments come with the first step; every rank must keep the same
+        # layout, so under torchrun the flags decide it
+        return plan_memory(free, 3 * n_bytes, per_image, fixed, self.batch // self.rt.world, self.accum,
+                           auto_accum and not self.rt.distributed, self.batches.nbytes)
+
     def _make_optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         try:
@@ -1497,7 +1635,7 @@ class Trainer:
         if self.rt.distributed:
             states = [None] * self.rt.world
             dist.all_gather_object(states, (cpu, cuda))
-        return {"noise": self.noise_gen.get_state(), "torch": [s[0] for s in states],
+        return {"noise": self.noise_gen.get_state(), "device": self.rt.device.type, "torch": [s[0] for s in states],
                 "cuda": [s[1] for s in states]}
 
     def state_dict(self) -> dict:
@@ -1526,16 +1664,28 @@ class Trainer:
         self.epoch_step, self.images_seen = int(obj.get("epoch_step", 0)), int(obj.get("images_seen", 0))
         if not self.args.explicit_epochs:
             self.end_epoch = int(obj.get("end_epoch", self.end_epoch))
-        rng = obj.get("rng") or {}
-        if "noise" in rng:
+        self._restore_rng(obj.get("rng") or {})
+
+    def _restore_rng(self, rng: dict) -> None:
+        """The saved generators, where this run can take them: a run on another device type (CPU and
+        CUDA generator states differ) or another number of processes reseeds from (seed, step) with
+        a note; the data order follows (seed, epoch) either way."""
+        dev = self.rt.device.type
+        saved = rng.get("device") or ("cuda" if any(c is not None for c in rng.get("cuda", [])) else "cpu")
+        if saved != dev:
+            log(f"note: the checkpoint was written on {saved} and this run is on {dev}; the diffusion and "
+                f"dropout noise are reseeded from the step (the data order still follows)")
+            self.noise_gen.manual_seed(mix_seed(self.seed, 2, self.step))
+        elif "noise" in rng:
             self.noise_gen.set_state(rng["noise"])
-        if len(rng.get("torch", [])) == self.rt.world:
+        if saved == dev and len(rng.get("torch", [])) == self.rt.world:
             torch.set_rng_state(rng["torch"][self.rt.rank])
-            if self.rt.device.type == "cuda" and rng["cuda"][self.rt.rank] is not None:
+            if dev == "cuda" and rng["cuda"][self.rt.rank] is not None:
                 torch.cuda.set_rng_state(rng["cuda"][self.rt.rank], self.rt.device)
         else:
-            log(f"note: the checkpoint was written by {len(rng.get('torch', []))} processes and this run has "
-                f"{self.rt.world}; dropout noise is reseeded (data order and diffusion noise still follow)")
+            if saved == dev:
+                log(f"note: the checkpoint was written by {len(rng.get('torch', []))} processes and this run has "
+                    f"{self.rt.world}; dropout noise is reseeded (data order and diffusion noise still follow)")
             torch.manual_seed(mix_seed(self.seed, 3, self.rt.rank, self.step))
 
     def save(self, path: Path, log_: Optional[MetricsLog] = None) -> None:
@@ -1549,32 +1699,40 @@ class Trainer:
 
     # -- one optimisation step ------------------------------------------------------------------
     def train_step(self) -> None:
-        """Forward/backward over the accumulation micro-batches, then one (maybe skipped) update."""
-        rt, B = self.rt, self.batch
+        """Forward/backward over the accumulation micro-batches, then one (maybe skipped) update.
+
+        On CUDA out-of-memory the micro-batch is halved and the step retried with the same images,
+        t and noise. The retry happens outside the `except` block: the exception's traceback holds
+        the failed attempt's frames, and with them its activations, until the block is left."""
+        B = self.batch
         C, S = self.cfg.img_channels, self.cfg.img_size
         if self.epoch_step >= self.steps_per_epoch:  # fit() rolls epochs over itself; this is for direct calls
             self.epoch, self.epoch_step = self.epoch + 1, 0
         start = self.epoch_step * B
-        gen_state = self.noise_gen.get_state()
         # t and noise for the whole global batch, from one generator: N processes = one process
-        t_all = torch.randint(0, self.cfg.timesteps, (B,), device=rt.device, generator=self.noise_gen)
-        noise_all = torch.randn((B, C, S, S), device=rt.device, generator=self.noise_gen)
-        try:
-            self._forward_backward(start, t_all, noise_all)
-        except torch.OutOfMemoryError:
-            if self.rt.distributed:  # one rank alone cannot change the batch layout of all of them
-                raise TrainingError(f"CUDA out of memory on rank {self.rt.rank} at micro-batch {self.micro}; "
-                                    f"restart with --grad-accum {self.accum * 2}") from None
-            if self.step - self.first_step >= 10:
-                raise
-            self.opt.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+        t_all = torch.randint(0, self.cfg.timesteps, (B,), device=self.rt.device, generator=self.noise_gen)
+        noise_all = torch.randn((B, C, S, S), device=self.rt.device, generator=self.noise_gen)
+        while True:
+            try:
+                self._forward_backward(start, t_all, noise_all)
+                break
+            except torch.OutOfMemoryError:
+                if self.rt.distributed:  # one rank alone cannot change the batch layout of all of them
+                    raise TrainingError(f"CUDA out of memory on rank {self.rt.rank} at micro-batch {self.micro}; "
+                                        f"restart with --grad-accum {self.accum * 2}") from None
+            self._free_failed_attempt()
             self.micro, self.accum = oom_split(self.micro, self.accum)
             log(f"note: CUDA out of memory; retrying with micro-batch {self.micro} x {self.accum} accumulation "
                 f"steps (effective batch unchanged: {B})")
-            self.noise_gen.set_state(gen_state)
-            return self.train_step()
         self._update()
+
+    def _free_failed_attempt(self) -> None:
+        """Drop what a failed forward/backward left: gradients, the partial loss, cached blocks."""
+        self.opt.zero_grad(set_to_none=True)
+        self.step_loss = None
+        gc.collect()
+        if self.rt.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _forward_backward(self, start: int, t_all: torch.Tensor, noise_all: torch.Tensor) -> None:
         rt = self.rt
@@ -1736,33 +1894,53 @@ def sync_device(rt: Runtime) -> None:
 class ImageNoise:
     """Per-image noise: image i draws all its noise (x_T, then each step's) from its own generator
     seeded by (seed, i), so it is the same image at any batch size and on any number of processes.
-    Drawn on the CPU, so the noise is also the same on every device."""
+    Drawn on the CPU, so the noise is also the same on every device.
+
+    From the second call on (a sampler that wants noise at every step), the next call's noise is
+    drawn ahead into a pinned buffer and copied without waiting, while the GPU runs the model: the
+    same draws in the same order, so the same images."""
 
     def __init__(self, seed: int, indices: Sequence[int], shape: Sequence[int], device: torch.device):
         self.gens = [torch.Generator().manual_seed(mix_seed(seed, int(i))) for i in indices]
         self.shape, self.device = tuple(shape), device
+        self.stager = PinnedStager(device)
+        self._ahead: Optional[torch.Tensor] = None
+        self._calls = 0
+
+    def _draw(self) -> torch.Tensor:
+        def fill(out: torch.Tensor) -> None:
+            for g, o in zip(self.gens, out):
+                torch.randn(self.shape, generator=g, out=o)
+        return self.stager.stage(fill, (len(self.gens), *self.shape), torch.float32)
 
     def __call__(self) -> torch.Tensor:
         """(n, C, H, W) standard normal noise on the device."""
-        return torch.stack([torch.randn(self.shape, generator=g) for g in self.gens]).to(self.device)
+        out = self._ahead if self._ahead is not None else self._draw()
+        self._calls += 1
+        self._ahead = self._draw() if self._calls >= 2 else None
+        return out
 
 
 def sampling_model_fn(model: GaussianDiffusion, rt: Runtime, compile_: bool = False) -> ModelFn:
     """eps_theta(x, t) in float32, under the run's autocast (bf16 on GPUs), optionally compiled
-    (CUDA graphs via mode="reduce-overhead" for the fixed batch shape)."""
+    (CUDA graphs via mode="reduce-overhead" for the fixed batch shape; channels_last only then)."""
     net = model.eps_model
-    channels_last = rt.device.type == "cuda"
+    compiled = resolve_compile(compile_, rt.device)
+    graphs = channels_last = compiled and rt.device.type == "cuda"
     if channels_last:
         net.to(memory_format=torch.channels_last)
-    if compile_:
-        net = maybe_compile(net, Runtime(rt.device, rt.precision, compile=True),
-                            mode="reduce-overhead" if rt.device.type == "cuda" else None)
+    if compiled:
+        net = torch.compile(net, mode="reduce-overhead" if graphs else None)
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if graphs:  # a new step: the previous replay's outputs have been consumed
+            torch.compiler.cudagraph_mark_step_begin()
         with rt.autocast():
-            return net(x, t).float()
+            out = net(x, t)
+        return out.to(torch.float32, copy=True) if graphs else out.float()  # a graph's output is reused
+    fn.compiled = compiled
     return fn
 
 
@@ -1785,14 +1963,19 @@ def generate(model: GaussianDiffusion, rt: Runtime, indices: Sequence[int], seed
                                  visible=show_progress)
         for b in range(0, len(mine), batch_size):
             chunk = mine[b:b + batch_size]
+            n = len(chunk)
+            if b and n < batch_size and getattr(fn, "compiled", False) and not cfg.legacy_attention:
+                # a compiled model would recompile and record a new CUDA graph for a smaller last
+                # chunk: pad it with more images (independent of the others) and drop them
+                chunk = chunk + [mine[-1] + 1 + k for k in range(batch_size - n)]
             noise = ImageNoise(seed, chunk, (cfg.img_channels, cfg.img_size, cfg.img_size), rt.device)
 
-            def step_cb(i, x, x0, n=len(chunk)):
+            def step_cb(i, x, x0, n=n):
                 progress.advance(task, n)
                 if callback is not None:
-                    callback(i, x, x0)
+                    callback(i, x[:n], x0[:n])
             x = model.sample(noise(), sampler, steps, eta, noise_fn=noise, model_fn=fn, callback=step_cb, clip=clip)
-            out.append(to_uint8(x).cpu())
+            out.append(to_uint8(x[:n]).cpu())
     mine_imgs = torch.cat(out) if out else torch.zeros(0, cfg.img_channels, cfg.img_size, cfg.img_size, dtype=torch.uint8)
     if not rt.distributed:
         return mine_imgs
@@ -2079,7 +2262,7 @@ def bits_per_dim(model: GaussianDiffusion, data: torch.Tensor, timesteps: Option
     sched = model if cdev == dev else copy.deepcopy(model).to(cdev)
     edges = torch.floor(torch.linspace(1, T, K, dtype=torch.float64) + 0.5).long().tolist()  # strata of t-1
     ab_T = float(model.alpha_bar_f64[-1])
-    g = torch.Generator().manual_seed(mix_seed(seed, 8))
+    g = torch.Generator(cdev).manual_seed(mix_seed(seed, 8))  # drawn where the bound is computed
     parts = []
     with make_progress(transient=True) as progress:
         task = progress.add_task(f"NLL ({K} of {T} timesteps)", total=len(data) * K, info="")
@@ -2091,8 +2274,8 @@ def bits_per_dim(model: GaussianDiffusion, data: torch.Tensor, timesteps: Option
             kl, dec = x0.new_zeros(B), None
             for k in range(K):
                 lo, hi = (0, 1) if k == 0 else (edges[k - 1], edges[k])
-                t = (lo + torch.rand(B, generator=g, dtype=torch.float64) * (hi - lo)).long().to(cdev)  # (B,)
-                xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=g, dtype=torch.float64).to(cdev))
+                t = (lo + torch.rand(B, generator=g, dtype=torch.float64, device=cdev) * (hi - lo)).long()  # (B,)
+                xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=g, dtype=torch.float64, device=cdev))
                 eps = model_fn(xt.float().to(dev), t.to(dev)).float().to(cdev).double()
                 mean_p = sched.p_mean(xt, t, eps)
                 var_p = extract(sched.p_sigma, t, xt.shape).double() ** 2  # sigma_t^2 = beta_t
@@ -2566,7 +2749,7 @@ def train_command(args, rt: Runtime) -> int:
     n_params = sum(p.numel() for p in trainer.model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters | batch {B} = {rt.world} process(es) x {trainer.micro} x "
         f"{trainer.accum} accumulation | {trainer.steps_per_epoch} steps per epoch | EMA "
-        f"{args.ema_decay if args.ema_decay else 'off'}")
+        f"{args.ema_decay if args.ema_decay else 'off'}" + (f" | {trainer.memory_note}" if trainer.memory_note else ""))
     pictures = is_rank0() and not args.no_run_pictures
     steps = sampling_steps(args, cfg)  # the pictures use the sampling flags (--sampler, --steps)
     local = Runtime(rt.device, rt.precision)

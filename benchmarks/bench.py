@@ -1,14 +1,19 @@
-"""Measure ddpm.py: training throughput, peak memory, compile time, achieved TFLOP/s, and the
-seconds per 64 images of every sampler. Prints one JSON object per line.
+"""Measure ddpm.py: training throughput, peak memory (measured and planned), compile time, achieved
+TFLOP/s, and the seconds per 64 images of every sampler. Prints one JSON object per line.
 
-    python benchmarks/bench.py                 # default 64x64 model, batch 64 and 256, all samplers
+    python benchmarks/bench.py                 # default 64x64 model, batch 64 and 256, three samplers
     python benchmarks/bench.py --quick         # tiny sizes, for a CPU or CI dry run
-    python benchmarks/bench.py --only sample   # samplers only (the 1000-step ddpm included)
+    python benchmarks/bench.py --only sample   # samplers only
+    python benchmarks/bench.py --only train --batches 64 --precisions bf16 fp16 --compile-modes on off \\
+        --mem-cap-gib 8                        # the 8 GB laptop: the default model under an 8 GiB cap
 
-Run it in the same session as the original's timing script (seed_baseline.py) and compare ratios:
-absolute numbers only mean something on the same GPU.
+Each training configuration gets a fresh trainer, a reset compiler (no reuse of another batch
+size's graphs) and fresh peak-memory counters, with enough distinct batches that no epoch ends
+inside the timed steps. Run it in the same session as the original's timing script
+(seed_baseline.py) and compare ratios: absolute numbers only mean something on the same GPU.
 """
 import argparse
+import gc
 import json
 import sys
 import time
@@ -19,19 +24,35 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ddpm  # noqa: E402
 
-# bf16 dense peak (TFLOP/s) of common GPUs, for the share-of-peak figure
-PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "4090": 165.0, "4060": 60.0}
+# Dense bf16 tensor-core peak with fp32 accumulation (what PyTorch's bf16 matmuls use), TFLOP/s.
+# GeForce cards run fp32-accumulate at half their fp16-accumulate rate, which spec sheets quote.
+# First match wins, so the more specific names come first.
+PEAK_BF16 = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0),
+             ("L4", 121.0), ("4090", 165.2), ("4080", 97.5), ("4070", 58.3), ("4060 Laptop", 29.1),
+             ("4060", 30.2), ("3090", 71.0)]
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def emit(**kw):
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    kw.update(impl="ddpm.py", device=dev, torch=torch.__version__)
+    kw.update(impl="ddpm.py", device=device_name(), torch=torch.__version__)
     print(json.dumps(kw), flush=True)
 
 
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def fresh():
+    """Forget the previous configuration: compiled graphs, cached blocks, peak counters."""
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def forward_flops(cfg: ddpm.ModelConfig) -> float:
@@ -45,42 +66,61 @@ def forward_flops(cfg: ddpm.ModelConfig) -> float:
     return float(fc.get_total_flops())
 
 
-def bench_train(flags, batch, steps, warmup, flops):
-    args = ddpm.parse_args(flags + ["--train", "--batch-size", str(batch), "--ema-decay", "0.9999"])
+def bench_train(flags, batch, precision, compile_, steps, warmup, flops, profile=None):
+    fresh()
+    argv = flags + ["--train", "--batch-size", str(batch), "--ema-decay", "0.9999", "--precision", precision,
+                    "--compile" if compile_ else "--no-compile"]
+    args = ddpm.parse_args(argv)
     rt = ddpm.setup_runtime(args.device, args.precision, args.compile, training=True)
     cfg = ddpm.model_config_from_args(args).validate()
-    data = torch.randint(0, 256, (max(batch * 4, 256), cfg.img_channels, cfg.img_size, cfg.img_size), dtype=torch.uint8)
+    n = batch * (warmup + steps + 2)  # one epoch covers every step: no reshuffle inside the timing
+    data = torch.randint(0, 256, (n, cfg.img_channels, cfg.img_size, cfg.img_size), dtype=torch.uint8)
     tr = ddpm.Trainer(args, rt, cfg, ddpm.Batches(data, rt.device, 0), seed=0)
-
-    step = tr.train_step
-
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    step()
+    tr.train_step()
     sync()
     first = time.perf_counter() - t0
     for _ in range(warmup):
-        step()
+        tr.train_step()
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
-        step()
+        tr.train_step()
     sync()
     dt = time.perf_counter() - t0
     ips = steps * batch / dt
     tflops = ips * 3 * flops / 1e12  # forward + backward ~ 3 forwards
-    name = torch.cuda.get_device_name() if rt.device.type == "cuda" else ""
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    emit(what="train", batch=batch, precision=rt.precision, compile=rt.compile, img_per_s=round(ips, 1),
-         first_step_s=round(first, 2), peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2)
-         if rt.device.type == "cuda" else None, tflops=round(tflops, 2),
+    peak = next((v for k, v in PEAK_BF16 if k in device_name()), None)
+    cuda = rt.device.type == "cuda"
+    emit(what="train", batch=batch, precision=rt.precision, compile=rt.compile, micro=tr.micro, accum=tr.accum,
+         data_on_gpu=tr.batches.on_device if cuda else None, img_per_s=round(ips, 1), first_step_s=round(first, 2),
+         peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+         plan=tr.memory_note or None, tflops=round(tflops, 2),
          share_of_bf16_peak=round(tflops / peak, 3) if peak else None)
-    return tr
+    if profile:
+        write_profile(tr, profile)
+    del tr, data
+
+
+def write_profile(tr, path):
+    """One short torch.profiler trace of 5 training steps: the kernels that take the time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(5):
+            tr.train_step()
+        sync()
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    Path(path).write_text(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
+    emit(what="profile", path=str(path))
 
 
 def bench_sample(model, rt, samplers, n, compile_):
     for sampler, steps in samplers:
+        fresh()
         fn = ddpm.sampling_model_fn(model, rt, compile_)
         ddpm.generate(model, rt, list(range(n)), 0, sampler, 2, batch_size=n, model_fn=fn, show_progress=False)
         sync()
@@ -89,7 +129,8 @@ def bench_sample(model, rt, samplers, n, compile_):
         sync()
         dt = time.perf_counter() - t0
         emit(what="sample", sampler=sampler, steps=steps, images=n, seconds=round(dt, 3),
-             seconds_per_64=round(dt * 64 / n, 3), ms_per_step=round(dt / steps * 1e3, 2), compile=compile_)
+             seconds_per_64=round(dt * 64 / n, 3), ms_per_step=round(dt / steps * 1e3, 2), compile=fn.compiled,
+             precision=rt.precision)
 
 
 def main():
@@ -99,15 +140,21 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batches", type=int, nargs="+", default=[64, 256])
-    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--precisions", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--compile-modes", nargs="+", default=None, choices=["on", "off"],
+                   help="training with and/or without torch.compile (default: on where CUDA is)")
+    p.add_argument("--mem-cap-gib", type=float, default=None,
+                   help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction)")
+    p.add_argument("--profile", type=str, default=None, metavar="FILE",
+                   help="after the last training configuration, write a torch.profiler table of 5 steps")
     p.add_argument("--samplers", nargs="+", default=None, metavar="NAME:STEPS",
-                   help="e.g. dpm++:25 ddim:50 ddpm:1000 (the default list)")
+                   help="e.g. dpm++:10 ddpm:1000 (default: dpm++:25 ddim:50 ddpm:100)")
     p.add_argument("--images", type=int, default=None, help="images per sampling run (default 64)")
     a = p.parse_args()
-    flags = ["--device", "cuda" if torch.cuda.is_available() else "cpu"]
-    if a.no_compile:
-        flags.append("--no-compile")
-    samplers = [("dpm++", 25), ("dpm++", 10), ("ddim", 50), ("ddpm", 1000)]
+    cuda = torch.cuda.is_available()
+    flags = ["--device", "cuda" if cuda else "cpu"]
+    modes = a.compile_modes or (["on"] if cuda else ["off"])
+    samplers = [("dpm++", 25), ("ddim", 50), ("ddpm", 100)]
     n_sample = 64
     if a.quick:
         flags += ["--img-size", "16", "--num-channels", "32", "--channel-multiples", "1", "2",
@@ -119,24 +166,30 @@ def main():
         samplers = [(x.split(":")[0], int(x.split(":")[1])) for x in a.samplers]
     if a.images:
         n_sample = a.images
+    if a.mem_cap_gib and cuda:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, a.mem_cap_gib * 2**30 / total))
+        emit(what="memory_cap", gib=a.mem_cap_gib, total_gib=round(total / 2**30, 1))
     cfg = ddpm.model_config_from_args(ddpm.parse_args(flags)).validate()
     flops = forward_flops(cfg)
     emit(what="model", params_m=round(sum(p.numel() for p in ddpm.UNet.from_config(cfg).parameters()) / 1e6, 2),
          gflops_per_forward=round(flops / 1e9, 2), img_size=cfg.img_size)
-    tr = None
     if a.only in (None, "train"):
-        for b in a.batches:
-            tr = bench_train(flags, b, a.steps, a.warmup, flops)
+        configs = [(b, pr, m) for b in a.batches for pr in a.precisions for m in modes]
+        for k, (b, pr, m) in enumerate(configs):
+            try:
+                bench_train(flags, b, pr, m == "on", a.steps, a.warmup, flops,
+                            a.profile if k == len(configs) - 1 else None)
+            except (torch.OutOfMemoryError, ddpm.TrainingError) as e:
+                emit(what="train", batch=b, precision=pr, compile=m == "on", error=str(e).splitlines()[0][:200])
     if a.only in (None, "sample"):
+        fresh()
         rt = ddpm.setup_runtime(flags[1], "auto", False)
         model = ddpm.build_diffusion(cfg).to(rt.device).eval()
         model.config = cfg
-        if rt.device.type == "cuda":
-            model.to(memory_format=torch.channels_last)
         bench_sample(model, rt, samplers, n_sample, compile_=False)
-        if rt.device.type == "cuda" and not a.no_compile:
+        if cuda:
             bench_sample(model, rt, [("dpm++", 25)], n_sample, compile_=True)
-    del tr
 
 
 if __name__ == "__main__":

@@ -77,10 +77,14 @@ def test_compiled_training_matches_eager_and_its_checkpoint_loads_uncompiled(mon
 def test_compile_falls_back_to_eager_with_one_warning(monkeypatch, capsys):
     monkeypatch.setattr(ddpm, "compile_available", lambda device: (False, "Triton is not installed"))
     monkeypatch.setattr(ddpm, "_warned", set())
-    rt = ddpm.Runtime(torch.device("cpu"), "fp32", compile=True)
-    fn = lambda x: x  # noqa: E731
-    assert ddpm.maybe_compile(fn, rt) is fn and rt.compile is False
-    rt.compile = True
-    assert ddpm.maybe_compile(fn, rt) is fn
+    assert ddpm.resolve_compile(True, torch.device("cuda")) is False
+    assert ddpm.resolve_compile(True, torch.device("cuda")) is False
+    assert ddpm.resolve_compile(False, torch.device("cuda")) is False
     err = capsys.readouterr().err
     assert err.count("torch.compile unavailable (Triton is not installed); running in eager mode") == 1
+    rt = ddpm.setup_runtime("cpu", "fp32", True, training=True)  # the runtime records the decision
+    assert rt.compile is False
+    fn = lambda x: x  # noqa: E731
+    assert ddpm.maybe_compile(fn, rt) is fn
+    monkeypatch.setattr(ddpm, "compile_available", lambda device: (True, ""))
+    assert ddpm.resolve_compile(True, torch.device("cuda")) is True

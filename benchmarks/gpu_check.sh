@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# Run every CUDA path of ddpm.py once and measure it beside the original script, in one call.
+#
+#   bash benchmarks/gpu_check.sh            # on a CUDA machine: about 7 minutes on an H100
+#   bash benchmarks/gpu_check.sh --quick    # dry run on a CPU: tiny sizes, the same steps
+#
+# Every figure is a JSON line in gpu_check.jsonl (in $OUT when it is set, else a temporary folder);
+# the logs of each part sit beside it. The steps, in order:
+#   1. benchmarks/bench.py (default model: training at batch 64 and 256, every sampler, a profile)
+#      and the original's timing script (.shared/bench/seed_baseline.py, or $SEED_BASELINE);
+#   2. the command line end to end: --train on a generated image folder with compile, previews and
+#      checkpoints; --loadckpt ... --num-samples 100 --compile (CUDA graphs, padded last batch);
+#      --resume (eager);
+#   3. --precision fp16 (GradScaler) and --precision fp32 for a few steps each;
+#   4. the 8 GB promise: the default model at batch 64 under an 8 GiB memory cap, bf16 and fp16,
+#      compile on and off, with peak memory;
+#   5. torchrun --standalone --nproc_per_node 1 (NCCL on CUDA, gloo on a CPU);
+#   6. the out-of-memory retry: batch 256 with --grad-accum 1 under an 8 GiB cap.
+set -u
+cd "$(dirname "$0")/.."
+QUICK=0
+[ "${1:-}" = "--quick" ] && QUICK=1
+PY=${PYTHON:-python3}
+OUTDIR=${OUT:-$(mktemp -d)}
+W=$(mktemp -d)
+LOG=$OUTDIR/gpu_check.jsonl
+CLI=$OUTDIR/cli.log
+BASELINE=${SEED_BASELINE:-.shared/bench/seed_baseline.py}
+export PYTHONUNBUFFERED=1
+: > "$LOG"
+echo "gpu_check: figures in $LOG, work folder $W"
+
+# step NAME SECONDS LOGFILE CMD...: run CMD with a time limit, append its output to LOGFILE and
+# its JSON lines to the figures, then one JSON line with the exit status and the seconds
+step() {
+  local name=$1 limit=$2 logf=$3
+  shift 3
+  local t0
+  t0=$(date +%s.%N)
+  echo "=== $name: $*" >> "$logf"
+  timeout "$limit" "$@" > "$W/step.out" 2>&1
+  local rc=$?
+  cat "$W/step.out" >> "$logf"
+  grep '^{' "$W/step.out" >> "$LOG"
+  "$PY" -c "import json,sys; print(json.dumps({'what': 'step', 'name': sys.argv[1], 'rc': int(sys.argv[2]),
+    'seconds': round(float(sys.argv[4]) - float(sys.argv[3]), 1)}))" "$name" "$rc" "$t0" "$(date +%s.%N)" | tee -a "$LOG"
+  return $rc
+}
+
+# summary NAME CKPT_DIR: the last checkpoint's step and the last logged loss, as a JSON line
+summary() {
+  "$PY" - "$1" "$2" <<'EOF' | tee -a "$LOG"
+import csv, json, sys
+from pathlib import Path
+sys.path.insert(0, ".")
+import ddpm
+name, folder = sys.argv[1], Path(sys.argv[2])
+out = {"what": "summary", "name": name}
+try:
+    path = ddpm.newest_checkpoint(folder)
+    obj = ddpm.read_checkpoint(path)
+    out.update(checkpoint=path.name, step=obj["step"], precision=obj["train"]["precision"],
+               files=sorted(p.name for p in folder.glob("ckpt-*.pth")))
+    rows = list(csv.DictReader(open(folder / "metrics.csv")))
+    out.update(last_loss=float(rows[-1]["loss"]) if rows else None, img_per_s=float(rows[-1]["img_per_s"]) if rows else None)
+except Exception as e:  # a failed step leaves nothing to read
+    out["error"] = f"{type(e).__name__}: {e}"[:200]
+print(json.dumps(out))
+EOF
+}
+
+"$PY" - <<'EOF' | tee -a "$LOG"
+import json, platform, torch
+d = {"what": "machine", "torch": torch.__version__, "python": platform.python_version(), "cuda": torch.cuda.is_available()}
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    d.update(gpu=p.name, memory_gib=round(p.total_memory / 2**30, 1), capability=f"{p.major}.{p.minor}",
+             sms=p.multi_processor_count)
+print(json.dumps(d))
+EOF
+
+if [ "$QUICK" = 1 ]; then
+  DEV=(--device cpu)
+  MODEL=(--img-size 16 --num-channels 32 --channel-multiples 1 2 --has-attn f t --num-blocks 1 --timesteps 100)
+  N_IMAGES=64; SIZE=16; BATCH=8; STEPS=12; MORE=16; FEW=4; GRAPHS=()
+  BENCH=(--quick); BASE=(--quick)
+else
+  DEV=(); MODEL=(); N_IMAGES=2048; SIZE=64; BATCH=64; STEPS=256; MORE=288; FEW=20; GRAPHS=(--compile)
+  BENCH=(--profile "$OUTDIR/profile.txt"); BASE=()
+fi
+
+# 1. speed and memory beside the original
+step bench 300 "$OUTDIR/bench.log" "$PY" benchmarks/bench.py "${BENCH[@]}"
+if [ "$QUICK" = 1 ]; then  # its autocast("cpu") runs bf16 emulated on a CPU: minutes per sampling step
+  echo '{"what": "step", "name": "seed_baseline", "rc": -1, "note": "skipped in --quick"}' | tee -a "$LOG"
+elif [ -f "$BASELINE" ]; then
+  step seed_baseline 200 "$OUTDIR/bench.log" "$PY" "$BASELINE" "${BASE[@]}"
+else
+  echo "{\"what\": \"step\", \"name\": \"seed_baseline\", \"rc\": -1, \"note\": \"$BASELINE not found\"}" | tee -a "$LOG"
+fi
+
+# 2. the command line end to end, on a generated folder of PNG faces
+"$PY" - "$W/faces" "$N_IMAGES" "$SIZE" <<'EOF'
+import sys
+from pathlib import Path
+sys.path.insert(0, ".")
+import ddpm
+out, n, size = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+for i, img in enumerate(ddpm.demo_faces(n, size)):
+    ddpm.save_png(img, out / f"face-{i:05d}.png")
+EOF
+TRAIN=(ddpm.py --train --data-folders "$W/faces" "${DEV[@]}" "${MODEL[@]}" --batch-size "$BATCH" --seed 0)
+export TORCH_LOGS=graph_breaks,recompiles
+step cli_train 200 "$CLI" "$PY" "${TRAIN[@]}" --ckpt-save-dir "$W/ckpt" --save-dir "$W/out" --epochs 100 \
+  --max-steps "$STEPS" --sample-every $((STEPS / 2)) --log-every $((STEPS / 8))
+summary cli_train "$W/ckpt"
+step cli_sample 150 "$CLI" "$PY" ddpm.py --loadckpt "$W/ckpt" "${DEV[@]}" --num-samples 100 --batch-size 64 \
+  "${GRAPHS[@]}" --save-dir "$W/samples" --seed 1
+ls "$W/samples" | grep -c '^ddpm-[0-9]*\.png$' | "$PY" -c "import json,sys; print(json.dumps({'what': 'summary',
+  'name': 'cli_sample', 'pngs': int(sys.stdin.read())}))" | tee -a "$LOG"
+step cli_resume 150 "$CLI" "$PY" "${TRAIN[@]}" --resume --ckpt-save-dir "$W/ckpt" --save-dir "$W/out" \
+  --max-steps "$MORE" --no-run-pictures --no-compile
+summary cli_resume "$W/ckpt"
+unset TORCH_LOGS
+cp "$W/samples/ddpm-all.png" "$W/out/final-grid.png" "$OUTDIR/" 2>/dev/null
+
+# 3. the other precisions
+for prec in fp16 fp32; do
+  step "precision_$prec" 120 "$CLI" "$PY" "${TRAIN[@]}" --precision "$prec" --no-compile --max-steps "$FEW" \
+    --ckpt-save-dir "$W/ck-$prec" --save-dir "$W/out-$prec" --no-run-pictures --sample-every 0 --log-every 5
+  summary "precision_$prec" "$W/ck-$prec"
+done
+
+# 4. the 8 GB laptop: the default model at batch 64 under an 8 GiB cap
+if [ "$QUICK" = 1 ]; then
+  step memory_8gb 120 "$OUTDIR/bench.log" "$PY" benchmarks/bench.py --quick --only train --precisions fp32 bf16 \
+    --compile-modes off
+else
+  step memory_8gb 200 "$OUTDIR/bench.log" "$PY" benchmarks/bench.py --only train --batches 64 \
+    --precisions bf16 fp16 --compile-modes on off --mem-cap-gib 8 --steps 8 --warmup 2
+fi
+
+# 5. torchrun with one process
+step torchrun 120 "$CLI" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 "${TRAIN[@]}" \
+  --no-compile --max-steps "$FEW" --ckpt-save-dir "$W/ck-dist" --save-dir "$W/out-dist" --no-run-pictures \
+  --sample-every 0 --log-every 5
+summary torchrun "$W/ck-dist"
+
+# 6. the out-of-memory retry: a batch that cannot fit under the cap, split by halving
+if [ "$QUICK" = 0 ]; then
+  step oom_retry 150 "$CLI" "$PY" - "$W/faces" "$W/ck-oom" "$W/out-oom" <<'EOF'
+import sys
+import torch
+sys.path.insert(0, ".")
+import ddpm
+total = torch.cuda.get_device_properties(0).total_memory
+torch.cuda.set_per_process_memory_fraction(8 * 2**30 / total)
+rc = ddpm.main(["--train", "--data-folders", sys.argv[1], "--ckpt-save-dir", sys.argv[2], "--save-dir", sys.argv[3],
+                "--batch-size", "256", "--grad-accum", "1", "--no-compile", "--max-steps", "6", "--seed", "0",
+                "--no-run-pictures", "--sample-every", "0", "--log-every", "2"])
+print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB under the 8 GiB cap")
+sys.exit(rc)
+EOF
+  summary oom_retry "$W/ck-oom"
+  grep -h "out of memory" "$CLI" | head -5
+fi
+echo "gpu_check: done; figures in $LOG"

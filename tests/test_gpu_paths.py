@@ -1,0 +1,236 @@
+"""The CUDA paths, checked on the CPU: what a GPU run would do wrong is reproduced with fakes
+(a simulated out-of-memory error, a mocked compute capability, a CUDA generator state, a compiled
+model function) and each fix is checked against an independent reference."""
+import gc
+import weakref
+
+import pytest
+import torch
+
+import ddpm
+from test_checkpoints import MODEL, RUN, make_trainer, one_line, train
+
+GiB = 2 ** 30
+MiB = 2 ** 20
+
+
+# ----------------------------------------------------------------------------------------------
+# out-of-memory retry
+# ----------------------------------------------------------------------------------------------
+
+def test_oom_retry_runs_after_the_failed_attempt_is_freed(monkeypatch):
+    tr = make_trainer("--dropout", "0")
+    real = tr.loss_fn
+    failed = []  # weak references to the failed attempt's tensors
+    alive_at_retry = []
+
+    def flaky(x, t, noise):
+        if not failed:
+            loss = real(x, t, noise)  # a graph with its saved activations, held by this frame
+            big = torch.empty(1 << 20)
+            failed.extend([weakref.ref(loss), weakref.ref(big)])
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        gc.collect()  # what is still alive now is held by something real, not by collectable garbage
+        alive_at_retry.append([r() is not None for r in failed])
+        return real(x, t, noise)
+
+    monkeypatch.setattr(tr, "loss_fn", flaky)
+    tr.train_step()
+    assert alive_at_retry and alive_at_retry[0] == [False, False]
+    assert (tr.micro, tr.accum, tr.step) == (2, 2, 1)
+
+
+def test_oom_at_micro_batch_one_is_a_one_line_training_error(monkeypatch):
+    tr = make_trainer()
+    monkeypatch.setattr(tr, "loss_fn", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("fake")))
+    with pytest.raises(ddpm.TrainingError, match="even at micro-batch 1"):
+        tr.train_step()
+    assert tr.step == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# precision, compile and layout decisions
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((7, 0), "fp16"), ((6, 1), "fp16"),
+                                                  ((8, 0), "bf16"), ((8, 9), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # counts emulation too
+    precision, why = ddpm.auto_precision(torch.device("cuda", 0))
+    assert precision == expected
+    assert f"{capability[0]}.{capability[1]}" in why
+    assert ddpm.auto_precision(torch.device("cpu"))[0] == "fp32"
+
+
+def test_channels_last_only_when_compile_really_runs(monkeypatch):
+    cuda = ddpm.Runtime(torch.device("cuda"), "fp32")  # never runs a kernel here: only the layout is decided
+
+    def conv_layout(model):
+        w = model.eps_model.in_conv.weight
+        return "channels_last" if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() \
+            else "standard"
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    for available, compile_, expected in ((True, False, "standard"), (False, True, "standard"),
+                                          (True, True, "channels_last")):
+        monkeypatch.setattr(ddpm, "compile_available", lambda device, a=available: (a, "no Triton"))
+        model = ddpm.build_diffusion(ddpm.ModelConfig(img_size=8, num_channels=32, channel_multiples=(1, 2),
+                                                      has_attn=(False, True), num_blocks=1, timesteps=20))
+        fn = ddpm.sampling_model_fn(model, cuda, compile_)
+        assert conv_layout(model) == expected and fn.compiled == (expected == "channels_last")
+
+
+# ----------------------------------------------------------------------------------------------
+# memory plan: micro-batch and the data's place from measured numbers
+# ----------------------------------------------------------------------------------------------
+
+# the default 64x64 model in bf16: about 84 MiB of saved activations per image, 54.56M fp32 weights
+DEFAULT_PER_IMAGE, DEFAULT_STATE = 84 * MiB, 3 * 4 * 54_560_000
+
+
+@pytest.mark.parametrize("free_gib, micro, accum", [(6.9, 32, 2), (7.5, 32, 2), (9.0, 64, 1), (79.0, 64, 1),
+                                                    (3.5, 16, 4)])
+def test_memory_plan_splits_the_batch_on_small_cards(free_gib, micro, accum):
+    plan = ddpm.plan_memory(int(free_gib * GiB), DEFAULT_STATE, DEFAULT_PER_IMAGE, 64 * MiB, 64, 1, True, 265 * MiB)
+    assert (plan.micro, plan.accum) == (micro, accum)
+    need = DEFAULT_STATE + 64 * MiB + 1.25 * micro * DEFAULT_PER_IMAGE
+    assert need <= 0.9 * free_gib * GiB  # what was chosen fits
+    if micro < 64:  # and twice as much would not have
+        assert DEFAULT_STATE + 64 * MiB + 1.25 * 2 * micro * DEFAULT_PER_IMAGE > 0.9 * free_gib * GiB
+    assert f"micro-batch {micro}" in plan.note
+
+
+def test_memory_plan_keeps_typed_grad_accum_and_places_data_last():
+    # --grad-accum typed: the flags decide, even when it will not fit (the OOM retry then halves it)
+    plan = ddpm.plan_memory(int(6.9 * GiB), DEFAULT_STATE, DEFAULT_PER_IMAGE, 0, 64, 1, False, 0)
+    assert (plan.micro, plan.accum) == (64, 1)
+    # the data goes on the GPU only if it fits beside one step's activations
+    small = ddpm.plan_memory(int(79 * GiB), DEFAULT_STATE, DEFAULT_PER_IMAGE, 0, 64, 1, True, 265 * MiB)
+    huge = ddpm.plan_memory(int(79 * GiB), DEFAULT_STATE, DEFAULT_PER_IMAGE, 0, 64, 1, True, 70 * GiB)
+    tight = ddpm.plan_memory(int(6.9 * GiB), DEFAULT_STATE, DEFAULT_PER_IMAGE, 0, 64, 1, True, 3 * GiB)
+    assert small.data_on_device and not huge.data_on_device and not tight.data_on_device
+    assert "in CPU memory" in huge.note and "on the GPU" in small.note
+
+
+def test_activation_bytes_are_linear_in_the_batch():
+    cfg = ddpm.ModelConfig(img_size=16, num_channels=32, channel_multiples=(1, 2), has_attn=(False, True),
+                           num_blocks=1, timesteps=50)
+    model = ddpm.build_diffusion(cfg).train()
+    rt = ddpm.Runtime(torch.device("cpu"), "fp32")
+    per_image, fixed = ddpm.activation_bytes(model, rt, cfg)
+    # an independent count at batch 4: every saved tensor's storage that is not a weight
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    x = torch.zeros(4, 3, 16, 16)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, torch.full((4,), 25), torch.zeros_like(x))
+    assert sum(seen.values()) == pytest.approx(fixed + 4 * per_image, rel=0.02)
+    # at least the fp32 input of each of the 2 x 16 x 16 x 32 ... feature maps: a sane order of magnitude
+    assert 100_000 < per_image < 10 * 2 ** 20
+
+
+# ----------------------------------------------------------------------------------------------
+# resuming on another device type
+# ----------------------------------------------------------------------------------------------
+
+def test_resume_of_a_checkpoint_from_another_device_type_reseeds_with_a_note(tmp_path, capsys):
+    assert train(tmp_path, "--max-steps", "2") == 0
+    ckpt = tmp_path / "ckpt"
+    path = ddpm.newest_checkpoint(ckpt)
+    obj = ddpm.read_checkpoint(path)
+    # as written on a GPU: a CUDA generator's state (16 bytes, not the CPU generator's 5056)
+    obj["rng"]["noise"] = torch.zeros(16, dtype=torch.uint8)
+    obj["rng"]["device"] = "cuda"
+    obj["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]
+    ddpm.save_checkpoint(path, obj)
+    capsys.readouterr()
+    assert train(tmp_path, "--resume", "--max-steps", "4") == 0
+    out = capsys.readouterr().out
+    assert "written on cuda and this run is on cpu" in out
+    assert ddpm.read_checkpoint(ddpm.newest_checkpoint(ckpt))["step"] == 4
+    # an older checkpoint without the device field: told apart by its CUDA states
+    obj = ddpm.read_checkpoint(ddpm.newest_checkpoint(ckpt))
+    obj["rng"].pop("device")
+    obj["rng"]["noise"] = torch.zeros(16, dtype=torch.uint8)
+    obj["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]
+    ddpm.save_checkpoint(ddpm.newest_checkpoint(ckpt), obj)
+    assert train(tmp_path, "--resume", "--max-steps", "5") == 0
+    assert "written on cuda" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling: noise drawn ahead, padded last chunk
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = ddpm.GaussianDiffusion(ddpm.UNet(3, 32, (1, 2), (False, True), 1, dropout=0.0), 50).eval()
+    model.config = ddpm.ModelConfig(img_size=8, num_channels=32, channel_multiples=(1, 2), has_attn=(False, True),
+                                    num_blocks=1, timesteps=50, dropout=0.0)
+    return model
+
+
+def reference_images(model, indices, seed, sampler, steps, eta):
+    """The images as the sampler made them before noise was drawn ahead: one stack of fresh CPU
+    draws per call, from the same per-image generators."""
+    gens = [torch.Generator().manual_seed(ddpm.mix_seed(seed, i)) for i in indices]
+
+    def noise():
+        return torch.stack([torch.randn(3, 8, 8, generator=g) for g in gens])
+    with torch.inference_mode():
+        x = model.sample(noise(), sampler, steps, eta, noise_fn=noise,
+                         model_fn=lambda x, t: model.eps_model(x, t).float(), clip=True)
+    return ddpm.to_uint8(x)
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 1.0), ("ddim", 0.0), ("dpm++", 0.0)])
+def test_noise_drawn_ahead_gives_byte_identical_images(tiny, sampler, eta):
+    rt = ddpm.Runtime(torch.device("cpu"), "fp32")
+    got = ddpm.generate(tiny, rt, list(range(5)), 11, sampler, 8, eta, batch_size=5, show_progress=False)
+    assert torch.equal(got, reference_images(tiny, list(range(5)), 11, sampler, 8, eta))
+
+
+def test_compiled_sampling_pads_the_last_chunk_and_drops_the_extra_images(tiny):
+    rt = ddpm.Runtime(torch.device("cpu"), "fp32")
+    shapes = []
+
+    def fn(x, t):
+        shapes.append(x.shape[0])
+        return tiny.eps_model(x, t).float()
+    fn.compiled = True  # as sampling_model_fn marks a compiled (CUDA graph) model
+    got = ddpm.generate(tiny, rt, list(range(10)), 3, "ddim", 4, 0.5, batch_size=4, model_fn=fn, show_progress=False)
+    assert set(shapes) == {4} and got.shape[0] == 10
+    plain = ddpm.generate(tiny, rt, list(range(10)), 3, "ddim", 4, 0.5, batch_size=4, show_progress=False)
+    assert torch.equal(got, plain)
+
+
+# ----------------------------------------------------------------------------------------------
+# data kept in CPU memory: gathered into a staging buffer, flipped on the device
+# ----------------------------------------------------------------------------------------------
+
+def test_batches_gathered_from_cpu_memory_equal_batches_on_the_device():
+    data = ddpm.demo_faces(12, 8)
+    here = ddpm.Batches(data, torch.device("cpu"), 4)
+    staged = ddpm.Batches(data, torch.device("cpu"), 4)
+    staged.place(False)  # the path a GPU takes when the data does not fit beside the model
+    assert here.on_device and not staged.on_device
+    for epoch in (0, 1):
+        for start in (0, 4, 8):
+            assert torch.equal(here.get(epoch, start, 4), staged.get(epoch, start, 4))
+    perm, flip = here.epoch_order(1)
+    x = here.get(1, 0, 4)
+    ref = ddpm.to_model_range(torch.stack([data[i].flip(2) if f else data[i] for i, f in zip(perm[:4], flip[:4])]))
+    assert torch.equal(x, ref)
+
+
+def test_startup_line_names_the_batch_layout(tmp_path, capsys):
+    assert train(tmp_path, "--max-steps", "1") == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("model:"))
+    assert "batch 4 = 1 process(es) x 4 x 1 accumulation" in line
