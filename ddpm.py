@@ -1656,6 +1656,13 @@ class Trainer:
 
     def _restore(self, obj: dict) -> None:
         self.opt.load_state_dict(obj["optimizer"])
+        # Adam's moments keep the memory layout they were saved in; a run resumed with compile on or
+        # off (channels_last or not) gets them in its parameters' layout, as fused Adam requires
+        for p in self.model.parameters():
+            state = self.opt.state.get(p, {})
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
         for g in self.opt.param_groups:
             g["lr"] = self.args.lr
         if obj.get("scaler") and self.scaler.is_enabled():

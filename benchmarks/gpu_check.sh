@@ -16,6 +16,8 @@
 #      compile on and off, with peak memory;
 #   5. torchrun --standalone --nproc_per_node 1 (NCCL on CUDA, gloo on a CPU);
 #   6. the out-of-memory retry: batch 256 with --grad-accum 1 under an 8 GiB cap.
+# GPU_CHECK_ONLY="memory torchrun" runs only those parts (bench cli precision memory torchrun oom);
+# MEMORY_COMPILE_MODES="off" leaves out the compiled runs of part 4.
 set -u
 cd "$(dirname "$0")/.."
 QUICK=0
@@ -26,8 +28,11 @@ W=$(mktemp -d)
 LOG=$OUTDIR/gpu_check.jsonl
 CLI=$OUTDIR/cli.log
 BASELINE=${SEED_BASELINE:-.shared/bench/seed_baseline.py}
+ONLY=${GPU_CHECK_ONLY:-all}
 export PYTHONUNBUFFERED=1
 : > "$LOG"
+
+want() { [ "$ONLY" = all ] || [[ " $ONLY " == *" $1 "* ]]; }
 echo "gpu_check: figures in $LOG, work folder $W"
 
 # step NAME SECONDS LOGFILE CMD...: run CMD with a time limit, append its output to LOGFILE and
@@ -90,13 +95,15 @@ else
 fi
 
 # 1. speed and memory beside the original
-step bench 300 "$OUTDIR/bench.log" "$PY" benchmarks/bench.py "${BENCH[@]}"
-if [ "$QUICK" = 1 ]; then  # its autocast("cpu") runs bf16 emulated on a CPU: minutes per sampling step
-  echo '{"what": "step", "name": "seed_baseline", "rc": -1, "note": "skipped in --quick"}' | tee -a "$LOG"
-elif [ -f "$BASELINE" ]; then
-  step seed_baseline 200 "$OUTDIR/bench.log" "$PY" "$BASELINE" "${BASE[@]}"
-else
-  echo "{\"what\": \"step\", \"name\": \"seed_baseline\", \"rc\": -1, \"note\": \"$BASELINE not found\"}" | tee -a "$LOG"
+if want bench; then
+  step bench 300 "$OUTDIR/bench.log" "$PY" benchmarks/bench.py "${BENCH[@]}"
+  if [ "$QUICK" = 1 ]; then  # its autocast("cpu") runs bf16 emulated on a CPU: minutes per sampling step
+    echo '{"what": "step", "name": "seed_baseline", "rc": -1, "note": "skipped in --quick"}' | tee -a "$LOG"
+  elif [ -f "$BASELINE" ]; then
+    step seed_baseline 200 "$OUTDIR/bench.log" "$PY" "$BASELINE" "${BASE[@]}"
+  else
+    echo "{\"what\": \"step\", \"name\": \"seed_baseline\", \"rc\": -1, \"note\": \"$BASELINE not found\"}" | tee -a "$LOG"
+  fi
 fi
 
 # 2. the command line end to end, on a generated folder of PNG faces
@@ -110,44 +117,48 @@ for i, img in enumerate(ddpm.demo_faces(n, size)):
     ddpm.save_png(img, out / f"face-{i:05d}.png")
 EOF
 TRAIN=(ddpm.py --train --data-folders "$W/faces" "${DEV[@]}" "${MODEL[@]}" --batch-size "$BATCH" --seed 0)
-export TORCH_LOGS=graph_breaks,recompiles
-step cli_train 200 "$CLI" "$PY" "${TRAIN[@]}" --ckpt-save-dir "$W/ckpt" --save-dir "$W/out" --epochs 100 \
-  --max-steps "$STEPS" --sample-every $((STEPS / 2)) --log-every $((STEPS / 8))
-summary cli_train "$W/ckpt"
-step cli_sample 150 "$CLI" "$PY" ddpm.py --loadckpt "$W/ckpt" "${DEV[@]}" --num-samples 100 --batch-size 64 \
-  "${GRAPHS[@]}" --save-dir "$W/samples" --seed 1
-ls "$W/samples" | grep -c '^ddpm-[0-9]*\.png$' | "$PY" -c "import json,sys; print(json.dumps({'what': 'summary',
-  'name': 'cli_sample', 'pngs': int(sys.stdin.read())}))" | tee -a "$LOG"
-step cli_resume 150 "$CLI" "$PY" "${TRAIN[@]}" --resume --ckpt-save-dir "$W/ckpt" --save-dir "$W/out" \
-  --max-steps "$MORE" --no-run-pictures --no-compile
-summary cli_resume "$W/ckpt"
-unset TORCH_LOGS
-cp "$W/samples/ddpm-all.png" "$W/out/final-grid.png" "$OUTDIR/" 2>/dev/null
+if want cli; then
+  export TORCH_LOGS=graph_breaks,recompiles
+  step cli_train 200 "$CLI" "$PY" "${TRAIN[@]}" --ckpt-save-dir "$W/ckpt" --save-dir "$W/out" --epochs 100 \
+    --max-steps "$STEPS" --sample-every $((STEPS / 2)) --log-every $((STEPS / 8))
+  summary cli_train "$W/ckpt"
+  step cli_sample 150 "$CLI" "$PY" ddpm.py --loadckpt "$W/ckpt" "${DEV[@]}" --num-samples 100 --batch-size 64 \
+    "${GRAPHS[@]}" --save-dir "$W/samples" --seed 1
+  ls "$W/samples" | grep -c '^ddpm-[0-9]*\.png$' | "$PY" -c "import json,sys; print(json.dumps({'what': 'summary',
+    'name': 'cli_sample', 'pngs': int(sys.stdin.read())}))" | tee -a "$LOG"
+  step cli_resume 150 "$CLI" "$PY" "${TRAIN[@]}" --resume --ckpt-save-dir "$W/ckpt" --save-dir "$W/out" \
+    --max-steps "$MORE" --no-run-pictures --no-compile
+  summary cli_resume "$W/ckpt"
+  unset TORCH_LOGS
+  cp "$W/samples/ddpm-all.png" "$W/out/final-grid.png" "$OUTDIR/" 2>/dev/null
+fi
 
 # 3. the other precisions
-for prec in fp16 fp32; do
+want precision && for prec in fp16 fp32; do
   step "precision_$prec" 120 "$CLI" "$PY" "${TRAIN[@]}" --precision "$prec" --no-compile --max-steps "$FEW" \
     --ckpt-save-dir "$W/ck-$prec" --save-dir "$W/out-$prec" --no-run-pictures --sample-every 0 --log-every 5
   summary "precision_$prec" "$W/ck-$prec"
 done
 
 # 4. the 8 GB laptop: the default model at batch 64 under an 8 GiB cap
-if [ "$QUICK" = 1 ]; then
+if ! want memory; then
+  :
+elif [ "$QUICK" = 1 ]; then
   step memory_8gb 120 "$OUTDIR/bench.log" "$PY" benchmarks/bench.py --quick --only train --precisions fp32 bf16 \
     --compile-modes off
 else
   step memory_8gb 200 "$OUTDIR/bench.log" "$PY" benchmarks/bench.py --only train --batches 64 \
-    --precisions bf16 fp16 --compile-modes on off --mem-cap-gib 8 --steps 8 --warmup 2
+    --precisions bf16 fp16 --compile-modes ${MEMORY_COMPILE_MODES:-on off} --mem-cap-gib 8 --steps 8 --warmup 2
 fi
 
 # 5. torchrun with one process
-step torchrun 120 "$CLI" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 "${TRAIN[@]}" \
+want torchrun && step torchrun 120 "$CLI" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 "${TRAIN[@]}" \
   --no-compile --max-steps "$FEW" --ckpt-save-dir "$W/ck-dist" --save-dir "$W/out-dist" --no-run-pictures \
   --sample-every 0 --log-every 5
-summary torchrun "$W/ck-dist"
+want torchrun && summary torchrun "$W/ck-dist"
 
 # 6. the out-of-memory retry: a batch that cannot fit under the cap, split by halving
-if [ "$QUICK" = 0 ]; then
+if [ "$QUICK" = 0 ] && want oom; then
   step oom_retry 150 "$CLI" "$PY" - "$W/faces" "$W/ck-oom" "$W/out-oom" <<'EOF'
 import sys
 import torch

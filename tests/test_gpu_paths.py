@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ddpm
-from test_checkpoints import MODEL, RUN, make_trainer, one_line, train
+from test_checkpoints import make_trainer, one_step, train
 
 GiB = 2 ** 30
 MiB = 2 ** 20
@@ -234,3 +234,25 @@ def test_startup_line_names_the_batch_layout(tmp_path, capsys):
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.startswith("model:"))
     assert "batch 4 = 1 process(es) x 4 x 1 accumulation" in line
+
+
+def test_resume_across_memory_layouts_gives_adam_state_in_the_parameters_layout(tmp_path):
+    # a compiled CUDA run trains in channels_last; resumed where compile is off (or the reverse), the
+    # saved Adam moments must take the new parameters' layout: fused Adam refuses mixed layouts
+    first = make_trainer()
+    first.model.to(memory_format=torch.channels_last)
+    one_step(first)
+    first.save(tmp_path / "ckpt-0.pth")
+    obj = ddpm.read_checkpoint(tmp_path / "ckpt-0.pth")
+    saved = [st["exp_avg"] for st in obj["optimizer"]["state"].values() if st["exp_avg"].dim() == 4]
+    assert any(not v.is_contiguous() for v in saved)  # the file keeps the channels_last strides
+    resumed = ddpm.Trainer(first.args, first.rt, first.cfg, ddpm.Batches(ddpm.demo_faces(8, 8), first.rt.device, 0),
+                           0, resume=obj)
+    for p in resumed.model.parameters():
+        for k, v in resumed.opt.state[p].items():
+            if v.shape == p.shape:
+                assert v.stride() == p.stride(), k
+    for (_, a), (_, b) in zip(sorted(resumed.opt.state_dict()["state"].items()), sorted(obj["optimizer"]["state"].items())):
+        assert torch.equal(a["exp_avg"], b["exp_avg"])  # same values, new layout
+    one_step(resumed)
+    assert resumed.step == 2
