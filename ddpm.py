@@ -40,21 +40,28 @@ import os
 import random
 import re
 import signal
+import socket
 import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import torch
-import torch.distributed as dist
-from torch import nn
-from torch.nn import functional as F
+try:
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from torch.nn import functional as F
+except KeyboardInterrupt:  # Ctrl-C while torch loads (seconds): one line, not a traceback
+    if __name__ == "__main__":
+        print("\nddpm.py: aborted while starting; nothing was written", file=sys.stderr, flush=True)
+        sys.exit(130)
+    raise
 
 FORMAT = "ddpm.py"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: run_id, the full training config and the data record
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 CKPT_PATTERN = "ckpt-*.pth"
 
@@ -167,24 +174,68 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
     fsync_dir(path.parent)
 
 
+def pid_alive(pid: int) -> Optional[bool]:
+    """Whether process `pid` runs on this machine: POSIX asks with signal 0; Windows opens the
+    process and reads its exit code (os.kill(pid, 0) would terminate it there); None where it
+    cannot be told."""
+    if pid == os.getpid():
+        return True
+    if os.name == "posix":
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:  # alive, owned by someone else
+            return True
+        return True
+    if os.name == "nt":
+        try:
+            import ctypes
+
+            k32 = ctypes.windll.kernel32
+            handle = k32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+            if not handle:
+                return k32.GetLastError() == 5  # access denied: it exists; otherwise it is gone
+            code = ctypes.c_ulong()
+            ok = k32.GetExitCodeProcess(handle, ctypes.byref(code))
+            k32.CloseHandle(handle)
+            return bool(ok) and code.value == 259  # STILL_ACTIVE
+        except Exception:
+            return None
+    return None
+
+
 def is_stale_temp(path: Path) -> bool:
     """Whether a temporary file of atomic_write (named .NAME.tmp-PID) was left by a process that no
-    longer runs (POSIX: signal 0 to its pid), or, where that cannot be asked, is over an hour old."""
+    longer runs, or, where that cannot be asked, is over an hour old."""
     pid = path.name.rsplit("-", 1)[-1]
-    if os.name == "posix" and pid.isdigit():
-        if int(pid) == os.getpid():
-            return False
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except OSError:  # alive, owned by someone else
-            return False
-        return False
+    alive = pid_alive(int(pid)) if pid.isdigit() else None
+    if alive is not None:
+        return not alive
     try:
         return time.time() - path.stat().st_mtime > 3600
     except OSError:
         return False
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Fail before any work, with one line, if `folder` cannot hold our files: it is a file (or a
+    device such as /dev/null), cannot be created, or refuses a probe file (created, then removed)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DDPMError(f"{flag} {folder} is a file, not a folder; name a folder")
+    if not folder.exists():  # created when first written; nothing is made here: ask its nearest existing parent
+        parent = next((a for a in folder.absolute().parents if a.exists()), None)
+        if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise DDPMError(f"{flag} {folder} cannot be created ({parent} is not a writable folder); name a "
+                            f"folder you can write to")
+        return
+    try:
+        probe = folder / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise DDPMError(f"{flag} {folder} is not writable ({e.strerror or e}); name a folder you can write to") from None
 
 
 class PinnedStager:
@@ -218,6 +269,12 @@ class PinnedStager:
         self._done[k] = torch.cuda.Event()
         self._done[k].record(torch.cuda.current_stream(self.device))
         return out
+
+
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (or its type), for one-line errors."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
 
 
 def format_duration(seconds: float) -> str:
@@ -272,7 +329,14 @@ class ModelConfig:
         self.has_attn = tuple(bool(a) for a in self.has_attn)
 
     def validate(self) -> "ModelConfig":
-        """Fail with one line on combinations the UNet cannot build or run."""
+        """Fail with one line on values of the wrong type and combinations the UNet cannot build or run."""
+        for name in ("img_channels", "img_size", "num_channels", "num_blocks", "timesteps"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise DDPMError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        for name in ("beta_min", "beta_max", "dropout"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise DDPMError(f"{name} must be a finite number, got {v!r}")
         if self.img_channels not in (1, 3):
             raise DDPMError(f"--img-channels must be 1 (grayscale) or 3 (RGB), got {self.img_channels}")
         if len(self.has_attn) != len(self.channel_multiples):
@@ -700,6 +764,23 @@ class GaussianDiffusion(nn.Module):
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 
 
+@dataclass(frozen=True)
+class SampleSpec:
+    """How to sample, passed whole to every sampling call (images, previews, pictures, evaluation),
+    so no call can honour one of these and drop another."""
+
+    sampler: str = "dpm++"
+    steps: Optional[int] = None   # model calls per image; None: 25, or T for ddpm (the original)
+    eta: float = 0.0              # DDIM noise
+    clip: bool = True             # clamp each x_0 estimate to [-1, 1]
+
+    def steps_for(self, timesteps: int) -> int:
+        return self.steps or (timesteps if self.sampler == "ddpm" else 25)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
@@ -708,6 +789,7 @@ SKIP_REASONS = {
     "not_image": "not an image file",
     "unreadable": "unreadable or not an image",
     "corrupt": "truncated or corrupt",
+    "permission": "unreadable (permission)",
     "too_large": "over the decompression-bomb limit",
 }
 
@@ -755,6 +837,8 @@ def _decode_image(path: Path, img_size: int, mode: str, background: Tuple[int, i
             img = ImageOps.fit(img, (img_size, img_size), Image.BICUBIC)  # resize shorter side, centre-crop
     except Image.DecompressionBombError:
         return None, "too_large", False
+    except PermissionError:
+        return None, "permission", False
     except UnidentifiedImageError:
         return None, "unreadable", False
     except (OSError, SyntaxError, ValueError):  # PIL reports truncated data as OSError
@@ -992,6 +1076,52 @@ def demo_faces(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     return out.view(n, size, size, 3).permute(0, 3, 1, 2).contiguous()
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """Where the training images come from: image folders, or (without folders) the built-in demo
+    faces. Recorded in checkpoints, so --resume, --eval and --forward-steps find the data again."""
+
+    folders: Tuple[str, ...] = ()
+    demo_images: int = 0                              # > 0 and no folders: that many demo faces
+    background: Tuple[int, int, int] = (255, 255, 255)
+
+    def describe(self) -> str:
+        return " ".join(self.folders) if self.folders else f"{self.demo_images} built-in demo faces"
+
+    def resolved(self) -> List[str]:
+        return [str(Path(f).resolve()) for f in self.folders]
+
+    def same_as(self, other: "DataSource") -> bool:
+        if self.folders or other.folders:
+            return self.resolved() == other.resolved()
+        return self.demo_images == other.demo_images
+
+    def load(self, cfg: "ModelConfig", quiet: bool = False) -> torch.Tensor:
+        """(N, C, S, S) uint8 images at the model's size and channels."""
+        if self.folders:
+            return load_images(self.folders, cfg.img_size, cfg.img_channels, self.background, quiet=quiet)
+        if self.demo_images < 1:
+            raise DDPMError("--train needs --data-folders DIR [DIR ...] (or --demo for the built-in faces)")
+        t0 = time.time()
+        data = demo_faces(self.demo_images, cfg.img_size, seed=0)
+        if cfg.img_channels == 1:
+            data = (data.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).round().to(torch.uint8)
+        if not quiet:
+            log(f"data: {len(data)} built-in demo faces ({cfg.img_size}x{cfg.img_size}, made in {time.time() - t0:.1f} s)")
+        return data
+
+    def record(self, n_images: int) -> dict:
+        return {"folders": list(self.folders), "resolved": self.resolved(), "demo_images": self.demo_images,
+                "images": int(n_images), "background": list(self.background)}
+
+    @classmethod
+    def from_record(cls, rec: dict, background: Tuple[int, int, int] = (255, 255, 255)) -> "DataSource":
+        """The source a checkpoint recorded, with its folders as absolute paths (independent of the
+        working directory)."""
+        return cls(tuple(rec.get("resolved") or rec.get("folders") or ()), int(rec.get("demo_images") or 0),
+                   tuple(rec.get("background") or background))
+
+
 def to_model_range(x: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1]."""
     return x.float().div_(127.5).sub_(1.0)
@@ -1074,10 +1204,16 @@ def read_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise DDPMError(f"checkpoint {path} does not exist; check the path")
-    with open(path, "rb") as f:
-        head = f.read(16)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise DDPMError(f"checkpoint {path} cannot be read ({e.strerror or e}); check its permissions") from None
     if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
         return _read_safetensors(path)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch.save's zip, or a legacy pickle
+        raise DDPMError(f"{path}: not a PyTorch checkpoint (the file starts like {_file_kind(head)}); name a "
+                        f"checkpoint written by ddpm.py or torch.save")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -1094,6 +1230,19 @@ def read_checkpoint(path) -> dict:
     return obj
 
 
+def _file_kind(head: bytes) -> str:
+    """A few words on what a file's first bytes look like, for error messages."""
+    for magic, kind in ((b"\x89PNG", "a PNG image"), (b"\xff\xd8", "a JPEG image"), (b"GIF8", "a GIF image"),
+                        (b"RIFF", "a RIFF file (WebP, WAV)"), (b"%PDF", "a PDF"), (b"\x1f\x8b", "a gzip archive")):
+        if head.startswith(magic):
+            return kind
+    if not head:
+        return "an empty file"
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return "text"
+    return "unknown binary data"
+
+
 def _read_safetensors(path: Path) -> dict:
     try:
         from safetensors import safe_open
@@ -1107,9 +1256,16 @@ def _read_safetensors(path: Path) -> dict:
         raise DDPMError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
     if meta.get("format") != FORMAT or "config" not in meta:
         raise DDPMError(f"{path}: safetensors file without a ddpm.py config in its metadata")
-    return {"format": FORMAT, "version": int(meta.get("version", FORMAT_VERSION)),
-            "config": json.loads(meta["config"]), "model": weights, "ema": None,
-            "step": int(meta.get("step", 0)), "exported": meta.get("weights", "ema")}
+    try:
+        config = json.loads(meta["config"])
+        version, step = int(meta.get("version", FORMAT_VERSION)), int(meta.get("step", 0))
+    except ValueError as e:
+        raise DDPMError(f"{path}: the metadata is damaged ({str(e)[:80]}); export the checkpoint again") from None
+    if version > FORMAT_VERSION:
+        raise DDPMError(f"{path}: written by a newer ddpm.py (format {version}, this one reads up to "
+                        f"{FORMAT_VERSION}); update ddpm.py")
+    return {"format": FORMAT, "version": version, "config": config, "model": weights, "ema": None,
+            "step": step, "exported": meta.get("weights", "ema")}
 
 
 def is_legacy_state_dict(obj: dict) -> bool:
@@ -1118,23 +1274,41 @@ def is_legacy_state_dict(obj: dict) -> bool:
         isinstance(k, str) and k.startswith("eps_model.") and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def checkpoint_step(path: Path) -> int:
-    """The step recorded in a checkpoint, or -1 where there is none (memory-mapped, cheap)."""
+def checkpoint_meta(path: Path) -> Tuple[int, Optional[str]]:
+    """(step, run id) recorded in a checkpoint, read memory-mapped (cheap); (-1, None) where there
+    is none. Checkpoints from before run ids are told apart by their seed."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return int(obj.get("step", -1)) if isinstance(obj, dict) else -1
     except Exception:
-        return -1
+        return -1, None
+    if not isinstance(obj, dict) or is_legacy_state_dict(obj):
+        return -1, None
+    return int(obj.get("step", -1)), run_id_of(obj)
+
+
+def run_id_of(obj: dict) -> Optional[str]:
+    """The run a checkpoint belongs to: its run_id, or for older files the seed they were trained with."""
+    if obj.get("run_id"):
+        return str(obj["run_id"])
+    return f"seed-{obj['seed']}" if obj.get("seed") is not None else None
 
 
 def newest_checkpoint(folder: Path) -> Optional[Path]:
-    """The checkpoint in `folder` with the highest recorded step (not the newest file time)."""
-    best, best_step = None, -2
+    """The checkpoint in `folder` with the highest recorded step, within one run: where a folder
+    holds several runs (copied in, or written before run ids), the run of the newest file."""
+    found = []
     for p in sorted(Path(folder).glob(CKPT_PATTERN)):
-        s = checkpoint_step(p)
-        if s > best_step:
-            best, best_step = p, s
-    return best
+        step, run = checkpoint_meta(p)
+        with contextlib.suppress(OSError):
+            found.append((p, step, run, p.stat().st_mtime))
+    if not found:
+        return None
+    runs = {r for _, st, r, _ in found if st >= 0}
+    if len(runs) > 1:
+        run = max((f for f in found if f[1] >= 0), key=lambda f: f[3])[2]
+        warn_once(f"{folder} holds checkpoints of {len(runs)} runs; using run {run} (the newest file)")
+        found = [f for f in found if f[2] == run]
+    return max(found, key=lambda f: f[1])[0]
 
 
 def resolve_checkpoint(path) -> Path:
@@ -1158,7 +1332,17 @@ def config_from_checkpoint(obj: dict, path: Path, explicit: Dict[str, object], f
         return cfg.validate()
     if obj.get("format") != FORMAT or "config" not in obj or "model" not in obj:
         raise DDPMError(f"{path}: not a ddpm.py checkpoint (no config/model inside)")
-    cfg = ModelConfig.from_dict(obj["config"])
+    if not isinstance(obj["model"], dict) or not all(isinstance(v, torch.Tensor) for v in obj["model"].values()):
+        raise DDPMError(f"{path}: the checkpoint's weights are not a dict of tensors; the file was edited or is damaged")
+    if int(obj.get("version", 1)) > FORMAT_VERSION:
+        raise DDPMError(f"{path}: written by a newer ddpm.py (format {obj.get('version')}, this one reads up to "
+                        f"{FORMAT_VERSION}); update ddpm.py")
+    try:
+        if not isinstance(obj["config"], dict):
+            raise DDPMError(f"it is a {type(obj['config']).__name__}, not a dict")
+        cfg = ModelConfig.from_dict(obj["config"]).validate()
+    except (DDPMError, TypeError, ValueError) as e:
+        raise DDPMError(f"{path}: the stored model config is invalid ({e}); the file was edited or is damaged") from None
     diff = [f"{k} (checkpoint {getattr(cfg, k)!r}, flag {v!r})" for k, v in explicit.items()
             if k in MODEL_KEYS and _norm(getattr(cfg, k)) != _norm(v)]
     if diff:
@@ -1175,8 +1359,9 @@ def build_diffusion(cfg: ModelConfig) -> GaussianDiffusion:
     return GaussianDiffusion(UNet.from_config(cfg), cfg.timesteps, cfg.beta_min, cfg.beta_max)
 
 
-def load_weights(module: nn.Module, state: dict, path: Path) -> None:
-    """load_state_dict with a one-line error that names the file and the first mismatch."""
+def load_weights(module: nn.Module, state: dict, path: Path,
+                 fix: str = "give the model flags it was trained with") -> None:
+    """load_state_dict with a one-line error that names the file, the first mismatch and `fix`."""
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -1185,8 +1370,23 @@ def load_weights(module: nn.Module, state: dict, path: Path) -> None:
         what = (f"shape of {shapes[0]}: file {tuple(state[shapes[0]].shape)} vs model {tuple(own[shapes[0]].shape)}"
                 if shapes else f"{len(missing)} missing keys (e.g. {missing[:1]}), {len(unexpected)} unexpected "
                 f"(e.g. {unexpected[:1]})")
-        raise DDPMError(f"{path}: weights do not fit the model ({what}); give the model flags it was trained with")
+        raise DDPMError(f"{path}: weights do not fit the model ({what}); {fix}")
     module.load_state_dict(state)
+
+
+def weights_fix(obj: dict) -> str:
+    """What to do when a checkpoint's weights do not fit the model its config describes."""
+    if is_legacy_state_dict(obj):
+        return "give the model flags it was trained with"
+    return "the stored config does not match the weights: the file was edited or is damaged"
+
+
+def check_finite(state: dict, path: Path) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run), with one line."""
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise DDPMError(f"{path}: the weights hold NaN or infinite values ({bad}): the run diverged; use an "
+                        f"earlier checkpoint, or train again with a lower --lr")
 
 
 def load_model(path, device="cpu", use_ema: bool = True, _obj: Optional[dict] = None, **overrides) -> GaussianDiffusion:
@@ -1204,7 +1404,8 @@ def load_model(path, device="cpu", use_ema: bool = True, _obj: Optional[dict] = 
         state = obj
     else:
         state = obj["ema"] if use_ema and obj.get("ema") is not None else obj["model"]
-    load_weights(model, state, path)
+    load_weights(model, state, path, weights_fix(obj))
+    check_finite(state, path)
     model.config = cfg
     model.source = {"path": str(path), "ema": (use_ema and not is_legacy_state_dict(obj) and obj.get("ema") is not None)
                     or obj.get("exported") == "ema",  # a safetensors export holds one set: say which
@@ -1223,6 +1424,110 @@ def export_safetensors(model: GaussianDiffusion, cfg: ModelConfig, out: Path, we
             "weights": weights, "step": str(step)}
     blob = st_save(state, metadata=meta)
     atomic_write(Path(out), lambda f: f.write(blob))
+
+
+def new_run_id() -> str:
+    """A fresh run's id: its start time and 6 random hex digits, e.g. 20261127-101500-3fa2c1."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(3).hex()
+
+
+def run_files(folder: Path) -> List[Path]:
+    """The files a training run writes into its checkpoint folder (checkpoints, logs, TensorBoard)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    names = ("metrics.csv", "events.csv", "tensorboard")
+    return sorted([p for p in folder.glob(CKPT_PATTERN)] + [folder / n for n in names if (folder / n).exists()])
+
+
+def guard_run_folder(folder: Path, run_id: Optional[str], continuing: bool, overwrite: bool) -> None:
+    """One run per checkpoint folder. A run may write into `folder` if it holds no run files, or
+    only files of this same run (`continuing`: --resume, or a staged --loadckpt of one of its
+    checkpoints). Otherwise refuse with one line, or with --overwrite move the other run's files
+    into a dated subfolder (never deleted)."""
+    files = run_files(folder)
+    if not files:
+        return
+    ckpts = [p for p in files if p.suffix == ".pth"]
+    metas = [checkpoint_meta(p) for p in ckpts]
+    runs = {run for step, run in metas if step >= 0}  # a damaged file (step -1) belongs to no run
+    if continuing and run_id is not None and runs <= {run_id}:
+        return
+    if not overwrite:
+        what = f"{len(ckpts)} checkpoints" if ckpts else "the logs"
+        raise DDPMError(f"{folder} holds {what} of another run; continue it with --resume, train into another "
+                        f"--ckpt-save-dir, or add --overwrite to move its files into {folder}/old-<date>/")
+    dest = folder / ("old-" + time.strftime("%Y%m%d-%H%M%S"))
+    k = 1
+    while dest.exists():
+        dest, k = folder / f"old-{time.strftime('%Y%m%d-%H%M%S')}-{k}", k + 1
+    dest.mkdir()
+    for f in files:
+        os.replace(f, dest / f.name)
+    fsync_dir(folder)
+    log(f"--overwrite: moved {len(files)} files of the previous run to {dest}")
+
+
+class FolderLock:
+    """An exclusive lock on a checkpoint folder for one training run: the file .lock, created with
+    O_CREAT | O_EXCL (atomic on POSIX and Windows alike), holding pid, host and start time, removed
+    on exit. A lock whose process no longer runs on this host is taken over with a note; one from
+    another host, or whose process cannot be asked about, is left for the user to remove."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+        self.held = self.created = False
+
+    def _holder(self) -> Optional[dict]:
+        try:
+            info = json.loads(self.path.read_text(encoding="utf-8"))
+            return info if isinstance(info, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def _stale(self, info: Optional[dict]) -> bool:
+        if info is None:  # empty or half-written: its writer died between create and write
+            with contextlib.suppress(OSError):
+                return time.time() - self.path.stat().st_mtime > 10
+            return True
+        if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+            return False
+        return pid_alive(info["pid"]) is False
+
+    def acquire(self) -> None:
+        self.created = not self.path.parent.exists()  # then removed again if the run leaves it empty
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(str(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                info = self._holder()
+                if self._stale(info):
+                    log(f"note: taking over {self.path}, left by process {(info or {}).get('pid', '?')} that no "
+                        f"longer runs")
+                    with contextlib.suppress(FileNotFoundError):
+                        self.path.unlink()
+                    continue
+                who = (f"process {info.get('pid')} on {info.get('host')}, since {info.get('started')}" if info
+                       else "a process that is starting")
+                raise DDPMError(f"{self.path.parent} is in use by another training run ({who}); wait for it to "
+                                f"finish or use another --ckpt-save-dir (if no such process runs, delete "
+                                f"{self.path})") from None
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+            self.held = True
+            return
+        raise DDPMError(f"could not take the lock {self.path}; try again")
+
+    def release(self) -> None:
+        if self.held and (self._holder() or {}).get("pid") == os.getpid():
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            if self.created:
+                with contextlib.suppress(OSError):
+                    self.path.parent.rmdir()  # only if empty
+        self.held = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1270,9 +1575,14 @@ def setup_runtime(device: Optional[str], precision: str = "auto", compile_flag: 
         else:
             device, why = "cpu", "auto: no GPU found"
     dev = torch.device(device)
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DDPMError("--device mps was asked for but no Apple GPU is available here; use --device cpu")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise DDPMError("--device cuda was asked for but CUDA is not available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DDPMError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"numbered from 0")
         if dev.index is None:
             dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
         torch.cuda.set_device(dev)
@@ -1370,6 +1680,55 @@ def barrier(rt: Runtime) -> None:
 # Training
 # ----------------------------------------------------------------------------------------------
 
+# the settings --resume takes from the run's checkpoint unless typed again (flag names for messages)
+RESUMED = {"batch_size": "--batch-size", "grad_accum": "--grad-accum", "lr": "--lr",
+           "lr_schedule": "--lr-schedule", "warmup_steps": "--warmup-steps", "ema_decay": "--ema-decay",
+           "precision": "--precision", "holdout": "--holdout", "log_every": "--log-every",
+           "sample_every": "--sample-every", "max_nonfinite": "--max-nonfinite", "epochs": "--epochs"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run reads besides the model config and the data: built once from the
+    command line (or by hand, see the README), stored in every checkpoint, restored by --resume."""
+
+    batch_size: int = 64            # global batch
+    grad_accum: int = 1             # micro-batches per update
+    auto_accum: bool = True         # on a GPU, split the micro-batch further when memory is short
+    lr: float = 1e-4
+    lr_schedule: str = "constant"   # constant | cosine (to 0 at the end of the run's last epoch)
+    warmup_steps: int = 0
+    epochs: int = 5                 # a fresh run's epochs; a fine-tune's extra epochs; a resume's total
+    ema_decay: float = 0.9999       # 0: no EMA
+    precision: str = "auto"         # auto | fp32 | bf16 | fp16
+    holdout: float = 0.0            # fraction of the images left out, for --eval
+    max_steps: Optional[int] = None
+    max_nonfinite: int = 10         # stop after this many non-finite updates in a row
+    log_every: int = 50
+    sample_every: int = 1000        # preview grids (0: none)
+    tensorboard: bool = False
+    preview: SampleSpec = SampleSpec()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def resumed(self, stored: dict, explicit: Iterable[str]) -> "TrainConfig":
+        """These settings with the run's own (`stored`, a checkpoint's "train") in place of every
+        setting that was not typed; a typed one that differs is said in one line."""
+        explicit, changes = set(explicit), {}
+        for name, flag in RESUMED.items():
+            if name not in stored:
+                continue
+            mine, theirs = getattr(self, name), stored[name]
+            if name not in explicit:
+                changes[name] = type(mine)(theirs) if mine is not None else theirs
+            elif mine != theirs:
+                log(f"resume: {flag} {mine} (the run used {theirs})")
+        if "grad_accum" in changes and "auto_accum" in stored:
+            changes["auto_accum"] = bool(stored["auto_accum"])
+        return replace(self, **changes)
+
+
 class EMA:
     """Exponential moving average of the weights, with warm-up min(decay, (1 + n) / (10 + n))."""
 
@@ -1423,7 +1782,7 @@ class MetricsLog:
     """metrics.csv (one row per --log-every steps) and events.csv (checkpoints, previews) in the
     checkpoint folder; a resumed run first drops rows past its step, so no step is logged twice."""
 
-    METRICS = ["step", "epoch", "images_seen", "loss", "lr", "img_per_s", "wall_time"]
+    METRICS = ["step", "epoch", "images_seen", "loss", "skipped", "lr", "img_per_s", "wall_time"]
     EVENTS = ["step", "event", "path", "wall_time"]
 
     def __init__(self, folder: Path, start_step: int, enabled: bool, tensorboard: bool = False):
@@ -1435,10 +1794,7 @@ class MetricsLog:
             return
         folder.mkdir(parents=True, exist_ok=True)
         for path, cols in ((self.metrics, self.METRICS), (self.events, self.EVENTS)):
-            rows = []
-            if path.exists() and start_step > 0:
-                with open(path, newline="") as f:
-                    rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= start_step]
+            rows = self._rows_until(path, start_step) if start_step > 0 else []
             text = io.StringIO(newline="")
             w = csv.DictWriter(text, cols)
             w.writeheader()
@@ -1449,6 +1805,24 @@ class MetricsLog:
             # purge_step hides events at steps >= it: the checkpoint's own step stays, as in metrics.csv
             self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
+    @staticmethod
+    def _rows_until(path: Path, step: int) -> List[dict]:
+        """The rows of a log up to `step`. A log that cannot be read is kept aside under a new name
+        (never deleted) and a fresh one started, with one line."""
+        if not path.exists():
+            return []
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                if not reader.fieldnames or "step" not in reader.fieldnames:
+                    raise ValueError("no header with a step column")
+                return [r for r in reader if (r.get("step") or "").isdigit() and int(r["step"]) <= step]
+        except (UnicodeDecodeError, csv.Error, ValueError) as e:
+            aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(path, aside)
+            log(f"note: {path} could not be read ({first_line(e, 80)}); kept as {aside.name}, a fresh log starts")
+            return []
+
     def _append(self, path: Path, cols: List[str], row: dict) -> None:
         with open(path, "a", newline="") as f:
             csv.DictWriter(f, cols).writerow(row)
@@ -1458,7 +1832,8 @@ class MetricsLog:
             self._append(self.metrics, self.METRICS, row)
             if self.tb is not None:
                 for k in ("loss", "lr", "img_per_s"):
-                    self.tb.add_scalar(f"train/{k}", row[k], row["step"])
+                    if row[k] != "":
+                        self.tb.add_scalar(f"train/{k}", row[k], row["step"])
 
     def event(self, step: int, event: str, path: Path, image: Optional[torch.Tensor] = None) -> None:
         if self.enabled:
@@ -1542,6 +1917,14 @@ def plan_memory(free: int, state: int, per_image: int, fixed: int, share: int, a
     return MemoryPlan(micro, accum, on_device, note)
 
 
+KEEP_CHECKPOINTS = 5  # ckpt-{epoch % 5}.pth: the last five epochs, as the original
+
+
+def checkpoint_path(folder: Path, epoch: int) -> Path:
+    """The rotating checkpoint file of `epoch`."""
+    return Path(folder) / f"ckpt-{epoch % KEEP_CHECKPOINTS}.pth"
+
+
 def oom_split(micro: int, accum: int) -> Tuple[int, int]:
     """After CUDA out-of-memory: half the micro-batch, twice the accumulation (same effective batch)."""
     if micro < 2 or micro % 2:
@@ -1552,9 +1935,15 @@ def oom_split(micro: int, accum: int) -> Tuple[int, int]:
 class Trainer:
     """One training run: model, EMA, optimizer, data order and RNG, all saved and restored together."""
 
-    def __init__(self, args, rt: Runtime, cfg: ModelConfig, batches: Batches, seed: int,
-                 resume: Optional[dict] = None, init: Optional[dict] = None):
-        self.args, self.rt, self.cfg, self.batches, self.seed = args, rt, cfg, batches, seed
+    def __init__(self, tc: TrainConfig, rt: Runtime, cfg: ModelConfig, batches: Batches, seed: int,
+                 resume: Optional[dict] = None, init: Optional[dict] = None, run_id: Optional[str] = None,
+                 data: Optional[dict] = None):
+        """tc: the training settings; cfg: the model; batches: the data (see Batches); seed: everything
+        random; resume: a checkpoint to continue exactly; init: one to fine-tune from (weights, EMA
+        and counters, a fresh optimizer); run_id and data: recorded in every checkpoint."""
+        self.tc, self.rt, self.cfg, self.batches, self.seed = tc, rt, cfg, batches, seed
+        self.run_id = run_id or new_run_id()
+        self.data_record = data or {}
         dev = rt.device
         torch.manual_seed(mix_seed(seed, -1))  # initial weights from the seed, the same on every rank
         self.model = build_diffusion(cfg).to(dev)
@@ -1566,8 +1955,8 @@ class Trainer:
         source = resume or init
         if source is not None:
             state = source if is_legacy_state_dict(source) else source["model"]
-            load_weights(self.model, state, Path(args.loadckpt or "checkpoint"))
-        self.ema = EMA(self.model, args.ema_decay) if args.ema_decay > 0 else None
+            load_weights(self.model, state, Path("checkpoint"), weights_fix(source))
+        self.ema = EMA(self.model, tc.ema_decay) if tc.ema_decay > 0 else None
         if self.ema is not None and source is not None and not is_legacy_state_dict(source) and source.get("ema"):
             self.ema.model.load_state_dict(source["ema"])
         self.opt = self._make_optimizer()
@@ -1580,33 +1969,35 @@ class Trainer:
 
         # batch layout: global batch B = world * micro * accum; on a GPU the micro-batch and the
         # data's place follow from the memory left once the model, EMA and optimizer exist
-        self.batch = args.batch_size
-        self.accum = args.grad_accum
+        self.batch = tc.batch_size
+        self.accum = tc.grad_accum
         self.micro = self.batch // rt.world // self.accum
         self.memory_note = ""
         if dev.type == "cuda":
-            plan = self._plan_memory("grad_accum" not in getattr(args, "explicit", ()))
+            plan = self._plan_memory(tc.auto_accum)
             self.micro, self.accum, self.memory_note = plan.micro, plan.accum, plan.note
             batches.place(plan.data_on_device)
         elif dev.type != "cpu":
             batches.place(True)
         self.steps_per_epoch = max(1, batches.n // self.batch)
         self.step, self.epoch, self.epoch_step, self.images_seen = 0, 0, 0, 0
-        self.end_epoch = args.epochs
+        self.end_epoch = tc.epochs
         self.noise_gen = torch.Generator(dev)
         self.noise_gen.manual_seed(mix_seed(seed, 2))
         torch.manual_seed(mix_seed(seed, 3, rt.rank))
         if init is not None and not is_legacy_state_dict(init):  # fine-tune: continue the counters
             self.step, self.images_seen = int(init.get("step", 0)), int(init.get("images_seen", 0))
             self.epoch = int(init.get("epoch", 0))
-            self.end_epoch = self.epoch + args.epochs
+            self.end_epoch = self.epoch + tc.epochs
             self.noise_gen.manual_seed(mix_seed(seed, 2, self.step))
             torch.manual_seed(mix_seed(seed, 3, rt.rank, self.step))
         if resume is not None:
             self._restore(resume)
         # device-side counters, read only at sync points (no host sync on the hot path)
-        self.loss_sum = torch.zeros((), device=dev)
+        self.loss_sum = torch.zeros((), device=dev)      # of the good steps since the last log line
+        self.good_steps = torch.zeros((), device=dev)
         self.epoch_loss_sum = torch.zeros((), device=dev)
+        self.epoch_good = torch.zeros((), device=dev)
         self.bad_total = torch.zeros((), device=dev)
         self.bad_run = torch.zeros((), device=dev)
         self.bad_run_max = torch.zeros((), device=dev)
@@ -1625,10 +2016,10 @@ class Trainer:
     def _make_optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         try:
-            opt = torch.optim.Adam(params, lr=self.args.lr, fused=True)
+            opt = torch.optim.Adam(params, lr=self.tc.lr, fused=True)
             self.fused = True
         except (RuntimeError, TypeError, ValueError):
-            opt = torch.optim.Adam(params, lr=self.args.lr)
+            opt = torch.optim.Adam(params, lr=self.tc.lr)
             self.fused = False
         return opt
 
@@ -1652,10 +2043,10 @@ class Trainer:
             "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "end_epoch": self.end_epoch,
             "images_seen": self.images_seen, "seed": self.seed, "world_size": self.rt.world, "rng": rng,
-            "last_loss": self.last_loss, "holdout": getattr(self.args, "holdout_record", None),
-            "train": {"lr": self.args.lr, "batch_size": self.batch, "grad_accum": self.accum,
-                      "ema_decay": self.args.ema_decay, "data_folders": [str(f) for f in self.args.data_folders or []],
-                      "demo": bool(self.args.demo), "precision": self.rt.precision},
+            "last_loss": self.last_loss, "run_id": self.run_id, "data": self.data_record,
+            "holdout": self.data_record.get("holdout"),
+            "train": {**self.tc.to_dict(), "epochs": self.end_epoch, "data_folders": self.data_record.get("folders", []),
+                      "demo": not self.data_record.get("folders")},
             "torch_version": str(torch.__version__),  # a plain str: TorchVersion is refused by weights_only
         }
 
@@ -1669,13 +2060,11 @@ class Trainer:
                 if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
                     state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
         for g in self.opt.param_groups:
-            g["lr"] = self.args.lr
+            g["lr"] = self.tc.lr
         if obj.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(obj["scaler"])
         self.step, self.epoch = int(obj["step"]), int(obj["epoch"])
         self.epoch_step, self.images_seen = int(obj.get("epoch_step", 0)), int(obj.get("images_seen", 0))
-        if not self.args.explicit_epochs:
-            self.end_epoch = int(obj.get("end_epoch", self.end_epoch))
         self._restore_rng(obj.get("rng") or {})
 
     def _restore_rng(self, rng: dict) -> None:
@@ -1701,10 +2090,18 @@ class Trainer:
             torch.manual_seed(mix_seed(self.seed, 3, self.rt.rank, self.step))
 
     def save(self, path: Path, log_: Optional[MetricsLog] = None) -> None:
-        """Rank 0 writes (atomically); every rank waits for it."""
+        """Rank 0 writes (atomically); every rank waits for it. Weights that are not finite are never
+        written, and a write that fails (a full disk) leaves the checkpoints already there as they were."""
+        if not self.weights_finite():
+            raise TrainingError(f"the weights stopped being finite at step {self.step}; not saved. Lower --lr; "
+                                f"the last checkpoint is kept")
         state = self.state_dict()  # collective under torchrun
         if is_rank0():
-            save_checkpoint(path, state)
+            try:
+                save_checkpoint(path, state)
+            except (OSError, RuntimeError) as e:
+                raise DDPMError(f"could not write {path} ({first_line(e)}); the checkpoints already in {path.parent} "
+                                f"are kept; free some disk space and continue with --resume") from None
             if log_ is not None:
                 log_.event(self.step, "checkpoint", path)
         barrier(self.rt)
@@ -1768,21 +2165,24 @@ class Trainer:
         """--lr with linear warm-up over --warmup-steps, then constant (the original) or a cosine decay
         to zero at the end of the run's last epoch (--lr-schedule cosine; --max-steps does not move it,
         so a run stopped early and resumed follows the same schedule)."""
-        a = self.args
-        lr = a.lr * min(1.0, (step + 1) / a.warmup_steps) if a.warmup_steps else a.lr
-        if a.lr_schedule == "cosine":
+        tc = self.tc
+        lr = tc.lr * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps else tc.lr
+        if tc.lr_schedule == "cosine":
             total = self.end_epoch * self.steps_per_epoch
             lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total))))
         return lr
 
     def _update(self) -> None:
+        """One optimizer step, skipped on the device (no host sync) when the loss or the gradients
+        are not finite; the skip is counted, and the loss of a skipped step is left out of the logs."""
         lr = self.lr_at(self.step)
         for g in self.opt.param_groups:
             g["lr"] = lr
         if self.rt.distributed:  # the global batch's loss on every rank: logged, and the same skip decision
             dist.all_reduce(self.step_loss)
             self.step_loss /= self.rt.world
-        if self.scaler.is_enabled():  # fp16: the scaler skips steps with inf/NaN itself
+        if self.scaler.is_enabled():  # fp16: the scaler skips overflowing steps itself (routine, not counted)
+            bad = (~torch.isfinite(self.step_loss)).float()
             self.scaler.step(self.opt)
             self.scaler.update()
         else:
@@ -1794,104 +2194,143 @@ class Trainer:
                 self.opt.step()
             elif bad.item() == 0:
                 self.opt.step()
-            self.bad_total += bad
-            self.bad_run = (self.bad_run + 1) * bad
-            torch.maximum(self.bad_run_max, self.bad_run, out=self.bad_run_max)
-            self.step_loss = torch.nan_to_num(self.step_loss * (1 - bad), nan=0.0, posinf=0.0)
+        self.bad_total += bad
+        self.bad_run = (self.bad_run + 1) * bad
+        torch.maximum(self.bad_run_max, self.bad_run, out=self.bad_run_max)
+        loss = torch.where(bad > 0, torch.zeros_like(self.step_loss), self.step_loss)
+        self.loss_sum += loss
+        self.good_steps += 1 - bad
+        self.epoch_loss_sum += loss
+        self.epoch_good += 1 - bad
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.step)
-        self.loss_sum += self.step_loss
-        self.epoch_loss_sum += self.step_loss
         self.step += 1
         self.epoch_step += 1
         self.images_seen += self.batch
 
+    def weights_finite(self) -> bool:
+        """Host sync: whether every weight is finite (and their norm does not overflow)."""
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(list(self.model.parameters())))).all())
+
     def check_health(self) -> None:
-        """Host sync: stop after 10 non-finite updates in a row (the weights stay finite)."""
-        if self.bad_run_max.item() >= 10:
-            raise TrainingError(f"10 non-finite losses or gradients in a row at step {self.step} "
+        """Host sync: stop after --max-nonfinite non-finite updates in a row, or at once if the weights
+        stop being finite. Nothing is saved then: the last checkpoint, written while the run was
+        healthy, is kept."""
+        n = self.tc.max_nonfinite
+        if self.bad_run_max.item() >= n:
+            raise TrainingError(f"{n} non-finite losses or gradients in a row at step {self.step} "
                                 f"({int(self.bad_total.item())} in all); lower --lr. The last checkpoint is kept")
         self.bad_run_max.zero_()
+        if not self.weights_finite():
+            raise TrainingError(f"the weights stopped being finite at step {self.step}; lower --lr. "
+                                f"The last checkpoint is kept")
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self, save_dir: Path, ckpt_dir: Path, deadline: Optional[float]) -> str:
         """Train until the epochs, --max-steps, the time budget or a signal end it; returns why."""
-        args, rt = self.args, self.rt
-        metrics = MetricsLog(ckpt_dir, self.step, is_rank0(), args.tensorboard)
-        preview = PreviewGrid(self, save_dir / "preview", metrics) if args.sample_every > 0 and is_rank0() else None
+        tc = self.tc
+        if self.step >= (tc.max_steps or float("inf")) or self.epoch >= self.end_epoch:
+            log(f"nothing to do: the run is at step {self.step}, epoch {self.epoch} of {self.end_epoch}"
+                + (f", --max-steps {tc.max_steps}" if tc.max_steps else "") + "; raise --epochs or --max-steps")
+            return "nothing to do"
+        metrics = MetricsLog(ckpt_dir, self.step, is_rank0(), tc.tensorboard)
+        preview = PreviewGrid(self, save_dir / "preview", metrics) if tc.sample_every > 0 and is_rank0() else None
         self.first_step = self.step
         self.model.train()  # run-before.png (rank 0 only) left it in eval mode: dropout must be on, on every rank
-        sync_every = 1 if rt.device.type == "cpu" else max(1, min(args.log_every, 25))
+        self.sync_every = 1 if self.rt.device.type == "cpu" else max(1, min(tc.log_every, 25))
+        self._t_log = self._t_epoch = time.time()
+        self._step_log = self._step_epoch = self.step
         reason = "done"
-        t_log, step_log = time.time(), self.step
-        t_epoch, step_epoch = time.time(), self.step
-        t_compile = time.time()
-        if self.step >= (args.max_steps or float("inf")) or self.epoch >= self.end_epoch:
-            reason = "nothing to do"
-            log(f"nothing to do: the run is at step {self.step}, epoch {self.epoch} of {self.end_epoch}"
-                + (f", --max-steps {args.max_steps}" if args.max_steps else "") + "; raise --epochs or --max-steps")
-        with StopRequest() as stop, make_progress() as progress:
-            epochs_task = progress.add_task("Epochs", total=self.end_epoch, completed=self.epoch, info="")
-            batches_task = progress.add_task("Batches", total=self.steps_per_epoch * self.batch,
-                                             completed=self.epoch_step * self.batch, info="")
-            while reason == "done" and self.epoch < self.end_epoch:
-                if self.epoch_step >= self.steps_per_epoch:
-                    self.epoch, self.epoch_step = self.epoch + 1, 0
-                    continue
-                self.train_step()
-                if rt.compile and self.step == self.first_step + 1:
-                    sync_device(rt)
-                    log(f"compile: first step took {time.time() - t_compile:.1f} s (torch.compile included)")
-                    t_log = t_epoch = time.time()
-                    step_log = step_epoch = self.step
-                progress.advance(batches_task, self.batch)
-                if self.step % sync_every == 0:
-                    self.check_health()
-                if self.step % args.log_every == 0 and is_rank0():
-                    loss = self.loss_sum.item() / max(1, self.step - step_log)
-                    self.loss_sum.zero_()
-                    now = time.time()
-                    ips = (self.step - step_log) * self.batch / max(now - t_log, 1e-9)
-                    t_log, step_log, self.last_loss = now, self.step, loss
-                    left = f" | time left {format_duration(deadline - now)}" if deadline else ""
-                    progress.update(batches_task, info=f"loss {loss:.4f} | {ips:,.0f} img/s{left}")
-                    metrics.metric(step=self.step, epoch=self.epoch, images_seen=self.images_seen,
-                                   loss=round(loss, 6), lr=self.opt.param_groups[0]["lr"],
-                                   img_per_s=round(ips, 1), wall_time=round(now, 3))
-                elif self.step % args.log_every == 0:
-                    self.loss_sum.zero_()
-                if preview is not None and self.step % args.sample_every == 0:
-                    preview.write(self.step)
-                if args.max_steps and self.step >= args.max_steps:
-                    reason = "max_steps"  # the same step on every rank
-                else:  # clocks and signals differ between ranks: agree at sync points
-                    local = "time_budget" if deadline and time.time() >= deadline else stop.reason
-                    if not rt.distributed:
-                        reason = local or reason
-                    elif self.step % sync_every == 0 and any_rank(local is not None, rt):
-                        reason = local or "stop_on_another_process"
-                if self.epoch_step >= self.steps_per_epoch:  # end of an epoch: log, save, rotate
-                    n_img = (self.step - step_epoch) * self.batch
-                    mean = self.epoch_loss_sum.item() / max(1, self.step - step_epoch)
-                    dt = time.time() - t_epoch
-                    progress.print(f"[Epoch {self.epoch}] Loss: {mean:.6f} Elapsed: {dt / 60:.2f} min "
-                                   f"({n_img / max(dt, 1e-9):,.0f} img/s, step {self.step})")
-                    self.epoch_loss_sum.zero_()
-                    self.epoch, self.epoch_step = self.epoch + 1, 0
-                    self.save(ckpt_dir / f"ckpt-{(self.epoch - 1) % 5}.pth", metrics)
-                    t_epoch, step_epoch = time.time(), self.step
-                    progress.update(epochs_task, completed=self.epoch)
-                    progress.reset(batches_task)
-                elif reason != "done":
-                    self.save(ckpt_dir / f"ckpt-{self.epoch % 5}.pth", metrics)
-        if reason not in ("done", "nothing to do"):
+        try:
+            with StopRequest() as stop, make_progress() as progress:
+                bars = (progress.add_task("Epochs", total=self.end_epoch, completed=self.epoch, info=""),
+                        progress.add_task("Batches", total=self.steps_per_epoch * self.batch,
+                                          completed=self.epoch_step * self.batch, info=""))
+                while reason == "done" and self.epoch < self.end_epoch:
+                    if self.epoch_step >= self.steps_per_epoch:
+                        self.epoch, self.epoch_step = self.epoch + 1, 0
+                        continue
+                    self.train_step()
+                    if self.rt.compile and self.step == self.first_step + 1:
+                        self._after_compile()
+                    progress.advance(bars[1], self.batch)
+                    if self.step % self.sync_every == 0:
+                        self.check_health()
+                    if self.step % tc.log_every == 0:
+                        self._log_interval(metrics, progress, bars[1], deadline)
+                    if preview is not None and self.step % tc.sample_every == 0:
+                        preview.write(self.step)
+                    reason = self._stop_reason(stop, deadline)
+                    if self.epoch_step >= self.steps_per_epoch:
+                        self._end_epoch(ckpt_dir, metrics, progress, bars)
+                    elif reason != "done":
+                        self.save(checkpoint_path(ckpt_dir, self.epoch), metrics)
+        finally:
+            metrics.close()
+        if reason != "done":
             log(f"stopped ({reason.replace('_', ' ')}) at step {self.step}, epoch {self.epoch}; "
                 f"checkpoint saved in {ckpt_dir}; continue with --resume")
-        metrics.close()
         if is_rank0():
             write_loss_curve(ckpt_dir / "metrics.csv", save_dir / "loss.png")
         return reason
+
+    def _after_compile(self) -> None:
+        """The first step compiled the model: say how long it took, and time from here on."""
+        sync_device(self.rt)
+        log(f"compile: first step took {time.time() - self._t_log:.1f} s (torch.compile included)")
+        self._t_log = self._t_epoch = time.time()
+        self._step_log = self._step_epoch = self.step
+
+    def _log_interval(self, metrics: "MetricsLog", progress, task, deadline: Optional[float]) -> None:
+        """Every --log-every steps (host sync): the mean loss of the steps that were not skipped, img/s,
+        one row of metrics.csv and the progress bar's text."""
+        n, good = self.step - self._step_log, int(self.good_steps.item())
+        loss = self.loss_sum.item() / good if good else None
+        self.loss_sum.zero_()
+        self.good_steps.zero_()
+        now = time.time()
+        ips = n * self.batch / max(now - self._t_log, 1e-9)
+        self._t_log, self._step_log = now, self.step
+        if not is_rank0():
+            return
+        if loss is not None:
+            self.last_loss = loss
+        text = f"loss {loss:.4f}" if loss is not None else "loss: every step skipped (non-finite)"
+        text += f" | {n - good} skipped" if 0 < n - good < n else ""
+        left = f" | time left {format_duration(deadline - now)}" if deadline else ""
+        progress.update(task, info=f"{text} | {ips:,.0f} img/s{left}")
+        metrics.metric(step=self.step, epoch=self.epoch, images_seen=self.images_seen,
+                       loss=round(loss, 6) if loss is not None else "", skipped=n - good,
+                       lr=self.opt.param_groups[0]["lr"], img_per_s=round(ips, 1), wall_time=round(now, 3))
+
+    def _stop_reason(self, stop: "StopRequest", deadline: Optional[float]) -> str:
+        """"done" to go on, else why to stop. --max-steps is the same step on every rank; clocks and
+        signals differ between ranks, so those are agreed at sync points."""
+        if self.tc.max_steps and self.step >= self.tc.max_steps:
+            return "max_steps"
+        local = "time_budget" if deadline and time.time() >= deadline else stop.reason
+        if not self.rt.distributed:
+            return local or "done"
+        if self.step % self.sync_every == 0 and any_rank(local is not None, self.rt):
+            return local or "stop_on_another_process"
+        return "done"
+
+    def _end_epoch(self, ckpt_dir: Path, metrics: "MetricsLog", progress, bars) -> None:
+        """The epoch line (mean loss over its good steps), then the epoch's rotating checkpoint."""
+        n, good = self.step - self._step_epoch, int(self.epoch_good.item())
+        mean = f"{self.epoch_loss_sum.item() / good:.6f}" if good else "nan (every step skipped)"
+        dt = time.time() - self._t_epoch
+        progress.print(f"[Epoch {self.epoch}] Loss: {mean} Elapsed: {dt / 60:.2f} min "
+                       f"({n * self.batch / max(dt, 1e-9):,.0f} img/s, step {self.step})"
+                       + (f"; {n - good} steps skipped (non-finite)" if 0 < n - good < n else ""))
+        self.epoch_loss_sum.zero_()
+        self.epoch_good.zero_()
+        self.epoch, self.epoch_step = self.epoch + 1, 0
+        self.save(checkpoint_path(ckpt_dir, self.epoch - 1), metrics)
+        self._t_epoch, self._step_epoch = time.time(), self.step
+        progress.update(bars[0], completed=self.epoch)
+        progress.reset(bars[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2006,9 +2445,12 @@ def save_png(img: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arr = img.permute(1, 2, 0).numpy()
-    Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(path)
+    except OSError as e:
+        raise DDPMError(f"could not write {path} ({e.strerror or first_line(e)}); check the disk and --save-dir") from None
 
 
 def image_grid(imgs: torch.Tensor, nrow: int = 8) -> torch.Tensor:
@@ -2097,8 +2539,9 @@ class PreviewGrid:
         model.config = tr.cfg
         was_training = model.training
         model.eval()
+        spec = tr.tc.preview
         imgs = generate(model, Runtime(tr.rt.device, tr.rt.precision), list(range(self.n)), tr.seed,
-                        tr.args.sampler, sampling_steps(tr.args, tr.cfg), tr.args.eta, clip=not tr.args.no_clip,
+                        spec.sampler, spec.steps_for(tr.cfg.timesteps), spec.eta, clip=spec.clip,
                         batch_size=self.n, show_progress=False)
         model.train(was_training)
         grid = image_grid(imgs, nrow=int(math.ceil(math.sqrt(self.n))))
@@ -2167,51 +2610,34 @@ def split_holdout(data: torch.Tensor, fraction: float, seed: int) -> Tuple[torch
     return (data[train] if k else data), data[held], {"fraction": float(fraction), "seed": int(seed), "n": k, "total": n}
 
 
-def holdout_for_training(args, data: torch.Tensor, seed: int, resume: Optional[dict]) -> torch.Tensor:
-    """--train --holdout F: the training images without the held-out ones; a resumed run keeps the
-    split recorded in its checkpoint unless --holdout is typed. Sets args.holdout_record."""
-    rec = (resume or {}).get("holdout") or {}
-    frac, hseed = getattr(args, "holdout", 0.0), seed  # getattr: args built by hand, without the flag
-    if rec and "holdout" not in getattr(args, "explicit", ()):
-        frac, hseed = rec["fraction"], rec["seed"]
-    train, held, args.holdout_record = split_holdout(data, frac, hseed)
-    if len(held):
-        log(f"holdout: {len(held)} of {len(data)} images left out of training (--holdout {frac:g}, seed {hseed}); "
-            f"--eval uses them")
-    return train
-
-
-def training_source(args, obj: dict) -> Tuple[Optional[List[str]], int]:
-    """Where a checkpoint's training images came from: (folders, 0), or (None, n) for n demo faces.
-    --data-folders on the command line overrides the record."""
-    train = obj.get("train") or {}
+def training_source(args, obj: dict) -> DataSource:
+    """Where a checkpoint's training images came from; --data-folders on the command line overrides
+    the record."""
+    bg = args.background_rgb
     if args.data_folders:
-        return list(args.data_folders), 0
+        return DataSource(tuple(args.data_folders), 0, bg)
+    if obj.get("data"):
+        return DataSource.from_record(obj["data"], bg)
+    train = obj.get("train") or {}  # checkpoints from before the data record
     if args.demo or train.get("demo"):
-        return None, int((obj.get("holdout") or {}).get("total") or args.demo_images)
+        return DataSource((), int((obj.get("holdout") or {}).get("total") or args.demo_images), bg)
     if train.get("data_folders"):
-        return list(train["data_folders"]), 0
+        return DataSource(tuple(train["data_folders"]), 0, bg)
     raise DDPMError("the checkpoint does not record its training data (an export, or a file of the original "
                     "script); give --data-folders DIR")
-
-
-def read_source(args, cfg: ModelConfig, folders: Optional[List[str]], demo_n: int) -> torch.Tensor:
-    """(N, C, S, S) uint8 images of training_source's answer, at the model's size and channels."""
-    a = copy.copy(args)
-    a.demo, a.data_folders, a.demo_images = folders is None, folders, demo_n
-    return load_training_data(a, cfg)
 
 
 def eval_datasets(args, obj: dict, cfg: ModelConfig) -> Tuple[torch.Tensor, Optional[torch.Tensor], str]:
     """(the training images the model saw, held-out images or None, what the held-out set is).
     Held out: --eval-folders, else the checkpoint's --holdout split rebuilt from its record, else for
     the demo 256 faces past the ones it trained on (face i depends on i alone, so they are new)."""
-    folders, demo_n = training_source(args, obj)
-    data = read_source(args, cfg, folders, demo_n)
+    src = training_source(args, obj)
+    data = src.load(cfg)
     rec, held, what = obj.get("holdout") or {}, None, ""
-    if folders is None and not rec.get("n") and not args.eval_folders:
-        held = read_source(args, cfg, None, demo_n + 256)[demo_n:]
-        what = f"256 new demo faces (indices {demo_n} to {demo_n + 255}, never trained on)"
+    if not src.folders and not rec.get("n") and not args.eval_folders:
+        n = src.demo_images
+        held = replace(src, demo_images=n + 256).load(cfg, quiet=True)[n:]
+        what = f"256 new demo faces (indices {n} to {n + 255}, never trained on)"
     if rec.get("n"):
         if rec.get("total") == len(data):
             data, held, _ = split_holdout(data, rec["fraction"], rec["seed"])
@@ -2385,13 +2811,13 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
     return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_sqrt)
 
 
-def fid_cache_key(folders: Optional[List[str]], demo_n: int, cfg: ModelConfig, background, tag: str) -> str:
+def fid_cache_key(src: DataSource, cfg: ModelConfig, tag: str) -> str:
     """A hash of the real images' identity (files with sizes and times, or the demo count), size, features."""
-    if folders is None:
-        what = ["demo", demo_n]
+    if not src.folders:
+        what = ["demo", src.demo_images]
     else:
-        what = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in find_image_files(folders)[0]]
-    blob = json.dumps([what, cfg.img_size, cfg.img_channels, list(background), tag]).encode()
+        what = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in find_image_files(src.folders)[0]]
+    blob = json.dumps([what, cfg.img_size, cfg.img_channels, list(src.background), tag]).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -2465,16 +2891,16 @@ def eval_command(args, rt: Runtime, feature_fn: Optional[Callable[[torch.Tensor]
                         clip=not args.no_clip)
     if args.eval == "fid":
         tag = getattr(feature_fn, "tag", "custom features")
-        folders, demo_n = ((list(args.eval_folders or args.data_folders), 0) if args.eval_folders or args.data_folders
-                           else training_source(args, obj))
-        label = f"{demo_n} demo faces" if folders is None else " ".join(folders)
-        cache = path.parent / f"fid-stats-{fid_cache_key(folders, demo_n, cfg, args.background_rgb, tag)}.pt"
+        src = (DataSource(tuple(args.eval_folders or args.data_folders), 0, args.background_rgb)
+               if args.eval_folders or args.data_folders else training_source(args, obj))
+        label = src.describe()
+        cache = path.parent / f"fid-stats-{fid_cache_key(src, cfg, tag)}.pt"
         try:
             st = torch.load(cache, map_location="cpu", weights_only=True)
             real = (st["mu"], st["sigma"], int(st["n"]))
             log(f"fid: real statistics of {real[2]} images from {cache} (cached)")
         except Exception:  # missing or unreadable: recompute
-            real = activation_stats(read_source(args, cfg, folders, demo_n).split(args.batch_size), feature_fn)
+            real = activation_stats(src.load(cfg).split(args.batch_size), feature_fn)
             try:
                 atomic_write(cache, lambda f: torch.save({"mu": real[0], "sigma": real[1], "n": real[2],
                                                          "source": label, "features": tag}, f))
@@ -2586,12 +3012,19 @@ def build_parser() -> ArgParser:
     g.add_argument("--epochs", type=int, default=5, help="epochs to train (with --resume: the run's total)")
     g.add_argument("--ckpt-save-dir", type=str, default="ckpt", help="checkpoints ckpt-{epoch %% 5}.pth, metrics.csv")
     g.add_argument("--resume", action="store_true", help="continue the run of the newest checkpoint (by step) "
-                   "in --ckpt-save-dir, or of --loadckpt")
+                   "in --ckpt-save-dir, or of --loadckpt, with the run's own settings and data")
+    g.add_argument("--resume-with-new-data", action="store_true",
+                   help="--resume on other data than the run's (other folders, or images added or removed)")
+    g.add_argument("--overwrite", action="store_true", help="--train: move another run's files out of "
+                   "--ckpt-save-dir into a dated subfolder; --export: replace an existing file")
     g.add_argument("--max-steps", type=int, default=None, help="stop (and save) at this global step")
     g.add_argument("--time-budget", type=parse_duration, default=None, help="stop (and save) after this wall "
                    "time: 2h, 90m, 45s")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of the weights; 0 turns it off")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (same effective batch)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (same effective batch; "
+                   "on a GPU more are used where memory is short, unless this is typed)")
+    g.add_argument("--max-nonfinite", type=int, default=10, help="stop after this many non-finite losses or "
+                   "gradients in a row (those updates are skipped)")
     g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
                    help="constant (the original) or cosine decay to 0 at the end of --epochs")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
@@ -2661,16 +3094,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.explicit = explicit_flags(parser, argv)
     args.explicit_epochs = "epochs" in args.explicit
-    for name in ("batch_size", "epochs", "grad_accum", "log_every", "demo_images", "img_size", "num_channels",
-                 "num_blocks", "timesteps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise DDPMError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.steps is not None and args.steps < 1:
-        raise DDPMError(f"--steps must be at least 1, got {args.steps}")
-    if args.num_samples is not None and args.num_samples < 1:
-        raise DDPMError(f"--num-samples must be at least 1, got {args.num_samples}")
-    if not 0 <= args.ema_decay < 1:
-        raise DDPMError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    check_flags(args)
     try:
         from PIL import ImageColor
         args.background_rgb = ImageColor.getrgb(args.background)[:3]
@@ -2679,9 +3103,55 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def check_flags(args) -> None:
+    """Every flag's own range, in one place, before any work: one line naming the flag."""
+    for name in ("batch_size", "epochs", "grad_accum", "log_every", "demo_images", "img_size", "num_channels",
+                 "num_blocks", "timesteps", "steps", "num_samples", "max_steps", "max_nonfinite"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise DDPMError(f"--{name.replace('_', '-')} must be at least 1, got {v}"
+                            + ("; leave it out for no limit" if name == "max_steps" else ""))
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise DDPMError(f"--lr must be a positive finite number, got {args.lr}")
+    if not 0 <= args.ema_decay < 1:
+        raise DDPMError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if not 0 <= args.eta <= 1:  # NaN fails every comparison
+        raise DDPMError(f"--eta must be in [0, 1], got {args.eta}")
+    for name in ("warmup_steps", "sample_every"):
+        if getattr(args, name) < 0:
+            raise DDPMError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise DDPMError(f"--time-budget must be longer than 0 (leave it out for no limit), got {args.time_budget:g} s")
+    if args.device is not None and not re.fullmatch(r"cpu|mps|cuda(:\d+)?", args.device):
+        raise DDPMError(f"--device must be cpu, cuda, cuda:N or mps, got {args.device!r}")
+    if args.index is not None and args.index < 0:
+        raise DDPMError(f"--index must be 0 or more, got {args.index}")
+    if args.resume and not args.train:
+        raise DDPMError("--resume continues a training run: add --train")
+    if args.resume_with_new_data and not args.resume:
+        raise DDPMError("--resume-with-new-data goes with --train --resume")
+
+
+def sample_spec_from_args(args) -> SampleSpec:
+    return SampleSpec(args.sampler, args.steps, args.eta, not args.no_clip)
+
+
+def train_config_from_args(args) -> TrainConfig:
+    return TrainConfig(
+        batch_size=args.batch_size, grad_accum=args.grad_accum, auto_accum="grad_accum" not in args.explicit,
+        lr=args.lr, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, epochs=args.epochs,
+        ema_decay=args.ema_decay, precision=args.precision, holdout=args.holdout, max_steps=args.max_steps,
+        max_nonfinite=args.max_nonfinite, log_every=args.log_every, sample_every=args.sample_every,
+        tensorboard=args.tensorboard, preview=sample_spec_from_args(args))
+
+
+def data_source_from_args(args) -> DataSource:
+    return DataSource(tuple(args.data_folders or ()), args.demo_images if args.demo else 0, args.background_rgb)
+
+
 def sampling_steps(args, cfg: ModelConfig) -> int:
     """--steps, or its default: 25, and T for the ddpm sampler (the original)."""
-    return args.steps or (cfg.timesteps if args.sampler == "ddpm" else 25)
+    return sample_spec_from_args(args).steps_for(cfg.timesteps)
 
 
 def model_config_from_args(args) -> ModelConfig:
@@ -2704,76 +3174,136 @@ def pick_seed(args) -> int:
     return seed
 
 
-def load_training_data(args, cfg: ModelConfig) -> torch.Tensor:
-    if args.demo:
-        t0 = time.time()
-        data = demo_faces(args.demo_images, cfg.img_size, seed=0)
-        if cfg.img_channels == 1:
-            data = (data.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).round().to(torch.uint8)
-        log(f"data: {len(data)} built-in demo faces ({cfg.img_size}x{cfg.img_size}, made in {time.time() - t0:.1f} s)")
-        return data
-    if not args.data_folders:
-        raise DDPMError("--train needs --data-folders DIR [DIR ...] (or --demo for the built-in faces)")
-    return load_images(args.data_folders, cfg.img_size, cfg.img_channels, args.background_rgb)
+@dataclass
+class RunStart:
+    """What a --train command starts from, decided before any work: a fresh run, a fine-tune of
+    --loadckpt's weights, or a resumed run with its own settings and data."""
+
+    kind: str                      # fresh | fine-tune | resume
+    cfg: ModelConfig
+    train: TrainConfig
+    data: DataSource
+    run_id: str
+    ckpt: Optional[dict] = None    # the checkpoint read (fine-tune, resume)
+    path: Optional[Path] = None
 
 
-def train_command(args, rt: Runtime) -> int:
-    """--train: fresh, fine-tuned from --loadckpt, or resumed with --resume."""
+def start_of_run(args, ckpt_dir: Path) -> RunStart:
+    cfg, tc, src = model_config_from_args(args), train_config_from_args(args), data_source_from_args(args)
+    if not (args.resume or args.loadckpt):
+        return RunStart("fresh", cfg.validate(), tc, src, new_run_id())
+    path = resolve_checkpoint(args.loadckpt) if args.loadckpt else newest_checkpoint(ckpt_dir)
+    if path is None:
+        raise DDPMError(f"--resume found no {CKPT_PATTERN} in {ckpt_dir}; train without --resume first")
+    obj = read_checkpoint(path)
+    cfg = config_from_checkpoint(obj, path, explicit_model_flags(args), cfg).validate()
+    if not args.resume:
+        log(f"fine-tune: weights from {path}, lr {tc.lr}")
+        run_id = None if is_legacy_state_dict(obj) else run_id_of(obj)
+        return RunStart("fine-tune", cfg, tc, src, run_id or new_run_id(), obj, path)
+    if is_legacy_state_dict(obj):
+        raise DDPMError(f"{path} was written by the original script and has no run state to resume; "
+                        f"use --loadckpt {path} --train (without --resume) to fine-tune it")
+    if obj.get("optimizer") is None or "epoch" not in obj:  # e.g. a .safetensors export
+        raise DDPMError(f"{path} holds weights only (no optimizer or run state) and cannot be resumed; "
+                        f"use --loadckpt {path} --train (without --resume) to fine-tune it")
+    stored = dict(obj.get("train") or {})
+    stored.setdefault("epochs", obj.get("end_epoch"))
+    if "holdout" not in stored and obj.get("holdout"):
+        stored["holdout"] = obj["holdout"].get("fraction", 0.0)
+    log(f"resume: {path} (step {obj['step']}, epoch {obj['epoch']})")
+    tc = tc.resumed({k: v for k, v in stored.items() if v is not None}, args.explicit)
+    return RunStart("resume", cfg, tc, resumed_source(src, obj, args), run_id_of(obj) or new_run_id(), obj, path)
+
+
+def resumed_source(src: DataSource, obj: dict, args) -> DataSource:
+    """--resume trains on the run's own data; data flags that name other data are refused unless
+    --resume-with-new-data says so."""
+    typed = bool(args.data_folders) or "demo" in args.explicit
+    if not obj.get("data"):  # written before the data record: its folders were kept as typed, relative to
+        if typed:            # a working directory it did not record, so only the image count is checked
+            return src
+        return training_source(args, obj)
+    run = DataSource.from_record(obj["data"], src.background)
+    if not typed:
+        return run
+    if not src.same_as(run):
+        if not args.resume_with_new_data:
+            raise DDPMError(f"--resume: the run trained on {run.describe()}, not {src.describe()}; drop the data "
+                            f"flags to use the run's data, or add --resume-with-new-data")
+        log(f"resume: on {src.describe()} (the run trained on {run.describe()}; --resume-with-new-data)")
+    return src
+
+
+def train_command(args) -> int:
+    """--train: fresh, fine-tuned from --loadckpt, or resumed with --resume. The checkpoint folder is
+    locked for the run and must hold no other run's files; the first process of a torchrun launch
+    checks both, before any work."""
     ckpt_dir, save_dir = Path(args.ckpt_save_dir), Path(args.save_dir)
-    resume = init = None
-    cfg = model_config_from_args(args)
-    if args.resume:
-        path = resolve_checkpoint(args.loadckpt) if args.loadckpt else newest_checkpoint(ckpt_dir)
-        if path is None:
-            raise DDPMError(f"--resume found no {CKPT_PATTERN} in {ckpt_dir}; train without --resume first")
-        resume = read_checkpoint(path)
-        if is_legacy_state_dict(resume):
-            raise DDPMError(f"{path} was written by the original script and has no run state to resume; "
-                            f"use --loadckpt {path} --train (without --resume) to fine-tune it")
-        cfg = config_from_checkpoint(resume, path, explicit_model_flags(args), cfg)
-        if resume.get("optimizer") is None or "epoch" not in resume:  # e.g. a .safetensors export
-            raise DDPMError(f"{path} holds weights only (no optimizer or run state) and cannot be resumed; "
-                            f"use --loadckpt {path} --train (without --resume) to fine-tune it")
-        args.loadckpt = str(path)
-        log(f"resume: {path} (step {resume['step']}, epoch {resume['epoch']})")
-    elif args.loadckpt:
-        path = resolve_checkpoint(args.loadckpt)
-        init = read_checkpoint(path)
-        cfg = config_from_checkpoint(init, path, explicit_model_flags(args), cfg)
-        args.loadckpt = str(path)
-        log(f"fine-tune: weights from {path}, lr {args.lr}")
-    cfg.validate()
-    seed = int(resume["seed"]) if resume is not None and "seed" in resume and args.seed is None else pick_seed(args)
-    data = holdout_for_training(args, load_training_data(args, cfg), seed, resume)
-    B = args.batch_size
-    if B % (rt.world * args.grad_accum):
+    first = int(os.environ.get("RANK", "0")) == 0
+    lock = FolderLock(ckpt_dir)
+    try:
+        if first:
+            lock.acquire()
+        run = start_of_run(args, ckpt_dir)
+        if first:
+            guard_run_folder(ckpt_dir, run.run_id, run.kind != "fresh", args.overwrite)
+        rt = setup_runtime(args.device, run.train.precision, args.compile, training=True)
+        return train_run(args, rt, run, ckpt_dir, save_dir)
+    finally:
+        lock.release()
+
+
+def train_run(args, rt: Runtime, run: RunStart, ckpt_dir: Path, save_dir: Path) -> int:
+    """Load the data, build the trainer, draw run-before.png, train, draw the final pictures."""
+    tc, cfg, resume = run.train, run.cfg, run.kind == "resume"
+    seed = int(run.ckpt["seed"]) if resume and "seed" in run.ckpt and args.seed is None else pick_seed(args)
+    if args.demo and args.data_folders:
+        log(f"note: --demo's CPU preset applies to your folders ({' '.join(args.data_folders)}); the built-in "
+            f"faces are not used")
+    data = run.data.load(cfg)
+    expected = (run.ckpt.get("data") or {}).get("images") or (run.ckpt.get("holdout") or {}).get("total") if resume else None
+    if expected and len(data) != expected and not args.resume_with_new_data:
+        raise DDPMError(f"--resume: {run.data.describe()} now holds {len(data)} images, the run trained on {expected}; "
+                        f"add --resume-with-new-data to continue on the new set")
+    held_rec = (run.ckpt.get("holdout") or {}) if resume and "holdout" not in args.explicit else {}
+    train_data, held, holdout = split_holdout(data, tc.holdout, held_rec.get("seed", seed))
+    if len(held):
+        log(f"holdout: {len(held)} of {len(data)} images left out of training (--holdout {tc.holdout:g}); "
+            f"--eval uses them")
+    B = tc.batch_size
+    if B % (rt.world * tc.grad_accum):
         raise DDPMError(f"--batch-size {B} is the global batch and must divide evenly over {rt.world} processes x "
-                        f"{args.grad_accum} accumulation steps")
-    if len(data) < B:
-        raise DDPMError(f"--batch-size {B} is larger than the {len(data)} training images; use --batch-size "
-                        f"{len(data)} or fewer")
+                        f"{tc.grad_accum} accumulation steps")
+    if len(train_data) < B:
+        raise DDPMError(f"--batch-size {B} is larger than the {len(train_data)} training images; use --batch-size "
+                        f"{len(train_data)} or fewer")
     deadline = (START_TIME + args.time_budget) if args.time_budget else None
     for tmp in ckpt_dir.glob(".ckpt-*.tmp-*"):  # left by a killed process; never a valid checkpoint
         if is_stale_temp(tmp):
             with contextlib.suppress(OSError):
                 tmp.unlink()
-    trainer = Trainer(args, rt, cfg, Batches(data, rt.device, seed), seed, resume=resume, init=init)
+    trainer = Trainer(tc, rt, cfg, Batches(train_data, rt.device, seed), seed, resume=run.ckpt if resume else None,
+                      init=run.ckpt if run.kind == "fine-tune" else None, run_id=run.run_id,
+                      data={**run.data.record(len(data)), "holdout": holdout})
     n_params = sum(p.numel() for p in trainer.model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters | batch {B} = {rt.world} process(es) x {trainer.micro} x "
         f"{trainer.accum} accumulation | {trainer.steps_per_epoch} steps per epoch | EMA "
-        f"{args.ema_decay if args.ema_decay else 'off'}" + (f" | {trainer.memory_note}" if trainer.memory_note else ""))
+        f"{tc.ema_decay if tc.ema_decay else 'off'}" + (f" | {trainer.memory_note}" if trainer.memory_note else ""))
     pictures = is_rank0() and not args.no_run_pictures
-    steps = sampling_steps(args, cfg)  # the pictures use the sampling flags (--sampler, --steps)
+    spec = tc.preview  # the pictures use the sampling flags (--sampler, --steps, --eta, --no-clip)
+    steps = spec.steps_for(cfg.timesteps)
     local = Runtime(rt.device, rt.precision)
     if pictures:
-        save_png(upscale(reverse_strip(_sampling_view(trainer, ema=False), local, seed, 8, args.sampler, steps), 2),
-                 save_dir / "run-before.png")
+        save_png(upscale(reverse_strip(_sampling_view(trainer, ema=False), local, seed, 8, spec.sampler, steps,
+                                       spec.eta), 2), save_dir / "run-before.png")
     reason = trainer.fit(save_dir, ckpt_dir, deadline)
     if pictures and reason != "nothing to do" and not reason.startswith("SIG"):  # a signal means: exit now
         model = _sampling_view(trainer, ema=True)
-        save_png(upscale(reverse_strip(model, local, seed, 8, args.sampler, steps), 2), save_dir / "run-after.png")
-        imgs = generate(model, local, list(range(args.num_samples or 64)), seed, args.sampler, steps, args.eta,
-                        batch_size=64, clip=not args.no_clip)
+        save_png(upscale(reverse_strip(model, local, seed, 8, spec.sampler, steps, spec.eta), 2),
+                 save_dir / "run-after.png")
+        imgs = generate(model, local, list(range(args.num_samples or 64)), seed, spec.sampler, steps, spec.eta,
+                        batch_size=64, clip=spec.clip)
         grid = image_grid(imgs)
         save_png(upscale(grid, 2 if cfg.img_size <= 32 else 1), save_dir / "final-grid.png")
         log(f"wrote {save_dir / 'run-before.png'}, {save_dir / 'run-after.png'} and {save_dir / 'final-grid.png'}")
@@ -2791,23 +3321,26 @@ def sample_command(args, rt: Runtime) -> int:
     """Sampling from --loadckpt: ddpm-{i}.png for each index, ddpm-all.png, optional extras."""
     if not args.loadckpt:
         raise DDPMError("nothing to do: give --train to train, or --loadckpt CKPT to sample from a checkpoint")
-    model = load_model(args.loadckpt, rt.device, use_ema=not args.no_ema, **explicit_model_flags(args))
+    path = resolve_checkpoint(args.loadckpt)
+    obj = read_checkpoint(path)
+    model = load_model(path, rt.device, use_ema=not args.no_ema, _obj=obj, **explicit_model_flags(args))
     cfg = model.config
     src = model.source
+    data_src = training_source(args, obj) if args.forward_steps else None  # fails here, before sampling
     log(f"model: {src['path']} (step {src['step'] if src['step'] is not None else 'unknown'}, "
         f"{'EMA' if src['ema'] else 'raw'} weights)")
     seed = pick_seed(args)
     steps = sampling_steps(args, cfg)
     save_dir = Path(args.save_dir)
-    if args.index is not None:
-        if args.index < 0:
-            raise DDPMError(f"--index must be 0 or more, got {args.index}")
-        indices = [args.index]
-    else:
-        indices = list(range(args.num_samples or args.batch_size))
+    indices = [args.index] if args.index is not None else list(range(args.num_samples or args.batch_size))
+    check_sampling_memory(cfg, min(args.batch_size, len(indices)), rt.device)
     t0 = time.time()
-    imgs = generate(model, rt, indices, seed, args.sampler, steps, args.eta, args.batch_size,
-                    compile_=bool(args.compile), clip=not args.no_clip)
+    try:
+        imgs = generate(model, rt, indices, seed, args.sampler, steps, args.eta, args.batch_size,
+                        compile_=bool(args.compile), clip=not args.no_clip)
+    except (MemoryError, OverflowError, torch.OutOfMemoryError):
+        raise DDPMError(f"out of memory sampling batches of {args.batch_size} at {cfg.img_size}x{cfg.img_size}; "
+                        f"use a smaller --batch-size") from None
     if is_rank0():
         for i, img in zip(indices, imgs):
             save_png(img, save_dir / f"ddpm-{i}.png")
@@ -2819,7 +3352,7 @@ def sample_command(args, rt: Runtime) -> int:
     if is_rank0() and args.reverse_steps:
         save_png(reverse_strip(model, local, seed, 8, args.sampler, steps, args.eta), save_dir / "reverse.png")
     if is_rank0() and args.forward_steps:
-        data = load_training_data(args, cfg)
+        data = data_src.load(cfg)
         save_png(forward_strip(copy.deepcopy(model), data[:8], seed), save_dir / "forward.png")
     if is_rank0() and args.gif:
         frames = []
@@ -2842,6 +3375,28 @@ def sample_command(args, rt: Runtime) -> int:
     return 0
 
 
+def free_memory(dev: torch.device) -> Optional[int]:
+    """Bytes free on the device (for the CPU: available RAM where the system says), or None."""
+    if dev.type == "cuda":
+        return cuda_free_bytes(dev)
+    if dev.type == "cpu" and hasattr(os, "sysconf"):
+        with contextlib.suppress(ValueError, OSError):
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def check_sampling_memory(cfg: ModelConfig, batch: int, dev: torch.device) -> None:
+    """Refuse, with an estimate, a sampling batch that cannot fit: about a dozen feature maps of the
+    top resolution are alive at once (input, skip connections, the residual blocks' inner maps)."""
+    need = batch * cfg.img_size ** 2 * max(cfg.num_channels, cfg.img_channels) * 4 * 12
+    free = free_memory(dev)
+    if free is not None and need > free:
+        fit = max(1, int(batch * free / need))
+        raise DDPMError(f"--batch-size {batch} at {cfg.img_size}x{cfg.img_size} needs about {need / 2**30:,.1f} GiB "
+                        f"to sample, more than the {free / 2**30:,.1f} GiB free on {dev.type}; use --batch-size "
+                        f"{fit} or fewer")
+
+
 def info_command(path: str) -> int:
     """--info: describe a checkpoint without building the model."""
     p = resolve_checkpoint(path)
@@ -2861,7 +3416,8 @@ def info_command(path: str) -> int:
     n = sum(v.numel() for v in obj["model"].values())
     cfg = ", ".join(f"{k}={v}" for k, v in obj["config"].items())
     last = obj.get("last_loss")
-    print(f"{p}: ddpm.py checkpoint, format version {obj.get('version')}\n"
+    print(f"{p}: ddpm.py checkpoint, format version {obj.get('version')}"
+          + (f", run {run_id_of(obj)}" if run_id_of(obj) else "") + "\n"
           f"  config: {cfg}\n"
           f"  step: {obj.get('step', 'unknown')} | epoch: {obj.get('epoch', 'unknown')} | images seen: "
           f"{obj.get('images_seen', 'unknown')} | last loss: {'unknown' if last is None else f'{last:.6f}'}\n"
@@ -2871,10 +3427,25 @@ def info_command(path: str) -> int:
     return 0
 
 
+def check_export_target(out: Path, source: Path, overwrite: bool) -> None:
+    """--export never writes over its own source, nor over another file without --overwrite, and
+    fails before reading anything if the place cannot take the file."""
+    if out.is_dir():
+        raise DDPMError(f"--export {out} is a folder; name a file such as {out / 'model.safetensors'}")
+    if out.exists():
+        if source.exists() and os.path.samefile(out, source):
+            raise DDPMError(f"--export {out} is the checkpoint being exported; name another file")
+        if not overwrite:
+            raise DDPMError(f"--export {out} exists; name another file, or add --overwrite to replace it")
+    check_writable(out.parent if str(out.parent) else Path("."), "--export")
+
+
 def export_command(args) -> int:
     if not args.loadckpt:
         raise DDPMError("--export needs --loadckpt CKPT to know which weights to write")
-    model = load_model(args.loadckpt, "cpu", use_ema=not args.no_ema, **explicit_model_flags(args))
+    source = resolve_checkpoint(args.loadckpt)
+    check_export_target(Path(args.export), source, args.overwrite)
+    model = load_model(source, "cpu", use_ema=not args.no_ema, **explicit_model_flags(args))
     weights = "ema" if model.source["ema"] else "raw"
     export_safetensors(model, model.config, Path(args.export), weights, model.source["step"] or 0)
     print(f"wrote {args.export} ({weights} weights, config in the metadata)")
@@ -2888,6 +3459,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line; returns the exit status. Errors in the input are one line, status 2."""
     global START_TIME
     START_TIME = time.time()
+    for stream in (sys.stdout, sys.stderr):  # a path that is not valid UTF-8 must not stop a run
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     try:
         args = parse_args(argv)
         if args.info:
@@ -2903,16 +3477,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise DDPMError(f"--eval {args.eval} evaluates a trained model: give --loadckpt CKPT, without --train")
         if not args.train and not args.loadckpt:
             raise DDPMError("nothing to do: give --train to train, or --loadckpt CKPT to sample from a checkpoint")
-        if args.train and not args.demo and not args.data_folders:
+        if args.train and not (args.demo or args.data_folders or args.resume):
             raise DDPMError("--train needs --data-folders DIR [DIR ...] (or --demo for the built-in faces)")
         if args.train and not (args.resume or args.loadckpt):
             model_config_from_args(args).validate()  # bad flag combinations fail before any work
         if args.train and args.data_folders:
             find_image_files(args.data_folders)  # a missing or empty folder fails here, before any model
-        rt = setup_runtime(args.device, args.precision, args.compile, training=args.train)
-        if args.eval:
-            return eval_command(args, rt)
-        return train_command(args, rt) if args.train else sample_command(args, rt)
+        if args.train:
+            check_writable(Path(args.ckpt_save_dir), "--ckpt-save-dir")
+        check_writable(Path(args.save_dir), "--save-dir")  # every command but --info/--export writes there
+        if args.train:
+            return train_command(args)
+        rt = setup_runtime(args.device, args.precision, args.compile, training=False)
+        return eval_command(args, rt) if args.eval else sample_command(args, rt)
     except DDPMError as e:
         if prints_errors():
             print(f"ddpm.py: error: {e}", file=sys.stderr, flush=True)

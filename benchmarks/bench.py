@@ -75,7 +75,7 @@ def bench_train(flags, batch, precision, compile_, steps, warmup, flops, profile
     cfg = ddpm.model_config_from_args(args).validate()
     n = batch * (warmup + steps + 2)  # one epoch covers every step: no reshuffle inside the timing
     data = torch.randint(0, 256, (n, cfg.img_channels, cfg.img_size, cfg.img_size), dtype=torch.uint8)
-    tr = ddpm.Trainer(args, rt, cfg, ddpm.Batches(data, rt.device, 0), seed=0)
+    tr = ddpm.Trainer(ddpm.train_config_from_args(args), rt, cfg, ddpm.Batches(data, rt.device, 0), seed=0)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()

@@ -49,7 +49,7 @@ def newest(folder: Path) -> dict:
 
 
 def snapshot(folder: Path) -> dict:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != ".lock"}
 
 
 def assert_same_tensors(a, b, what: str) -> None:
@@ -238,14 +238,14 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path):
     assert not list(ckpt.glob(".*tmp*"))
 
 
-def _signal_before_step(monkeypatch, at_step: int, times: int):
+def _signal_before_step(monkeypatch, at_step: int, times: int, folder: Path):
     """Send SIGINT to this process `times` times just before the update of step `at_step` + 1."""
     real_step = ddpm.Trainer.train_step
     seen = {}
 
     def step(self):
         if self.step == at_step and not seen:
-            seen["files"] = snapshot(self_ckpt_dir(self))
+            seen["files"] = snapshot(folder)
             for _ in range(times):
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.01)  # the handler runs here, in the main thread
@@ -255,13 +255,9 @@ def _signal_before_step(monkeypatch, at_step: int, times: int):
     return seen
 
 
-def self_ckpt_dir(trainer) -> Path:
-    return Path(trainer.args.ckpt_save_dir)
-
-
 @pytest.mark.skipif(os.name != "posix", reason="os.kill(SIGINT) on Windows terminates the process")
 def test_sigint_finishes_the_step_saves_and_exits_0(tmp_path, monkeypatch, capsys):
-    seen = _signal_before_step(monkeypatch, at_step=3, times=1)
+    seen = _signal_before_step(monkeypatch, at_step=3, times=1, folder=tmp_path / "ckpt")
     handler = signal.getsignal(signal.SIGINT)
     assert train(tmp_path, "--max-steps", "1000", "--epochs", "1000", images=12) == 0
     out, err = capsys.readouterr()
@@ -275,7 +271,7 @@ def test_sigint_finishes_the_step_saves_and_exits_0(tmp_path, monkeypatch, capsy
 
 @pytest.mark.skipif(os.name != "posix", reason="a second SIGINT delivered to the process itself")
 def test_second_sigint_aborts_without_writing(tmp_path, monkeypatch, capsys):
-    seen = _signal_before_step(monkeypatch, at_step=3, times=2)
+    seen = _signal_before_step(monkeypatch, at_step=3, times=2, folder=tmp_path / "ckpt")
     assert train(tmp_path, "--max-steps", "1000", "--epochs", "1000", images=12) == 130
     out, err = capsys.readouterr()
     assert seen and "ckpt-0.pth" in seen["files"], "the signals were never sent"
@@ -285,7 +281,7 @@ def test_second_sigint_aborts_without_writing(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.skipif(os.name != "posix", reason="a second SIGINT delivered to the process itself")
 def test_second_sigint_during_the_save_leaves_no_file(tmp_path, monkeypatch, capsys):
-    seen = _signal_before_step(monkeypatch, at_step=4, times=1)  # step 5 is mid-epoch: saves ckpt-1.pth
+    seen = _signal_before_step(monkeypatch, at_step=4, times=1, folder=tmp_path / "ckpt")  # step 5 is mid-epoch: saves ckpt-1.pth
     real_save = torch.save
     calls = []
 
@@ -493,7 +489,8 @@ def make_trainer(*extra, images: int = 8, seed: int = 0) -> "ddpm.Trainer":
     args = ddpm.parse_args(["--train", "--demo", "--demo-images", str(images), *MODEL, *RUN, *extra])
     rt = ddpm.Runtime(torch.device("cpu"), "fp32")
     cfg = ddpm.model_config_from_args(args).validate()
-    return ddpm.Trainer(args, rt, cfg, ddpm.Batches(ddpm.demo_faces(images, 8), rt.device, seed), seed)
+    return ddpm.Trainer(ddpm.train_config_from_args(args), rt, cfg, ddpm.Batches(ddpm.demo_faces(images, 8), rt.device, seed),
+                        seed)
 
 
 def test_checkpoints_have_no_wrapper_prefixes(trained, tmp_path, monkeypatch):
@@ -576,7 +573,7 @@ def test_oom_retry_halves_the_micro_batch_with_the_same_update(monkeypatch):
 def test_non_finite_updates_are_skipped_counted_and_stop_training(monkeypatch, fused):
     tr = make_trainer()
     if not fused:
-        tr.opt = torch.optim.Adam(tr.model.parameters(), lr=tr.args.lr)
+        tr.opt = torch.optim.Adam(tr.model.parameters(), lr=tr.tc.lr)
         tr.fused = False
     real = tr.loss_fn
     mode = {"nan": False}

@@ -246,7 +246,7 @@ def test_resume_across_memory_layouts_gives_adam_state_in_the_parameters_layout(
     obj = ddpm.read_checkpoint(tmp_path / "ckpt-0.pth")
     saved = [st["exp_avg"] for st in obj["optimizer"]["state"].values() if st["exp_avg"].dim() == 4]
     assert any(not v.is_contiguous() for v in saved)  # the file keeps the channels_last strides
-    resumed = ddpm.Trainer(first.args, first.rt, first.cfg, ddpm.Batches(ddpm.demo_faces(8, 8), first.rt.device, 0),
+    resumed = ddpm.Trainer(first.tc, first.rt, first.cfg, ddpm.Batches(ddpm.demo_faces(8, 8), first.rt.device, 0),
                            0, resume=obj)
     for p in resumed.model.parameters():
         for k, v in resumed.opt.state[p].items():

@@ -49,7 +49,7 @@ def _trainer(argv):
     args = ddpm.parse_args(["--train", "--demo", "--demo-images", "8", *TINY, *argv])
     rt = ddpm.Runtime(torch.device("cpu"), "fp32", compile="--compile" in argv)
     cfg = ddpm.model_config_from_args(args).validate()
-    return ddpm.Trainer(args, rt, cfg, ddpm.Batches(ddpm.demo_faces(8, 8), rt.device, 5), 5)
+    return ddpm.Trainer(ddpm.train_config_from_args(args), rt, cfg, ddpm.Batches(ddpm.demo_faces(8, 8), rt.device, 5), 5)
 
 
 def test_compiled_training_matches_eager_and_its_checkpoint_loads_uncompiled(monkeypatch, tmp_path):

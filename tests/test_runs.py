@@ -76,7 +76,7 @@ def test_resume_continues_metrics_without_duplicate_steps(run6, tmp_path):
         f.write("8,checkpoint,stale.pth,1.0\n")
     assert train(tmp_path, "--resume", "--max-steps", "10", "--log-every", "1", *QUIET) == 0
     metrics = rows(tmp_path / "ckpt" / "metrics.csv")
-    assert list(metrics[0].keys()) == ["step", "epoch", "images_seen", "loss", "lr", "img_per_s", "wall_time"]
+    assert list(metrics[0].keys()) == ["step", "epoch", "images_seen", "loss", "skipped", "lr", "img_per_s", "wall_time"]
     steps = [int(r["step"]) for r in metrics]
     assert steps == list(range(1, 11))
     assert metrics[:6] == first  # continued, not rewritten
@@ -97,7 +97,7 @@ def test_resume_continues_metrics_without_duplicate_steps(run6, tmp_path):
     for step, name in ckpts:
         last[name] = step
     for name, step in last.items():
-        assert ddpm.checkpoint_step(tmp_path / "ckpt" / name) == step
+        assert ddpm.checkpoint_meta(tmp_path / "ckpt" / name)[0] == step
 
 
 def test_metrics_loss_is_the_mean_since_the_last_row(run6, tmp_path):
@@ -177,7 +177,7 @@ def test_info_of_a_checkpoint(run6, which, name, step, epoch, capsys):
     assert str(path) in out
     assert f"step: {step} |" in out and f"epoch: {epoch} |" in out and f"images seen: {4 * step} |" in out
     assert f"last loss: {last:.6f}" in out
-    assert "EMA: yes" in out and "format version 2" in out
+    assert "EMA: yes" in out and f"format version {ddpm.FORMAT_VERSION}" in out
     assert "img_size=8" in out and "num_channels=32" in out and "timesteps=50" in out
     assert f"parameters: {n / 1e6:.2f}M" in out
     assert f"file: {path.stat().st_size / 2**20:.1f} MiB" in out
