@@ -224,18 +224,20 @@ def check_writable(folder: Path, flag: str) -> None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise DDPMError(f"{flag} {folder} is a file, not a folder; name a folder")
-    if not folder.exists():  # created when first written; nothing is made here: ask its nearest existing parent
-        parent = next((a for a in folder.absolute().parents if a.exists()), None)
-        if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise DDPMError(f"{flag} {folder} cannot be created ({parent} is not a writable folder); name a "
-                            f"folder you can write to")
-        return
-    try:
+    made = [a for a in [folder.absolute(), *folder.absolute().parents] if not a.exists()][::-1]
+    try:  # the folders it lacks are made for the probe and removed again: nothing is left behind
+        for a in made:
+            a.mkdir()
         probe = folder / f".write-probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise DDPMError(f"{flag} {folder} is not writable ({e.strerror or e}); name a folder you can write to") from None
+        what = "cannot be created" if made else "is not writable"
+        raise DDPMError(f"{flag} {folder} {what} ({e.strerror or e}); name a folder you can write to") from None
+    finally:
+        for a in reversed(made):
+            with contextlib.suppress(OSError):
+                a.rmdir()
 
 
 class PinnedStager:
@@ -1362,7 +1364,12 @@ def build_diffusion(cfg: ModelConfig) -> GaussianDiffusion:
 def load_weights(module: nn.Module, state: dict, path: Path,
                  fix: str = "give the model flags it was trained with") -> None:
     """load_state_dict with a one-line error that names the file, the first mismatch and `fix`."""
-    own = module.state_dict()
+    check_weights(module.state_dict(), state, path, fix)
+    module.load_state_dict(state)
+
+
+def check_weights(own: dict, state: dict, path: Path, fix: str) -> None:
+    """One line naming the first key or shape where `state` does not fit a model's state_dict `own`."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
@@ -1371,7 +1378,6 @@ def load_weights(module: nn.Module, state: dict, path: Path,
                 if shapes else f"{len(missing)} missing keys (e.g. {missing[:1]}), {len(unexpected)} unexpected "
                 f"(e.g. {unexpected[:1]})")
         raise DDPMError(f"{path}: weights do not fit the model ({what}); {fix}")
-    module.load_state_dict(state)
 
 
 def weights_fix(obj: dict) -> str:
@@ -3332,8 +3338,9 @@ def sample_command(args, rt: Runtime) -> int:
     seed = pick_seed(args)
     steps = sampling_steps(args, cfg)
     save_dir = Path(args.save_dir)
-    indices = [args.index] if args.index is not None else list(range(args.num_samples or args.batch_size))
-    check_sampling_memory(cfg, min(args.batch_size, len(indices)), rt.device)
+    n = 1 if args.index is not None else (args.num_samples or args.batch_size)
+    check_sampling_memory(cfg, min(args.batch_size, n), n, rt.device)
+    indices = [args.index] if args.index is not None else list(range(n))
     t0 = time.time()
     try:
         imgs = generate(model, rt, indices, seed, args.sampler, steps, args.eta, args.batch_size,
@@ -3385,11 +3392,17 @@ def free_memory(dev: torch.device) -> Optional[int]:
     return None
 
 
-def check_sampling_memory(cfg: ModelConfig, batch: int, dev: torch.device) -> None:
-    """Refuse, with an estimate, a sampling batch that cannot fit: about a dozen feature maps of the
-    top resolution are alive at once (input, skip connections, the residual blocks' inner maps)."""
+def check_sampling_memory(cfg: ModelConfig, batch: int, n: int, dev: torch.device) -> None:
+    """Refuse, with an estimate, sampling that cannot fit: for a batch, about a dozen feature maps of
+    the top resolution alive at once (input, skip connections, the residual blocks' inner maps); for
+    all n images, their uint8 pixels kept in CPU memory until written."""
     need = batch * cfg.img_size ** 2 * max(cfg.num_channels, cfg.img_channels) * 4 * 12
-    free = free_memory(dev)
+    keep = n * (cfg.img_channels * cfg.img_size ** 2 + 64)
+    free, ram = free_memory(dev), free_memory(torch.device("cpu"))
+    if ram is not None and keep > ram:
+        raise DDPMError(f"--num-samples {n} at {cfg.img_size}x{cfg.img_size} needs about {keep / 2**30:,.1f} GiB of "
+                        f"memory for the images, more than the {ram / 2**30:,.1f} GiB free; make fewer per run "
+                        f"(--num-samples), with other --seed values")
     if free is not None and need > free:
         fit = max(1, int(batch * free / need))
         raise DDPMError(f"--batch-size {batch} at {cfg.img_size}x{cfg.img_size} needs about {need / 2**30:,.1f} GiB "
@@ -3413,6 +3426,12 @@ def info_command(path: str) -> int:
         return 0
     if obj.get("format") != FORMAT:
         raise DDPMError(f"{p}: not a ddpm.py checkpoint")
+    model_cfg = config_from_checkpoint(obj, p, {}, ModelConfig())  # validated, as on every load
+    with torch.device("meta"):  # shapes only: no memory, no time
+        own = build_diffusion(model_cfg).state_dict()
+    for part in ("model", "ema"):
+        if obj.get(part) is not None:
+            check_weights(own, obj[part], p, weights_fix(obj))
     n = sum(v.numel() for v in obj["model"].values())
     cfg = ", ".join(f"{k}={v}" for k, v in obj["config"].items())
     last = obj.get("last_loss")
