@@ -628,6 +628,29 @@ class UNet(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """How to sample, passed whole to every sampling call (images, previews, pictures, evaluation),
+    so no call can honour one of these and drop another."""
+
+    sampler: str = "dpm++"
+    steps: Optional[int] = None   # model calls per image; None: 25, or T for ddpm (the original)
+    eta: float = 0.0              # DDIM noise
+    clip: bool = True             # clamp each x_0 estimate to [-1, 1] (Ho et al.'s reference code)
+
+    def steps_for(self, timesteps: int) -> int:
+        return self.steps or (timesteps if self.sampler == "ddpm" else 25)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sqrt(v):
+    """sqrt of a Python float (math.sqrt, correctly rounded) or of a tensor."""
+    return v.sqrt() if isinstance(v, torch.Tensor) else math.sqrt(v)
 
 
 class GaussianDiffusion(nn.Module):
@@ -635,13 +658,17 @@ class GaussianDiffusion(nn.Module):
 
     Buffers are named after the paper's symbols, computed in float64 and stored as float32, and
     not saved in the state_dict (which therefore holds only `eps_model.*`, as the original's did).
+    `config` is the ModelConfig it was built from and `source` the checkpoint it was loaded from
+    (build_diffusion and load_model set them; None when built by hand).
     """
 
     def __init__(self, eps_model: nn.Module, timesteps: int = 1000, beta_min: float = 0.0001,
-                 beta_max: float = 0.02):
+                 beta_max: float = 0.02, config: Optional[ModelConfig] = None, source: Optional["ModelSource"] = None):
         super().__init__()
         self.eps_model = eps_model
         self.timesteps = timesteps
+        self.config = config
+        self.source = source
         beta = linear_beta_schedule(timesteps, beta_min, beta_max)
         alpha = 1.0 - beta
         alpha_bar = torch.cumprod(alpha, dim=0)
@@ -654,8 +681,6 @@ class GaussianDiffusion(nn.Module):
             "alpha_bar_prev": alpha_bar_prev,
             "sqrt_alpha_bar": alpha_bar.sqrt(),                     # mean coefficient of q(x_t | x_0), eq. 4
             "sqrt_one_minus_alpha_bar": (1 - alpha_bar).sqrt(),     # std of q(x_t | x_0), eq. 4
-            "p_mu_coef": 1 / alpha.sqrt(),                          # 1/sqrt(alpha_t), eq. 11
-            "p_eps_coef": beta / (1 - alpha_bar).sqrt(),            # beta_t/sqrt(1-alpha_bar_t), eq. 11
             "p_sigma": beta.sqrt(),                                 # sigma_t^2 = beta_t (Sec. 3.2)
             # posterior q(x_{t-1} | x_t, x_0), eq. 6-7
             "posterior_variance": beta * (1 - alpha_bar_prev) / (1 - alpha_bar),
@@ -677,10 +702,29 @@ class GaussianDiffusion(nn.Module):
         mean = extract(self.posterior_mean_coef1, t, xt.shape) * x0 + extract(self.posterior_mean_coef2, t, xt.shape) * xt
         return mean, extract(self.posterior_variance, t, xt.shape)
 
-    # -- reverse process ------------------------------------------------------------------------
+    # -- reverse process: the one step every sampler and the bound use ----------------------------
+    @staticmethod
+    def predict_x0(xt, eps, ab_t):
+        """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), inverting eq. 4."""
+        return (xt - _sqrt(1 - ab_t) * eps) / _sqrt(ab_t)
+
+    @staticmethod
+    def ancestral_mean(xt, eps, ab_t, ab_s):
+        """Mean of p(x_s | x_t) for s < t, eq. 11 on the respaced chain: with beta = 1 - alpha_bar_t /
+        alpha_bar_s it is (x_t - beta / sqrt(1 - alpha_bar_t) eps) / sqrt(1 - beta); for s = t - 1,
+        1/sqrt(alpha_t) (x_t - beta_t/sqrt(1-alpha_bar_t) eps). ab_t, ab_s: floats or broadcastable tensors."""
+        beta = 1 - ab_t / ab_s
+        return (xt - beta / _sqrt(1 - ab_t) * eps) / _sqrt(1 - beta)
+
     def p_mean(self, xt: torch.Tensor, t: torch.Tensor, eps_theta: torch.Tensor) -> torch.Tensor:
-        """Mean of p(x_{t-1} | x_t) = 1/sqrt(alpha_t) (x_t - beta_t/sqrt(1-alpha_bar_t) eps_theta), eq. 11."""
-        return extract(self.p_mu_coef, t, xt.shape) * (xt - extract(self.p_eps_coef, t, xt.shape) * eps_theta)
+        """Mean of p(x_{t-1} | x_t) for a batch of timesteps t: (B,). alpha_bar_t and alpha_bar_{t-1} are
+        taken in float64 (their ratio is 1 - beta_t, which float32 would round), except on MPS."""
+        ab = self.alpha_bar_f64
+        prev = torch.cat([ab.new_ones(1), ab[:-1]])
+        dtype = torch.float32 if t.device.type == "mps" else torch.float64
+        view = (-1,) + (1,) * (xt.dim() - 1)
+        ab_t, ab_s = (a[t.cpu()].view(view).to(t.device, dtype) for a in (ab, prev))
+        return self.ancestral_mean(xt, eps_theta, ab_t, ab_s).to(xt.dtype)
 
     def p_sample(self, xt: torch.Tensor, t: torch.Tensor, eps: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One ancestral step x_t -> x_{t-1} (Algorithm 2), sigma_t^2 = beta_t; no noise where t == 0."""
@@ -689,10 +733,6 @@ class GaussianDiffusion(nn.Module):
         eps_theta = self.eps_model(xt, t).float()
         sigma = extract(self.p_sigma, t, xt.shape) * (t > 0).float().view(-1, *([1] * (xt.dim() - 1)))
         return self.p_mean(xt, t, eps_theta) + sigma * eps
-
-    def predict_x0(self, xt: torch.Tensor, t: torch.Tensor, eps_theta: torch.Tensor) -> torch.Tensor:
-        """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), inverting eq. 4."""
-        return (xt - extract(self.sqrt_one_minus_alpha_bar, t, xt.shape) * eps_theta) / extract(self.sqrt_alpha_bar, t, xt.shape)
 
     # -- loss -----------------------------------------------------------------------------------
     def forward(self, x0: torch.Tensor, t: Optional[torch.Tensor] = None,
@@ -708,46 +748,45 @@ class GaussianDiffusion(nn.Module):
 
     # -- sampling -------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, x: torch.Tensor, sampler: str = "dpm++", steps: int = 25, eta: float = 0.0,
+    def sample(self, x: torch.Tensor, spec: SampleSpec = SampleSpec(),
                noise_fn: Optional[Callable[[], torch.Tensor]] = None, model_fn: Optional[ModelFn] = None,
-               callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
-               clip: bool = False) -> torch.Tensor:
-        """Denoise x = x_T: (B, C, H, W) to x_0 with `steps` model calls.
+               callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None) -> torch.Tensor:
+        """Denoise x = x_T: (B, C, H, W) to x_0 with spec.steps_for(T) model calls.
 
-        sampler: "ddpm" (ancestral, Ho et al. Alg. 2, sigma^2 = beta; respaced when steps < T),
-                 "ddim" (Song et al. 2020, eq. 12; eta=0 is deterministic; log-SNR grid),
-                 "dpm++" (DPM-Solver++(2M), Lu et al. 2022, Alg. 2, data prediction; log-SNR grid).
+        spec.sampler: "ddpm" (ancestral, Ho et al. Alg. 2, sigma^2 = beta; respaced when steps < T),
+                      "ddim" (Song et al. 2020, eq. 12; eta=0 is deterministic; log-SNR grid),
+                      "dpm++" (DPM-Solver++(2M), Lu et al. 2022, Alg. 2, data prediction; log-SNR grid).
         noise_fn() returns fresh N(0, I) noise shaped like x (default torch.randn_like).
         model_fn(x, t) returns eps_theta in float32 (default self.eps_model).
         callback(i, x, x0_pred) is called after each step.
-        clip=True clamps each x_0 estimate to the data range [-1, 1] (and uses the matching eps), as
-        Ho et al.'s reference code does; it keeps young, imperfect models from saturating.
+        spec.clip clamps each x_0 estimate to the data range [-1, 1] (and uses the matching eps); it
+        keeps young, imperfect models from saturating.
         No noise is added at the last step, which returns the model's x_0 estimate.
         """
-        if sampler not in SAMPLERS:
-            raise DDPMError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        if spec.sampler not in SAMPLERS:
+            raise DDPMError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {spec.sampler!r}")
         model_fn = model_fn or (lambda xt, tt: self.eps_model(xt, tt).float())
         noise_fn = noise_fn or (lambda: torch.randn_like(x))
         ab = self.alpha_bar_f64.tolist()
-        grid = timestep_grid(self.timesteps, steps) if sampler == "ddpm" else logsnr_grid(self.alpha_bar_f64, steps)
+        steps = spec.steps_for(self.timesteps)
+        grid = (timestep_grid(self.timesteps, steps) if spec.sampler == "ddpm"
+                else logsnr_grid(self.alpha_bar_f64, steps))
         x = x.float()
         x0_prev, h_prev = None, None
         for i, t in enumerate(grid):
             s = grid[i + 1] if i + 1 < len(grid) else -1
             ab_t, ab_s = ab[t], (ab[s] if s >= 0 else 1.0)
-            tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            eps = model_fn(x, tt).float()
-            x0 = (x - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
-            if clip:
+            eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).float()
+            x0 = self.predict_x0(x, eps, ab_t)
+            if spec.clip:
                 x0 = x0.clamp(-1.0, 1.0)
                 eps = (x - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
             if s < 0:
                 x = x0  # the final step: the mean of every sampler at alpha_bar = 1 is x_0
-            elif sampler == "ddpm":
-                beta_ts = 1 - ab_t / ab_s  # the respaced beta; equals beta_t when s = t - 1
-                x = (x - beta_ts / math.sqrt(1 - ab_t) * eps) / math.sqrt(1 - beta_ts) + math.sqrt(beta_ts) * noise_fn()
-            elif sampler == "ddim":
-                sigma = eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
+            elif spec.sampler == "ddpm":
+                x = self.ancestral_mean(x, eps, ab_t, ab_s) + math.sqrt(1 - ab_t / ab_s) * noise_fn()
+            elif spec.sampler == "ddim":
+                sigma = spec.eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
                 x = math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - sigma ** 2, 0.0)) * eps
                 if sigma > 0:
                     x = x + sigma * noise_fn()
@@ -761,26 +800,6 @@ class GaussianDiffusion(nn.Module):
             if callback is not None:
                 callback(i, x, x0)
         return x
-
-
-SAMPLERS = ("ddpm", "ddim", "dpm++")
-
-
-@dataclass(frozen=True)
-class SampleSpec:
-    """How to sample, passed whole to every sampling call (images, previews, pictures, evaluation),
-    so no call can honour one of these and drop another."""
-
-    sampler: str = "dpm++"
-    steps: Optional[int] = None   # model calls per image; None: 25, or T for ddpm (the original)
-    eta: float = 0.0              # DDIM noise
-    clip: bool = True             # clamp each x_0 estimate to [-1, 1]
-
-    def steps_for(self, timesteps: int) -> int:
-        return self.steps or (timesteps if self.sampler == "ddpm" else 25)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1357,8 +1376,22 @@ def _norm(v):
     return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
-def build_diffusion(cfg: ModelConfig) -> GaussianDiffusion:
-    return GaussianDiffusion(UNet.from_config(cfg), cfg.timesteps, cfg.beta_min, cfg.beta_max)
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a loaded model's weights came from."""
+
+    path: str
+    ema: bool                      # the EMA weights (or an export of them)
+    step: Optional[int]            # None for the original script's files
+
+    def describe(self) -> str:
+        return (f"{self.path} (step {self.step if self.step is not None else 'unknown'}, "
+                f"{'EMA' if self.ema else 'raw'} weights)")
+
+
+def build_diffusion(cfg: ModelConfig, source: Optional[ModelSource] = None) -> GaussianDiffusion:
+    return GaussianDiffusion(UNet.from_config(cfg), cfg.timesteps, cfg.beta_min, cfg.beta_max, config=cfg,
+                             source=source)
 
 
 def load_weights(module: nn.Module, state: dict, path: Path,
@@ -1405,17 +1438,14 @@ def load_model(path, device="cpu", use_ema: bool = True, _obj: Optional[dict] = 
     path = resolve_checkpoint(path)
     obj = _obj if _obj is not None else read_checkpoint(path)
     cfg = config_from_checkpoint(obj, path, overrides, ModelConfig())
-    model = build_diffusion(cfg)
-    if is_legacy_state_dict(obj):
-        state = obj
-    else:
-        state = obj["ema"] if use_ema and obj.get("ema") is not None else obj["model"]
+    legacy = is_legacy_state_dict(obj)
+    ema = not legacy and use_ema and obj.get("ema") is not None
+    state = obj if legacy else obj["ema"] if ema else obj["model"]
+    source = ModelSource(str(path), ema or obj.get("exported") == "ema",  # an export holds one set: say which
+                         None if legacy else obj.get("step"))
+    model = build_diffusion(cfg, source)
     load_weights(model, state, path, weights_fix(obj))
     check_finite(state, path)
-    model.config = cfg
-    model.source = {"path": str(path), "ema": (use_ema and not is_legacy_state_dict(obj) and obj.get("ema") is not None)
-                    or obj.get("exported") == "ema",  # a safetensors export holds one set: say which
-                    "step": obj.get("step") if not is_legacy_state_dict(obj) else None}
     return model.to(device).eval()
 
 
@@ -1556,6 +1586,10 @@ class Runtime:
     @property
     def amp_dtype(self) -> Optional[torch.dtype]:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    def local(self) -> "Runtime":
+        """The same device and precision for this process alone, uncompiled (pictures drawn by rank 0)."""
+        return Runtime(self.device, self.precision)
 
     def autocast(self):
         """Autocast context for the model call; a no-op in fp32."""
@@ -2112,6 +2146,10 @@ class Trainer:
                 log_.event(self.step, "checkpoint", path)
         barrier(self.rt)
 
+    def sampling_view(self, ema: bool = True) -> GaussianDiffusion:
+        """The EMA (or raw) model in eval mode, for pictures; fit() puts the raw one back in training mode."""
+        return (self.ema.model if ema and self.ema is not None else self.model).eval()
+
     # -- one optimisation step ------------------------------------------------------------------
     def train_step(self) -> None:
         """Forward/backward over the accumulation micro-batches, then one (maybe skipped) update.
@@ -2401,22 +2439,23 @@ def sampling_model_fn(model: GaussianDiffusion, rt: Runtime, compile_: bool = Fa
     return fn
 
 
-def generate(model: GaussianDiffusion, rt: Runtime, indices: Sequence[int], seed: int, sampler: str = "dpm++",
-             steps: int = 25, eta: float = 0.0, batch_size: int = 64, compile_: bool = False,
+def generate(model: GaussianDiffusion, rt: Runtime, indices: Sequence[int], seed: int,
+             spec: SampleSpec = SampleSpec(), batch_size: int = 64, compile_: bool = False,
              callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
-             model_fn: Optional[ModelFn] = None, show_progress: bool = True, clip: bool = True) -> torch.Tensor:
-    """Images `indices` as a (N, C, H, W) uint8 CPU tensor, in the order of `indices` (on rank 0;
-    other ranks return None). Under torchrun the indices are split across processes."""
+             model_fn: Optional[ModelFn] = None, show_progress: bool = True) -> torch.Tensor:
+    """Images `indices` of `seed`, sampled as `spec` says, as a (N, C, H, W) uint8 CPU tensor in the
+    order of `indices` (on rank 0; other ranks return None). Under torchrun the indices are split
+    across processes. callback(i, x, x0) sees each step of each batch."""
     cfg = model.config
     if cfg.legacy_attention and len(indices) > 1:
         warn_once("legacy-mode models attend across the batch: an image depends on its batch-mates, "
                   "so per-image seeds reproduce only at the same --batch-size")
     mine = list(indices)[rt.rank::rt.world]
-    n_steps = len(timestep_grid(cfg.timesteps, steps))
+    n_steps = len(timestep_grid(cfg.timesteps, spec.steps_for(cfg.timesteps)))
     fn = model_fn or sampling_model_fn(model, rt, compile_)
     out = []
     with torch.inference_mode(), make_progress(transient=True) as progress:
-        task = progress.add_task(f"Sampling ({sampler}, {n_steps} steps)", total=len(mine) * n_steps, info="",
+        task = progress.add_task(f"Sampling ({spec.sampler}, {n_steps} steps)", total=len(mine) * n_steps, info="",
                                  visible=show_progress)
         for b in range(0, len(mine), batch_size):
             chunk = mine[b:b + batch_size]
@@ -2431,7 +2470,7 @@ def generate(model: GaussianDiffusion, rt: Runtime, indices: Sequence[int], seed
                 progress.advance(task, n)
                 if callback is not None:
                     callback(i, x[:n], x0[:n])
-            x = model.sample(noise(), sampler, steps, eta, noise_fn=noise, model_fn=fn, callback=step_cb, clip=clip)
+            x = model.sample(noise(), spec, noise_fn=noise, model_fn=fn, callback=step_cb)
             out.append(to_uint8(x[:n]).cpu())
     mine_imgs = torch.cat(out) if out else torch.zeros(0, cfg.img_channels, cfg.img_size, cfg.img_size, dtype=torch.uint8)
     if not rt.distributed:
@@ -2488,20 +2527,45 @@ def snapshot_steps(n_steps: int, count: int = 10) -> set:
     return {round(i * (n_steps - 1) / max(count - 1, 1)) for i in range(count)} | {n_steps - 1}
 
 
-def reverse_strip(model, rt, seed: int, n: int, sampler: str, steps: int, eta: float = 0.0) -> torch.Tensor:
+def reverse_strip(model: GaussianDiffusion, rt: Runtime, seed: int, n: int, spec: SampleSpec) -> torch.Tensor:
     """Rows: n images; columns: x_T, then snapshots of the reverse process, ending at x_0."""
-    n_steps = len(timestep_grid(model.config.timesteps, steps))
-    keep = snapshot_steps(n_steps)
-    cols = []
     cfg = model.config
+    keep = snapshot_steps(len(timestep_grid(cfg.timesteps, spec.steps_for(cfg.timesteps))))
     first = ImageNoise(seed, range(n), (cfg.img_channels, cfg.img_size, cfg.img_size), torch.device("cpu"))()
-    cols.append(to_uint8(first))
+    cols = [to_uint8(first)]
 
     def cb(i, x, x0):
         if i in keep:
             cols.append(to_uint8(x).cpu())
-    generate(model, rt, list(range(n)), seed, sampler, steps, eta, batch_size=n, callback=cb)
+    generate(model, rt, list(range(n)), seed, spec, batch_size=n, callback=cb)
     return strip(cols)
+
+
+def denoise_frames(model: GaussianDiffusion, rt: Runtime, indices: Sequence[int], seed: int,
+                   spec: SampleSpec) -> List[torch.Tensor]:
+    """About 30 grids (4 per row) of images `indices` as they are denoised, for denoise.gif."""
+    keep = snapshot_steps(len(timestep_grid(model.config.timesteps, spec.steps_for(model.config.timesteps))), 30)
+    frames: List[torch.Tensor] = []
+
+    def cb(i, x, x0):
+        if i in keep:
+            frames.append(image_grid(to_uint8(x).cpu(), nrow=4))
+    generate(model, rt, indices, seed, spec, batch_size=len(indices), callback=cb)
+    return frames
+
+
+def interpolation_strip(model: GaussianDiffusion, rt: Runtime, seed_a: int, seed_b: int, spec: SampleSpec,
+                        k: int = 8) -> torch.Tensor:
+    """k images along the spherical path between the noise of two seeds (image 0 of each), each
+    denoised along the same deterministic path (ddpm is replaced by ddim, eta 0)."""
+    cfg = model.config
+    shape = (cfg.img_channels, cfg.img_size, cfg.img_size)
+    za, zb = (ImageNoise(sd, [0], shape, torch.device("cpu"))()[0] for sd in (seed_a, seed_b))
+    x = torch.stack([slerp(za, zb, j / (k - 1)) for j in range(k)]).to(rt.device)
+    path = replace(spec, sampler="ddim" if spec.sampler == "ddpm" else spec.sampler, eta=0.0)
+    with torch.inference_mode():
+        out = model.sample(x, path, model_fn=sampling_model_fn(model, rt))
+    return strip([to_uint8(out).cpu()[j:j + 1] for j in range(k)])
 
 
 def forward_strip(model: GaussianDiffusion, x0: torch.Tensor, seed: int) -> torch.Tensor:
@@ -2542,13 +2606,10 @@ class PreviewGrid:
     def write(self, step: int) -> Path:
         tr = self.trainer
         model = tr.ema.model if tr.ema is not None else tr.model
-        model.config = tr.cfg
         was_training = model.training
         model.eval()
-        spec = tr.tc.preview
-        imgs = generate(model, Runtime(tr.rt.device, tr.rt.precision), list(range(self.n)), tr.seed,
-                        spec.sampler, spec.steps_for(tr.cfg.timesteps), spec.eta, clip=spec.clip,
-                        batch_size=self.n, show_progress=False)
+        imgs = generate(model, tr.rt.local(), list(range(self.n)), tr.seed, tr.tc.preview, batch_size=self.n,
+                        show_progress=False)
         model.train(was_training)
         grid = image_grid(imgs, nrow=int(math.ceil(math.sqrt(self.n))))
         path = self.folder / f"step-{step:07d}.png"
@@ -2827,6 +2888,27 @@ def fid_cache_key(src: DataSource, cfg: ModelConfig, tag: str) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def real_statistics(src: DataSource, cfg: ModelConfig, feature_fn: Callable, cache: Path,
+                    batch_size: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """(mean, covariance, n) of the real images' features, read from `cache` when it is there and
+    readable, else computed and cached (atomically; a cache that cannot be written is only a warning)."""
+    tag = getattr(feature_fn, "tag", "custom features")
+    try:
+        st = torch.load(cache, map_location="cpu", weights_only=True)
+        log(f"fid: real statistics of {int(st['n'])} images from {cache} (cached)")
+        return st["mu"], st["sigma"], int(st["n"])
+    except Exception:  # missing or unreadable: recompute
+        pass
+    mu, sigma, n = activation_stats(src.load(cfg).split(batch_size), feature_fn)
+    try:
+        atomic_write(cache, lambda f: torch.save({"mu": mu, "sigma": sigma, "n": n, "source": src.describe(),
+                                                 "features": tag}, f))
+        log(f"fid: real statistics of {n} images saved to {cache}")
+    except OSError as e:
+        warn_once(f"could not cache the FID statistics in {cache} ({e})")
+    return mu, sigma, n
+
+
 # -- memorisation ------------------------------------------------------------------------------
 
 def pixel_features(imgs: torch.Tensor, size: int = 16) -> torch.Tensor:
@@ -2858,100 +2940,6 @@ def copy_check(samples: torch.Tensor, train: torch.Tensor, real: torch.Tensor, r
         return [float(v.min())] + torch.quantile(v, torch.tensor([0.05, 0.5, 0.95], dtype=v.dtype)).tolist()
     return {"dist": d, "idx": idx, "real": d_real, "threshold": thr, "copies": int((d[:, 0] < thr).sum()),
             "q_samples": q(d[:, 0]), "q_real": q(d_real)}
-
-
-def eval_command(args, rt: Runtime, feature_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> int:
-    """--eval nll | fid | nearest on --loadckpt. feature_fn replaces the Inception features (tests)."""
-    if rt.distributed:
-        raise DDPMError("--eval runs in one process; start it with python, not torchrun")
-    if args.eval == "fid" and feature_fn is None:
-        feature_fn = inception_features(args.fid_weights, rt.device)  # fails fast: package, weights
-    path = resolve_checkpoint(args.loadckpt)
-    obj = read_checkpoint(path)
-    model = load_model(path, rt.device, use_ema=not args.no_ema, _obj=obj, **explicit_model_flags(args))
-    cfg, src = model.config, model.source
-    log(f"model: {path} (step {src['step'] if src['step'] is not None else 'unknown'}, "
-        f"{'EMA' if src['ema'] else 'raw'} weights)")
-    seed = pick_seed(args)
-    if args.eval == "nll":
-        if args.eval_folders:  # the training data is not needed
-            held = load_images(args.eval_folders, cfg.img_size, cfg.img_channels, args.background_rgb)
-            what = "--eval-folders " + " ".join(args.eval_folders)
-        else:
-            train, held, what = eval_datasets(args, obj, cfg)
-            if held is None:
-                held, what = train, "the training images (no held-out set: --eval-folders DIR, or train with --holdout)"
-        r = bits_per_dim(model, held, args.nll_timesteps, args.batch_size, seed)
-        how = (f"strided estimate ({r['K']} of {r['T']} timesteps)" if r["K"] < r["T"]
-               else f"full bound (all {r['T']} timesteps)")
-        log(f"NLL: {r['bpd']:.4f} bits/dim +- {r['ci']:.4f} (95% CI over {r['n']} images of {what}); {how}")
-        log(f"  terms (bits/dim): prior L_T {r['prior']:.4f} | KL L_1..L_T-1 {r['kl']:.4f} | decoder L_0 "
-            f"{r['decoder']:.4f} (sigma_t^2 = beta_t; 8-bit data scaled to [-1, 1], 256 bins)")
-        return 0
-    steps = sampling_steps(args, cfg)
-    n = args.num_samples if "num_samples" in args.explicit else (5000 if args.eval == "fid" else 16)
-    how = f"{args.sampler}, {steps} steps, seed {seed}"
-
-    def samples(lo: int, hi: int) -> torch.Tensor:  # (hi - lo, C, H, W) uint8
-        return generate(model, rt, list(range(lo, hi)), seed, args.sampler, steps, args.eta, args.batch_size,
-                        clip=not args.no_clip)
-    if args.eval == "fid":
-        tag = getattr(feature_fn, "tag", "custom features")
-        src = (DataSource(tuple(args.eval_folders or args.data_folders), 0, args.background_rgb)
-               if args.eval_folders or args.data_folders else training_source(args, obj))
-        label = src.describe()
-        cache = path.parent / f"fid-stats-{fid_cache_key(src, cfg, tag)}.pt"
-        try:
-            st = torch.load(cache, map_location="cpu", weights_only=True)
-            real = (st["mu"], st["sigma"], int(st["n"]))
-            log(f"fid: real statistics of {real[2]} images from {cache} (cached)")
-        except Exception:  # missing or unreadable: recompute
-            real = activation_stats(src.load(cfg).split(args.batch_size), feature_fn)
-            try:
-                atomic_write(cache, lambda f: torch.save({"mu": real[0], "sigma": real[1], "n": real[2],
-                                                         "source": label, "features": tag}, f))
-                log(f"fid: real statistics of {real[2]} images saved to {cache}")
-            except OSError as e:
-                warn_once(f"could not cache the FID statistics in {cache} ({e})")
-        if n < 2048 and "pt_inception" in tag:
-            warn_once(f"FID from {n} < 2048 samples is biased high (singular covariance); compare only at equal "
-                      f"--num-samples (papers use 50000)")
-        chunk = max(args.batch_size, 500)
-        fake = activation_stats((samples(b, min(n, b + chunk)) for b in range(0, n, chunk)), feature_fn)
-        d = frechet_distance(fake[0], fake[1], real[0], real[1])
-        log(f"FID: {d:.4f} ({n} samples: {how}; vs {real[2]} real images: {label}; features: {tag})")
-        return 0
-    # nearest: samples vs training images; held-out real images vs the training images as the yardstick
-    train, held, what = eval_datasets(args, obj, cfg)
-    bank = train
-    if held is None:
-        if len(train) < 2:
-            raise DDPMError("--eval nearest needs at least 2 training images")
-        bank, held, _ = split_holdout(train, 0.05, 0)
-        what = f"a deterministic 5% of the training images vs the other {len(bank)}"
-    if args.fid_weights:
-        net = inception_features(args.fid_weights, rt.device)
-        space, abs_thr = "L2 in Inception pool3 feature space", 1e-4
-
-        def feats(u: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) uint8 -> (N, 2048)
-            return torch.cat([net(fid_input(c)) for c in u.split(args.batch_size)])
-    else:
-        feats, space, abs_thr = pixel_features, "RMS pixel difference at 16x16 in [-1, 1] units", 0.02
-    imgs = samples(0, n)
-    f_train = feats(train)
-    r = copy_check(feats(imgs), f_train, feats(held), f_train if bank is train else feats(bank), abs_thr)
-    fmt = " | ".join(f"{k} {{:.4f}}" for k in ("min", "5%", "median", "95%"))
-    log(f"nearest: {n} samples ({how}) vs {len(train)} training images; distance: {space}")
-    log(f"  nearest distance, {n} samples: ".ljust(44) + fmt.format(*r["q_samples"]))
-    log(f"  nearest distance, {len(held)} held-out real images: ".ljust(44) + fmt.format(*r["q_real"]) + f" ({what})")
-    log(f"  possible copies: {r['copies']} of {n} (nearest distance < {r['threshold']:.4f}: the 5% quantile of "
-        f"the held-out real images, or {abs_thr:g}; about 5% expected by chance)")
-    k = r["idx"].shape[1]
-    rows = torch.cat([torch.cat([imgs[i:i + 1], train[r["idx"][i]]]) for i in range(n)])  # (n*(k+1), C, H, W)
-    out = Path(args.save_dir) / "nearest.png"
-    save_png(upscale(image_grid(rows, nrow=k + 1), 2 if cfg.img_size <= 32 else 1), out)
-    log(f"wrote {out} (each row: a sample, then its {k} nearest training images)")
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3298,87 +3286,155 @@ def train_run(args, rt: Runtime, run: RunStart, ckpt_dir: Path, save_dir: Path) 
         f"{tc.ema_decay if tc.ema_decay else 'off'}" + (f" | {trainer.memory_note}" if trainer.memory_note else ""))
     pictures = is_rank0() and not args.no_run_pictures
     spec = tc.preview  # the pictures use the sampling flags (--sampler, --steps, --eta, --no-clip)
-    steps = spec.steps_for(cfg.timesteps)
-    local = Runtime(rt.device, rt.precision)
     if pictures:
-        save_png(upscale(reverse_strip(_sampling_view(trainer, ema=False), local, seed, 8, spec.sampler, steps,
-                                       spec.eta), 2), save_dir / "run-before.png")
+        save_png(upscale(reverse_strip(trainer.sampling_view(ema=False), rt.local(), seed, 8, spec), 2),
+                 save_dir / "run-before.png")
     reason = trainer.fit(save_dir, ckpt_dir, deadline)
     if pictures and reason != "nothing to do" and not reason.startswith("SIG"):  # a signal means: exit now
-        model = _sampling_view(trainer, ema=True)
-        save_png(upscale(reverse_strip(model, local, seed, 8, spec.sampler, steps, spec.eta), 2),
-                 save_dir / "run-after.png")
-        imgs = generate(model, local, list(range(args.num_samples or 64)), seed, spec.sampler, steps, spec.eta,
-                        batch_size=64, clip=spec.clip)
-        grid = image_grid(imgs)
+        model = trainer.sampling_view(ema=True)
+        save_png(upscale(reverse_strip(model, rt.local(), seed, 8, spec), 2), save_dir / "run-after.png")
+        grid = image_grid(generate(model, rt.local(), list(range(args.num_samples or 64)), seed, spec))
         save_png(upscale(grid, 2 if cfg.img_size <= 32 else 1), save_dir / "final-grid.png")
         log(f"wrote {save_dir / 'run-before.png'}, {save_dir / 'run-after.png'} and {save_dir / 'final-grid.png'}")
     return 0
 
 
-def _sampling_view(trainer: Trainer, ema: bool) -> GaussianDiffusion:
-    """The trainer's EMA (or raw) model, in eval mode, for pictures; training mode is restored by fit."""
-    model = trainer.ema.model if ema and trainer.ema is not None else trainer.model
-    model.config = trainer.cfg
-    return model.eval()
-
-
 def sample_command(args, rt: Runtime) -> int:
-    """Sampling from --loadckpt: ddpm-{i}.png for each index, ddpm-all.png, optional extras."""
+    """Sampling from --loadckpt: ddpm-{i}.png for each index, ddpm-all.png, optional pictures."""
     if not args.loadckpt:
         raise DDPMError("nothing to do: give --train to train, or --loadckpt CKPT to sample from a checkpoint")
     path = resolve_checkpoint(args.loadckpt)
     obj = read_checkpoint(path)
     model = load_model(path, rt.device, use_ema=not args.no_ema, _obj=obj, **explicit_model_flags(args))
-    cfg = model.config
-    src = model.source
-    data_src = training_source(args, obj) if args.forward_steps else None  # fails here, before sampling
-    log(f"model: {src['path']} (step {src['step'] if src['step'] is not None else 'unknown'}, "
-        f"{'EMA' if src['ema'] else 'raw'} weights)")
+    cfg, spec = model.config, sample_spec_from_args(args)
+    data = training_source(args, obj) if args.forward_steps else None  # fails here, before sampling
+    log(f"model: {model.source.describe()}")
     seed = pick_seed(args)
-    steps = sampling_steps(args, cfg)
     save_dir = Path(args.save_dir)
     n = 1 if args.index is not None else (args.num_samples or args.batch_size)
     check_sampling_memory(cfg, min(args.batch_size, n), n, rt.device)
     indices = [args.index] if args.index is not None else list(range(n))
     t0 = time.time()
     try:
-        imgs = generate(model, rt, indices, seed, args.sampler, steps, args.eta, args.batch_size,
-                        compile_=bool(args.compile), clip=not args.no_clip)
+        imgs = generate(model, rt, indices, seed, spec, args.batch_size, compile_=bool(args.compile))
     except (MemoryError, OverflowError, torch.OutOfMemoryError):
         raise DDPMError(f"out of memory sampling batches of {args.batch_size} at {cfg.img_size}x{cfg.img_size}; "
                         f"use a smaller --batch-size") from None
-    if is_rank0():
-        for i, img in zip(indices, imgs):
-            save_png(img, save_dir / f"ddpm-{i}.png")
-        if len(indices) > 1:
-            save_png(image_grid(imgs), save_dir / "ddpm-all.png")
-        log(f"wrote {len(indices)} images to {save_dir} in {time.time() - t0:.1f} s "
-            f"({args.sampler}, {steps} steps, seed {seed})" + (", and ddpm-all.png" if len(indices) > 1 else ""))
-    local = Runtime(rt.device, rt.precision)
-    if is_rank0() and args.reverse_steps:
-        save_png(reverse_strip(model, local, seed, 8, args.sampler, steps, args.eta), save_dir / "reverse.png")
-    if is_rank0() and args.forward_steps:
-        data = data_src.load(cfg)
-        save_png(forward_strip(copy.deepcopy(model), data[:8], seed), save_dir / "forward.png")
-    if is_rank0() and args.gif:
-        frames = []
-        n = min(16, len(indices))
-        keep = snapshot_steps(len(timestep_grid(cfg.timesteps, steps)), 30)
-        generate(model, local, indices[:n], seed, args.sampler, steps, args.eta, n, clip=not args.no_clip,
-                 callback=lambda i, x, x0: frames.append(image_grid(to_uint8(x).cpu(), nrow=4)) if i in keep else None)
-        save_gif(frames, save_dir / "denoise.gif")
-    if is_rank0() and args.interpolate:
-        a, b = args.interpolate
-        shape = (cfg.img_channels, cfg.img_size, cfg.img_size)
-        za = ImageNoise(a, [0], shape, torch.device("cpu"))()[0]
-        zb = ImageNoise(b, [0], shape, torch.device("cpu"))()[0]
-        x = torch.stack([slerp(za, zb, k / 7) for k in range(8)]).to(rt.device)
-        sampler = args.sampler if args.sampler != "ddpm" else "ddim"  # deterministic path from each noise
-        with torch.inference_mode():
-            out = model.sample(x, sampler, args.steps or 25, 0.0, model_fn=sampling_model_fn(model, local),
-                               clip=not args.no_clip)
-        save_png(strip([to_uint8(out).cpu()[k:k + 1] for k in range(8)]), save_dir / "interpolate.png")
+    if not is_rank0():
+        return 0
+    for i, img in zip(indices, imgs):
+        save_png(img, save_dir / f"ddpm-{i}.png")
+    if len(indices) > 1:
+        save_png(image_grid(imgs), save_dir / "ddpm-all.png")
+    log(f"wrote {len(indices)} images to {save_dir} in {time.time() - t0:.1f} s ({spec.sampler}, "
+        f"{spec.steps_for(cfg.timesteps)} steps, seed {seed})" + (", and ddpm-all.png" if len(indices) > 1 else ""))
+    local = rt.local()
+    if args.reverse_steps:
+        save_png(reverse_strip(model, local, seed, 8, spec), save_dir / "reverse.png")
+    if args.forward_steps:
+        save_png(forward_strip(copy.deepcopy(model), data.load(cfg)[:8], seed), save_dir / "forward.png")
+    if args.gif:
+        save_gif(denoise_frames(model, local, indices[:16], seed, spec), save_dir / "denoise.gif")
+    if args.interpolate:
+        save_png(interpolation_strip(model, local, *args.interpolate, spec), save_dir / "interpolate.png")
+    return 0
+
+
+def eval_command(args, rt: Runtime, feature_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> int:
+    """--eval nll | fid | nearest on --loadckpt. feature_fn replaces the Inception features (tests)."""
+    if rt.distributed:
+        raise DDPMError("--eval runs in one process; start it with python, not torchrun")
+    if args.eval == "fid" and feature_fn is None:
+        feature_fn = inception_features(args.fid_weights, rt.device)  # fails fast: package, weights
+    path = resolve_checkpoint(args.loadckpt)
+    obj = read_checkpoint(path)
+    model = load_model(path, rt.device, use_ema=not args.no_ema, _obj=obj, **explicit_model_flags(args))
+    log(f"model: {model.source.describe()}")
+    seed = pick_seed(args)
+    if args.eval == "nll":
+        return eval_nll(args, obj, model, seed)
+    n = args.num_samples if "num_samples" in args.explicit else (5000 if args.eval == "fid" else 16)
+    spec = sample_spec_from_args(args)
+
+    def samples(lo: int, hi: int) -> torch.Tensor:  # (hi - lo, C, H, W) uint8
+        return generate(model, rt, list(range(lo, hi)), seed, spec, args.batch_size)
+    how = f"{spec.sampler}, {spec.steps_for(model.config.timesteps)} steps, seed {seed}"
+    if args.eval == "fid":
+        return eval_fid(args, obj, path, model.config, samples, n, how, feature_fn)
+    return eval_nearest(args, rt, obj, model.config, samples, n, how)
+
+
+def eval_nll(args, obj: dict, model: GaussianDiffusion, seed: int) -> int:
+    """--eval nll: the bound in bits/dim on held-out images (or, without any, the training images)."""
+    cfg = model.config
+    if args.eval_folders:  # the training data is not needed
+        held = load_images(args.eval_folders, cfg.img_size, cfg.img_channels, args.background_rgb)
+        what = "--eval-folders " + " ".join(args.eval_folders)
+    else:
+        train, held, what = eval_datasets(args, obj, cfg)
+        if held is None:
+            held, what = train, "the training images (no held-out set: --eval-folders DIR, or train with --holdout)"
+    r = bits_per_dim(model, held, args.nll_timesteps, args.batch_size, seed)
+    how = (f"strided estimate ({r['K']} of {r['T']} timesteps)" if r["K"] < r["T"]
+           else f"full bound (all {r['T']} timesteps)")
+    log(f"NLL: {r['bpd']:.4f} bits/dim +- {r['ci']:.4f} (95% CI over {r['n']} images of {what}); {how}")
+    log(f"  terms (bits/dim): prior L_T {r['prior']:.4f} | KL L_1..L_T-1 {r['kl']:.4f} | decoder L_0 "
+        f"{r['decoder']:.4f} (sigma_t^2 = beta_t; 8-bit data scaled to [-1, 1], 256 bins)")
+    return 0
+
+
+def eval_fid(args, obj: dict, path: Path, cfg: ModelConfig, samples: Callable[[int, int], torch.Tensor], n: int,
+             how: str, feature_fn: Callable) -> int:
+    """--eval fid: n samples against the real images (--eval-folders, --data-folders or the run's data),
+    whose statistics are cached next to the checkpoint."""
+    tag = getattr(feature_fn, "tag", "custom features")
+    src = (DataSource(tuple(args.eval_folders or args.data_folders), 0, args.background_rgb)
+           if args.eval_folders or args.data_folders else training_source(args, obj))
+    cache = path.parent / f"fid-stats-{fid_cache_key(src, cfg, tag)}.pt"
+    real = real_statistics(src, cfg, feature_fn, cache, args.batch_size)
+    if n < 2048 and "pt_inception" in tag:
+        warn_once(f"FID from {n} < 2048 samples is biased high (singular covariance); compare only at equal "
+                  f"--num-samples (papers use 50000)")
+    chunk = max(args.batch_size, 500)
+    fake = activation_stats((samples(b, min(n, b + chunk)) for b in range(0, n, chunk)), feature_fn)
+    d = frechet_distance(fake[0], fake[1], real[0], real[1])
+    log(f"FID: {d:.4f} ({n} samples: {how}; vs {real[2]} real images: {src.describe()}; features: {tag})")
+    return 0
+
+
+def eval_nearest(args, rt: Runtime, obj: dict, cfg: ModelConfig, samples: Callable[[int, int], torch.Tensor], n: int,
+                 how: str) -> int:
+    """--eval nearest: samples vs training images, with held-out real images vs the training images
+    as the yardstick; nearest.png shows each sample beside its nearest training images."""
+    train, held, what = eval_datasets(args, obj, cfg)
+    bank = train
+    if held is None:
+        if len(train) < 2:
+            raise DDPMError("--eval nearest needs at least 2 training images")
+        bank, held, _ = split_holdout(train, 0.05, 0)
+        what = f"a deterministic 5% of the training images vs the other {len(bank)}"
+    if args.fid_weights:
+        net = inception_features(args.fid_weights, rt.device)
+        space, abs_thr = "L2 in Inception pool3 feature space", 1e-4
+
+        def feats(u: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) uint8 -> (N, 2048)
+            return torch.cat([net(fid_input(c)) for c in u.split(args.batch_size)])
+    else:
+        feats, space, abs_thr = pixel_features, "RMS pixel difference at 16x16 in [-1, 1] units", 0.02
+    imgs = samples(0, n)
+    f_train = feats(train)
+    r = copy_check(feats(imgs), f_train, feats(held), f_train if bank is train else feats(bank), abs_thr)
+    fmt = " | ".join(f"{k} {{:.4f}}" for k in ("min", "5%", "median", "95%"))
+    log(f"nearest: {n} samples ({how}) vs {len(train)} training images; distance: {space}")
+    log(f"  nearest distance, {n} samples: ".ljust(44) + fmt.format(*r["q_samples"]))
+    log(f"  nearest distance, {len(held)} held-out real images: ".ljust(44) + fmt.format(*r["q_real"]) + f" ({what})")
+    log(f"  possible copies: {r['copies']} of {n} (nearest distance < {r['threshold']:.4f}: the 5% quantile of "
+        f"the held-out real images, or {abs_thr:g}; about 5% expected by chance)")
+    k = r["idx"].shape[1]
+    rows = torch.cat([torch.cat([imgs[i:i + 1], train[r["idx"][i]]]) for i in range(n)])  # (n*(k+1), C, H, W)
+    out = Path(args.save_dir) / "nearest.png"
+    save_png(upscale(image_grid(rows, nrow=k + 1), 2 if cfg.img_size <= 32 else 1), out)
+    log(f"wrote {out} (each row: a sample, then its {k} nearest training images)")
     return 0
 
 
@@ -3465,8 +3521,8 @@ def export_command(args) -> int:
     source = resolve_checkpoint(args.loadckpt)
     check_export_target(Path(args.export), source, args.overwrite)
     model = load_model(source, "cpu", use_ema=not args.no_ema, **explicit_model_flags(args))
-    weights = "ema" if model.source["ema"] else "raw"
-    export_safetensors(model, model.config, Path(args.export), weights, model.source["step"] or 0)
+    weights = "ema" if model.source.ema else "raw"
+    export_safetensors(model, model.config, Path(args.export), weights, model.source.step or 0)
     print(f"wrote {args.export} ({weights} weights, config in the metadata)")
     return 0
 

@@ -122,10 +122,12 @@ def bench_sample(model, rt, samplers, n, compile_):
     for sampler, steps in samplers:
         fresh()
         fn = ddpm.sampling_model_fn(model, rt, compile_)
-        ddpm.generate(model, rt, list(range(n)), 0, sampler, 2, batch_size=n, model_fn=fn, show_progress=False)
+        ddpm.generate(model, rt, list(range(n)), 0, ddpm.SampleSpec(sampler, 2), batch_size=n, model_fn=fn,
+                      show_progress=False)
         sync()
         t0 = time.perf_counter()
-        ddpm.generate(model, rt, list(range(n)), 0, sampler, steps, batch_size=n, model_fn=fn, show_progress=False)
+        ddpm.generate(model, rt, list(range(n)), 0, ddpm.SampleSpec(sampler, steps), batch_size=n, model_fn=fn,
+                      show_progress=False)
         sync()
         dt = time.perf_counter() - t0
         emit(what="sample", sampler=sampler, steps=steps, images=n, seconds=round(dt, 3),
@@ -186,7 +188,6 @@ def main():
         fresh()
         rt = ddpm.setup_runtime(flags[1], "auto", False)
         model = ddpm.build_diffusion(cfg).to(rt.device).eval()
-        model.config = cfg
         bench_sample(model, rt, samplers, n_sample, compile_=False)
         if cuda:
             bench_sample(model, rt, [("dpm++", 25)], n_sample, compile_=True)

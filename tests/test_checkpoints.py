@@ -129,7 +129,7 @@ def test_failed_write_keeps_the_previous_checkpoint(trained, tmp_path, monkeypat
     assert sorted(os.listdir(tmp_path)) == ["ckpt-0.pth"]  # no temporary file left behind
     assert ddpm.read_checkpoint(path)["step"] == 3
     model = ddpm.load_model(path)
-    assert model.source["step"] == 3
+    assert model.source.step == 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,7 +428,7 @@ def test_original_format_samples_and_fine_tunes(tmp_path, monkeypatch, capsys):
 
     model = ddpm.load_model(tmp_path / "old.pth", img_size=16, num_channels=32, channel_multiples=(1, 2),
                             has_attn=(False, True), num_blocks=1)
-    assert model.config.legacy_attention and model.source["step"] is None
+    assert model.config.legacy_attention and model.source.step is None
     assert all(m.legacy for m in model.modules() if isinstance(m, ddpm.AttentionBlock))
     assert_same_tensors(model.state_dict(), old, "weights")
 

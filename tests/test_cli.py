@@ -119,17 +119,19 @@ def test_sampling_from_a_checkpoint_equals_the_live_model(trained):
 
     loaded = ddpm.load_model(path)
     assert loaded.config == CFG  # from the checkpoint alone
-    got = ddpm.generate(loaded, rt, [0, 1, 2, 3], seed=0, steps=3, batch_size=4, show_progress=False)
+    got = ddpm.generate(loaded, rt, [0, 1, 2, 3], seed=0, spec=ddpm.SampleSpec(steps=3), batch_size=4,
+                        show_progress=False)
     assert (got.permute(0, 2, 3, 1).numpy() == want).all()
 
     by_hand = ddpm.GaussianDiffusion(ddpm.UNet(3, 32, (1, 2), (False, True), 1), 50)
     by_hand.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["ema"])
-    by_hand.config = CFG
     by_hand.eval()
-    got2 = ddpm.generate(by_hand, rt, [0, 1, 2, 3], seed=0, steps=3, batch_size=4, show_progress=False)
+    by_hand.config = CFG  # generate reads the image shape from it
+    got2 = ddpm.generate(by_hand, rt, [0, 1, 2, 3], seed=0, spec=ddpm.SampleSpec(steps=3), batch_size=4,
+                         show_progress=False)
     assert torch.equal(got2, got)
     # one image alone (another batch size) is the same image
-    one = ddpm.generate(loaded, rt, [2], seed=0, steps=3, batch_size=1, show_progress=False)
+    one = ddpm.generate(loaded, rt, [2], seed=0, spec=ddpm.SampleSpec(steps=3), batch_size=1, show_progress=False)
     assert torch.equal(one[0], got[2])
 
 

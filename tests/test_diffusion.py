@@ -208,7 +208,8 @@ def run_sampler(sampler, steps, eta, model_fn, seed=0):
         ts.append(int(t[0]))
         return model_fn(x, t)
     x = torch.randn(SHAPE, generator=g)
-    out = d.sample(x, sampler, steps, eta, noise_fn=lambda: torch.randn(SHAPE, generator=g), model_fn=fn)
+    spec = ddpm.SampleSpec(sampler, steps, eta, clip=False)  # Gaussian data is not bounded to [-1, 1]
+    out = d.sample(x, spec, noise_fn=lambda: torch.randn(SHAPE, generator=g), model_fn=fn)
     assert len(ts) == steps and ts[0] == T - 1 and ts[-1] == 0 and all(p > q for p, q in zip(ts, ts[1:]))
     return out.double(), ts
 
@@ -264,15 +265,13 @@ def test_sampler_finds_both_modes_of_a_two_point_mixture(sampler, steps):
 def tiny_model():
     torch.manual_seed(0)
     cfg = tiny_cfg()
-    model = ddpm.GaussianDiffusion(ddpm.UNet.from_config(cfg), cfg.timesteps)
-    model.config = cfg
-    return model.eval()
+    return ddpm.build_diffusion(cfg).eval()
 
 
 @pytest.mark.parametrize("sampler", ddpm.SAMPLERS)
 def test_images_do_not_depend_on_batch_size(tiny_model, sampler):
     rt = ddpm.Runtime(torch.device("cpu"), "fp32")
-    kw = dict(seed=123, sampler=sampler, steps=10, show_progress=False)
+    kw = dict(seed=123, spec=ddpm.SampleSpec(sampler, 10), show_progress=False)
     one = ddpm.generate(tiny_model, rt, list(range(6)), batch_size=1, **kw)
     four = ddpm.generate(tiny_model, rt, list(range(6)), batch_size=4, **kw)
     assert one.shape == (6, 3, 8, 8) and one.dtype == torch.uint8

@@ -167,7 +167,8 @@ def test_fid_pipeline_with_stand_in_features(tmp_path, capsys):
     fid = float(re.search(r"FID: ([0-9.]+) \(10 samples: ddim, 2 steps, seed 5; vs 12 real images", out).group(1))
     assert "stand-in 2x2 pooling" in out and "saved to" in out
     # independently: the same samples (per-image seeds), features, numpy/scipy statistics and distance
-    imgs = ddpm.generate(ddpm.load_model(ckpt), rt, list(range(10)), 5, "ddim", 2, batch_size=10, show_progress=False)
+    imgs = ddpm.generate(ddpm.load_model(ckpt), rt, list(range(10)), 5, ddpm.SampleSpec("ddim", 2), batch_size=10,
+                         show_progress=False)
     f_real = stand_in_features(torch.from_numpy(real).permute(0, 3, 1, 2).float() / 255).numpy()
     f_fake = stand_in_features(imgs.float() / 255).numpy()
     assert fid == pytest.approx(scipy_fid(f_fake, f_real), abs=1e-4)

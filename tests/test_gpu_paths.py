@@ -170,10 +170,8 @@ def test_resume_of_a_checkpoint_from_another_device_type_reseeds_with_a_note(tmp
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    model = ddpm.GaussianDiffusion(ddpm.UNet(3, 32, (1, 2), (False, True), 1, dropout=0.0), 50).eval()
-    model.config = ddpm.ModelConfig(img_size=8, num_channels=32, channel_multiples=(1, 2), has_attn=(False, True),
-                                    num_blocks=1, timesteps=50, dropout=0.0)
-    return model
+    return ddpm.build_diffusion(ddpm.ModelConfig(img_size=8, num_channels=32, channel_multiples=(1, 2),
+                                                 has_attn=(False, True), num_blocks=1, timesteps=50, dropout=0.0)).eval()
 
 
 def reference_images(model, indices, seed, sampler, steps, eta):
@@ -184,15 +182,16 @@ def reference_images(model, indices, seed, sampler, steps, eta):
     def noise():
         return torch.stack([torch.randn(3, 8, 8, generator=g) for g in gens])
     with torch.inference_mode():
-        x = model.sample(noise(), sampler, steps, eta, noise_fn=noise,
-                         model_fn=lambda x, t: model.eps_model(x, t).float(), clip=True)
+        x = model.sample(noise(), ddpm.SampleSpec(sampler, steps, eta), noise_fn=noise,
+                         model_fn=lambda x, t: model.eps_model(x, t).float())
     return ddpm.to_uint8(x)
 
 
 @pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 1.0), ("ddim", 0.0), ("dpm++", 0.0)])
 def test_noise_drawn_ahead_gives_byte_identical_images(tiny, sampler, eta):
     rt = ddpm.Runtime(torch.device("cpu"), "fp32")
-    got = ddpm.generate(tiny, rt, list(range(5)), 11, sampler, 8, eta, batch_size=5, show_progress=False)
+    got = ddpm.generate(tiny, rt, list(range(5)), 11, ddpm.SampleSpec(sampler, 8, eta), batch_size=5,
+                        show_progress=False)
     assert torch.equal(got, reference_images(tiny, list(range(5)), 11, sampler, 8, eta))
 
 
@@ -204,9 +203,10 @@ def test_compiled_sampling_pads_the_last_chunk_and_drops_the_extra_images(tiny):
         shapes.append(x.shape[0])
         return tiny.eps_model(x, t).float()
     fn.compiled = True  # as sampling_model_fn marks a compiled (CUDA graph) model
-    got = ddpm.generate(tiny, rt, list(range(10)), 3, "ddim", 4, 0.5, batch_size=4, model_fn=fn, show_progress=False)
+    spec = ddpm.SampleSpec("ddim", 4, 0.5)
+    got = ddpm.generate(tiny, rt, list(range(10)), 3, spec, batch_size=4, model_fn=fn, show_progress=False)
     assert set(shapes) == {4} and got.shape[0] == 10
-    plain = ddpm.generate(tiny, rt, list(range(10)), 3, "ddim", 4, 0.5, batch_size=4, show_progress=False)
+    plain = ddpm.generate(tiny, rt, list(range(10)), 3, spec, batch_size=4, show_progress=False)
     assert torch.equal(got, plain)
 
 

@@ -62,8 +62,8 @@ def test_strips_gif_and_interpolation(trained, tmp_path):
     assert itp.shape == (3, s, 8 * s)
     model = ddpm.load_model(trained / "ckpt")  # the newest checkpoint in the folder
     rt = ddpm.Runtime(torch.device("cpu"), "fp32")
-    a = ddpm.generate(model, rt, [0], 3, "dpm++", 6, show_progress=False)[0]
-    b = ddpm.generate(model, rt, [0], 9, "dpm++", 6, show_progress=False)[0]
+    a = ddpm.generate(model, rt, [0], 3, ddpm.SampleSpec("dpm++", 6), show_progress=False)[0]
+    b = ddpm.generate(model, rt, [0], 9, ddpm.SampleSpec("dpm++", 6), show_progress=False)[0]
     assert torch.equal(itp[:, :, :s], a) and torch.equal(itp[:, :, -s:], b)
     assert not torch.equal(itp[:, :, 3 * s:4 * s], a)
 

@@ -153,7 +153,7 @@ def test_time_budget_stops_cleanly(tmp_path):
     ckpt = ddpm.newest_checkpoint(tmp_path / "ckpt")
     model = ddpm.load_model(ckpt)
     metrics = rows(tmp_path / "ckpt" / "metrics.csv")
-    assert model.source["step"] == int(metrics[-1]["step"]) > 0  # saved at the step it stopped
+    assert model.source.step == int(metrics[-1]["step"]) > 0  # saved at the step it stopped
     assert ddpm.read_checkpoint(ckpt)["epoch"] < 100000
     # the final grid: 4 images of 8x8 in make_grid's layout (padding 2), enlarged 2x
     assert png(tmp_path / "output" / "final-grid.png").shape == (2 * 12, 2 * 42, 3)
@@ -230,8 +230,8 @@ def test_export_safetensors_samples_like_the_checkpoint(run6, tmp_path, capsys):
 
     # load_model reads it, and it samples exactly like the checkpoint's EMA weights
     rt = ddpm.Runtime(torch.device("cpu"), "fp32")
-    a = ddpm.generate(ddpm.load_model(ema), rt, [0, 1, 2], seed=4, steps=3, show_progress=False)
-    b = ddpm.generate(ddpm.load_model(ckpt), rt, [0, 1, 2], seed=4, steps=3, show_progress=False)
+    a = ddpm.generate(ddpm.load_model(ema), rt, [0, 1, 2], seed=4, spec=ddpm.SampleSpec(steps=3), show_progress=False)
+    b = ddpm.generate(ddpm.load_model(ckpt), rt, [0, 1, 2], seed=4, spec=ddpm.SampleSpec(steps=3), show_progress=False)
     assert torch.equal(a, b)
 
     # and so does the sampling command (--loadckpt accepts the file): same PNG files, byte for byte
