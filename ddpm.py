@@ -137,6 +137,18 @@ def parse_duration(value: str) -> float:
     return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
 
 
+def parse_fraction(value: str) -> float:
+    """'1%' or '0.01' -> 0.01, in [0, 1)."""
+    v = value.strip()
+    try:
+        f = float(v[:-1]) / 100 if v.endswith("%") else float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.01 or 1%, got {value!r}") from None
+    if not 0 <= f < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) (0% to under 100%), got {value!r}")
+    return f
+
+
 def fsync_dir(folder: Path) -> None:
     """fsync a folder so a rename in it is durable. POSIX only; elsewhere a no-op."""
     if os.name != "posix":
@@ -935,166 +947,17 @@ def load_images(folders: Sequence, img_size: int = 64, img_channels: int = 3,
     return data
 
 
-def demo_faces(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
-    """(n, 3, size, size) torch.uint8 tensor of anime-style faces; image i depends only on (seed, i).
-
-    Each face is drawn with PIL at 4x resolution (flat colours, simple shapes) and downsampled
-    with LANCZOS. Hair colour/style, eyes, skin, mouth, blush, background, position and a small
-    tilt are drawn from random.Random(seed * 1000003 + i). Needs: colorsys, math, random, torch,
-    PIL.Image, PIL.ImageDraw.
-    """
-    import colorsys
-
-    from PIL import Image, ImageDraw
-
-    HAIR = [(30, 28, 38), (92, 58, 36), (140, 90, 50), (240, 205, 110), (250, 150, 190),
-            (70, 120, 230), (205, 210, 225), (205, 45, 50), (60, 170, 95), (140, 80, 200),
-            (245, 130, 40), (60, 200, 210), (250, 245, 235), (60, 60, 120)]
-    EYES = [(40, 110, 230), (40, 160, 80), (210, 40, 50), (140, 60, 200), (230, 150, 30),
-            (230, 90, 160), (30, 170, 180), (120, 70, 40), (90, 90, 110)]
-    SKIN = [(255, 236, 224), (255, 224, 204), (248, 212, 186), (236, 192, 160), (212, 160, 122)]
-    S = 4 * size
-    lanczos = getattr(Image, "Resampling", Image).LANCZOS
-    grad = Image.linear_gradient("L").resize((S, S))
-    circle = [(math.cos(2 * math.pi * j / 24), math.sin(2 * math.pi * j / 24)) for j in range(24)]
-
-    def mix(a, b, t):
-        return tuple(int(round(x + (y - x) * t)) for x, y in zip(a, b))
-
-    def shade(c, f):
-        return tuple(max(0, min(255, int(v * f))) for v in c)
-
-    def one(rng):
-        # background: plain or vertical two-tone gradient of a pastel colour
-        h = rng.random()
-        bg1 = tuple(int(255 * v) for v in colorsys.hsv_to_rgb(h, rng.uniform(0.15, 0.45), rng.uniform(0.75, 1.0)))
-        bg2 = mix(bg1, (255, 255, 255) if rng.random() < 0.5 else (40, 40, 70), rng.uniform(0.3, 0.6))
-        img = Image.new("RGB", (S, S), bg1)
-        if rng.random() < 0.6:
-            img = Image.composite(Image.new("RGB", (S, S), bg2), img, grad)
-        d = ImageDraw.Draw(img)
-        cx, cy = 0.5 + rng.uniform(-0.03, 0.03), 0.5 + rng.uniform(-0.03, 0.03)
-        sc = rng.uniform(0.93, 1.05)
-        tilt = math.radians(rng.uniform(-7, 7))
-        ct, st = math.cos(tilt), math.sin(tilt)
-
-        # face-relative unit coords -> canvas pixels: scale by sc, tilt about the neck (0, 0.2)
-        a, b = S * sc * ct, S * sc * st
-        ox, oy = S * cx + 0.2 * b, S * (cy + 0.2 * sc) - 0.2 * a
-
-        def P(x, y):
-            return (ox + a * x - b * y, oy + b * x + a * y)
-
-        def poly(pts, col):
-            d.polygon([P(x, y) for x, y in pts], fill=col)
-
-        def arcpts(x0, y0, x1, y1, a0=0, a1=360, k=24):
-            mx, my, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
-            cs = circle if (a0, a1, k) == (0, 360, 24) else [
-                (math.cos(t), math.sin(t)) for t in (math.radians(a0 + (a1 - a0) * j / k) for j in range(k + 1))]
-            return [(mx + rx * c, my + ry * s) for c, s in cs]
-
-        def ell(x0, y0, x1, y1, col, a0=0, a1=360):  # filled ellipse (or chord) as a tiltable polygon
-            poly(arcpts(x0, y0, x1, y1, a0, a1), col)
-
-        def arc(x0, y0, x1, y1, a0, a1, col, w):
-            d.line([P(x, y) for x, y in arcpts(x0, y0, x1, y1, a0, a1, 10)], fill=col, width=w, joint="curve")
-
-        hair = HAIR[rng.randrange(len(HAIR))]
-        hair = shade(hair, rng.uniform(0.85, 1.1))
-        dark = shade(hair, 0.7)
-        skin = SKIN[rng.randrange(len(SKIN))]
-        longh = rng.random() < 0.55
-        # --- back hair (long hair / ponytail / twin tails)
-        ell(-0.40, -0.48, 0.40, 0.22, dark)
-        if longh:
-            poly([(-0.40, -0.1), (0.40, -0.1), (0.44, 0.6), (-0.44, 0.6)], dark)
-        tail = rng.random()
-        if tail < 0.18:  # twin tails
-            ell(-0.58, -0.30, -0.34, 0.45, dark)
-            ell(0.34, -0.30, 0.58, 0.45, dark)
-        elif tail < 0.3:  # ponytail peeking out at one side
-            s = rng.choice((-1, 1))
-            ell(min(0.3 * s, 0.55 * s), -0.40, max(0.3 * s, 0.55 * s), 0.20, dark)
-        # --- neck and shirt
-        shirt = tuple(int(255 * v) for v in colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.2, 0.7), rng.uniform(0.5, 0.95)))
-        poly([(-0.08, 0.2), (0.08, 0.2), (0.09, 0.45), (-0.09, 0.45)], shade(skin, 0.85))
-        ell(-0.38, 0.40, 0.38, 0.80, shirt)
-        poly([(-0.09, 0.40), (0.09, 0.40), (0.0, 0.50)], shade(skin, 0.85))
-        # --- head: wide cranium + pointed anime chin
-        ell(-0.30, -0.34, 0.30, 0.20, skin)
-        chin = rng.uniform(0.30, 0.36)
-        poly([(-0.30, -0.04), (-0.26, 0.14), (-0.08, chin - 0.02), (0.0, chin), (0.08, chin - 0.02),
-              (0.26, 0.14), (0.30, -0.04)], skin)
-        # --- eyes
-        eye = EYES[rng.randrange(len(EYES))]
-        ew, eh = rng.uniform(0.16, 0.19), rng.uniform(0.13, 0.20)
-        ey, ex = rng.uniform(0.04, 0.06), rng.uniform(0.125, 0.14)
-        hx, hy = rng.choice((-0.22, 0.22)), rng.uniform(-0.3, -0.15)
-        line = mix(eye, (20, 15, 25), 0.8)
-        for s in (-1, 1):
-            x = s * ex
-            ell(x - ew / 2, ey - eh / 2, x + ew / 2, ey + eh / 2, (255, 255, 255))
-            iw = ew * 0.72
-            ell(x - iw / 2, ey - eh / 2, x + iw / 2, ey + eh / 2, line)
-            ell(x - iw / 2 + 0.01, ey - eh / 2 + 0.012, x + iw / 2 - 0.01, ey + eh / 2 - 0.006, eye)
-            ell(x - iw / 2 + 0.016, ey, x + iw / 2 - 0.016, ey + eh / 2 - 0.01, mix(eye, (255, 255, 255), 0.35))
-            ell(x - iw * 0.22, ey - eh * 0.2, x + iw * 0.22, ey + eh * 0.22, line)
-            # upper lash: thick dark band with a little outward wing
-            poly([(x - s * ew * 0.55, ey - eh * 0.32), (x - s * ew * 0.35, ey - eh * 0.58), (x + s * ew * 0.3, ey - eh * 0.60),
-                  (x + s * ew * 0.62, ey - eh * 0.35), (x + s * ew * 0.55, ey - eh * 0.18), (x + s * ew * 0.3, ey - eh * 0.42),
-                  (x - s * ew * 0.35, ey - eh * 0.40)], line)
-            r = 0.024
-            hxx, hyy = x + hx * iw, ey + hy * eh  # same side on both eyes (one light source)
-            ell(hxx - r, hyy - r, hxx + r, hyy + r, (255, 255, 255))
-            r2 = 0.012
-            ell(x - hx * iw * 0.8 - r2, ey + eh * 0.25 - r2, x - hx * iw * 0.8 + r2, ey + eh * 0.25 + r2, (255, 255, 255))
-        # --- blush and mouth
-        if rng.random() < 0.6:
-            bl = mix(skin, (255, 110, 130), 0.45)
-            for s in (-1, 1):
-                ell(s * 0.17 - 0.05, 0.13, s * 0.17 + 0.05, 0.17, bl)
-        mcol, my = (150, 40, 50), rng.uniform(0.21, 0.24)
-        m = rng.randrange(4)
-        if m == 0:    # smile arc
-            arc(-0.05, my - 0.05, 0.05, my + 0.015, 20, 160, mcol, max(1, S // 48))
-        elif m == 1:  # small 'o'
-            ell(-0.022, my - 0.02, 0.022, my + 0.025, mcol)
-        elif m == 2:  # flat line
-            d.line([P(-0.035, my), P(0.035, my)], fill=mcol, width=max(1, S // 48))
-        else:         # open smile
-            ell(-0.045, my - 0.03, 0.045, my + 0.035, mcol, 0, 180)
-        # --- front hair: cap, fringe, side locks, ahoge
-        ell(-0.34, -0.46, 0.34, 0.20, hair, 180, 360)
-        fr = rng.randrange(4)
-        fy = ey - eh / 2 - 0.02
-        if fr == 0:    # spiky fringe
-            k = rng.randint(4, 6)
-            pts = [(-0.34, -0.13)]
-            for j in range(k):
-                x0, x1 = -0.30 + 0.60 * j / k, -0.30 + 0.60 * (j + 1) / k
-                pts += [(x0, -0.12), ((x0 + x1) / 2 + rng.uniform(-0.02, 0.02), fy + rng.uniform(-0.05, 0.01))]
-            pts += [(0.30, -0.12), (0.34, -0.13)]
-        elif fr == 1:  # straight hime cut
-            pts = [(-0.34, -0.13), (-0.30, fy), (0.30, fy), (0.34, -0.13)]
-        elif fr == 2:  # side-swept
-            s = rng.choice((-1, 1))
-            pts = [(-0.34 * s, -0.13), (-0.30 * s, fy - 0.02), (0.05 * s, fy - 0.1), (0.30 * s, fy), (0.34 * s, -0.13)]
-        else:          # centre part, two curtains
-            pts = [(-0.34, -0.13), (-0.30, fy), (-0.12, fy - 0.03), (0.0, -0.2), (0.12, fy - 0.03), (0.30, fy), (0.34, -0.13)]
-        poly(pts + [(0.34, -0.2), (-0.34, -0.2)], hair)
-        lock = 0.40 if longh else rng.uniform(0.12, 0.28)
-        for s in (-1, 1):
-            poly([(s * 0.35, -0.2), (s * 0.24, -0.12), (s * 0.25, lock - 0.08), (s * 0.30, lock), (s * 0.36, lock - 0.1)], hair)
-        arc(-0.24, -0.38, 0.24, -0.10, 200, 250, mix(hair, (255, 255, 255), 0.45), max(1, S // 40))
-        if rng.random() < 0.35:  # ahoge
-            t = rng.choice((-1, 1))
-            poly([(0.0, -0.42), (0.03 * t, -0.52), (0.12 * t, -0.55), (0.05 * t, -0.50), (0.03 * t, -0.40)], hair)
-        return img.resize((size, size), lanczos)
-
-    data = b"".join(one(random.Random(seed * 1000003 + i)).tobytes() for i in range(n))
-    out = torch.frombuffer(bytearray(data), dtype=torch.uint8) if n else torch.zeros(0, dtype=torch.uint8)
-    return out.view(n, size, size, 3).permute(0, 3, 1, 2).contiguous()
+def split_holdout(data: torch.Tensor, fraction: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor, dict]:
+    """Deterministic held-out split of data: (N, ...): a permutation seeded by (seed, 7); its first
+    round(fraction * N) images (at least 1 when fraction > 0) are held out, both parts keep file order.
+    Returns (train, held, record); the record is stored in checkpoints under "holdout"."""
+    n = len(data)
+    k = max(1, int(math.floor(fraction * n + 0.5))) if fraction > 0 else 0
+    if k >= n and k:
+        raise DDPMError(f"--holdout {fraction:g} of {n} images leaves none to train on; use a smaller fraction")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, 7)))
+    held, kept = perm[:k].sort().values, perm[k:].sort().values
+    return (data[kept] if k else data), data[held], {"fraction": float(fraction), "seed": int(seed), "n": k, "total": n}
 
 
 @dataclass(frozen=True)
@@ -1717,6 +1580,251 @@ def barrier(rt: Runtime) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Sampling and pictures
+# ----------------------------------------------------------------------------------------------
+
+def sync_device(rt: Runtime) -> None:
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+
+
+class ImageNoise:
+    """Per-image noise: image i draws all its noise (x_T, then each step's) from its own generator
+    seeded by (seed, i), so it is the same image at any batch size and on any number of processes.
+    Drawn on the CPU, so the noise is also the same on every device.
+
+    From the second call on (a sampler that wants noise at every step), the next call's noise is
+    drawn ahead into a pinned buffer and copied without waiting, while the GPU runs the model: the
+    same draws in the same order, so the same images."""
+
+    def __init__(self, seed: int, indices: Sequence[int], shape: Sequence[int], device: torch.device):
+        self.gens = [torch.Generator().manual_seed(mix_seed(seed, int(i))) for i in indices]
+        self.shape, self.device = tuple(shape), device
+        self.stager = PinnedStager(device)
+        self._ahead: Optional[torch.Tensor] = None
+        self._calls = 0
+
+    def _draw(self) -> torch.Tensor:
+        def fill(out: torch.Tensor) -> None:
+            for g, o in zip(self.gens, out):
+                torch.randn(self.shape, generator=g, out=o)
+        return self.stager.stage(fill, (len(self.gens), *self.shape), torch.float32)
+
+    def __call__(self) -> torch.Tensor:
+        """(n, C, H, W) standard normal noise on the device."""
+        out = self._ahead if self._ahead is not None else self._draw()
+        self._calls += 1
+        self._ahead = self._draw() if self._calls >= 2 else None
+        return out
+
+
+def sampling_model_fn(model: GaussianDiffusion, rt: Runtime, compile_: bool = False) -> ModelFn:
+    """eps_theta(x, t) in float32, under the run's autocast (bf16 on GPUs), optionally compiled
+    (CUDA graphs via mode="reduce-overhead" for the fixed batch shape; channels_last only then)."""
+    net = model.eps_model
+    compiled = resolve_compile(compile_, rt.device)
+    graphs = channels_last = compiled and rt.device.type == "cuda"
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    if compiled:
+        net = torch.compile(net, mode="reduce-overhead" if graphs else None)
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if graphs:  # a new step: the previous replay's outputs have been consumed
+            torch.compiler.cudagraph_mark_step_begin()
+        with rt.autocast():
+            out = net(x, t)
+        return out.to(torch.float32, copy=True) if graphs else out.float()  # a graph's output is reused
+    fn.compiled = compiled
+    return fn
+
+
+def generate(model: GaussianDiffusion, rt: Runtime, indices: Sequence[int], seed: int,
+             spec: SampleSpec = SampleSpec(), batch_size: int = 64, compile_: bool = False,
+             callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+             model_fn: Optional[ModelFn] = None, show_progress: bool = True) -> torch.Tensor:
+    """Images `indices` of `seed`, sampled as `spec` says, as a (N, C, H, W) uint8 CPU tensor in the
+    order of `indices` (on rank 0; other ranks return None). Under torchrun the indices are split
+    across processes. callback(i, x, x0) sees each step of each batch."""
+    cfg = model.config
+    if cfg.legacy_attention and len(indices) > 1:
+        warn_once("legacy-mode models attend across the batch: an image depends on its batch-mates, "
+                  "so per-image seeds reproduce only at the same --batch-size")
+    mine = list(indices)[rt.rank::rt.world]
+    n_steps = len(timestep_grid(cfg.timesteps, spec.steps_for(cfg.timesteps)))
+    fn = model_fn or sampling_model_fn(model, rt, compile_)
+    out = []
+    with torch.inference_mode(), make_progress(transient=True) as progress:
+        task = progress.add_task(f"Sampling ({spec.sampler}, {n_steps} steps)", total=len(mine) * n_steps, info="",
+                                 visible=show_progress)
+        for b in range(0, len(mine), batch_size):
+            chunk = mine[b:b + batch_size]
+            n = len(chunk)
+            if b and n < batch_size and getattr(fn, "compiled", False) and not cfg.legacy_attention:
+                # a compiled model would recompile and record a new CUDA graph for a smaller last
+                # chunk: pad it with more images (independent of the others) and drop them
+                chunk = chunk + [mine[-1] + 1 + k for k in range(batch_size - n)]
+            noise = ImageNoise(seed, chunk, (cfg.img_channels, cfg.img_size, cfg.img_size), rt.device)
+
+            def step_cb(i, x, x0, n=n):
+                progress.advance(task, n)
+                if callback is not None:
+                    callback(i, x[:n], x0[:n])
+            x = model.sample(noise(), spec, noise_fn=noise, model_fn=fn, callback=step_cb)
+            out.append(to_uint8(x[:n]).cpu())
+    mine_imgs = torch.cat(out) if out else torch.zeros(0, cfg.img_channels, cfg.img_size, cfg.img_size, dtype=torch.uint8)
+    if not rt.distributed:
+        return mine_imgs
+    parts = [None] * rt.world
+    dist.all_gather_object(parts, mine_imgs)
+    if not is_rank0():
+        return None
+    imgs = torch.empty(len(indices), *mine_imgs.shape[1:], dtype=torch.uint8)
+    for r, part in enumerate(parts):
+        imgs[r::rt.world] = part
+    return imgs
+
+
+def save_png(img: torch.Tensor, path: Path) -> None:
+    """Write a (C, H, W) uint8 image."""
+    from PIL import Image
+
+    path = Path(path)
+    arr = img.permute(1, 2, 0).numpy()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(path)
+    except OSError as e:
+        raise DDPMError(f"could not write {path} ({e.strerror or first_line(e)}); check the disk and --save-dir") from None
+
+
+def image_grid(imgs: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """The original's ddpm-all.png layout: torchvision's make_grid (padding 2) of images in [-1, 1],
+    padded with 0 (mid-grey); one channel kept for grayscale. uint8 in, (C, H', W') uint8 out."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(to_model_range(imgs), nrow=nrow, padding=2, pad_value=0.0)
+    return to_uint8(grid[:imgs.shape[1]])
+
+
+def strip(columns: List[torch.Tensor]) -> torch.Tensor:
+    """The original's step strips: each (n, C, H, W) uint8 tensor becomes a column of n images."""
+    return torch.cat([torch.cat(list(c), dim=1) for c in columns], dim=2)
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Spherical interpolation between two noise tensors (Shoemake 1985)."""
+    a, b = z0.flatten().double(), z1.flatten().double()
+    omega = torch.arccos(torch.clamp(torch.dot(a / a.norm(), b / b.norm()), -1, 1))
+    if omega.abs() < 1e-6:
+        return (1 - alpha) * z0 + alpha * z1
+    so = torch.sin(omega)
+    return ((torch.sin((1 - alpha) * omega) / so) * z0.double() + (torch.sin(alpha * omega) / so) * z1.double()).float()
+
+
+def snapshot_steps(n_steps: int, count: int = 10) -> set:
+    """Which sampler steps to keep for strips and animations: about `count`, always the last."""
+    return {round(i * (n_steps - 1) / max(count - 1, 1)) for i in range(count)} | {n_steps - 1}
+
+
+def reverse_strip(model: GaussianDiffusion, rt: Runtime, seed: int, n: int, spec: SampleSpec) -> torch.Tensor:
+    """Rows: n images; columns: x_T, then snapshots of the reverse process, ending at x_0."""
+    cfg = model.config
+    keep = snapshot_steps(len(timestep_grid(cfg.timesteps, spec.steps_for(cfg.timesteps))))
+    first = ImageNoise(seed, range(n), (cfg.img_channels, cfg.img_size, cfg.img_size), torch.device("cpu"))()
+    cols = [to_uint8(first)]
+
+    def cb(i, x, x0):
+        if i in keep:
+            cols.append(to_uint8(x).cpu())
+    generate(model, rt, list(range(n)), seed, spec, batch_size=n, callback=cb)
+    return strip(cols)
+
+
+def denoise_frames(model: GaussianDiffusion, rt: Runtime, indices: Sequence[int], seed: int,
+                   spec: SampleSpec) -> List[torch.Tensor]:
+    """About 30 grids (4 per row) of images `indices` as they are denoised, for denoise.gif."""
+    keep = snapshot_steps(len(timestep_grid(model.config.timesteps, spec.steps_for(model.config.timesteps))), 30)
+    frames: List[torch.Tensor] = []
+
+    def cb(i, x, x0):
+        if i in keep:
+            frames.append(image_grid(to_uint8(x).cpu(), nrow=4))
+    generate(model, rt, indices, seed, spec, batch_size=len(indices), callback=cb)
+    return frames
+
+
+def interpolation_strip(model: GaussianDiffusion, rt: Runtime, seed_a: int, seed_b: int, spec: SampleSpec,
+                        k: int = 8) -> torch.Tensor:
+    """k images along the spherical path between the noise of two seeds (image 0 of each), each
+    denoised along the same deterministic path (ddpm is replaced by ddim, eta 0)."""
+    cfg = model.config
+    shape = (cfg.img_channels, cfg.img_size, cfg.img_size)
+    za, zb = (ImageNoise(sd, [0], shape, torch.device("cpu"))()[0] for sd in (seed_a, seed_b))
+    x = torch.stack([slerp(za, zb, j / (k - 1)) for j in range(k)]).to(rt.device)
+    path = replace(spec, sampler="ddim" if spec.sampler == "ddpm" else spec.sampler, eta=0.0)
+    with torch.inference_mode():
+        out = model.sample(x, path, model_fn=sampling_model_fn(model, rt))
+    return strip([to_uint8(out).cpu()[j:j + 1] for j in range(k)])
+
+
+def forward_strip(model: GaussianDiffusion, x0: torch.Tensor, seed: int) -> torch.Tensor:
+    """Rows: training images; columns: x_0, then x_t ~ q(x_t | x_0) at ten evenly spaced t, ending at T-1
+    (t = 99, 199, ..., 999 for T = 1000, as the original)."""
+    g = torch.Generator().manual_seed(mix_seed(seed, 4))
+    x0 = to_model_range(x0)
+    cols = [to_uint8(x0)]
+    for t in sorted({round((k + 1) * model.timesteps / 10) - 1 for k in range(10)}):
+        tt = torch.full((x0.shape[0],), t, dtype=torch.long)
+        cols.append(to_uint8(model.cpu().q_sample(x0, tt, torch.randn(x0.shape, generator=g))))
+    return strip(cols)
+
+
+def save_gif(frames: List[torch.Tensor], path: Path, ms: int = 80) -> None:
+    """An animated GIF from (C, H, W) uint8 frames, written with PIL; the last frame is held."""
+    from PIL import Image
+
+    pics = [Image.fromarray(f.permute(1, 2, 0).numpy().squeeze(2) if f.shape[0] == 1 else f.permute(1, 2, 0).numpy())
+            for f in frames]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pics[0].save(path, save_all=True, append_images=pics[1:] + [pics[-1]] * 10, duration=ms, loop=0)
+
+
+def upscale(img: torch.Tensor, factor: int) -> torch.Tensor:
+    """Nearest-neighbour enlargement of a (C, H, W) image, so small samples are visible."""
+    return img.repeat_interleave(factor, 1).repeat_interleave(factor, 2) if factor > 1 else img
+
+
+def write_loss_curve(metrics_csv: Path, out: Path) -> None:
+    """loss.png from metrics.csv with matplotlib, when it is installed."""
+    if not metrics_csv.exists():
+        return
+    with open(metrics_csv, newline="") as f:
+        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f) if r.get("loss")]
+    if len(rows) < 2:
+        return
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("note: loss.png skipped (pip install matplotlib to draw it); the numbers are in " + str(metrics_csv))
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([r[0] for r in rows], [r[1] for r in rows], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (epsilon MSE)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
 
@@ -1972,6 +2080,29 @@ def oom_split(micro: int, accum: int) -> Tuple[int, int]:
     return micro // 2, accum * 2
 
 
+class PreviewGrid:
+    """Every --sample-every steps, sample the same fixed noise (seed, indices 0..n-1) with the EMA
+    weights and the sampling flags (--sampler, --steps) and save preview/step-NNNNNNN.png, so grids
+    can be laid side by side as training goes."""
+
+    def __init__(self, trainer: "Trainer", folder: Path, metrics: MetricsLog, n: int = 16):
+        self.trainer, self.folder, self.metrics, self.n = trainer, folder, metrics, n
+
+    def write(self, step: int) -> Path:
+        tr = self.trainer
+        model = tr.ema.model if tr.ema is not None else tr.model
+        was_training = model.training
+        model.eval()
+        imgs = generate(model, tr.rt.local(), list(range(self.n)), tr.seed, tr.tc.preview, batch_size=self.n,
+                        show_progress=False)
+        model.train(was_training)
+        grid = image_grid(imgs, nrow=int(math.ceil(math.sqrt(self.n))))
+        path = self.folder / f"step-{step:07d}.png"
+        save_png(upscale(grid, 2 if tr.cfg.img_size <= 32 else 1), path)
+        self.metrics.event(step, "preview", path, image=grid)
+        return path
+
+
 class Trainer:
     """One training run: model, EMA, optimizer, data order and RNG, all saved and restored together."""
 
@@ -1984,45 +2115,11 @@ class Trainer:
         self.tc, self.rt, self.cfg, self.batches, self.seed = tc, rt, cfg, batches, seed
         self.run_id = run_id or new_run_id()
         self.data_record = data or {}
-        dev = rt.device
-        torch.manual_seed(mix_seed(seed, -1))  # initial weights from the seed, the same on every rank
-        self.model = build_diffusion(cfg).to(dev)
-        # channels_last pays only under torch.compile: eager GroupNorm returns the standard layout,
-        # so every convolution would convert back and forth
-        self.channels_last = dev.type == "cuda" and rt.compile
-        if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        source = resume or init
-        if source is not None:
-            state = source if is_legacy_state_dict(source) else source["model"]
-            load_weights(self.model, state, Path("checkpoint"), weights_fix(source))
-        self.ema = EMA(self.model, tc.ema_decay) if tc.ema_decay > 0 else None
-        if self.ema is not None and source is not None and not is_legacy_state_dict(source) and source.get("ema"):
-            self.ema.model.load_state_dict(source["ema"])
-        self.opt = self._make_optimizer()
-        self.scaler = torch.amp.GradScaler(dev.type, enabled=rt.precision == "fp16")
-        self.train_model = self.model
-        if rt.distributed:
-            self.train_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        self.loss_fn = maybe_compile(self.train_model, rt)
-
-        # batch layout: global batch B = world * micro * accum; on a GPU the micro-batch and the
-        # data's place follow from the memory left once the model, EMA and optimizer exist
-        self.batch = tc.batch_size
-        self.accum = tc.grad_accum
-        self.micro = self.batch // rt.world // self.accum
-        self.memory_note = ""
-        if dev.type == "cuda":
-            plan = self._plan_memory(tc.auto_accum)
-            self.micro, self.accum, self.memory_note = plan.micro, plan.accum, plan.note
-            batches.place(plan.data_on_device)
-        elif dev.type != "cpu":
-            batches.place(True)
-        self.steps_per_epoch = max(1, batches.n // self.batch)
+        self._build(resume or init)
+        self._lay_out_batches()
         self.step, self.epoch, self.epoch_step, self.images_seen = 0, 0, 0, 0
         self.end_epoch = tc.epochs
-        self.noise_gen = torch.Generator(dev)
+        self.noise_gen = torch.Generator(rt.device)
         self.noise_gen.manual_seed(mix_seed(seed, 2))
         torch.manual_seed(mix_seed(seed, 3, rt.rank))
         if init is not None and not is_legacy_state_dict(init):  # fine-tune: continue the counters
@@ -2034,15 +2131,50 @@ class Trainer:
         if resume is not None:
             self._restore(resume)
         # device-side counters, read only at sync points (no host sync on the hot path)
-        self.loss_sum = torch.zeros((), device=dev)      # of the good steps since the last log line
-        self.good_steps = torch.zeros((), device=dev)
-        self.epoch_loss_sum = torch.zeros((), device=dev)
-        self.epoch_good = torch.zeros((), device=dev)
-        self.bad_total = torch.zeros((), device=dev)
-        self.bad_run = torch.zeros((), device=dev)
-        self.bad_run_max = torch.zeros((), device=dev)
+        zero = lambda: torch.zeros((), device=rt.device)  # noqa: E731
+        self.loss_sum, self.good_steps = zero(), zero()  # of the good steps since the last log line
+        self.epoch_loss_sum, self.epoch_good = zero(), zero()
+        self.bad_total, self.bad_run, self.bad_run_max = zero(), zero(), zero()
         self.last_loss: Optional[float] = resume.get("last_loss") if resume else None
         self.first_step = self.step
+
+    def _build(self, source: Optional[dict]) -> None:
+        """Model (weights from `source` if given), EMA, optimizer, scaler, DDP and compile wrappers."""
+        rt, dev = self.rt, self.rt.device
+        torch.manual_seed(mix_seed(self.seed, -1))  # initial weights from the seed, the same on every rank
+        self.model = build_diffusion(self.cfg).to(dev)
+        # channels_last pays only under torch.compile: eager GroupNorm returns the standard layout,
+        # so every convolution would convert back and forth
+        self.channels_last = dev.type == "cuda" and rt.compile
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if source is not None:
+            state = source if is_legacy_state_dict(source) else source["model"]
+            load_weights(self.model, state, Path("checkpoint"), weights_fix(source))
+        self.ema = EMA(self.model, self.tc.ema_decay) if self.tc.ema_decay > 0 else None
+        if self.ema is not None and source is not None and not is_legacy_state_dict(source) and source.get("ema"):
+            self.ema.model.load_state_dict(source["ema"])
+        self.opt = self._make_optimizer()
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=rt.precision == "fp16")
+        self.train_model = self.model
+        if rt.distributed:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        self.loss_fn = maybe_compile(self.train_model, rt)
+
+    def _lay_out_batches(self) -> None:
+        """Global batch B = world * micro * accum; on a GPU the micro-batch and the data's place follow
+        from the memory left once the model, EMA and optimizer exist."""
+        self.batch, self.accum = self.tc.batch_size, self.tc.grad_accum
+        self.micro = self.batch // self.rt.world // self.accum
+        self.memory_note = ""
+        if self.rt.device.type == "cuda":
+            plan = self._plan_memory(self.tc.auto_accum)
+            self.micro, self.accum, self.memory_note = plan.micro, plan.accum, plan.note
+            self.batches.place(plan.data_on_device)
+        elif self.rt.device.type != "cpu":
+            self.batches.place(True)
+        self.steps_per_epoch = max(1, self.batches.n // self.batch)
 
     def _plan_memory(self, auto_accum: bool) -> MemoryPlan:
         per_image, fixed = activation_bytes(self.model, self.rt, self.cfg)
@@ -2377,272 +2509,23 @@ class Trainer:
         progress.reset(bars[1])
 
 
-# ----------------------------------------------------------------------------------------------
-# Sampling and pictures
-# ----------------------------------------------------------------------------------------------
-
-def sync_device(rt: Runtime) -> None:
-    if rt.device.type == "cuda":
-        torch.cuda.synchronize(rt.device)
-
-
-class ImageNoise:
-    """Per-image noise: image i draws all its noise (x_T, then each step's) from its own generator
-    seeded by (seed, i), so it is the same image at any batch size and on any number of processes.
-    Drawn on the CPU, so the noise is also the same on every device.
-
-    From the second call on (a sampler that wants noise at every step), the next call's noise is
-    drawn ahead into a pinned buffer and copied without waiting, while the GPU runs the model: the
-    same draws in the same order, so the same images."""
-
-    def __init__(self, seed: int, indices: Sequence[int], shape: Sequence[int], device: torch.device):
-        self.gens = [torch.Generator().manual_seed(mix_seed(seed, int(i))) for i in indices]
-        self.shape, self.device = tuple(shape), device
-        self.stager = PinnedStager(device)
-        self._ahead: Optional[torch.Tensor] = None
-        self._calls = 0
-
-    def _draw(self) -> torch.Tensor:
-        def fill(out: torch.Tensor) -> None:
-            for g, o in zip(self.gens, out):
-                torch.randn(self.shape, generator=g, out=o)
-        return self.stager.stage(fill, (len(self.gens), *self.shape), torch.float32)
-
-    def __call__(self) -> torch.Tensor:
-        """(n, C, H, W) standard normal noise on the device."""
-        out = self._ahead if self._ahead is not None else self._draw()
-        self._calls += 1
-        self._ahead = self._draw() if self._calls >= 2 else None
-        return out
-
-
-def sampling_model_fn(model: GaussianDiffusion, rt: Runtime, compile_: bool = False) -> ModelFn:
-    """eps_theta(x, t) in float32, under the run's autocast (bf16 on GPUs), optionally compiled
-    (CUDA graphs via mode="reduce-overhead" for the fixed batch shape; channels_last only then)."""
-    net = model.eps_model
-    compiled = resolve_compile(compile_, rt.device)
-    graphs = channels_last = compiled and rt.device.type == "cuda"
-    if channels_last:
-        net.to(memory_format=torch.channels_last)
-    if compiled:
-        net = torch.compile(net, mode="reduce-overhead" if graphs else None)
-
-    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if graphs:  # a new step: the previous replay's outputs have been consumed
-            torch.compiler.cudagraph_mark_step_begin()
-        with rt.autocast():
-            out = net(x, t)
-        return out.to(torch.float32, copy=True) if graphs else out.float()  # a graph's output is reused
-    fn.compiled = compiled
-    return fn
-
-
-def generate(model: GaussianDiffusion, rt: Runtime, indices: Sequence[int], seed: int,
-             spec: SampleSpec = SampleSpec(), batch_size: int = 64, compile_: bool = False,
-             callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
-             model_fn: Optional[ModelFn] = None, show_progress: bool = True) -> torch.Tensor:
-    """Images `indices` of `seed`, sampled as `spec` says, as a (N, C, H, W) uint8 CPU tensor in the
-    order of `indices` (on rank 0; other ranks return None). Under torchrun the indices are split
-    across processes. callback(i, x, x0) sees each step of each batch."""
-    cfg = model.config
-    if cfg.legacy_attention and len(indices) > 1:
-        warn_once("legacy-mode models attend across the batch: an image depends on its batch-mates, "
-                  "so per-image seeds reproduce only at the same --batch-size")
-    mine = list(indices)[rt.rank::rt.world]
-    n_steps = len(timestep_grid(cfg.timesteps, spec.steps_for(cfg.timesteps)))
-    fn = model_fn or sampling_model_fn(model, rt, compile_)
-    out = []
-    with torch.inference_mode(), make_progress(transient=True) as progress:
-        task = progress.add_task(f"Sampling ({spec.sampler}, {n_steps} steps)", total=len(mine) * n_steps, info="",
-                                 visible=show_progress)
-        for b in range(0, len(mine), batch_size):
-            chunk = mine[b:b + batch_size]
-            n = len(chunk)
-            if b and n < batch_size and getattr(fn, "compiled", False) and not cfg.legacy_attention:
-                # a compiled model would recompile and record a new CUDA graph for a smaller last
-                # chunk: pad it with more images (independent of the others) and drop them
-                chunk = chunk + [mine[-1] + 1 + k for k in range(batch_size - n)]
-            noise = ImageNoise(seed, chunk, (cfg.img_channels, cfg.img_size, cfg.img_size), rt.device)
-
-            def step_cb(i, x, x0, n=n):
-                progress.advance(task, n)
-                if callback is not None:
-                    callback(i, x[:n], x0[:n])
-            x = model.sample(noise(), spec, noise_fn=noise, model_fn=fn, callback=step_cb)
-            out.append(to_uint8(x[:n]).cpu())
-    mine_imgs = torch.cat(out) if out else torch.zeros(0, cfg.img_channels, cfg.img_size, cfg.img_size, dtype=torch.uint8)
-    if not rt.distributed:
-        return mine_imgs
-    parts = [None] * rt.world
-    dist.all_gather_object(parts, mine_imgs)
-    if not is_rank0():
-        return None
-    imgs = torch.empty(len(indices), *mine_imgs.shape[1:], dtype=torch.uint8)
-    for r, part in enumerate(parts):
-        imgs[r::rt.world] = part
-    return imgs
-
-
-def save_png(img: torch.Tensor, path: Path) -> None:
-    """Write a (C, H, W) uint8 image."""
-    from PIL import Image
-
-    path = Path(path)
-    arr = img.permute(1, 2, 0).numpy()
+def train(cfg: ModelConfig, tc: TrainConfig, data: torch.Tensor, ckpt_dir="ckpt", save_dir="output",
+          device: Optional[str] = None, seed: int = 0) -> Trainer:
+    """Train from Python, without the command line: `data` is (N, C, S, S) uint8 at the model's size
+    (load_images, demo_faces). The same checkpoints, logs and safety as --train: the folder is locked
+    and must not hold another run. Returns the trainer (.model, .ema.model, .sampling_view())."""
+    cfg = cfg.validate()
+    ckpt_dir, save_dir = Path(ckpt_dir), Path(save_dir)
+    rt = setup_runtime(device, tc.precision, None, training=True)
+    lock = FolderLock(ckpt_dir)
+    lock.acquire()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(path)
-    except OSError as e:
-        raise DDPMError(f"could not write {path} ({e.strerror or first_line(e)}); check the disk and --save-dir") from None
-
-
-def image_grid(imgs: torch.Tensor, nrow: int = 8) -> torch.Tensor:
-    """The original's ddpm-all.png layout: torchvision's make_grid (padding 2) of images in [-1, 1],
-    padded with 0 (mid-grey); one channel kept for grayscale. uint8 in, (C, H', W') uint8 out."""
-    from torchvision.utils import make_grid
-
-    grid = make_grid(to_model_range(imgs), nrow=nrow, padding=2, pad_value=0.0)
-    return to_uint8(grid[:imgs.shape[1]])
-
-
-def strip(columns: List[torch.Tensor]) -> torch.Tensor:
-    """The original's step strips: each (n, C, H, W) uint8 tensor becomes a column of n images."""
-    return torch.cat([torch.cat(list(c), dim=1) for c in columns], dim=2)
-
-
-def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Spherical interpolation between two noise tensors (Shoemake 1985)."""
-    a, b = z0.flatten().double(), z1.flatten().double()
-    omega = torch.arccos(torch.clamp(torch.dot(a / a.norm(), b / b.norm()), -1, 1))
-    if omega.abs() < 1e-6:
-        return (1 - alpha) * z0 + alpha * z1
-    so = torch.sin(omega)
-    return ((torch.sin((1 - alpha) * omega) / so) * z0.double() + (torch.sin(alpha * omega) / so) * z1.double()).float()
-
-
-def snapshot_steps(n_steps: int, count: int = 10) -> set:
-    """Which sampler steps to keep for strips and animations: about `count`, always the last."""
-    return {round(i * (n_steps - 1) / max(count - 1, 1)) for i in range(count)} | {n_steps - 1}
-
-
-def reverse_strip(model: GaussianDiffusion, rt: Runtime, seed: int, n: int, spec: SampleSpec) -> torch.Tensor:
-    """Rows: n images; columns: x_T, then snapshots of the reverse process, ending at x_0."""
-    cfg = model.config
-    keep = snapshot_steps(len(timestep_grid(cfg.timesteps, spec.steps_for(cfg.timesteps))))
-    first = ImageNoise(seed, range(n), (cfg.img_channels, cfg.img_size, cfg.img_size), torch.device("cpu"))()
-    cols = [to_uint8(first)]
-
-    def cb(i, x, x0):
-        if i in keep:
-            cols.append(to_uint8(x).cpu())
-    generate(model, rt, list(range(n)), seed, spec, batch_size=n, callback=cb)
-    return strip(cols)
-
-
-def denoise_frames(model: GaussianDiffusion, rt: Runtime, indices: Sequence[int], seed: int,
-                   spec: SampleSpec) -> List[torch.Tensor]:
-    """About 30 grids (4 per row) of images `indices` as they are denoised, for denoise.gif."""
-    keep = snapshot_steps(len(timestep_grid(model.config.timesteps, spec.steps_for(model.config.timesteps))), 30)
-    frames: List[torch.Tensor] = []
-
-    def cb(i, x, x0):
-        if i in keep:
-            frames.append(image_grid(to_uint8(x).cpu(), nrow=4))
-    generate(model, rt, indices, seed, spec, batch_size=len(indices), callback=cb)
-    return frames
-
-
-def interpolation_strip(model: GaussianDiffusion, rt: Runtime, seed_a: int, seed_b: int, spec: SampleSpec,
-                        k: int = 8) -> torch.Tensor:
-    """k images along the spherical path between the noise of two seeds (image 0 of each), each
-    denoised along the same deterministic path (ddpm is replaced by ddim, eta 0)."""
-    cfg = model.config
-    shape = (cfg.img_channels, cfg.img_size, cfg.img_size)
-    za, zb = (ImageNoise(sd, [0], shape, torch.device("cpu"))()[0] for sd in (seed_a, seed_b))
-    x = torch.stack([slerp(za, zb, j / (k - 1)) for j in range(k)]).to(rt.device)
-    path = replace(spec, sampler="ddim" if spec.sampler == "ddpm" else spec.sampler, eta=0.0)
-    with torch.inference_mode():
-        out = model.sample(x, path, model_fn=sampling_model_fn(model, rt))
-    return strip([to_uint8(out).cpu()[j:j + 1] for j in range(k)])
-
-
-def forward_strip(model: GaussianDiffusion, x0: torch.Tensor, seed: int) -> torch.Tensor:
-    """Rows: training images; columns: x_0, then x_t ~ q(x_t | x_0) at ten evenly spaced t, ending at T-1
-    (t = 99, 199, ..., 999 for T = 1000, as the original)."""
-    g = torch.Generator().manual_seed(mix_seed(seed, 4))
-    x0 = to_model_range(x0)
-    cols = [to_uint8(x0)]
-    for t in sorted({round((k + 1) * model.timesteps / 10) - 1 for k in range(10)}):
-        tt = torch.full((x0.shape[0],), t, dtype=torch.long)
-        cols.append(to_uint8(model.cpu().q_sample(x0, tt, torch.randn(x0.shape, generator=g))))
-    return strip(cols)
-
-
-def save_gif(frames: List[torch.Tensor], path: Path, ms: int = 80) -> None:
-    """An animated GIF from (C, H, W) uint8 frames, written with PIL; the last frame is held."""
-    from PIL import Image
-
-    pics = [Image.fromarray(f.permute(1, 2, 0).numpy().squeeze(2) if f.shape[0] == 1 else f.permute(1, 2, 0).numpy())
-            for f in frames]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pics[0].save(path, save_all=True, append_images=pics[1:] + [pics[-1]] * 10, duration=ms, loop=0)
-
-
-def upscale(img: torch.Tensor, factor: int) -> torch.Tensor:
-    """Nearest-neighbour enlargement of a (C, H, W) image, so small samples are visible."""
-    return img.repeat_interleave(factor, 1).repeat_interleave(factor, 2) if factor > 1 else img
-
-
-class PreviewGrid:
-    """Every --sample-every steps, sample the same fixed noise (seed, indices 0..n-1) with the EMA
-    weights and the sampling flags (--sampler, --steps) and save preview/step-NNNNNNN.png, so grids
-    can be laid side by side as training goes."""
-
-    def __init__(self, trainer: "Trainer", folder: Path, metrics: MetricsLog, n: int = 16):
-        self.trainer, self.folder, self.metrics, self.n = trainer, folder, metrics, n
-
-    def write(self, step: int) -> Path:
-        tr = self.trainer
-        model = tr.ema.model if tr.ema is not None else tr.model
-        was_training = model.training
-        model.eval()
-        imgs = generate(model, tr.rt.local(), list(range(self.n)), tr.seed, tr.tc.preview, batch_size=self.n,
-                        show_progress=False)
-        model.train(was_training)
-        grid = image_grid(imgs, nrow=int(math.ceil(math.sqrt(self.n))))
-        path = self.folder / f"step-{step:07d}.png"
-        save_png(upscale(grid, 2 if tr.cfg.img_size <= 32 else 1), path)
-        self.metrics.event(step, "preview", path, image=grid)
-        return path
-
-
-def write_loss_curve(metrics_csv: Path, out: Path) -> None:
-    """loss.png from metrics.csv with matplotlib, when it is installed."""
-    if not metrics_csv.exists():
-        return
-    with open(metrics_csv, newline="") as f:
-        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f) if r.get("loss")]
-    if len(rows) < 2:
-        return
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("note: loss.png skipped (pip install matplotlib to draw it); the numbers are in " + str(metrics_csv))
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot([r[0] for r in rows], [r[1] for r in rows], lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (epsilon MSE)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+        guard_run_folder(ckpt_dir, None, False, False)
+        trainer = Trainer(tc, rt, cfg, Batches(data, rt.device, seed), seed, data={"images": len(data)})
+        trainer.fit(save_dir, ckpt_dir, None)
+        return trainer
+    finally:
+        lock.release()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2650,31 +2533,6 @@ def write_loss_curve(metrics_csv: Path, out: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's port of the TF Inception used for FID
-
-
-def parse_fraction(value: str) -> float:
-    """'1%' or '0.01' -> 0.01, in [0, 1)."""
-    v = value.strip()
-    try:
-        f = float(v[:-1]) / 100 if v.endswith("%") else float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.01 or 1%, got {value!r}") from None
-    if not 0 <= f < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) (0% to under 100%), got {value!r}")
-    return f
-
-
-def split_holdout(data: torch.Tensor, fraction: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor, dict]:
-    """Deterministic held-out split of data: (N, ...): a permutation seeded by (seed, 7); its first
-    round(fraction * N) images (at least 1 when fraction > 0) are held out, both parts keep file order.
-    Returns (train, held, record); the record is stored in checkpoints under "holdout"."""
-    n = len(data)
-    k = max(1, int(math.floor(fraction * n + 0.5))) if fraction > 0 else 0
-    if k >= n and k:
-        raise DDPMError(f"--holdout {fraction:g} of {n} images leaves none to train on; use a smaller fraction")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, 7)))
-    held, train = perm[:k].sort().values, perm[k:].sort().values
-    return (data[train] if k else data), data[held], {"fraction": float(fraction), "seed": int(seed), "n": k, "total": n}
 
 
 def training_source(args, obj: dict) -> DataSource:
@@ -3087,7 +2945,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.set_defaults(**DEMO_PRESET)
     args = parser.parse_args(argv)
     args.explicit = explicit_flags(parser, argv)
-    args.explicit_epochs = "epochs" in args.explicit
     check_flags(args)
     try:
         from PIL import ImageColor
@@ -3229,7 +3086,7 @@ def resumed_source(src: DataSource, obj: dict, args) -> DataSource:
     return src
 
 
-def train_command(args) -> int:
+def train_command(args, started: float) -> int:
     """--train: fresh, fine-tuned from --loadckpt, or resumed with --resume. The checkpoint folder is
     locked for the run and must hold no other run's files; the first process of a torchrun launch
     checks both, before any work."""
@@ -3243,12 +3100,12 @@ def train_command(args) -> int:
         if first:
             guard_run_folder(ckpt_dir, run.run_id, run.kind != "fresh", args.overwrite)
         rt = setup_runtime(args.device, run.train.precision, args.compile, training=True)
-        return train_run(args, rt, run, ckpt_dir, save_dir)
+        return train_run(args, rt, run, ckpt_dir, save_dir, started)
     finally:
         lock.release()
 
 
-def train_run(args, rt: Runtime, run: RunStart, ckpt_dir: Path, save_dir: Path) -> int:
+def train_run(args, rt: Runtime, run: RunStart, ckpt_dir: Path, save_dir: Path, started: float) -> int:
     """Load the data, build the trainer, draw run-before.png, train, draw the final pictures."""
     tc, cfg, resume = run.train, run.cfg, run.kind == "resume"
     seed = int(run.ckpt["seed"]) if resume and "seed" in run.ckpt and args.seed is None else pick_seed(args)
@@ -3272,7 +3129,7 @@ def train_run(args, rt: Runtime, run: RunStart, ckpt_dir: Path, save_dir: Path) 
     if len(train_data) < B:
         raise DDPMError(f"--batch-size {B} is larger than the {len(train_data)} training images; use --batch-size "
                         f"{len(train_data)} or fewer")
-    deadline = (START_TIME + args.time_budget) if args.time_budget else None
+    deadline = (started + args.time_budget) if args.time_budget else None
     for tmp in ckpt_dir.glob(".ckpt-*.tmp-*"):  # left by a killed process; never a valid checkpoint
         if is_stale_temp(tmp):
             with contextlib.suppress(OSError):
@@ -3527,13 +3384,9 @@ def export_command(args) -> int:
     return 0
 
 
-START_TIME = time.time()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line; returns the exit status. Errors in the input are one line, status 2."""
-    global START_TIME
-    START_TIME = time.time()
+    started = time.time()  # --time-budget counts from here
     for stream in (sys.stdout, sys.stderr):  # a path that is not valid UTF-8 must not stop a run
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
@@ -3562,7 +3415,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             check_writable(Path(args.ckpt_save_dir), "--ckpt-save-dir")
         check_writable(Path(args.save_dir), "--save-dir")  # every command but --info/--export writes there
         if args.train:
-            return train_command(args)
+            return train_command(args, started)
         rt = setup_runtime(args.device, args.precision, args.compile, training=False)
         return eval_command(args, rt) if args.eval else sample_command(args, rt)
     except DDPMError as e:
@@ -3579,6 +3432,221 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Appendix: the built-in demo faces
+# ----------------------------------------------------------------------------------------------
+# Data, not pipeline: DataSource.load calls demo_faces for --demo. Each face is drawn with PIL at 4x
+# resolution in flat colours and simple shapes, then downsampled with LANCZOS. Every random draw
+# comes from random.Random(seed * 1000003 + i), in a fixed order, so face i depends on (seed, i) alone.
+
+HAIR = [(30, 28, 38), (92, 58, 36), (140, 90, 50), (240, 205, 110), (250, 150, 190), (70, 120, 230),
+        (205, 210, 225), (205, 45, 50), (60, 170, 95), (140, 80, 200), (245, 130, 40), (60, 200, 210),
+        (250, 245, 235), (60, 60, 120)]
+EYES = [(40, 110, 230), (40, 160, 80), (210, 40, 50), (140, 60, 200), (230, 150, 30), (230, 90, 160),
+        (30, 170, 180), (120, 70, 40), (90, 90, 110)]
+SKIN = [(255, 236, 224), (255, 224, 204), (248, 212, 186), (236, 192, 160), (212, 160, 122)]
+_CIRCLE = [(math.cos(2 * math.pi * j / 24), math.sin(2 * math.pi * j / 24)) for j in range(24)]
+
+
+def _mix(a, b, t):
+    return tuple(int(round(x + (y - x) * t)) for x, y in zip(a, b))
+
+
+def _shade(c, f):
+    return tuple(max(0, min(255, int(v * f))) for v in c)
+
+
+def _hsv(h, s, v):
+    import colorsys
+
+    return tuple(int(255 * c) for c in colorsys.hsv_to_rgb(h, s, v))
+
+
+class _FaceCanvas:
+    """Drawing in face coordinates (x right, y down, the head about [-0.3, 0.3] wide), scaled by
+    `sc` and tilted about the neck (0, 0.2), on an S x S PIL image."""
+
+    def __init__(self, img, S: int, cx: float, cy: float, sc: float, tilt: float):
+        from PIL import ImageDraw
+
+        self.img, self.S = img, S
+        self.d = ImageDraw.Draw(img)
+        ct, st = math.cos(tilt), math.sin(tilt)
+        self.a, self.b = S * sc * ct, S * sc * st
+        self.ox, self.oy = S * cx + 0.2 * self.b, S * (cy + 0.2 * sc) - 0.2 * self.a
+
+    def P(self, x, y):
+        return (self.ox + self.a * x - self.b * y, self.oy + self.b * x + self.a * y)
+
+    def poly(self, pts, col):
+        self.d.polygon([self.P(x, y) for x, y in pts], fill=col)
+
+    @staticmethod
+    def arcpts(x0, y0, x1, y1, a0=0, a1=360, k=24):
+        mx, my, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+        cs = _CIRCLE if (a0, a1, k) == (0, 360, 24) else [
+            (math.cos(t), math.sin(t)) for t in (math.radians(a0 + (a1 - a0) * j / k) for j in range(k + 1))]
+        return [(mx + rx * c, my + ry * s) for c, s in cs]
+
+    def ell(self, x0, y0, x1, y1, col, a0=0, a1=360):
+        """A filled ellipse (or chord), as a polygon so that it tilts."""
+        self.poly(self.arcpts(x0, y0, x1, y1, a0, a1), col)
+
+    def arc(self, x0, y0, x1, y1, a0, a1, col, w):
+        self.d.line([self.P(x, y) for x, y in self.arcpts(x0, y0, x1, y1, a0, a1, 10)], fill=col, width=w,
+                    joint="curve")
+
+    def line(self, pts, col, w):
+        self.d.line([self.P(x, y) for x, y in pts], fill=col, width=w)
+
+
+def _background(rng, S: int, grad):
+    """A pastel colour, plain or as a vertical two-tone gradient."""
+    from PIL import Image
+
+    bg1 = _hsv(rng.random(), rng.uniform(0.15, 0.45), rng.uniform(0.75, 1.0))
+    bg2 = _mix(bg1, (255, 255, 255) if rng.random() < 0.5 else (40, 40, 70), rng.uniform(0.3, 0.6))
+    img = Image.new("RGB", (S, S), bg1)
+    if rng.random() < 0.6:
+        img = Image.composite(Image.new("RGB", (S, S), bg2), img, grad)
+    return img
+
+
+def _back_hair(c: _FaceCanvas, rng, dark, longh: bool) -> None:
+    """Hair behind the head: long hair, twin tails or a ponytail peeking out at one side."""
+    c.ell(-0.40, -0.48, 0.40, 0.22, dark)
+    if longh:
+        c.poly([(-0.40, -0.1), (0.40, -0.1), (0.44, 0.6), (-0.44, 0.6)], dark)
+    tail = rng.random()
+    if tail < 0.18:
+        c.ell(-0.58, -0.30, -0.34, 0.45, dark)
+        c.ell(0.34, -0.30, 0.58, 0.45, dark)
+    elif tail < 0.3:
+        s = rng.choice((-1, 1))
+        c.ell(min(0.3 * s, 0.55 * s), -0.40, max(0.3 * s, 0.55 * s), 0.20, dark)
+
+
+def _neck_and_head(c: _FaceCanvas, rng, skin) -> None:
+    """Neck, shirt, and the head: a wide cranium with a pointed anime chin."""
+    shirt = _hsv(rng.random(), rng.uniform(0.2, 0.7), rng.uniform(0.5, 0.95))
+    c.poly([(-0.08, 0.2), (0.08, 0.2), (0.09, 0.45), (-0.09, 0.45)], _shade(skin, 0.85))
+    c.ell(-0.38, 0.40, 0.38, 0.80, shirt)
+    c.poly([(-0.09, 0.40), (0.09, 0.40), (0.0, 0.50)], _shade(skin, 0.85))
+    c.ell(-0.30, -0.34, 0.30, 0.20, skin)
+    chin = rng.uniform(0.30, 0.36)
+    c.poly([(-0.30, -0.04), (-0.26, 0.14), (-0.08, chin - 0.02), (0.0, chin), (0.08, chin - 0.02),
+            (0.26, 0.14), (0.30, -0.04)], skin)
+
+
+def _eyes(c: _FaceCanvas, rng) -> Tuple[float, float]:
+    """Two eyes: white, dark rim, iris, lighter lower half, pupil, upper lash with a wing, and two
+    highlights on the same side of both eyes (one light source). Returns (eye height y, eye size)."""
+    eye = EYES[rng.randrange(len(EYES))]
+    ew, eh = rng.uniform(0.16, 0.19), rng.uniform(0.13, 0.20)
+    ey, ex = rng.uniform(0.04, 0.06), rng.uniform(0.125, 0.14)
+    hx, hy = rng.choice((-0.22, 0.22)), rng.uniform(-0.3, -0.15)
+    line = _mix(eye, (20, 15, 25), 0.8)
+    for s in (-1, 1):
+        x = s * ex
+        c.ell(x - ew / 2, ey - eh / 2, x + ew / 2, ey + eh / 2, (255, 255, 255))
+        iw = ew * 0.72
+        c.ell(x - iw / 2, ey - eh / 2, x + iw / 2, ey + eh / 2, line)
+        c.ell(x - iw / 2 + 0.01, ey - eh / 2 + 0.012, x + iw / 2 - 0.01, ey + eh / 2 - 0.006, eye)
+        c.ell(x - iw / 2 + 0.016, ey, x + iw / 2 - 0.016, ey + eh / 2 - 0.01, _mix(eye, (255, 255, 255), 0.35))
+        c.ell(x - iw * 0.22, ey - eh * 0.2, x + iw * 0.22, ey + eh * 0.22, line)
+        c.poly([(x - s * ew * 0.55, ey - eh * 0.32), (x - s * ew * 0.35, ey - eh * 0.58), (x + s * ew * 0.3, ey - eh * 0.60),
+                (x + s * ew * 0.62, ey - eh * 0.35), (x + s * ew * 0.55, ey - eh * 0.18), (x + s * ew * 0.3, ey - eh * 0.42),
+                (x - s * ew * 0.35, ey - eh * 0.40)], line)
+        r, r2 = 0.024, 0.012
+        hxx, hyy = x + hx * iw, ey + hy * eh
+        c.ell(hxx - r, hyy - r, hxx + r, hyy + r, (255, 255, 255))
+        c.ell(x - hx * iw * 0.8 - r2, ey + eh * 0.25 - r2, x - hx * iw * 0.8 + r2, ey + eh * 0.25 + r2, (255, 255, 255))
+    return ey, eh
+
+
+def _mouth(c: _FaceCanvas, rng, skin) -> None:
+    """Blush (sometimes), then a smile, a small 'o', a flat line or an open smile."""
+    if rng.random() < 0.6:
+        bl = _mix(skin, (255, 110, 130), 0.45)
+        for s in (-1, 1):
+            c.ell(s * 0.17 - 0.05, 0.13, s * 0.17 + 0.05, 0.17, bl)
+    mcol, my = (150, 40, 50), rng.uniform(0.21, 0.24)
+    m = rng.randrange(4)
+    if m == 0:
+        c.arc(-0.05, my - 0.05, 0.05, my + 0.015, 20, 160, mcol, max(1, c.S // 48))
+    elif m == 1:
+        c.ell(-0.022, my - 0.02, 0.022, my + 0.025, mcol)
+    elif m == 2:
+        c.line([(-0.035, my), (0.035, my)], mcol, max(1, c.S // 48))
+    else:
+        c.ell(-0.045, my - 0.03, 0.045, my + 0.035, mcol, 0, 180)
+
+
+def _fringe(c: _FaceCanvas, rng, hair, fy: float) -> None:
+    """The hair cap and one of four fringes down to height fy: spiky, straight, side-swept, centre part."""
+    c.ell(-0.34, -0.46, 0.34, 0.20, hair, 180, 360)
+    fr = rng.randrange(4)
+    if fr == 0:
+        k = rng.randint(4, 6)
+        pts = [(-0.34, -0.13)]
+        for j in range(k):
+            x0, x1 = -0.30 + 0.60 * j / k, -0.30 + 0.60 * (j + 1) / k
+            pts += [(x0, -0.12), ((x0 + x1) / 2 + rng.uniform(-0.02, 0.02), fy + rng.uniform(-0.05, 0.01))]
+        pts += [(0.30, -0.12), (0.34, -0.13)]
+    elif fr == 1:
+        pts = [(-0.34, -0.13), (-0.30, fy), (0.30, fy), (0.34, -0.13)]
+    elif fr == 2:
+        s = rng.choice((-1, 1))
+        pts = [(-0.34 * s, -0.13), (-0.30 * s, fy - 0.02), (0.05 * s, fy - 0.1), (0.30 * s, fy), (0.34 * s, -0.13)]
+    else:
+        pts = [(-0.34, -0.13), (-0.30, fy), (-0.12, fy - 0.03), (0.0, -0.2), (0.12, fy - 0.03), (0.30, fy), (0.34, -0.13)]
+    c.poly(pts + [(0.34, -0.2), (-0.34, -0.2)], hair)
+
+
+def _side_locks(c: _FaceCanvas, rng, hair, longh: bool) -> None:
+    """Locks at both sides of the face, a highlight arc, and sometimes an ahoge."""
+    lock = 0.40 if longh else rng.uniform(0.12, 0.28)
+    for s in (-1, 1):
+        c.poly([(s * 0.35, -0.2), (s * 0.24, -0.12), (s * 0.25, lock - 0.08), (s * 0.30, lock), (s * 0.36, lock - 0.1)], hair)
+    c.arc(-0.24, -0.38, 0.24, -0.10, 200, 250, _mix(hair, (255, 255, 255), 0.45), max(1, c.S // 40))
+    if rng.random() < 0.35:
+        t = rng.choice((-1, 1))
+        c.poly([(0.0, -0.42), (0.03 * t, -0.52), (0.12 * t, -0.55), (0.05 * t, -0.50), (0.03 * t, -0.40)], hair)
+
+
+def _face(rng, size: int, grad):
+    """One face as a PIL image of size x size."""
+    from PIL import Image
+
+    S = 4 * size
+    img = _background(rng, S, grad)
+    cx, cy = 0.5 + rng.uniform(-0.03, 0.03), 0.5 + rng.uniform(-0.03, 0.03)
+    sc = rng.uniform(0.93, 1.05)
+    c = _FaceCanvas(img, S, cx, cy, sc, math.radians(rng.uniform(-7, 7)))
+    hair = _shade(HAIR[rng.randrange(len(HAIR))], rng.uniform(0.85, 1.1))
+    skin = SKIN[rng.randrange(len(SKIN))]
+    longh = rng.random() < 0.55
+    _back_hair(c, rng, _shade(hair, 0.7), longh)
+    _neck_and_head(c, rng, skin)
+    ey, eh = _eyes(c, rng)
+    _mouth(c, rng, skin)
+    _fringe(c, rng, hair, ey - eh / 2 - 0.02)
+    _side_locks(c, rng, hair, longh)
+    return img.resize((size, size), getattr(Image, "Resampling", Image).LANCZOS)
+
+
+def demo_faces(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """(n, 3, size, size) torch.uint8 tensor of anime-style faces; image i depends only on (seed, i)."""
+    from PIL import Image
+
+    grad = Image.linear_gradient("L").resize((4 * size, 4 * size))
+    data = b"".join(_face(random.Random(seed * 1000003 + i), size, grad).tobytes() for i in range(n))
+    out = torch.frombuffer(bytearray(data), dtype=torch.uint8) if n else torch.zeros(0, dtype=torch.uint8)
+    return out.view(n, size, size, 3).permute(0, 3, 1, 2).contiguous()
 
 
 if __name__ == "__main__":

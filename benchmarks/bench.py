@@ -66,16 +66,13 @@ def forward_flops(cfg: ddpm.ModelConfig) -> float:
     return float(fc.get_total_flops())
 
 
-def bench_train(flags, batch, precision, compile_, steps, warmup, flops, profile=None):
+def bench_train(cfg, device, batch, precision, compile_, steps, warmup, flops, profile=None):
     fresh()
-    argv = flags + ["--train", "--batch-size", str(batch), "--ema-decay", "0.9999", "--precision", precision,
-                    "--compile" if compile_ else "--no-compile"]
-    args = ddpm.parse_args(argv)
-    rt = ddpm.setup_runtime(args.device, args.precision, args.compile, training=True)
-    cfg = ddpm.model_config_from_args(args).validate()
+    rt = ddpm.setup_runtime(device, precision, compile_, training=True)
+    tc = ddpm.TrainConfig(batch_size=batch, precision=precision)
     n = batch * (warmup + steps + 2)  # one epoch covers every step: no reshuffle inside the timing
     data = torch.randint(0, 256, (n, cfg.img_channels, cfg.img_size, cfg.img_size), dtype=torch.uint8)
-    tr = ddpm.Trainer(ddpm.train_config_from_args(args), rt, cfg, ddpm.Batches(data, rt.device, 0), seed=0)
+    tr = ddpm.Trainer(tc, rt, cfg, ddpm.Batches(data, rt.device, 0), seed=0)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -154,13 +151,14 @@ def main():
     p.add_argument("--images", type=int, default=None, help="images per sampling run (default 64)")
     a = p.parse_args()
     cuda = torch.cuda.is_available()
-    flags = ["--device", "cuda" if cuda else "cpu"]
+    device = "cuda" if cuda else "cpu"
     modes = a.compile_modes or (["on"] if cuda else ["off"])
     samplers = [("dpm++", 25), ("ddim", 50), ("ddpm", 100)]
     n_sample = 64
+    cfg = ddpm.ModelConfig()  # the default 64x64 model
     if a.quick:
-        flags += ["--img-size", "16", "--num-channels", "32", "--channel-multiples", "1", "2",
-                  "--has-attn", "f", "t", "--num-blocks", "1", "--timesteps", "100"]
+        cfg = ddpm.ModelConfig(img_size=16, num_channels=32, channel_multiples=(1, 2), has_attn=(False, True),
+                               num_blocks=1, timesteps=100)
         a.steps, a.warmup, a.batches = 3, 1, [8]
         samplers = [("dpm++", 25), ("ddim", 50), ("ddpm", 100)]
         n_sample = 8
@@ -172,7 +170,7 @@ def main():
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, a.mem_cap_gib * 2**30 / total))
         emit(what="memory_cap", gib=a.mem_cap_gib, total_gib=round(total / 2**30, 1))
-    cfg = ddpm.model_config_from_args(ddpm.parse_args(flags)).validate()
+    cfg = cfg.validate()
     flops = forward_flops(cfg)
     emit(what="model", params_m=round(sum(p.numel() for p in ddpm.UNet.from_config(cfg).parameters()) / 1e6, 2),
          gflops_per_forward=round(flops / 1e9, 2), img_size=cfg.img_size)
@@ -180,13 +178,13 @@ def main():
         configs = [(b, pr, m) for b in a.batches for pr in a.precisions for m in modes]
         for k, (b, pr, m) in enumerate(configs):
             try:
-                bench_train(flags, b, pr, m == "on", a.steps, a.warmup, flops,
+                bench_train(cfg, device, b, pr, m == "on", a.steps, a.warmup, flops,
                             a.profile if k == len(configs) - 1 else None)
             except (torch.OutOfMemoryError, ddpm.TrainingError) as e:
                 emit(what="train", batch=b, precision=pr, compile=m == "on", error=str(e).splitlines()[0][:200])
     if a.only in (None, "sample"):
         fresh()
-        rt = ddpm.setup_runtime(flags[1], "auto", False)
+        rt = ddpm.setup_runtime(device, "auto", False)
         model = ddpm.build_diffusion(cfg).to(rt.device).eval()
         bench_sample(model, rt, samplers, n_sample, compile_=False)
         if cuda:

@@ -22,26 +22,17 @@ import pytest
 import torch
 
 import ddpm
+from conftest import DDPM, MODEL, SUBPROCESS_ENV, nan_losses, one_line, partial_save
 
-DDPM = str(Path(ddpm.__file__).resolve())
-MODEL = ["--img-size", "8", "--num-channels", "32", "--channel-multiples", "1", "2", "--has-attn", "f", "t",
-         "--num-blocks", "1", "--timesteps", "50"]
 RUN = ["--batch-size", "4", "--device", "cpu", "--no-run-pictures", "--sample-every", "0", "--seed", "0"]
 # the original script's model, shrunk: --img-size 16, 32 channels, two resolutions, default T = 1000
 OLD_FLAGS = ["--num-channels", "32", "--channel-multiples", "1", "2", "--has-attn", "f", "t", "--num-blocks", "1"]
-SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def train(folder: Path, *extra, images: int = 8) -> int:
     """In-process `ddpm.py --train --demo` with the tiny model; checkpoints in folder/ckpt."""
     return ddpm.main(["--train", "--demo", "--demo-images", str(images), *MODEL, *RUN,
                       "--ckpt-save-dir", str(folder / "ckpt"), "--save-dir", str(folder / "out"), *extra])
-
-
-def one_line(text: str) -> str:
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one line, got {len(lines)}:\n{text}"
-    return lines[0]
 
 
 def newest(folder: Path) -> dict:
@@ -89,12 +80,10 @@ class Payload:
         return (Path.touch, (self.marker,))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A tiny run of 3 steps (2 steps per epoch): ckpt-0.pth at step 2, ckpt-1.pth at step 3."""
-    folder = tmp_path_factory.mktemp("trained")
-    assert train(folder, "--max-steps", "3") == 0
-    return folder / "ckpt"
+@pytest.fixture
+def trained(tiny_run) -> Path:
+    """The session's tiny run (2 steps per epoch): ckpt-0.pth at step 2, ckpt-1.pth at step 3. Read only."""
+    return tiny_run / "ckpt"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,18 +98,7 @@ def test_failed_write_keeps_the_previous_checkpoint(trained, tmp_path, monkeypat
     state = ddpm.read_checkpoint(path)
     state["step"] += 100
     state["model"] = {k: v + 1 for k, v in state["model"].items()}
-    real_save = torch.save
-    written = []
-
-    def half_save(obj, f, *a, **k):
-        buf = io.BytesIO()
-        real_save(obj, buf, *a, **k)
-        data = buf.getvalue()
-        f.write(data[:len(data) // 2])
-        written.append(len(data) // 2)
-        raise error
-
-    monkeypatch.setattr(torch, "save", half_save)
+    written = partial_save(monkeypatch, lambda: (_ for _ in ()).throw(error))
     with pytest.raises(type(error)):
         ddpm.save_checkpoint(path, state)
     monkeypatch.undo()
@@ -610,15 +588,7 @@ def test_non_finite_updates_are_skipped_counted_and_stop_training(monkeypatch, f
 
 
 def test_non_finite_losses_via_cli_exit_1_and_keep_the_checkpoints(tmp_path, monkeypatch, capsys):
-    real_forward = ddpm.GaussianDiffusion.forward
-    calls = []
-
-    def forward(self, *a, **k):
-        calls.append(1)
-        loss = real_forward(self, *a, **k)
-        return loss * float("nan") if len(calls) > 4 else loss  # steps 1-4 good, then NaN
-
-    monkeypatch.setattr(ddpm.GaussianDiffusion, "forward", forward)
+    nan_losses(monkeypatch, lambda k: k > 4)  # steps 1-4 good, then NaN
     assert train(tmp_path, "--max-steps", "100", "--epochs", "100") == 1
     err = capsys.readouterr().err
     line = one_line(err)

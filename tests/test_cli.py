@@ -17,12 +17,9 @@ import pytest
 import torch
 
 import ddpm
+from conftest import DDPM, MODEL, TINY_CFG, pixels, rows
 
-REPO = Path(__file__).resolve().parent.parent
-DDPM = str(REPO / "ddpm.py")
-MODEL = ["--img-size", "8", "--num-channels", "32", "--channel-multiples", "1", "2", "--has-attn", "f", "t",
-         "--num-blocks", "1", "--timesteps", "50"]
-CFG = ddpm.ModelConfig(3, 8, 32, (1, 2), (False, True), 1, 50)  # the same model, by hand
+CFG = TINY_CFG
 N_FACES = 8  # batch 4: 2 steps per epoch
 
 
@@ -47,19 +44,6 @@ def write_faces(folder: Path, n: int = N_FACES) -> Path:
                       + rng.integers(0, 40, (10, 12, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(img).save(folder / f"face{i:02d}.png")
     return folder
-
-
-def pixels(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        assert im.format == "PNG"
-        return np.asarray(im).copy()
-
-
-def rows(path: Path) -> list:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def step_of(path: Path) -> int:

@@ -16,10 +16,9 @@ import torch
 from PIL import Image, ImageOps
 
 import ddpm
+from conftest import MODEL
 
 S = 8  # --img-size
-MODEL = ["--img-size", str(S), "--num-channels", "32", "--channel-multiples", "1", "2", "--has-attn", "f", "t",
-         "--num-blocks", "1", "--timesteps", "50"]
 RUN = ["--batch-size", "4", "--device", "cpu", "--seed", "0"]
 RED, BLUE, GREEN, WHITE, BLACK = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255), (0, 0, 0)
 BOMB_LIMIT = 4096  # Image.MAX_IMAGE_PIXELS during these tests: 64 x 64

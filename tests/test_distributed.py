@@ -21,10 +21,10 @@ import pytest
 import torch
 
 import ddpm
+from conftest import MODEL
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["--img-size", "8", "--num-channels", "32", "--channel-multiples", "1", "2", "--has-attn", "f", "t",
-        "--num-blocks", "1", "--timesteps", "50", "--device", "cpu"]
+TINY = [*MODEL, "--device", "cpu"]
 # 32 images, global batch 8 = 2 ranks x 2 micro x 2 accumulation: 4 steps per epoch, 8 steps in all
 TRAIN = ["--train", "--demo", "--demo-images", "32", *TINY, "--dropout", "0", "--batch-size", "8",
          "--grad-accum", "2", "--epochs", "2", "--seed", "11", "--log-every", "1", "--sample-every", "8",

@@ -14,10 +14,9 @@ import pytest
 import torch
 
 import ddpm
+from conftest import MODEL
 
 GOLDEN = Path(__file__).with_name("golden.json")
-MODEL = ["--img-size", "8", "--num-channels", "32", "--channel-multiples", "1", "2", "--has-attn", "f", "t",
-         "--num-blocks", "1", "--timesteps", "50"]
 RUN = ["--train", "--demo", "--demo-images", "8", *MODEL, "--batch-size", "4", "--seed", "3", "--max-steps", "3",
        "--device", "cpu", "--no-run-pictures", "--sample-every", "0"]
 SAMPLERS = {"dpm++": [], "ddim-eta": ["--sampler", "ddim", "--eta", "0.5", "--steps", "10"],

@@ -1,24 +1,21 @@
 """The pictures people share: reverse and forward strips, the denoising GIF, seed interpolation."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import ddpm
+from conftest import MODEL
 
-TINY = ["--img-size", "8", "--num-channels", "32", "--channel-multiples", "1", "2", "--has-attn", "f", "t",
-        "--num-blocks", "1", "--timesteps", "50", "--device", "cpu"]
+TINY = [*MODEL, "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny checkpoint (2 steps on demo faces) and its folder."""
-    folder = tmp_path_factory.mktemp("pictures")
-    rc = ddpm.main(["--train", "--demo", "--demo-images", "16", *TINY, "--batch-size", "8", "--max-steps", "2",
-                    "--no-run-pictures", "--sample-every", "0", "--seed", "0", "--ckpt-save-dir", str(folder / "ckpt"),
-                    "--save-dir", str(folder / "output")])
-    assert rc == 0
-    return folder
+@pytest.fixture
+def trained(tiny_run):
+    """The session's tiny run (3 steps on 8 demo faces)."""
+    return tiny_run
 
 
 def pixels(path) -> torch.Tensor:
@@ -76,3 +73,43 @@ def test_slerp_keeps_the_norm_of_gaussian_noise():
     # a linear mix would shrink the norm by ~1/sqrt(2); slerp of two near-orthogonal vectors keeps it
     assert abs(mid.norm() / z0.norm() - 1) < 0.05
     assert (0.5 * (z0 + z1)).norm() / z0.norm() < 0.8
+
+
+def _pictures(out: Path) -> dict:
+    return {name: (out / name).read_bytes() for name in ("reverse.png", "denoise.gif", "interpolate.png")}
+
+
+def test_every_picture_honours_the_sampling_flags(tiny_run, tmp_path):
+    """One SampleSpec reaches every picture: --no-clip and --eta change each picture whose sampling
+    they touch; the interpolation runs eta 0 by design, so --eta leaves it alone."""
+    got = {}
+    for name, flags in (("clip", []), ("no-clip", ["--no-clip"]), ("ddim", ["--sampler", "ddim"]),
+                        ("ddim-eta", ["--sampler", "ddim", "--eta", "0.7"])):
+        out = tmp_path / name
+        assert ddpm.main(["--loadckpt", str(tiny_run / "ckpt"), "--num-samples", "4", "--steps", "6", "--seed", "3",
+                          "--device", "cpu", "--save-dir", str(out), "--reverse-steps", "--gif", "--interpolate", "3",
+                          "9", *flags]) == 0
+        got[name] = _pictures(out)
+    for pic in ("reverse.png", "denoise.gif", "interpolate.png"):
+        assert got["clip"][pic] != got["no-clip"][pic], pic
+    for pic in ("reverse.png", "denoise.gif"):
+        assert got["ddim"][pic] != got["ddim-eta"][pic], pic
+    assert got["ddim"]["interpolate.png"] == got["ddim-eta"]["interpolate.png"]
+
+
+def test_run_pictures_and_previews_honour_the_sampling_flags(tmp_path):
+    from conftest import MODEL, dirs
+
+    got = {}
+    for name, flags in (("clip", []), ("no-clip", ["--no-clip"]), ("ddim", ["--sampler", "ddim"]),
+                        ("ddim-eta", ["--sampler", "ddim", "--eta", "0.7"])):
+        root = tmp_path / name
+        assert ddpm.main(["--train", "--demo", "--demo-images", "8", *MODEL, "--batch-size", "4", "--max-steps", "2",
+                          "--seed", "0", "--device", "cpu", "--sample-every", "2", "--steps", "6", "--num-samples", "4",
+                          *dirs(root), *flags]) == 0
+        out = root / "out"
+        got[name] = {p: (out / p).read_bytes() for p in ("run-before.png", "run-after.png", "final-grid.png",
+                                                         "preview/step-0000002.png")}
+    for pic in got["clip"]:
+        assert got["clip"][pic] != got["no-clip"][pic], pic
+        assert got["ddim"][pic] != got["ddim-eta"][pic], pic

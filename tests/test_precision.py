@@ -4,9 +4,9 @@ AOTAutograd like inductor does, without spending minutes generating C++ on a 2-c
 import torch
 
 import ddpm
+from conftest import MODEL
 
-TINY = ["--img-size", "8", "--num-channels", "32", "--channel-multiples", "1", "2", "--has-attn", "f", "t",
-        "--num-blocks", "1", "--timesteps", "50", "--device", "cpu", "--batch-size", "4", "--seed", "5"]
+TINY = [*MODEL, "--device", "cpu", "--batch-size", "4", "--seed", "5"]
 
 
 def tiny_diffusion(seed=0):

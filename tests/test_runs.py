@@ -18,11 +18,9 @@ import pytest
 import torch
 
 import ddpm
+from conftest import DDPM, MODEL, ROOT as REPO, pixels, rows
 
-REPO = Path(__file__).resolve().parent.parent
-DDPM = str(REPO / "ddpm.py")
-TINY = ["--img-size", "8", "--num-channels", "32", "--channel-multiples", "1", "2", "--has-attn", "f", "t",
-        "--num-blocks", "1", "--timesteps", "50", "--batch-size", "4", "--device", "cpu"]
+TINY = [*MODEL, "--batch-size", "4", "--device", "cpu"]
 # 16 demo faces, batch 4: 4 steps per epoch
 TRAIN = ["--train", "--demo", "--demo-images", "16", *TINY, "--warmup-steps", "0", "--lr-schedule", "constant",
          "--sampler", "dpm++", "--steps", "10"]
@@ -35,21 +33,6 @@ def dirs(root: Path):
 
 def train(root: Path, *extra) -> int:
     return ddpm.main([*TRAIN, *dirs(root), *extra])
-
-
-def rows(path: Path) -> list:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def png(path: Path):
-    from PIL import Image
-
-    with Image.open(path) as im:
-        assert im.format == "PNG"
-        import numpy as np
-
-        return np.asarray(im.convert("RGB")).copy()
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +139,7 @@ def test_time_budget_stops_cleanly(tmp_path):
     assert model.source.step == int(metrics[-1]["step"]) > 0  # saved at the step it stopped
     assert ddpm.read_checkpoint(ckpt)["epoch"] < 100000
     # the final grid: 4 images of 8x8 in make_grid's layout (padding 2), enlarged 2x
-    assert png(tmp_path / "output" / "final-grid.png").shape == (2 * 12, 2 * 42, 3)
+    assert pixels(tmp_path / "output" / "final-grid.png").shape == (2 * 12, 2 * 42, 3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,7 +304,7 @@ def test_preview_grids_every_n_steps_and_reproducible(tmp_path):
     assert train(a, "--max-steps", "4", "--sample-every", "2", "--seed", "0", "--no-run-pictures") == 0
     prev = a / "output" / "preview"
     assert sorted(p.name for p in prev.iterdir()) == ["step-0000002.png", "step-0000004.png"]
-    g2, g4 = png(prev / "step-0000002.png"), png(prev / "step-0000004.png")
+    g2, g4 = pixels(prev / "step-0000002.png"), pixels(prev / "step-0000004.png")
     # 16 images of 8x8 in a 4x4 make_grid (padding 2): 4 * (8 + 2) + 2 = 42, shown 2x for images <= 32 px
     assert g2.shape == g4.shape == (84, 84, 3)
     events = [(int(e["step"]), e["event"], Path(e["path"]).name) for e in rows(a / "ckpt" / "events.csv")]
@@ -331,4 +314,4 @@ def test_preview_grids_every_n_steps_and_reproducible(tmp_path):
     assert train(b, "--max-steps", "2", "--sample-every", "2", "--seed", "0", "--no-run-pictures") == 0
     assert train(c, "--max-steps", "2", "--sample-every", "2", "--seed", "1", "--no-run-pictures") == 0
     assert (b / "output" / "preview" / "step-0000002.png").read_bytes() == (prev / "step-0000002.png").read_bytes()
-    assert not (png(c / "output" / "preview" / "step-0000002.png") == g2).all()
+    assert not (pixels(c / "output" / "preview" / "step-0000002.png") == g2).all()

@@ -20,25 +20,11 @@ import pytest
 import torch
 
 import ddpm
-from test_checkpoints import MODEL, SUBPROCESS_ENV, one_line
-
-DDPM = str(Path(ddpm.__file__).resolve())
-BASE = ["--device", "cpu", "--no-run-pictures", "--sample-every", "0", "--log-every", "1"]
-TRAIN = ["--train", "--demo", "--demo-images", "8", *MODEL, "--batch-size", "4", "--seed", "0", *BASE]
-
-
-def dirs(root: Path):
-    return ["--ckpt-save-dir", str(root / "ckpt"), "--save-dir", str(root / "out")]
+from conftest import DDPM, MODEL, QUIET as BASE, SUBPROCESS_ENV, TINY_RUN as TRAIN, dirs, nan_losses, one_line, tree
 
 
 def run(root: Path, *extra) -> int:
     return ddpm.main([*TRAIN, *dirs(root), *extra])
-
-
-def tree(root: Path) -> dict:
-    """Every file under root (recursively) with its bytes; the lock file excluded."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*"))
-            if p.is_file() and p.name != ".lock"}
 
 
 def assert_kept(before: dict, root: Path) -> None:
@@ -57,12 +43,10 @@ def run_ids(folder: Path) -> set:
     return {ddpm.checkpoint_meta(p)[1] for p in folder.glob("ckpt-*.pth")}
 
 
-@pytest.fixture(scope="module")
-def done(tmp_path_factory):
-    """A finished run of 4 steps (2 epochs): ckpt-0.pth, ckpt-1.pth, metrics.csv, events.csv."""
-    root = tmp_path_factory.mktemp("done")
-    assert run(root, "--epochs", "2") == 0
-    return root
+@pytest.fixture
+def done(tiny_run):
+    """The session's tiny run: ckpt-0.pth (step 2), ckpt-1.pth (step 3), metrics.csv, events.csv."""
+    return tiny_run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,11 +116,11 @@ def test_newest_checkpoint_and_resume_never_mix_runs(done, tmp_path, capsys):
     folder.mkdir()
     shutil.copy(other / "ckpt" / "ckpt-2.pth", folder / "ckpt-2.pth")  # step 6, of the other run
     time.sleep(0.05)
-    for name in ("ckpt-0.pth", "ckpt-1.pth"):  # steps 2 and 4 of this run, copied in later (newer files)
+    for name in ("ckpt-0.pth", "ckpt-1.pth"):  # steps 2 and 3 of this run, copied in later (newer files)
         shutil.copy(done / "ckpt" / name, folder / name)
     mine = ddpm.read_checkpoint(done / "ckpt" / "ckpt-1.pth")["run_id"]
     pick = ddpm.newest_checkpoint(folder)
-    assert pick.name == "ckpt-1.pth" and ddpm.checkpoint_meta(pick) == (4, mine)
+    assert pick.name == "ckpt-1.pth" and ddpm.checkpoint_meta(pick) == (3, mine)
     assert "holds checkpoints of 2 runs" in capsys.readouterr().err
 
 
@@ -161,7 +145,7 @@ def test_export_never_overwrites_its_source_or_another_file_unasked(done, tmp_pa
         assert message in error_line(capsys)
     assert_kept(before, tmp_path)
     assert ddpm.main(["--loadckpt", str(src), "--export", str(existing), "--overwrite"]) == 0
-    assert ddpm.read_checkpoint(existing)["step"] == 4
+    assert ddpm.read_checkpoint(existing)["step"] == 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,15 +260,7 @@ def test_resume_says_each_typed_change_and_refuses_other_data(tmp_path, capsys, 
 # ----------------------------------------------------------------------------------------------
 
 def test_skipped_steps_are_logged_as_skipped_and_the_run_stops(tmp_path, monkeypatch, capsys):
-    real = ddpm.GaussianDiffusion.forward
-    calls = []
-
-    def forward(self, *a, **k):
-        calls.append(1)
-        loss = real(self, *a, **k)
-        return loss * float("nan") if len(calls) in (3, 6, 7, 8, 9) else loss  # 3: one skip; 6..9: four in a row
-
-    monkeypatch.setattr(ddpm.GaussianDiffusion, "forward", forward)
+    nan_losses(monkeypatch, lambda k: k in (3, 6, 7, 8, 9))  # 3: one skip; 6..9: four in a row
     assert run(tmp_path, "--epochs", "10", "--max-nonfinite", "4") == 1
     err = capsys.readouterr().err
     assert "4 non-finite losses or gradients in a row at step 9" in one_line(err)
