@@ -35,6 +35,13 @@ def train(folder: Path, *extra, images: int = 8) -> int:
                       "--ckpt-save-dir", str(folder / "ckpt"), "--save-dir", str(folder / "out"), *extra])
 
 
+def endless_training(root: Path) -> list:
+    """The command line of a tiny training run that goes on until it is stopped (root/ckpt, root/out)."""
+    return [sys.executable, DDPM, "--train", "--demo", "--demo-images", "8", *MODEL, *RUN, "--max-steps", "1000000",
+            "--epochs", "1000000", "--log-every", "1000", "--ckpt-save-dir", str(root / "ckpt"), "--save-dir",
+            str(root / "out")]
+
+
 def newest(folder: Path) -> dict:
     return ddpm.read_checkpoint(ddpm.newest_checkpoint(folder))
 
@@ -118,9 +125,7 @@ def test_failed_write_keeps_the_previous_checkpoint(trained, tmp_path, monkeypat
 def test_sigkill_at_random_moments_leaves_loadable_checkpoints(tmp_path):
     ckpt = tmp_path / "ckpt"
     # 8 images, batch 4: a checkpoint every 2 steps, so a kill often lands inside a write
-    argv = [sys.executable, DDPM, "--train", "--demo", "--demo-images", "8", *MODEL, *RUN, "--max-steps", "1000000",
-            "--epochs", "1000000", "--log-every", "1000", "--ckpt-save-dir", str(ckpt), "--save-dir",
-            str(tmp_path / "out")]
+    argv = endless_training(tmp_path)
     rng = random.Random()
     kills, last_step, pids = [], -1, []
     for run in range(3):
@@ -188,9 +193,7 @@ def test_resume_is_bitwise_exact(tmp_path):
 @pytest.mark.skipif(os.name != "posix", reason="sends SIGTERM to a child process")
 def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path):
     ckpt = tmp_path / "ckpt"
-    argv = [sys.executable, DDPM, "--train", "--demo", "--demo-images", "8", *MODEL, *RUN, "--max-steps", "1000000",
-            "--epochs", "1000000", "--log-every", "1000", "--ckpt-save-dir", str(ckpt), "--save-dir",
-            str(tmp_path / "out")]
+    argv = endless_training(tmp_path)
     proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=SUBPROCESS_ENV)
     try:
         limit = time.monotonic() + 120
@@ -263,27 +266,21 @@ def test_second_sigint_during_the_save_leaves_no_file(tmp_path, monkeypatch, cap
     real_save = torch.save
     calls = []
 
-    def interrupted_save(obj, f, *a, **k):
-        buf = io.BytesIO()
-        real_save(obj, buf, *a, **k)
-        data = buf.getvalue()
-        f.write(data[:len(data) // 2])
-        calls.append(len(data))
+    def interrupt():  # the second SIGINT arrives half-way through the write
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)
-        f.write(data[len(data) // 2:])
 
     real_step = ddpm.Trainer.train_step
 
     def step(self):
         if self.step == 4:
-            monkeypatch.setattr(torch, "save", interrupted_save)
+            calls.append(partial_save(monkeypatch, interrupt))
         return real_step(self)
 
     monkeypatch.setattr(ddpm.Trainer, "train_step", step)
     assert train(tmp_path, "--max-steps", "1000", "--epochs", "1000", images=12) == 130
     monkeypatch.setattr(torch, "save", real_save)
-    assert seen and calls, "the signals were never sent"
+    assert seen and calls and calls[0], "the signals were never sent"
     assert snapshot(tmp_path / "ckpt") == seen["files"]
     assert not (tmp_path / "ckpt" / "ckpt-1.pth").exists()
 
