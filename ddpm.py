@@ -137,6 +137,16 @@ def parse_duration(value: str) -> float:
     return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
 
 
+def parse_colour(value: str) -> Tuple[int, int, int]:
+    """A colour name or #rrggbb -> (r, g, b)."""
+    from PIL import ImageColor
+
+    try:
+        return tuple(ImageColor.getrgb(value)[:3])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a colour; use a name like white or #rrggbb") from None
+
+
 def parse_fraction(value: str) -> float:
     """'1%' or '0.01' -> 0.01, in [0, 1)."""
     v = value.strip()
@@ -2538,7 +2548,7 @@ FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's port 
 def training_source(args, obj: dict) -> DataSource:
     """Where a checkpoint's training images came from; --data-folders on the command line overrides
     the record."""
-    bg = args.background_rgb
+    bg = args.background
     if args.data_folders:
         return DataSource(tuple(args.data_folders), 0, bg)
     if obj.get("data"):
@@ -2571,7 +2581,7 @@ def eval_datasets(args, obj: dict, cfg: ModelConfig) -> Tuple[torch.Tensor, Opti
             raise DDPMError(f"the training data now holds {len(data)} images, {rec.get('total')} at training time, "
                             f"so the held-out split cannot be rebuilt; give --eval-folders DIR")
     if args.eval_folders:
-        held = load_images(args.eval_folders, cfg.img_size, cfg.img_channels, args.background_rgb)
+        held = load_images(args.eval_folders, cfg.img_size, cfg.img_channels, args.background)
         what = "--eval-folders " + " ".join(args.eval_folders)
     return data, held, what
 
@@ -2841,7 +2851,7 @@ def build_parser() -> ArgParser:
     g.add_argument("--data-folders", type=str, nargs="*", help="folders of training images, read recursively")
     g.add_argument("--img-channels", type=int, default=3, help="3 for RGB, 1 for grayscale")
     g.add_argument("--img-size", type=int, default=64, help="images are resized (shorter side) and centre-cropped")
-    g.add_argument("--background", type=str, default="white", help="colour under transparent pixels (name, #rrggbb)")
+    g.add_argument("--background", type=parse_colour, default="white", help="colour under transparent pixels (name, #rrggbb)")
     g.add_argument("--demo", action="store_true", help="train on built-in procedural anime faces with a CPU preset")
     g.add_argument("--demo-images", type=int, default=4096, help="how many demo faces to generate")
 
@@ -2946,11 +2956,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.explicit = explicit_flags(parser, argv)
     check_flags(args)
-    try:
-        from PIL import ImageColor
-        args.background_rgb = ImageColor.getrgb(args.background)[:3]
-    except ValueError:
-        raise DDPMError(f"--background {args.background!r} is not a colour; use a name like white or #rrggbb") from None
     return args
 
 
@@ -2997,7 +3002,7 @@ def train_config_from_args(args) -> TrainConfig:
 
 
 def data_source_from_args(args) -> DataSource:
-    return DataSource(tuple(args.data_folders or ()), args.demo_images if args.demo else 0, args.background_rgb)
+    return DataSource(tuple(args.data_folders or ()), args.demo_images if args.demo else 0, args.background)
 
 
 def sampling_steps(args, cfg: ModelConfig) -> int:
@@ -3225,7 +3230,7 @@ def eval_nll(args, obj: dict, model: GaussianDiffusion, seed: int) -> int:
     """--eval nll: the bound in bits/dim on held-out images (or, without any, the training images)."""
     cfg = model.config
     if args.eval_folders:  # the training data is not needed
-        held = load_images(args.eval_folders, cfg.img_size, cfg.img_channels, args.background_rgb)
+        held = load_images(args.eval_folders, cfg.img_size, cfg.img_channels, args.background)
         what = "--eval-folders " + " ".join(args.eval_folders)
     else:
         train, held, what = eval_datasets(args, obj, cfg)
@@ -3245,7 +3250,7 @@ def eval_fid(args, obj: dict, path: Path, cfg: ModelConfig, samples: Callable[[i
     """--eval fid: n samples against the real images (--eval-folders, --data-folders or the run's data),
     whose statistics are cached next to the checkpoint."""
     tag = getattr(feature_fn, "tag", "custom features")
-    src = (DataSource(tuple(args.eval_folders or args.data_folders), 0, args.background_rgb)
+    src = (DataSource(tuple(args.eval_folders or args.data_folders), 0, args.background)
            if args.eval_folders or args.data_folders else training_source(args, obj))
     cache = path.parent / f"fid-stats-{fid_cache_key(src, cfg, tag)}.pt"
     real = real_statistics(src, cfg, feature_fn, cache, args.batch_size)

@@ -151,8 +151,8 @@ def test_transparency_is_composited_onto_the_background(tmp_path):
     assert img.shape == (1, S, S) and px(img, 0, 0) == (255,) and px(img, 0, 7) == (100,)
 
     args = ddpm.parse_args(["--train", "--demo", "--background", "black"])
-    assert tuple(args.background_rgb) == BLACK
-    assert tuple(ddpm.parse_args(["--train", "--demo"]).background_rgb) == WHITE
+    assert tuple(args.background) == BLACK
+    assert tuple(ddpm.parse_args(["--train", "--demo"]).background) == WHITE
 
 
 def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
