@@ -79,7 +79,10 @@ class TrainingError(Exception):
 
 
 def is_rank0() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    """The first process (torchrun's RANK 0, also before the process group starts), or the only one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def prints_errors() -> bool:
@@ -347,6 +350,12 @@ class ModelConfig:
     beta_max: float = 0.02
     dropout: float = 0.1
     legacy_attention: bool = False  # the original script's cross-batch attention (its old checkpoints)
+    time_cond: str = "scale-shift"  # add (the original: a shift before GroupNorm) | scale-shift (adaptive norm)
+    norm_groups: int = 32           # GroupNorm groups; 32 at 32 channels is instance norm
+    objective: str = "eps"          # what the network predicts: eps (the original) | v (Salimans & Ho 2022)
+    beta_schedule: str = "linear"   # linear (the original) | cosine (Nichol & Dhariwal 2021)
+    loss_weight: str = "none"       # none | min-snr (Hang et al. 2023); training only
+    min_snr_gamma: float = 5.0
 
     def __post_init__(self):
         self.channel_multiples = tuple(int(m) for m in self.channel_multiples)
@@ -354,10 +363,10 @@ class ModelConfig:
 
     def validate(self) -> "ModelConfig":
         """Fail with one line on values of the wrong type and combinations the UNet cannot build or run."""
-        for name in ("img_channels", "img_size", "num_channels", "num_blocks", "timesteps"):
+        for name in ("img_channels", "img_size", "num_channels", "num_blocks", "timesteps", "norm_groups"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise DDPMError(f"{name} must be an integer, got {getattr(self, name)!r}")
-        for name in ("beta_min", "beta_max", "dropout"):
+        for name in ("beta_min", "beta_max", "dropout", "min_snr_gamma"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise DDPMError(f"{name} must be a finite number, got {v!r}")
@@ -374,10 +383,20 @@ class ModelConfig:
         if self.img_size < factor or self.img_size % factor:
             raise DDPMError(f"--img-size {self.img_size} cannot be halved {len(self.channel_multiples) - 1} times "
                             f"cleanly; use a multiple of {factor}, or fewer --channel-multiples")
+        for name, allowed in (("time_cond", ("add", "scale-shift")), ("objective", ("eps", "v")),
+                              ("beta_schedule", ("linear", "cosine")), ("loss_weight", ("none", "min-snr"))):
+            if getattr(self, name) not in allowed:
+                raise DDPMError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                f"got {getattr(self, name)!r}")
+        g = self.norm_groups
+        if g < 1:
+            raise DDPMError(f"--norm-groups must be at least 1, got {g}")
         for c in [self.num_channels] + [self.num_channels * m for m in self.channel_multiples]:
-            if c % 32:
-                raise DDPMError(f"GroupNorm(32) cannot divide {c} channels; --num-channels times each of "
-                                f"--channel-multiples must be a multiple of 32")
+            if c % g:
+                raise DDPMError(f"GroupNorm({g}) cannot divide {c} channels; --num-channels times each of "
+                                f"--channel-multiples must be a multiple of --norm-groups {g}")
+        if not self.min_snr_gamma > 0:
+            raise DDPMError(f"--min-snr-gamma must be positive, got {self.min_snr_gamma}")
         if self.num_channels < 4:
             raise DDPMError("--num-channels must be at least 4")
         if self.timesteps < 2:
@@ -396,11 +415,17 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """A config from a checkpoint: fields it lacks (it was written before they existed) take the
+        values that reproduce what it was trained as (ORIGINAL), not today's defaults."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{**ORIGINAL, **{k: v for k, v in d.items() if k in known}})
 
 
-MODEL_KEYS = [f.name for f in fields(ModelConfig) if f.name not in ("dropout", "legacy_attention")]
+# what checkpoints written before these fields existed (and the original script's) were trained as
+ORIGINAL = dict(time_cond="add", norm_groups=32, objective="eps", beta_schedule="linear", loss_weight="none")
+# training-only fields: a fine-tune or resume may change them; every other field must match the weights
+TUNABLE = ("dropout", "loss_weight", "min_snr_gamma")
+MODEL_KEYS = [f.name for f in fields(ModelConfig) if f.name not in TUNABLE + ("legacy_attention",)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,6 +435,20 @@ MODEL_KEYS = [f.name for f in fields(ModelConfig) if f.name not in ("dropout", "
 def linear_beta_schedule(timesteps: int, beta_min: float, beta_max: float) -> torch.Tensor:
     """beta_1..beta_T, linear as in Ho et al. 2020 (Sec. 4), in float64."""
     return torch.linspace(beta_min, beta_max, timesteps, dtype=torch.float64)
+
+
+def cosine_beta_schedule(timesteps: int, s: float = 0.008) -> torch.Tensor:
+    """beta_1..beta_T of Nichol & Dhariwal 2021 (eq. 17), in float64: alpha_bar(t) = f(t) / f(0) with
+    f(t) = cos^2((t/T + s) / (1 + s) * pi/2), beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}, clipped at 0.999."""
+    t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    ab = f / f[0]
+    return (1 - ab[1:] / ab[:-1]).clamp(max=0.999)
+
+
+def beta_schedule(name: str, timesteps: int, beta_min: float, beta_max: float) -> torch.Tensor:
+    return (cosine_beta_schedule(timesteps) if name == "cosine"
+            else linear_beta_schedule(timesteps, beta_min, beta_max))
 
 
 def timestep_grid(timesteps: int, steps: int) -> List[int]:
@@ -463,23 +502,36 @@ class TimeEmbedding(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """GroupNorm-SiLU-Conv, add the time embedding, GroupNorm-SiLU-Dropout-Conv, plus a shortcut."""
+    """GroupNorm-SiLU-Conv, then the time embedding, GroupNorm-SiLU-Dropout-Conv, plus a shortcut.
 
-    def __init__(self, in_channels: int, out_channels: int, time_channels: int, dropout: float = 0.1):
+    time_cond="add" (the original): the embedding is added as a per-channel shift before the second
+    GroupNorm, which subtracts each group's mean again: with one channel per group (GroupNorm(32)
+    at 32 channels) the block gets no information about t at all, at 64 channels half of it.
+    time_cond="scale-shift" (Dhariwal & Nichol 2021, use_scale_shift_norm): the embedding is projected
+    to a scale and a shift applied after that GroupNorm, GroupNorm(h) * (1 + scale) + shift.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, time_channels: int, dropout: float = 0.1,
+                 time_cond: str = "add", groups: int = 32):
         super().__init__()
+        self.scale_shift = time_cond == "scale-shift"
         self.conv1 = nn.Sequential(
-            nn.GroupNorm(32, in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
-        self.time_emb = nn.Sequential(nn.SiLU(), nn.Linear(time_channels, out_channels))
+            nn.GroupNorm(groups, in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.time_emb = nn.Sequential(nn.SiLU(), nn.Linear(time_channels, out_channels * (2 if self.scale_shift else 1)))
         self.conv2 = nn.Sequential(
-            nn.GroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
+            nn.GroupNorm(groups, out_channels), nn.SiLU(), nn.Dropout(dropout),
             nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x: (B, in_c, H, W), t: (B, time_c) -> (B, out_c, H, W)"""
         h = self.conv1(x)
-        h = h + self.time_emb(t)[:, :, None, None]
-        return self.conv2(h) + self.shortcut(x)
+        emb = self.time_emb(t)[:, :, None, None]  # (B, out_c or 2 out_c, 1, 1)
+        if self.scale_shift:
+            scale, shift = emb.chunk(2, dim=1)
+            norm, rest = self.conv2[0], self.conv2[1:]
+            return rest(norm(h) * (1 + scale) + shift) + self.shortcut(x)
+        return self.conv2(h + emb) + self.shortcut(x)
 
 
 class AttentionBlock(nn.Module):
@@ -494,11 +546,11 @@ class AttentionBlock(nn.Module):
     batch, and it added the residual to the normalised input.
     """
 
-    def __init__(self, num_channels: int, num_heads: int = 1, legacy: bool = False):
+    def __init__(self, num_channels: int, num_heads: int = 1, legacy: bool = False, groups: int = 32):
         super().__init__()
         self.num_heads = num_heads
         self.legacy = legacy
-        self.norm = nn.GroupNorm(32, num_channels)
+        self.norm = nn.GroupNorm(groups, num_channels)
         self.attn = nn.MultiheadAttention(num_channels, num_heads)
 
     def _attend(self, h: torch.Tensor) -> torch.Tensor:
@@ -522,10 +574,10 @@ class AttentionBlock(nn.Module):
 class DownBlock(nn.Module):
     """ResidualBlock, then attention at resolutions that have it (first half of the UNet)."""
 
-    def __init__(self, in_channels, out_channels, time_channels, has_attn, dropout, legacy):
+    def __init__(self, in_channels, out_channels, time_channels, has_attn, dropout, legacy, time_cond="add", groups=32):
         super().__init__()
-        self.res = ResidualBlock(in_channels, out_channels, time_channels, dropout)
-        self.attn = AttentionBlock(out_channels, legacy=legacy) if has_attn else nn.Identity()
+        self.res = ResidualBlock(in_channels, out_channels, time_channels, dropout, time_cond, groups)
+        self.attn = AttentionBlock(out_channels, legacy=legacy, groups=groups) if has_attn else nn.Identity()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x: (B, in_c, H, W) -> (B, out_c, H, W)"""
@@ -535,10 +587,10 @@ class DownBlock(nn.Module):
 class UpBlock(nn.Module):
     """Concatenate the skip connection, ResidualBlock, then attention (second half of the UNet)."""
 
-    def __init__(self, in_channels, out_channels, time_channels, has_attn, dropout, legacy):
+    def __init__(self, in_channels, out_channels, time_channels, has_attn, dropout, legacy, time_cond="add", groups=32):
         super().__init__()
-        self.res = ResidualBlock(in_channels + out_channels, out_channels, time_channels, dropout)
-        self.attn = AttentionBlock(out_channels, legacy=legacy) if has_attn else nn.Identity()
+        self.res = ResidualBlock(in_channels + out_channels, out_channels, time_channels, dropout, time_cond, groups)
+        self.attn = AttentionBlock(out_channels, legacy=legacy, groups=groups) if has_attn else nn.Identity()
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x: (B, in_c, H, W), skip: (B, out_c, H, W) -> (B, out_c, H, W)"""
@@ -548,11 +600,11 @@ class UpBlock(nn.Module):
 class MiddleBlock(nn.Module):
     """ResidualBlock, attention, ResidualBlock at the lowest resolution."""
 
-    def __init__(self, num_channels, time_channels, dropout, legacy):
+    def __init__(self, num_channels, time_channels, dropout, legacy, time_cond="add", groups=32):
         super().__init__()
-        self.res1 = ResidualBlock(num_channels, num_channels, time_channels, dropout)
-        self.attn = AttentionBlock(num_channels, legacy=legacy)
-        self.res2 = ResidualBlock(num_channels, num_channels, time_channels, dropout)
+        self.res1 = ResidualBlock(num_channels, num_channels, time_channels, dropout, time_cond, groups)
+        self.attn = AttentionBlock(num_channels, legacy=legacy, groups=groups)
+        self.res2 = ResidualBlock(num_channels, num_channels, time_channels, dropout, time_cond, groups)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)"""
@@ -596,11 +648,12 @@ class UNet(nn.Module):
     def __init__(self, img_channels: int = 3, num_channels: int = 64,
                  channel_multiples: Sequence[int] = (1, 2, 4, 8),
                  has_attn: Sequence[bool] = (False, False, True, True), num_blocks: int = 2,
-                 dropout: float = 0.1, legacy_attention: bool = False):
+                 dropout: float = 0.1, legacy_attention: bool = False, time_cond: str = "add", norm_groups: int = 32):
         super().__init__()
         assert len(channel_multiples) == len(has_attn), "one has_attn flag per resolution"
         time_channels = num_channels * 4
-        block = dict(time_channels=time_channels, dropout=dropout, legacy=legacy_attention)
+        block = dict(time_channels=time_channels, dropout=dropout, legacy=legacy_attention, time_cond=time_cond,
+                     groups=norm_groups)
 
         self.time_emb = TimeEmbedding(num_channels, time_channels)
         self.in_conv = nn.Conv2d(img_channels, num_channels, 3, padding=1)
@@ -621,14 +674,14 @@ class UNet(nn.Module):
                 self.down.append(DownSample(out_c))
                 self.up.append(UpSample(out_c))
             in_c = out_c
-        self.middle = MiddleBlock(in_c, time_channels, dropout, legacy_attention)
+        self.middle = MiddleBlock(in_c, time_channels, dropout, legacy_attention, time_cond, norm_groups)
         self.out_conv = nn.Sequential(
-            nn.GroupNorm(32, num_channels), nn.SiLU(), nn.Conv2d(num_channels, img_channels, 3, padding=1))
+            nn.GroupNorm(norm_groups, num_channels), nn.SiLU(), nn.Conv2d(num_channels, img_channels, 3, padding=1))
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "UNet":
         return cls(cfg.img_channels, cfg.num_channels, cfg.channel_multiples, cfg.has_attn, cfg.num_blocks,
-                   cfg.dropout, cfg.legacy_attention)
+                   cfg.dropout, cfg.legacy_attention, cfg.time_cond, cfg.norm_groups)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x: (B, img_c, H, W), t: (B,) -> predicted noise (B, img_c, H, W)"""
@@ -662,6 +715,7 @@ class SampleSpec:
     steps: Optional[int] = None   # model calls per image; None: 25, or T for ddpm (the original)
     eta: float = 0.0              # DDIM noise
     clip: bool = True             # clamp each x_0 estimate to [-1, 1] (Ho et al.'s reference code)
+    variance: str = "large"       # ddpm's sigma^2: large = beta (the original), small = the posterior's beta-tilde
 
     def steps_for(self, timesteps: int) -> int:
         return self.steps or (timesteps if self.sampler == "ddpm" else 25)
@@ -681,7 +735,8 @@ class GaussianDiffusion(nn.Module):
     Buffers are named after the paper's symbols, computed in float64 and stored as float32, and
     not saved in the state_dict (which therefore holds only `eps_model.*`, as the original's did).
     `config` is the ModelConfig it was built from and `source` the checkpoint it was loaded from
-    (build_diffusion and load_model set them; None when built by hand).
+    (build_diffusion and load_model set them; None when built by hand). The schedule, what the
+    network predicts (eps or v) and the loss weighting come from `config` where it is given.
     """
 
     def __init__(self, eps_model: nn.Module, timesteps: int = 1000, beta_min: float = 0.0001,
@@ -691,7 +746,9 @@ class GaussianDiffusion(nn.Module):
         self.timesteps = timesteps
         self.config = config
         self.source = source
-        beta = linear_beta_schedule(timesteps, beta_min, beta_max)
+        c = config or ModelConfig(**ORIGINAL)
+        self.objective, self.loss_weight, self.min_snr_gamma = c.objective, c.loss_weight, c.min_snr_gamma
+        beta = beta_schedule(c.beta_schedule, timesteps, beta_min, beta_max)
         alpha = 1.0 - beta
         alpha_bar = torch.cumprod(alpha, dim=0)
         alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
@@ -730,6 +787,19 @@ class GaussianDiffusion(nn.Module):
         """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), inverting eq. 4."""
         return (xt - _sqrt(1 - ab_t) * eps) / _sqrt(ab_t)
 
+    def x0_and_eps(self, xt, out, ab_t):
+        """(x_0, eps) from the network's output at x_t. eps objective: out is eps. v objective (Salimans
+        & Ho 2022): out is v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0, so x_0 = sqrt(alpha_bar) x_t -
+        sqrt(1 - alpha_bar) v and eps = sqrt(1 - alpha_bar) x_t + sqrt(alpha_bar) v, without dividing by
+        sqrt(alpha_bar) (small at large t). ab_t: a float or a broadcastable tensor."""
+        if self.objective == "v":
+            return _sqrt(ab_t) * xt - _sqrt(1 - ab_t) * out, _sqrt(1 - ab_t) * xt + _sqrt(ab_t) * out
+        return self.predict_x0(xt, out, ab_t), out
+
+    def eps_of(self, xt: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """eps from the network's output for a batch of timesteps t: (B,)."""
+        return self.x0_and_eps(xt, out, extract(self.alpha_bar, t, xt.shape).to(xt.dtype))[1]
+
     @staticmethod
     def ancestral_mean(xt, eps, ab_t, ab_s):
         """Mean of p(x_s | x_t) for s < t, eq. 11 on the respaced chain: with beta = 1 - alpha_bar_t /
@@ -752,21 +822,32 @@ class GaussianDiffusion(nn.Module):
         """One ancestral step x_t -> x_{t-1} (Algorithm 2), sigma_t^2 = beta_t; no noise where t == 0."""
         if eps is None:
             eps = torch.randn_like(xt)
-        eps_theta = self.eps_model(xt, t).float()
+        eps_theta = self.eps_of(xt, t, self.eps_model(xt, t).float())
         sigma = extract(self.p_sigma, t, xt.shape) * (t > 0).float().view(-1, *([1] * (xt.dim() - 1)))
         return self.p_mean(xt, t, eps_theta) + sigma * eps
 
     # -- loss -----------------------------------------------------------------------------------
     def forward(self, x0: torch.Tensor, t: Optional[torch.Tensor] = None,
                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """L_simple = E ||eps - eps_theta(x_t, t)||^2 (eq. 14), in float32. x0: (B, C, H, W) in [-1, 1]."""
+        """L_simple = E ||eps - eps_theta(x_t, t)||^2 (eq. 14), in float32. x0: (B, C, H, W) in [-1, 1].
+        v objective: the target is v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0. Min-SNR-gamma
+        (Hang et al. 2023) weights each image's error by min(SNR, gamma) / SNR for eps and
+        min(SNR, gamma) / (SNR + 1) for v, SNR = alpha_bar / (1 - alpha_bar)."""
         if t is None:
             t = torch.randint(0, self.timesteps, x0.shape[:1], device=x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
-        xt = self.q_sample(x0.float(), t, eps=noise.float())
-        eps_theta = self.eps_model(xt, t)
-        return F.mse_loss(eps_theta.float(), noise.float())
+        x0, noise = x0.float(), noise.float()
+        xt = self.q_sample(x0, t, eps=noise)
+        out = self.eps_model(xt, t).float()
+        target = noise if self.objective == "eps" else (
+            extract(self.sqrt_alpha_bar, t, x0.shape) * noise - extract(self.sqrt_one_minus_alpha_bar, t, x0.shape) * x0)
+        if self.loss_weight == "none":
+            return F.mse_loss(out, target)
+        ab = self.alpha_bar.gather(0, t)
+        snr = ab / (1 - ab)
+        w = snr.clamp(max=self.min_snr_gamma) / (snr if self.objective == "eps" else snr + 1)  # (B,)
+        return (w * (out - target).pow(2).flatten(1).mean(1)).mean()
 
     # -- sampling -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -798,15 +879,16 @@ class GaussianDiffusion(nn.Module):
         for i, t in enumerate(grid):
             s = grid[i + 1] if i + 1 < len(grid) else -1
             ab_t, ab_s = ab[t], (ab[s] if s >= 0 else 1.0)
-            eps = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).float()
-            x0 = self.predict_x0(x, eps, ab_t)
+            out = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).float()
+            x0, eps = self.x0_and_eps(x, out, ab_t)
             if spec.clip:
                 x0 = x0.clamp(-1.0, 1.0)
                 eps = (x - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
             if s < 0:
                 x = x0  # the final step: the mean of every sampler at alpha_bar = 1 is x_0
-            elif spec.sampler == "ddpm":
-                x = self.ancestral_mean(x, eps, ab_t, ab_s) + math.sqrt(1 - ab_t / ab_s) * noise_fn()
+            elif spec.sampler == "ddpm":  # sigma^2: beta of the respaced step, or the posterior's beta-tilde
+                var = (1 - ab_t / ab_s) * (1.0 if spec.variance == "large" else (1 - ab_s) / (1 - ab_t))
+                x = self.ancestral_mean(x, eps, ab_t, ab_s) + math.sqrt(var) * noise_fn()
             elif spec.sampler == "ddim":
                 sigma = spec.eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
                 x = math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - sigma ** 2, 0.0)) * eps
@@ -1220,7 +1302,7 @@ def config_from_checkpoint(obj: dict, path: Path, explicit: Dict[str, object], f
     """The model config of a checkpoint. `explicit` holds the model flags the user typed: they must
     agree with a self-describing checkpoint; for a legacy file they (and the defaults) define it."""
     if is_legacy_state_dict(obj):
-        cfg = ModelConfig.from_dict({**fallback.to_dict(), **explicit, "legacy_attention": True})
+        cfg = ModelConfig.from_dict({**fallback.to_dict(), **ORIGINAL, **explicit, "legacy_attention": True})
         log(f"note: {path} is a checkpoint of the original script (a bare state_dict without config); "
             f"using the model flags and the original's cross-batch attention (legacy mode)")
         return cfg.validate()
@@ -2862,11 +2944,22 @@ def build_parser() -> ArgParser:
                    help="attention per resolution: t/f (or true/false)")
     g.add_argument("--num-blocks", type=int, default=2, help="residual blocks per resolution")
     g.add_argument("--dropout", type=float, default=0.1, help="dropout in the residual blocks")
+    g.add_argument("--time-cond", choices=["scale-shift", "add"], default="scale-shift",
+                   help="how blocks see t: scale-shift = GroupNorm(h) * (1 + scale) + shift; add = the original's "
+                        "shift before GroupNorm (which cancels it); checkpoints without the field load as add")
+    g.add_argument("--norm-groups", type=int, default=32, help="GroupNorm groups (channels must be a multiple)")
 
     g = p.add_argument_group("diffusion")
     g.add_argument("--timesteps", type=int, default=1000, help="T")
     g.add_argument("--beta-min", type=float, default=0.0001, help="beta_1 of the linear schedule")
     g.add_argument("--beta-max", type=float, default=0.02, help="beta_T of the linear schedule")
+    g.add_argument("--beta-schedule", choices=["linear", "cosine"], default="linear",
+                   help="linear (the original) or cosine (Nichol & Dhariwal 2021)")
+    g.add_argument("--objective", choices=["eps", "v"], default="eps",
+                   help="the network predicts the noise eps (the original) or v (Salimans & Ho 2022)")
+    g.add_argument("--loss-weight", choices=["none", "min-snr"], default="none",
+                   help="per-timestep loss weight: none, or Min-SNR-gamma (Hang et al. 2023)")
+    g.add_argument("--min-snr-gamma", type=float, default=5.0, help="gamma of --loss-weight min-snr")
 
     g = p.add_argument_group("training")
     g.add_argument("--train", action="store_true", help="train (otherwise sample from --loadckpt)")
@@ -2903,6 +2996,9 @@ def build_parser() -> ArgParser:
     g.add_argument("--num-samples", type=int, default=None, help="images to generate (default: --batch-size)")
     g.add_argument("--index", type=int, default=None, help="generate only image INDEX of --seed")
     g.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    g.add_argument("--ddpm-variance", choices=["large", "small"], default="large",
+                   help="the ddpm sampler's sigma^2: large = beta (the original), small = the posterior's "
+                        "beta-tilde (better for few respaced steps); also the bound of --eval nll")
     g.add_argument("--no-clip", action="store_true", help="do not clamp the x_0 estimates to [-1, 1] "
                    "(the original script's unclipped sampler)")
     g.add_argument("--reverse-steps", action="store_true", help="also write reverse.png: x_T ... x_0 strips")
@@ -2989,7 +3085,7 @@ def check_flags(args) -> None:
 
 
 def sample_spec_from_args(args) -> SampleSpec:
-    return SampleSpec(args.sampler, args.steps, args.eta, not args.no_clip)
+    return SampleSpec(args.sampler, args.steps, args.eta, not args.no_clip, args.ddpm_variance)
 
 
 def train_config_from_args(args) -> TrainConfig:
@@ -3013,7 +3109,9 @@ def sampling_steps(args, cfg: ModelConfig) -> int:
 def model_config_from_args(args) -> ModelConfig:
     return ModelConfig(args.img_channels, args.img_size, args.num_channels, tuple(args.channel_multiples),
                        tuple(args.has_attn), args.num_blocks, args.timesteps, args.beta_min, args.beta_max,
-                       args.dropout)
+                       args.dropout, time_cond=args.time_cond, norm_groups=args.norm_groups,
+                       objective=args.objective, beta_schedule=args.beta_schedule, loss_weight=args.loss_weight,
+                       min_snr_gamma=args.min_snr_gamma)
 
 
 def explicit_model_flags(args) -> Dict[str, object]:
@@ -3044,15 +3142,27 @@ class RunStart:
     path: Optional[Path] = None
 
 
+def warn_signal_left(cfg: ModelConfig) -> None:
+    """One line when the schedule leaves signal at t = T (x_T is then not pure noise, and sampling from
+    pure noise starts off the training distribution): the original's linear range at small T."""
+    ab_T = float(torch.cumprod(1 - beta_schedule(cfg.beta_schedule, cfg.timesteps, cfg.beta_min, cfg.beta_max), 0)[-1])
+    if ab_T > 1e-3:
+        log(f"warning: --timesteps {cfg.timesteps} with this schedule leaves alpha_bar_T = {ab_T:.3g} of the signal "
+            f"at t = T; scale --beta-max by 1000/T (--beta-max {min(0.999, cfg.beta_max * 1000 / cfg.timesteps):g}) "
+            f"or use --beta-schedule cosine")
+
+
 def start_of_run(args, ckpt_dir: Path) -> RunStart:
     cfg, tc, src = model_config_from_args(args), train_config_from_args(args), data_source_from_args(args)
     if not (args.resume or args.loadckpt):
-        return RunStart("fresh", cfg.validate(), tc, src, new_run_id())
+        warn_signal_left(cfg.validate())
+        return RunStart("fresh", cfg, tc, src, new_run_id())
     path = resolve_checkpoint(args.loadckpt) if args.loadckpt else newest_checkpoint(ckpt_dir)
     if path is None:
         raise DDPMError(f"--resume found no {CKPT_PATTERN} in {ckpt_dir}; train without --resume first")
     obj = read_checkpoint(path)
-    cfg = config_from_checkpoint(obj, path, explicit_model_flags(args), cfg).validate()
+    cfg = config_from_checkpoint(obj, path, explicit_model_flags(args), cfg)
+    cfg = replace(cfg, **{k: getattr(args, k) for k in TUNABLE if k in args.explicit}).validate()
     if not args.resume:
         log(f"fine-tune: weights from {path}, lr {tc.lr}")
         run_id = None if is_legacy_state_dict(obj) else run_id_of(obj)

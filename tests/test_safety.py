@@ -388,7 +388,7 @@ def test_a_sampling_batch_that_cannot_fit_gets_an_estimate(done, tmp_path, capsy
     # a legacy file at a huge --img-size: the model flags make the model, the estimate still comes first
     legacy = tmp_path / "legacy.pth"
     torch.save({k: v for k, v in ddpm.read_checkpoint(ck)["model"].items()}, legacy)
-    assert ddpm.main(["--loadckpt", str(legacy), *MODEL[2:], "--img-size", "65536", "--device", "cpu",
+    assert ddpm.main(["--loadckpt", str(legacy), *MODEL[2:], "--time-cond", "scale-shift", "--img-size", "65536", "--device", "cpu",
                       "--batch-size", "64", "--save-dir", str(tmp_path / "out")]) == 2
     assert "at 65536x65536 needs about" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -509,7 +509,7 @@ def test_forward_steps_without_data_fails_before_sampling(done, tmp_path, capsys
     torch.save(ddpm.read_checkpoint(done / "ckpt" / "ckpt-1.pth")["model"], legacy)
     monkeypatch.setattr(ddpm, "generate", lambda *a, **k: pytest.fail("sampled before the data check"))
     capsys.readouterr()
-    for path, flags in ((export, []), (legacy, MODEL[2:] + ["--img-size", "8"])):
+    for path, flags in ((export, []), (legacy, MODEL[2:] + ["--img-size", "8", "--time-cond", "scale-shift"])):
         assert ddpm.main(["--loadckpt", str(path), *flags, "--forward-steps", "--device", "cpu",
                           "--save-dir", str(tmp_path / "out")]) == 2
         assert "does not record its training data" in capsys.readouterr().err

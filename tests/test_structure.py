@@ -47,7 +47,8 @@ def test_each_section_uses_only_the_sections_above_it():
     for name, (node, sec) in defs.items():
         if sec in ("Command line", "preamble"):
             continue
-        used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and n.id in defs and n.id != name}
+        used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+                and n.id in defs and n.id != name}
         for u in used:
             u_sec = defs[u][1]
             if u_sec == "Appendix: the built-in demo faces" and sec in ("Data", u_sec):
