@@ -2644,17 +2644,18 @@ def training_source(args, obj: dict) -> DataSource:
                     "script); give --data-folders DIR")
 
 
-def eval_datasets(args, obj: dict, cfg: ModelConfig) -> Tuple[torch.Tensor, Optional[torch.Tensor], str]:
+def eval_datasets(args, obj: dict, cfg: ModelConfig, new_faces: int = 256
+                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor], str]:
     """(the training images the model saw, held-out images or None, what the held-out set is).
     Held out: --eval-folders, else the checkpoint's --holdout split rebuilt from its record, else for
-    the demo 256 faces past the ones it trained on (face i depends on i alone, so they are new)."""
+    the demo `new_faces` faces past the ones it trained on (face i depends on i alone, so they are new)."""
     src = training_source(args, obj)
     data = src.load(cfg)
     rec, held, what = obj.get("holdout") or {}, None, ""
     if not src.folders and not rec.get("n") and not args.eval_folders:
         n = src.demo_images
-        held = replace(src, demo_images=n + 256).load(cfg, quiet=True)[n:]
-        what = f"256 new demo faces (indices {n} to {n + 255}, never trained on)"
+        held = replace(src, demo_images=n + new_faces).load(cfg, quiet=True)[n:]
+        what = f"{new_faces} new demo faces (indices {n} to {n + new_faces - 1}, never trained on)"
     if rec.get("n"):
         if rec.get("total") == len(data):
             data, held, _ = split_holdout(data, rec["fraction"], rec["seed"])
@@ -2687,8 +2688,18 @@ def discretized_gaussian_log_likelihood(x0: torch.Tensor, mean: torch.Tensor, st
 
 
 @torch.inference_mode()
+def _p_moments(sched: GaussianDiffusion, xt: torch.Tensor, t: torch.Tensor, out: torch.Tensor,
+               variance: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of p(x_{t-1} | x_t) from the network's output, in float64."""
+    mean = sched.p_mean(xt, t, sched.eps_of(xt, t, out))
+    if variance == "large":  # sigma_t^2 = beta_t
+        return mean, extract(sched.p_sigma, t, xt.shape).double() ** 2
+    return mean, extract(sched.posterior_variance, t.clamp(min=1), xt.shape).double()
+
+
 def bits_per_dim(model: GaussianDiffusion, data: torch.Tensor, timesteps: Optional[int] = None,
-                 batch_size: int = 64, seed: int = 0, model_fn: Optional[ModelFn] = None) -> dict:
+                 batch_size: int = 64, seed: int = 0, model_fn: Optional[ModelFn] = None,
+                 variance: str = "large") -> dict:
     """The variational bound of Ho et al. 2020 (eq. 5) on uint8 images data: (N, C, H, W), in bits/dim.
 
     Per image, in nats: L = L_T + sum_{t=2..T} L_{t-1} + L_0 with
@@ -2701,7 +2712,9 @@ def bits_per_dim(model: GaussianDiffusion, data: torch.Tensor, timesteps: Option
     of the 8-bit images, nats / (C*H*W ln 2), as in Ho et al. Table 2.
     timesteps=K < T: t = 1 always, t = 2..T cut into K-1 nearly equal strata, one uniform t per stratum
     and image weighted by the stratum's size: an unbiased estimate of the full sum with K model calls.
-    model_fn(x_t, t) -> eps_theta (default: the model in float32). The bound is computed in float64.
+    model_fn(x_t, t) -> the network's output (eps or v, as the model's objective; default: the model in
+    float32). variance="small" uses the posterior's beta-tilde for p instead (for the decoder at t = 1,
+    where it is 0, that of t = 2, as Nichol & Dhariwal clip it). The bound is computed in float64.
     Returns {bpd, ci (95% half-width over images), per_image (N,), prior, kl, decoder (mean bits/dim
     of each part), K, T, n}.
     """
@@ -2731,9 +2744,8 @@ def bits_per_dim(model: GaussianDiffusion, data: torch.Tensor, timesteps: Option
                 lo, hi = (0, 1) if k == 0 else (edges[k - 1], edges[k])
                 t = (lo + torch.rand(B, generator=g, dtype=torch.float64, device=cdev) * (hi - lo)).long()  # (B,)
                 xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=g, dtype=torch.float64, device=cdev))
-                eps = model_fn(xt.float().to(dev), t.to(dev)).float().to(cdev).double()
-                mean_p = sched.p_mean(xt, t, eps)
-                var_p = extract(sched.p_sigma, t, xt.shape).double() ** 2  # sigma_t^2 = beta_t
+                out = model_fn(xt.float().to(dev), t.to(dev)).float().to(cdev).double()
+                mean_p, var_p = _p_moments(sched, xt, t, out, variance)
                 if k == 0:
                     dec = -discretized_gaussian_log_likelihood(x0, mean_p, var_p.sqrt()).sum((1, 2, 3))
                 else:
@@ -2741,12 +2753,16 @@ def bits_per_dim(model: GaussianDiffusion, data: torch.Tensor, timesteps: Option
                     kl += (hi - lo) * normal_kl(mean_q, var_q.double(), mean_p, var_p).sum((1, 2, 3))
                 progress.advance(task, B)
             parts.append(torch.stack([prior, kl, dec], 1).cpu())  # (B, 3) nats
-    bpd = torch.cat(parts) / (data[0].numel() * math.log(2))  # (N, 3)
+    return {**_bpd_summary(torch.cat(parts) / (data[0].numel() * math.log(2))), "K": K, "T": T}
+
+
+def _bpd_summary(bpd: torch.Tensor) -> dict:
+    """bpd: (N, 3) bits/dim of (prior, KL terms, decoder) per image -> the figures bits_per_dim returns."""
     per = bpd.sum(1)
     n = len(per)
     ci = 1.96 * float(per.std()) / math.sqrt(n) if n > 1 else float("nan")
     return {"bpd": float(per.mean()), "ci": ci, "per_image": per, "prior": float(bpd[:, 0].mean()),
-            "kl": float(bpd[:, 1].mean()), "decoder": float(bpd[:, 2].mean()), "K": K, "T": T, "n": n}
+            "kl": float(bpd[:, 1].mean()), "decoder": float(bpd[:, 2].mean()), "n": n}
 
 
 # -- Frechet Inception Distance ----------------------------------------------------------------
@@ -2857,6 +2873,81 @@ def real_statistics(src: DataSource, cfg: ModelConfig, feature_fn: Callable, cac
     except OSError as e:
         warn_once(f"could not cache the FID statistics in {cache} ({e})")
     return mu, sigma, n
+
+
+# -- sliced Wasserstein distance --------------------------------------------------------------
+
+_BLUR = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=torch.float64)
+_BLUR = torch.outer(_BLUR, _BLUR) / 256  # the 5x5 binomial filter of Burt & Adelson's pyramids
+
+
+def _blur(x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+    """(N, C, H, W) -> the same, convolved per channel with the 5x5 binomial filter, mirrored edges."""
+    c = x.shape[1]
+    k = (_BLUR * gain).to(x.dtype).expand(c, 1, 5, 5)
+    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), k, groups=c)
+
+
+def laplacian_pyramid(x: torch.Tensor, levels: int) -> List[torch.Tensor]:
+    """Burt & Adelson's Laplacian pyramid, finest first: each level is the image minus its blurred,
+    halved and re-doubled copy; the last is the coarsest blurred image itself."""
+    out = []
+    for _ in range(levels - 1):
+        down = _blur(x)[:, :, ::2, ::2]
+        up = torch.zeros_like(x)
+        up[:, :, ::2, ::2] = down
+        out.append(x - _blur(up, 4.0))
+        x = down
+    return out + [x]
+
+
+def swd_descriptors(imgs: torch.Tensor, levels: int, per_image: int = 128, seed: int = 0, size: int = 7
+                    ) -> List[torch.Tensor]:
+    """Per pyramid level, (N * per_image, C*size*size) float32: 7x7 neighbourhoods at random places,
+    each image's places drawn from a hash of its pixels (so the set of descriptors does not depend
+    on the order of the images), normalised per channel over the whole set (Karras et al. 2018)."""
+    x = imgs.double() / 127.5 - 1
+    keys = [mix_seed(seed, int.from_bytes(hashlib.sha256(im.numpy().tobytes()).digest()[:8], "little"))
+            for im in imgs]
+    out = []
+    for level in laplacian_pyramid(x, levels):
+        n, c, h, w = level.shape
+        k = min(size, h, w)
+        pos = torch.stack([torch.randint(0, max(1, h - k + 1), (per_image, 2), generator=torch.Generator().manual_seed(key))
+                           for key in keys])  # (N, per_image, 2)
+        ys = pos[..., 0, None, None] + torch.arange(k)[:, None]   # (N, P, k, 1)
+        xs = pos[..., 1, None, None] + torch.arange(k)[None, :]   # (N, P, 1, k)
+        patches = level[torch.arange(n)[:, None, None, None], :, ys, xs]  # (N, P, k, k, C)
+        d = patches.permute(0, 1, 4, 2, 3).reshape(n * per_image, c, k * k)
+        d = (d - d.mean((0, 2), keepdim=True)) / d.std((0, 2), keepdim=True).clamp(min=1e-8)
+        out.append(d.reshape(n * per_image, -1).float())
+    return out
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, dirs: torch.Tensor) -> float:
+    """The mean over unit directions (columns of dirs, (D, K)) of the 1-D Wasserstein-1 distance
+    between the projections of two equally large sets of points a, b: (M, D)."""
+    pa, pb = ((dirs.T @ x.T).sort(1).values for x in (a, b))  # (K, M): each direction's sorted projections
+    return float((pa - pb).abs().mean())
+
+
+def swd(fake: torch.Tensor, real: torch.Tensor, seed: int = 0, repeats: int = 4, dirs_per_repeat: int = 128) -> dict:
+    """Sliced Wasserstein distance between two equally large sets of uint8 images (N, C, H, W), per
+    level of the Laplacian pyramid from full size down to 16 px (one level below 32 px), x 1e3, and
+    their mean: Karras et al. 2018's multi-scale statistical similarity, with no pretrained network."""
+    if len(fake) != len(real) or len(fake) < 2:
+        raise DDPMError(f"SWD needs two equally large sets of 2 or more images, got {len(fake)} and {len(real)}")
+    size = fake.shape[-1]
+    levels = max(1, int(math.log2(size)) - 3)
+    g = torch.Generator().manual_seed(mix_seed(seed, 9))
+    per_level, sizes = [], [size >> i for i in range(levels)]
+    for da, db in zip(swd_descriptors(fake, levels, seed=seed), swd_descriptors(real, levels, seed=seed)):
+        dists = []
+        for _ in range(repeats):
+            dirs = torch.randn(da.shape[1], dirs_per_repeat, generator=g)
+            dists.append(sliced_wasserstein(da, db, dirs / dirs.norm(dim=0, keepdim=True)))
+        per_level.append(1e3 * sum(dists) / repeats)
+    return {"sizes": sizes, "per_level": per_level, "mean": sum(per_level) / len(per_level)}
 
 
 # -- memorisation ------------------------------------------------------------------------------
@@ -3024,9 +3115,10 @@ def build_parser() -> ArgParser:
                    help="write --loadckpt's EMA (or --no-ema raw) weights as safetensors")
 
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval", choices=["nll", "fid", "nearest"], default=None,
+    g.add_argument("--eval", choices=["nll", "fid", "swd", "nearest"], default=None,
                    help="evaluate --loadckpt: nll = bits/dim (variational bound), fid = Frechet Inception Distance "
-                        "(pytorch-fid), nearest = nearest training images of samples (memorisation check)")
+                        "(pytorch-fid), swd = sliced Wasserstein distance (no network, no download), nearest = "
+                        "nearest training images of samples (memorisation check)")
     g.add_argument("--eval-folders", type=str, nargs="+", default=None, metavar="DIR",
                    help="held-out images (nll, nearest) or FID reference (default: the checkpoint's training data)")
     g.add_argument("--holdout", type=parse_fraction, default=0.0, metavar="FRACTION",
@@ -3325,7 +3417,7 @@ def eval_command(args, rt: Runtime, feature_fn: Optional[Callable[[torch.Tensor]
     seed = pick_seed(args)
     if args.eval == "nll":
         return eval_nll(args, obj, model, seed)
-    n = args.num_samples if "num_samples" in args.explicit else (5000 if args.eval == "fid" else 16)
+    n = args.num_samples if "num_samples" in args.explicit else {"fid": 5000, "swd": 256}.get(args.eval, 16)
     spec = sample_spec_from_args(args)
 
     def samples(lo: int, hi: int) -> torch.Tensor:  # (hi - lo, C, H, W) uint8
@@ -3333,7 +3425,33 @@ def eval_command(args, rt: Runtime, feature_fn: Optional[Callable[[torch.Tensor]
     how = f"{spec.sampler}, {spec.steps_for(model.config.timesteps)} steps, seed {seed}"
     if args.eval == "fid":
         return eval_fid(args, obj, path, model.config, samples, n, how, feature_fn)
+    if args.eval == "swd":
+        return eval_swd(args, obj, model.config, samples, n, how, seed)
     return eval_nearest(args, rt, obj, model.config, samples, n, how)
+
+
+def eval_swd(args, obj: dict, cfg: ModelConfig, samples: Callable[[int, int], torch.Tensor], n: int, how: str,
+             seed: int) -> int:
+    """--eval swd: n samples against n real images (held out where there are: --eval-folders, the
+    run's --holdout, new demo faces; else the training images), beside the figure of n other real
+    images against the same n, so that a number means something."""
+    train, held, what = eval_datasets(args, obj, cfg, new_faces=2 * n)
+    ref = held if held is not None else train
+    what = what if held is not None else "the training images"
+    if len(ref) < 2 * n:
+        if len(ref) < 4:
+            raise DDPMError(f"--eval swd needs at least 4 real images, {what} holds {len(ref)}")
+        n = len(ref) // 2
+        log(f"note: {what} holds {len(ref)} images; comparing {n} samples with {n} of them")
+    perm = torch.randperm(len(ref), generator=torch.Generator().manual_seed(mix_seed(seed, 10)))
+    real_a, real_b = ref[perm[:n]], ref[perm[n:2 * n]]
+    fake, base = swd(samples(0, n), real_a, seed), swd(real_b, real_a, seed)
+
+    def levels(r: dict) -> str:
+        return " | ".join(f"{sz}px {v:.2f}" for sz, v in zip(r["sizes"], r["per_level"])) + f" | mean {r['mean']:.2f}"
+    log(f"SWD x1e3: {levels(fake)} ({n} samples: {how}; vs {n} real images of {what})")
+    log(f"  real vs real: {levels(base)} (another {n} of them against the same {n}: the floor for this n)")
+    return 0
 
 
 def eval_nll(args, obj: dict, model: GaussianDiffusion, seed: int) -> int:
@@ -3346,12 +3464,13 @@ def eval_nll(args, obj: dict, model: GaussianDiffusion, seed: int) -> int:
         train, held, what = eval_datasets(args, obj, cfg)
         if held is None:
             held, what = train, "the training images (no held-out set: --eval-folders DIR, or train with --holdout)"
-    r = bits_per_dim(model, held, args.nll_timesteps, args.batch_size, seed)
+    r = bits_per_dim(model, held, args.nll_timesteps, args.batch_size, seed, variance=args.ddpm_variance)
     how = (f"strided estimate ({r['K']} of {r['T']} timesteps)" if r["K"] < r["T"]
            else f"full bound (all {r['T']} timesteps)")
     log(f"NLL: {r['bpd']:.4f} bits/dim +- {r['ci']:.4f} (95% CI over {r['n']} images of {what}); {how}")
     log(f"  terms (bits/dim): prior L_T {r['prior']:.4f} | KL L_1..L_T-1 {r['kl']:.4f} | decoder L_0 "
-        f"{r['decoder']:.4f} (sigma_t^2 = beta_t; 8-bit data scaled to [-1, 1], 256 bins)")
+        f"{r['decoder']:.4f} (sigma_t^2 = {'beta_t' if args.ddpm_variance == 'large' else 'beta-tilde_t'}; 8-bit "
+        f"data scaled to [-1, 1], 256 bins)")
     return 0
 
 

@@ -153,7 +153,7 @@ def gaussian_eps(x, t):
     return ((1 - a).sqrt() * (x.double() - a.sqrt() * MU) / (a * S * S + 1 - a)).float()
 
 
-def predicted_output(sampler, ts, eta):
+def predicted_output(sampler, ts, eta, variance="large"):
     """Mean and std of the sampler's output for this data and x_T ~ N(0, 1), in float64.
 
     With the exact eps for Gaussian data, eps and x0_pred are affine in x_t, so every update is an
@@ -185,11 +185,11 @@ def predicted_output(sampler, ts, eta):
             continue
         if s is None:
             A, B, sig = c0, d0, 0.0
-        elif sampler == "ddpm":  # respaced ancestral step, sigma^2 = the respaced beta
+        elif sampler == "ddpm":  # respaced ancestral step, sigma^2 = the respaced beta or the posterior's
             beta = 1 - at / as_
             A = (1 - beta / math.sqrt(1 - at) * k) / math.sqrt(1 - beta)
             B = -beta / math.sqrt(1 - at) * e0 / math.sqrt(1 - beta)
-            sig = math.sqrt(beta)
+            sig = math.sqrt(beta if variance == "large" else (1 - as_) / (1 - at) * beta)
         else:  # DDIM, Song et al. eq. 12
             sig = eta * math.sqrt((1 - as_) / (1 - at) * (1 - at / as_))
             r = math.sqrt(1 - as_ - sig ** 2)
@@ -198,8 +198,9 @@ def predicted_output(sampler, ts, eta):
     return (b, abs(a)) if sampler == "dpm++" else (m, math.sqrt(v))
 
 
-def run_sampler(sampler, steps, eta, model_fn, seed=0):
-    d = ddpm.GaussianDiffusion(Affine())  # T = 1000, the default schedule; model_fn replaces eps_model
+def run_sampler(sampler, steps, eta, model_fn, seed=0, variance="large", objective="eps"):
+    # T = 1000, the default schedule; model_fn replaces eps_model
+    d = ddpm.GaussianDiffusion(Affine(), config=ddpm.ModelConfig(objective=objective))
     g = torch.Generator().manual_seed(seed)
     ts = []
 
@@ -208,7 +209,7 @@ def run_sampler(sampler, steps, eta, model_fn, seed=0):
         ts.append(int(t[0]))
         return model_fn(x, t)
     x = torch.randn(SHAPE, generator=g)
-    spec = ddpm.SampleSpec(sampler, steps, eta, clip=False)  # Gaussian data is not bounded to [-1, 1]
+    spec = ddpm.SampleSpec(sampler, steps, eta, clip=False, variance=variance)  # Gaussian data is unbounded
     out = d.sample(x, spec, noise_fn=lambda: torch.randn(SHAPE, generator=g), model_fn=fn)
     assert len(ts) == steps and ts[0] == T - 1 and ts[-1] == 0 and all(p > q for p, q in zip(ts, ts[1:]))
     return out.double(), ts
@@ -236,6 +237,34 @@ def test_sampler_reproduces_gaussian_data(sampler, steps, eta, converged):
     if converged:
         assert abs(mean - MU) < 0.02 * MU, mean
         assert abs(std - S) < 0.02 * S, std
+
+
+@pytest.mark.parametrize("steps, variance, spread", [(50, "large", "over"), (50, "small", "under"),
+                                                    (1000, "large", "data"), (1000, "small", "data")])
+def test_ddpm_variance_small_and_large(steps, variance, spread):
+    """Both variances follow their own update equations. On this data, at 50 respaced steps sigma^2 =
+    beta over-disperses (+3.5% std) and the posterior's beta-tilde under-disperses (-11%); at all
+    1000 steps both give the data distribution."""
+    out, ts = run_sampler("ddpm", steps, 0.0, gaussian_eps, variance=variance)
+    mean, std = out.mean().item(), out.std().item()
+    pm, ps = predicted_output("ddpm", ts, 0.0, variance)
+    assert abs(mean - pm) < 5 * ps / math.sqrt(N) and abs(std - ps) < 5 * ps / math.sqrt(2 * N), (mean, std, pm, ps)
+    got = "data" if abs(std - S) < 0.02 * S else ("over" if std > S else "under")
+    assert got == spread, std
+
+
+def gaussian_v(x, t):
+    """The exact v = sqrt(ab) eps - sqrt(1 - ab) x_0 for the same data: (eps - sqrt(1 - ab) x_t) / sqrt(ab)."""
+    a = AB[t].view(-1, 1, 1, 1)
+    return ((gaussian_eps(x, t).double() - (1 - a).sqrt() * x.double()) / a.sqrt()).float()
+
+
+@pytest.mark.parametrize("sampler, steps, eta", [("ddpm", 1000, 0.0), ("dpm++", 20, 0.0), ("ddim", 200, 0.0)])
+def test_v_prediction_samples_the_same_distribution(sampler, steps, eta):
+    out, ts = run_sampler(sampler, steps, eta, gaussian_v, objective="v")
+    pm, ps = predicted_output(sampler, ts, eta)
+    assert abs(out.mean().item() - pm) < 5 * ps / math.sqrt(N) and abs(out.std().item() - ps) < 5 * ps / math.sqrt(2 * N)
+    assert abs(out.mean().item() - MU) < 0.02 * MU and abs(out.std().item() - S) < 0.02 * S
 
 
 A0 = 0.6
