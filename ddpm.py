@@ -17,13 +17,22 @@ Several GPUs or machines (detected from torchrun's environment; --batch-size is 
     torchrun --standalone --nproc_per_node 8 ddpm.py --train --data-folders data/faces --batch-size 512
 
 Continue, fine-tune, inspect, export, evaluate:
-    python ddpm.py --train --resume --data-folders data/faces
-    python ddpm.py --train --loadckpt ckpt/ckpt-4.pth --lr 1e-5 --data-folders data/faces
+    python ddpm.py --train --resume                              # the run's own settings and data
+    python ddpm.py --train --loadckpt ckpt --lr 1e-5 --data-folders data/faces
     python ddpm.py --info ckpt/ckpt-0.pth
     python ddpm.py --loadckpt ckpt --export model.safetensors
-    python ddpm.py --loadckpt ckpt --eval nll --eval-folders data/val
+    python ddpm.py --loadckpt ckpt --eval swd                    # also nll, fid, nearest
 
-Nothing runs at import: `import ddpm` gives UNet, GaussianDiffusion, load_images, load_model.
+Edit real images with the same model:
+    python ddpm.py --loadckpt ckpt --init-images sketch.png --strength 0.5 --num-samples 4
+    python ddpm.py --loadckpt ckpt --init-images face.png --mask mask.png --num-samples 3
+    python ddpm.py --loadckpt ckpt --invert a.png b.png --sampler ddim
+    python ddpm.py --loadckpt ckpt --interpolate a.png b.png
+
+Nothing runs at import: `import ddpm` gives ModelConfig, TrainConfig, SampleSpec, train, generate,
+load_model, load_images, UNet and GaussianDiffusion. The sections below come in the order data
+flows, each using only those above it; the command line at the end calls them all, and the
+appendix after it holds the demo-face painter that the data section calls.
 """
 from __future__ import annotations
 
@@ -850,59 +859,112 @@ class GaussianDiffusion(nn.Module):
         return (w * (out - target).pow(2).flatten(1).mean(1)).mean()
 
     # -- sampling -------------------------------------------------------------------------------
+    def grid(self, spec: SampleSpec) -> List[int]:
+        """The timesteps `spec` samples at, from T-1 down to 0: uniform for ddpm, log-SNR otherwise."""
+        steps = spec.steps_for(self.timesteps)
+        return (timestep_grid(self.timesteps, steps) if spec.sampler == "ddpm"
+                else logsnr_grid(self.alpha_bar_f64, steps))
+
+    def _predict(self, x: torch.Tensor, t: int, spec: SampleSpec, model_fn: ModelFn) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x_0, eps) of the model at (x, t); spec.clip clamps x_0 to [-1, 1] and uses the matching eps."""
+        ab_t = float(self.alpha_bar_f64[t])
+        out = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).float()
+        x0, eps = self.x0_and_eps(x, out, ab_t)
+        if spec.clip:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = (x - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
+        return x0, eps
+
+    def _step(self, x: torch.Tensor, t: int, s: int, spec: SampleSpec, model_fn: ModelFn,
+              noise_fn: Callable[[], torch.Tensor], hist: dict) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One step of spec.sampler from timestep t down to s (s = -1: the end, alpha_bar = 1).
+        Returns (x_s, the x_0 estimate); `hist` carries DPM-Solver++(2M)'s previous x_0 and step."""
+        ab = self.alpha_bar_f64
+        ab_t, ab_s = float(ab[t]), (float(ab[s]) if s >= 0 else 1.0)
+        x0, eps = self._predict(x, t, spec, model_fn)
+        if s < 0:
+            return x0, x0  # the final step: the mean of every sampler at alpha_bar = 1 is x_0
+        if spec.sampler == "ddpm":  # sigma^2: beta of the respaced step, or the posterior's beta-tilde
+            var = (1 - ab_t / ab_s) * (1.0 if spec.variance == "large" else (1 - ab_s) / (1 - ab_t))
+            return self.ancestral_mean(x, eps, ab_t, ab_s) + math.sqrt(var) * noise_fn(), x0
+        if spec.sampler == "ddim":  # Song et al. eq. 12
+            sigma = spec.eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
+            x = math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - sigma ** 2, 0.0)) * eps
+            return (x + sigma * noise_fn() if sigma > 0 else x), x0
+        # dpm++ (2M): lambda = log(alpha / sigma), second order from the previous x0
+        h = 0.5 * math.log(ab_s / (1 - ab_s)) - 0.5 * math.log(ab_t / (1 - ab_t))
+        x0_prev, h_prev = hist.get("x0"), hist.get("h")
+        d = x0 if x0_prev is None else (1 + h / (2 * h_prev)) * x0 - (h / (2 * h_prev)) * x0_prev  # 1/(2r), r = h_prev/h
+        hist.update(x0=x0, h=h)
+        return math.sqrt((1 - ab_s) / (1 - ab_t)) * x - math.sqrt(ab_s) * math.expm1(-h) * d, x0
+
+    def _renoise(self, x: torch.Tensor, s: int, t: int, noise_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """x_t ~ q(x_t | x_s) for s < t: back up the chain (RePaint's resampling jump)."""
+        a = float(self.alpha_bar_f64[t] / self.alpha_bar_f64[s])
+        return math.sqrt(a) * x + math.sqrt(1 - a) * noise_fn()
+
+    def _impose(self, x: torch.Tensor, known: torch.Tensor, mask: torch.Tensor, s: int,
+                noise_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """RePaint (Lugmayr et al. 2022, eq. 8): keep the sampled pixels where mask = 1 and put the
+        known image, noised to timestep s by q(x_s | x_0), where mask = 0; at the end, the image itself."""
+        if s < 0:
+            return mask * x + (1 - mask) * known
+        ab_s = float(self.alpha_bar_f64[s])
+        return mask * x + (1 - mask) * (math.sqrt(ab_s) * known + math.sqrt(1 - ab_s) * noise_fn())
+
     @torch.no_grad()
     def sample(self, x: torch.Tensor, spec: SampleSpec = SampleSpec(),
                noise_fn: Optional[Callable[[], torch.Tensor]] = None, model_fn: Optional[ModelFn] = None,
-               callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None) -> torch.Tensor:
+               callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+               start: Optional[int] = None, known: Optional[torch.Tensor] = None,
+               mask: Optional[torch.Tensor] = None, jumps: int = 1) -> torch.Tensor:
         """Denoise x = x_T: (B, C, H, W) to x_0 with spec.steps_for(T) model calls.
 
         spec.sampler: "ddpm" (ancestral, Ho et al. Alg. 2, sigma^2 = beta; respaced when steps < T),
                       "ddim" (Song et al. 2020, eq. 12; eta=0 is deterministic; log-SNR grid),
                       "dpm++" (DPM-Solver++(2M), Lu et al. 2022, Alg. 2, data prediction; log-SNR grid).
         noise_fn() returns fresh N(0, I) noise shaped like x (default torch.randn_like).
-        model_fn(x, t) returns eps_theta in float32 (default self.eps_model).
+        model_fn(x, t) returns the network's output in float32 (default self.eps_model).
         callback(i, x, x0_pred) is called after each step.
         spec.clip clamps each x_0 estimate to the data range [-1, 1] (and uses the matching eps); it
         keeps young, imperfect models from saturating.
         No noise is added at the last step, which returns the model's x_0 estimate.
+        Editing: start = a grid timestep: x is x_start and only the grid from there down is run
+        (SDEdit); known (B, C, H, W) in [-1, 1] with mask (B, 1, H, W), 1 = regenerate: inpainting
+        (RePaint), with `jumps` resampling jumps per step (1 = none).
         """
         if spec.sampler not in SAMPLERS:
             raise DDPMError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {spec.sampler!r}")
         model_fn = model_fn or (lambda xt, tt: self.eps_model(xt, tt).float())
         noise_fn = noise_fn or (lambda: torch.randn_like(x))
-        ab = self.alpha_bar_f64.tolist()
-        steps = spec.steps_for(self.timesteps)
-        grid = (timestep_grid(self.timesteps, steps) if spec.sampler == "ddpm"
-                else logsnr_grid(self.alpha_bar_f64, steps))
-        x = x.float()
-        x0_prev, h_prev = None, None
+        grid = [t for t in self.grid(spec) if start is None or t <= start]
+        x, hist = x.float(), {}
         for i, t in enumerate(grid):
             s = grid[i + 1] if i + 1 < len(grid) else -1
-            ab_t, ab_s = ab[t], (ab[s] if s >= 0 else 1.0)
-            out = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).float()
-            x0, eps = self.x0_and_eps(x, out, ab_t)
-            if spec.clip:
-                x0 = x0.clamp(-1.0, 1.0)
-                eps = (x - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
-            if s < 0:
-                x = x0  # the final step: the mean of every sampler at alpha_bar = 1 is x_0
-            elif spec.sampler == "ddpm":  # sigma^2: beta of the respaced step, or the posterior's beta-tilde
-                var = (1 - ab_t / ab_s) * (1.0 if spec.variance == "large" else (1 - ab_s) / (1 - ab_t))
-                x = self.ancestral_mean(x, eps, ab_t, ab_s) + math.sqrt(var) * noise_fn()
-            elif spec.sampler == "ddim":
-                sigma = spec.eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
-                x = math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - sigma ** 2, 0.0)) * eps
-                if sigma > 0:
-                    x = x + sigma * noise_fn()
-            else:  # dpm++ (2M): lambda = log(alpha / sigma), second order from the previous x0
-                lam_t = 0.5 * math.log(ab_t / (1 - ab_t))
-                lam_s = 0.5 * math.log(ab_s / (1 - ab_s))
-                h = lam_s - lam_t
-                d = x0 if x0_prev is None else (1 + h / (2 * h_prev)) * x0 - (h / (2 * h_prev)) * x0_prev  # 1/(2r), r = h_prev/h
-                x = math.sqrt((1 - ab_s) / (1 - ab_t)) * x - math.sqrt(ab_s) * math.expm1(-h) * d
-                x0_prev, h_prev = x0, h
+            for r in range(jumps if mask is not None and s >= 0 else 1):
+                if r:
+                    x = self._renoise(x_s, s, t, noise_fn)
+                x_s, x0 = self._step(x, t, s, spec, model_fn, noise_fn, hist)
+                if mask is not None:
+                    x_s = self._impose(x_s, known, mask, s, noise_fn)
+            x = x_s
             if callback is not None:
                 callback(i, x, x0)
+        return x
+
+    @torch.no_grad()
+    def invert(self, x: torch.Tensor, spec: SampleSpec, model_fn: Optional[ModelFn] = None) -> torch.Tensor:
+        """Deterministic DDIM inversion (eta = 0) of images x: (B, C, H, W) in [-1, 1] to x_T: each DDIM
+        step of spec's grid run backwards, x_t = sqrt(alpha_bar_t) x_0(x_s) + sqrt(1 - alpha_bar_t)
+        eps(x_s), with the model evaluated at the lower timestep s (the usual approximation; exact as
+        the steps get small). sample(x_T, spec with ddim, eta 0) reconstructs x."""
+        model_fn = model_fn or (lambda xt, tt: self.eps_model(xt, tt).float())
+        grid = self.grid(replace(spec, sampler="ddim", eta=0.0))
+        x = x.float()
+        for s, t in zip(grid[::-1][:-1], grid[::-1][1:]):  # s < t, from 0 up to T-1
+            x0, eps = self._predict(x, s, spec, model_fn)
+            ab_t = float(self.alpha_bar_f64[t])
+            x = math.sqrt(ab_t) * x0 + math.sqrt(1 - ab_t) * eps
         return x
 
 
@@ -1037,6 +1099,23 @@ def load_images(folders: Sequence, img_size: int = 64, img_channels: int = 3,
             + (f" ({why})" if why else "")
             + (f"; warning: {upscaled} smaller than {img_size}px were upscaled" if upscaled else ""))
     return data
+
+
+def load_image_files(paths: Sequence, img_size: int, img_channels: int, background: Tuple[int, int, int],
+                     flag: str) -> torch.Tensor:
+    """Named image files as (N, C, S, S) uint8, decoded exactly like training data (shorter side
+    resized, centre-cropped, EXIF, transparency onto `background`); a file that is missing or cannot
+    be decoded is a one-line error naming it and `flag`."""
+    mode = "L" if img_channels == 1 else "RGB"
+    out = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise DDPMError(f"{flag} {path} does not exist or is not a file")
+        img, reason, _ = _decode_image(path, img_size, mode, tuple(background))
+        if img is None:
+            raise DDPMError(f"{flag} {path} cannot be used: {SKIP_REASONS[reason]}")
+        out.append(img)
+    return torch.stack(out)
 
 
 def split_holdout(data: torch.Tensor, fraction: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor, dict]:
@@ -1733,48 +1812,98 @@ def sampling_model_fn(model: GaussianDiffusion, rt: Runtime, compile_: bool = Fa
     return fn
 
 
+@dataclass
+class Edit:
+    """Start from images instead of pure noise, one per index given to generate: SDEdit (Meng et al.
+    2021) with `strength`, and inpainting (RePaint, Lugmayr et al. 2022) where `masks` is 1."""
+
+    images: torch.Tensor                   # (N, C, H, W) uint8, loaded like training data
+    strength: float = 1.0                  # 1: from pure noise, exactly as plain sampling
+    masks: Optional[torch.Tensor] = None   # (N, 1, H, W) float: 1 = regenerate, 0 = keep
+    jumps: int = 1                         # RePaint's resampling jumps per step (1 = none)
+
+    def take(self, rows: Sequence[int]) -> "Edit":
+        rows = list(rows)
+        return replace(self, images=self.images[rows], masks=None if self.masks is None else self.masks[rows])
+
+    def start(self, model: GaussianDiffusion, spec: SampleSpec) -> Optional[int]:
+        """The grid timestep to start from: the first at or below strength * (T - 1); None at strength 1."""
+        if self.strength >= 1:
+            return None
+        grid = model.grid(spec)
+        return next((t for t in grid if t <= self.strength * (model.timesteps - 1)), grid[-1])
+
+
+def _sample_chunk(model: GaussianDiffusion, spec: SampleSpec, fn: ModelFn, noise: "ImageNoise",
+                  edit: Optional[Edit], device: torch.device, cb) -> torch.Tensor:
+    """One batch: x_T is each image's first noise draw; an edit noises its images to the start
+    timestep with that same draw (so strength 1 is plain sampling) and keeps its known pixels."""
+    x = noise()
+    if edit is None:
+        return model.sample(x, spec, noise_fn=noise, model_fn=fn, callback=cb)
+    known = to_model_range(edit.images).to(device)
+    start = edit.start(model, spec)
+    if start is not None:
+        ab = float(model.alpha_bar_f64[start])
+        x = math.sqrt(ab) * known + math.sqrt(1 - ab) * x
+    mask = edit.masks.to(device) if edit.masks is not None else None
+    return model.sample(x, spec, noise_fn=noise, model_fn=fn, callback=cb, start=start, known=known, mask=mask,
+                        jumps=edit.jumps)
+
+
 def generate(model: GaussianDiffusion, rt: Runtime, indices: Sequence[int], seed: int,
              spec: SampleSpec = SampleSpec(), batch_size: int = 64, compile_: bool = False,
              callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
-             model_fn: Optional[ModelFn] = None, show_progress: bool = True) -> torch.Tensor:
-    """Images `indices` of `seed`, sampled as `spec` says, as a (N, C, H, W) uint8 CPU tensor in the
-    order of `indices` (on rank 0; other ranks return None). Under torchrun the indices are split
-    across processes. callback(i, x, x0) sees each step of each batch."""
+             model_fn: Optional[ModelFn] = None, show_progress: bool = True,
+             edit: Optional[Edit] = None) -> torch.Tensor:
+    """Images `indices` of `seed`, sampled as `spec` says (from `edit`'s images where given, one per
+    index), as a (N, C, H, W) uint8 CPU tensor in the order of `indices` (on rank 0; other ranks
+    return None). Under torchrun the indices are split across processes. callback(i, x, x0) sees
+    each step of each batch."""
     cfg = model.config
     if cfg.legacy_attention and len(indices) > 1:
         warn_once("legacy-mode models attend across the batch: an image depends on its batch-mates, "
                   "so per-image seeds reproduce only at the same --batch-size")
-    mine = list(indices)[rt.rank::rt.world]
-    n_steps = len(timestep_grid(cfg.timesteps, spec.steps_for(cfg.timesteps)))
+    indices = list(indices)
+    mine = list(range(len(indices)))[rt.rank::rt.world]  # positions in `indices`
+    start = edit.start(model, spec) if edit is not None else None
+    n_steps = len([t for t in model.grid(spec) if start is None or t <= start])
     fn = model_fn or sampling_model_fn(model, rt, compile_)
     out = []
     with torch.inference_mode(), make_progress(transient=True) as progress:
         task = progress.add_task(f"Sampling ({spec.sampler}, {n_steps} steps)", total=len(mine) * n_steps, info="",
                                  visible=show_progress)
         for b in range(0, len(mine), batch_size):
-            chunk = mine[b:b + batch_size]
-            n = len(chunk)
+            rows = mine[b:b + batch_size]
+            chunk, n = [indices[r] for r in rows], len(rows)
             if b and n < batch_size and getattr(fn, "compiled", False) and not cfg.legacy_attention:
                 # a compiled model would recompile and record a new CUDA graph for a smaller last
                 # chunk: pad it with more images (independent of the others) and drop them
-                chunk = chunk + [mine[-1] + 1 + k for k in range(batch_size - n)]
+                chunk = chunk + [max(indices) + 1 + k for k in range(batch_size - n)]
+                rows = rows + [rows[-1]] * (batch_size - n)
             noise = ImageNoise(seed, chunk, (cfg.img_channels, cfg.img_size, cfg.img_size), rt.device)
 
             def step_cb(i, x, x0, n=n):
                 progress.advance(task, n)
                 if callback is not None:
                     callback(i, x[:n], x0[:n])
-            x = model.sample(noise(), spec, noise_fn=noise, model_fn=fn, callback=step_cb)
+            x = _sample_chunk(model, spec, fn, noise, edit.take(rows) if edit is not None else None, rt.device, step_cb)
             out.append(to_uint8(x[:n]).cpu())
-    mine_imgs = torch.cat(out) if out else torch.zeros(0, cfg.img_channels, cfg.img_size, cfg.img_size, dtype=torch.uint8)
+    return gather_images(out, len(indices), cfg, rt)
+
+
+def gather_images(parts: List[torch.Tensor], total: int, cfg: ModelConfig, rt: Runtime) -> Optional[torch.Tensor]:
+    """This process's batches of images, and under torchrun every process's, back in order on rank 0
+    (process r made positions r, r + world, ...); None on the other ranks."""
+    mine = torch.cat(parts) if parts else torch.zeros(0, cfg.img_channels, cfg.img_size, cfg.img_size, dtype=torch.uint8)
     if not rt.distributed:
-        return mine_imgs
-    parts = [None] * rt.world
-    dist.all_gather_object(parts, mine_imgs)
+        return mine
+    every = [None] * rt.world
+    dist.all_gather_object(every, mine)
     if not is_rank0():
         return None
-    imgs = torch.empty(len(indices), *mine_imgs.shape[1:], dtype=torch.uint8)
-    for r, part in enumerate(parts):
+    imgs = torch.empty(total, *mine.shape[1:], dtype=torch.uint8)
+    for r, part in enumerate(every):
         imgs[r::rt.world] = part
     return imgs
 
@@ -1848,18 +1977,28 @@ def denoise_frames(model: GaussianDiffusion, rt: Runtime, indices: Sequence[int]
     return frames
 
 
-def interpolation_strip(model: GaussianDiffusion, rt: Runtime, seed_a: int, seed_b: int, spec: SampleSpec,
+def interpolation_strip(model: GaussianDiffusion, rt: Runtime, za: torch.Tensor, zb: torch.Tensor, spec: SampleSpec,
                         k: int = 8) -> torch.Tensor:
-    """k images along the spherical path between the noise of two seeds (image 0 of each), each
-    denoised along the same deterministic path (ddpm is replaced by ddim, eta 0)."""
-    cfg = model.config
-    shape = (cfg.img_channels, cfg.img_size, cfg.img_size)
-    za, zb = (ImageNoise(sd, [0], shape, torch.device("cpu"))()[0] for sd in (seed_a, seed_b))
-    x = torch.stack([slerp(za, zb, j / (k - 1)) for j in range(k)]).to(rt.device)
+    """k images along the spherical path between two x_T (C, H, W): the noise of two seeds, or two
+    real images inverted by GaussianDiffusion.invert; each denoised along the same deterministic path
+    (ddpm is replaced by ddim, eta 0)."""
+    x = torch.stack([slerp(za.cpu(), zb.cpu(), j / (k - 1)) for j in range(k)]).to(rt.device)
     path = replace(spec, sampler="ddim" if spec.sampler == "ddpm" else spec.sampler, eta=0.0)
     with torch.inference_mode():
         out = model.sample(x, path, model_fn=sampling_model_fn(model, rt))
     return strip([to_uint8(out).cpu()[j:j + 1] for j in range(k)])
+
+
+def seed_noise(model: GaussianDiffusion, seed: int) -> torch.Tensor:
+    """x_T of image 0 of `seed`: (C, H, W) on the CPU."""
+    cfg = model.config
+    return ImageNoise(seed, [0], (cfg.img_channels, cfg.img_size, cfg.img_size), torch.device("cpu"))()[0]
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio of two uint8 images, in dB (inf where they are equal)."""
+    mse = (a.double() - b.double()).pow(2).mean().item()
+    return 10 * math.log10(255.0 ** 2 / mse) if mse > 0 else math.inf
 
 
 def forward_strip(model: GaussianDiffusion, x0: torch.Tensor, seed: int) -> torch.Tensor:
@@ -3095,8 +3234,21 @@ def build_parser() -> ArgParser:
     g.add_argument("--reverse-steps", action="store_true", help="also write reverse.png: x_T ... x_0 strips")
     g.add_argument("--forward-steps", action="store_true", help="also write forward.png: q(x_t|x_0) of data")
     g.add_argument("--gif", action="store_true", help="also write denoise.gif of the grid being denoised")
-    g.add_argument("--interpolate", type=int, nargs=2, metavar=("SEED_A", "SEED_B"), default=None,
-                   help="also write interpolate.png: slerp between the noise of two seeds")
+    g.add_argument("--interpolate", type=str, nargs=2, metavar=("A", "B"), default=None,
+                   help="also write interpolate.png: slerp between two seeds' noise, two --invert .pt files, or "
+                        "two image files (inverted first), then a deterministic path to each")
+
+    g = p.add_argument_group("editing real images (sampling mode; output/edit-*.png and edit-grid.png)")
+    g.add_argument("--init-images", type=str, nargs="+", default=None, metavar="PATH",
+                   help="SDEdit: noise these images to --strength, then denoise (--num-samples variations each)")
+    g.add_argument("--strength", type=float, default=None, help="how much of the schedule to redo, in (0, 1]: "
+                   "small stays close to the image, 1 is plain sampling (default: 0.5, or 1 with --mask)")
+    g.add_argument("--mask", type=str, nargs="+", default=None, metavar="PATH",
+                   help="inpainting: white = regenerate, black = keep; one for all --init-images or one each")
+    g.add_argument("--resample-jumps", type=int, default=1, help="RePaint's resampling jumps per step (1 = off)")
+    g.add_argument("--invert", type=str, nargs="+", default=None, metavar="PATH",
+                   help="DDIM inversion (eta 0) of real images to x_T: edit-invert-NAME.pt, its reconstruction "
+                        "edit-invert-NAME.png and its PSNR")
 
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=None, help="seed (0 is a seed); default: random, printed")
@@ -3174,6 +3326,29 @@ def check_flags(args) -> None:
         raise DDPMError("--resume continues a training run: add --train")
     if args.resume_with_new_data and not args.resume:
         raise DDPMError("--resume-with-new-data goes with --train --resume")
+    check_edit_flags(args)
+
+
+def check_edit_flags(args) -> None:
+    """The editing flags' own ranges and combinations."""
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise DDPMError(f"--strength must be in (0, 1], got {args.strength}")
+    if args.resample_jumps < 1:
+        raise DDPMError(f"--resample-jumps must be at least 1, got {args.resample_jumps}")
+    if args.mask and not args.init_images:
+        raise DDPMError("--mask needs --init-images: the images whose masked part is regenerated")
+    if args.mask and len(args.mask) not in (1, len(args.init_images)):
+        raise DDPMError(f"--mask: give one mask for all {len(args.init_images)} --init-images or one each, "
+                        f"not {len(args.mask)}")
+    if (args.strength is not None or args.resample_jumps > 1) and not args.init_images:
+        raise DDPMError("--strength and --resample-jumps go with --init-images")
+    if args.init_images and args.invert:
+        raise DDPMError("--init-images and --invert are separate commands; give one")
+    if (args.init_images or args.invert) and (args.train or args.eval):
+        raise DDPMError("--init-images and --invert work in sampling mode: drop --train / --eval")
+    if args.invert and (args.sampler == "ddpm" or args.eta > 0):
+        raise DDPMError("--invert runs the deterministic DDIM (eta 0) backwards: use --sampler ddim or dpm++ with "
+                        "--eta 0, not a stochastic sampler")
 
 
 def sample_spec_from_args(args) -> SampleSpec:
@@ -3373,7 +3548,12 @@ def sample_command(args, rt: Runtime) -> int:
     cfg, spec = model.config, sample_spec_from_args(args)
     data = training_source(args, obj) if args.forward_steps else None  # fails here, before sampling
     log(f"model: {model.source.describe()}")
+    if args.invert:
+        return invert_command(args, rt, model)
     seed = pick_seed(args)
+    if args.init_images:
+        return edit_command(args, rt, model, seed)
+    ends = interpolation_ends(args, model, rt.local(), spec) if args.interpolate and is_rank0() else None
     save_dir = Path(args.save_dir)
     n = 1 if args.index is not None else (args.num_samples or args.batch_size)
     check_sampling_memory(cfg, min(args.batch_size, n), n, rt.device)
@@ -3399,8 +3579,84 @@ def sample_command(args, rt: Runtime) -> int:
         save_png(forward_strip(copy.deepcopy(model), data.load(cfg)[:8], seed), save_dir / "forward.png")
     if args.gif:
         save_gif(denoise_frames(model, local, indices[:16], seed, spec), save_dir / "denoise.gif")
-    if args.interpolate:
-        save_png(interpolation_strip(model, local, *args.interpolate, spec), save_dir / "interpolate.png")
+    if ends is not None:
+        save_png(interpolation_strip(model, local, *ends), save_dir / "interpolate.png")
+    return 0
+
+
+def interpolation_ends(args, model: GaussianDiffusion, rt: Runtime, spec: SampleSpec
+                       ) -> Tuple[torch.Tensor, torch.Tensor, SampleSpec]:
+    """--interpolate A B: two seeds (their noise, the sampling flags' path), or two real faces: .pt
+    files of --invert or image files inverted here (the DDIM path, eta 0, that reconstructs them)."""
+    if all(re.fullmatch(r"-?\d+", v) for v in args.interpolate):
+        return seed_noise(model, int(args.interpolate[0])), seed_noise(model, int(args.interpolate[1])), spec
+    cfg, path = model.config, replace(spec, sampler="ddim", eta=0.0)
+    ends = []
+    for v in args.interpolate:
+        if v.endswith(".pt"):
+            try:
+                z = torch.load(v, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise DDPMError(f"--interpolate {v}: not a readable --invert file ({first_line(e, 80)})") from None
+            if not isinstance(z, torch.Tensor) or tuple(z.shape) != (cfg.img_channels, cfg.img_size, cfg.img_size):
+                raise DDPMError(f"--interpolate {v}: not an x_T of this model's shape "
+                                f"({cfg.img_channels}, {cfg.img_size}, {cfg.img_size})")
+            ends.append(z.float())
+        else:
+            img = load_image_files([v], cfg.img_size, cfg.img_channels, args.background, "--interpolate")
+            ends.append(model.invert(to_model_range(img).to(rt.device), path, sampling_model_fn(model, rt))[0].cpu())
+    return ends[0], ends[1], path
+
+
+def edit_command(args, rt: Runtime, model: GaussianDiffusion, seed: int) -> int:
+    """--init-images (SDEdit; with --mask, inpainting): edit-J-V.png for variation V of image J, and
+    edit-grid.png with one row per image: the input, its mask, the results."""
+    cfg, spec = model.config, sample_spec_from_args(args)
+    images = load_image_files(args.init_images, cfg.img_size, cfg.img_channels, args.background, "--init-images")
+    masks = None
+    if args.mask:
+        m = load_image_files(args.mask, cfg.img_size, 1, (0, 0, 0), "--mask")
+        masks = (m > 127).float().expand(len(images), -1, -1, -1) if len(m) == 1 else (m > 127).float()
+    k = args.num_samples or 1
+    rows = [j for j in range(len(images)) for _ in range(k)]
+    strength = args.strength if args.strength is not None else (1.0 if args.mask else 0.5)
+    edit = Edit(images[rows], strength, None if masks is None else masks[rows], args.resample_jumps)
+    t0 = time.time()
+    out = generate(model, rt, [v for _ in images for v in range(k)], seed, spec, args.batch_size,
+                   compile_=bool(args.compile), edit=edit)
+    if not is_rank0():
+        return 0
+    save_dir = Path(args.save_dir)
+    for n, (j, v) in enumerate((j, v) for j in range(len(images)) for v in range(k)):
+        save_png(out[n], save_dir / f"edit-{j}-{v}.png")
+    cols = [images] + ([to_uint8(masks * 2 - 1).expand(-1, cfg.img_channels, -1, -1)] if masks is not None else [])
+    grid = torch.cat([torch.stack([c[j] for c in cols] + list(out[j * k:(j + 1) * k])) for j in range(len(images))])
+    save_png(upscale(image_grid(grid, nrow=len(cols) + k), 2 if cfg.img_size <= 32 else 1), save_dir / "edit-grid.png")
+    log(f"wrote {len(out)} edits of {len(images)} images to {save_dir} in {time.time() - t0:.1f} s (strength "
+        f"{strength:g}{', inpainting' if masks is not None else ''}; {spec.sampler}, seed {seed}) and edit-grid.png")
+    return 0
+
+
+def invert_command(args, rt: Runtime, model: GaussianDiffusion) -> int:
+    """--invert: x_T of each image by DDIM inversion, its reconstruction from x_T and the PSNR."""
+    cfg = model.config
+    spec = replace(sample_spec_from_args(args), sampler="ddim", eta=0.0)
+    images = load_image_files(args.invert, cfg.img_size, cfg.img_channels, args.background, "--invert")
+    if not is_rank0():
+        return 0
+    fn = sampling_model_fn(model, rt)
+    with torch.inference_mode():
+        z = model.invert(to_model_range(images).to(rt.device), spec, fn)
+        rec = to_uint8(model.sample(z.clone(), spec, model_fn=fn)).cpu()
+    save_dir = Path(args.save_dir)
+    for path, zi, ri, im in zip(args.invert, z.cpu(), rec, images):
+        stem = Path(path).stem
+        atomic_write(save_dir / f"edit-invert-{stem}.pt", lambda f, zi=zi: torch.save(zi.clone(), f))
+        save_png(ri, save_dir / f"edit-invert-{stem}.png")
+        log(f"{path}: x_T in {save_dir / f'edit-invert-{stem}.pt'}; reconstruction PSNR {psnr(ri, im):.2f} dB "
+            f"(DDIM, eta 0, {spec.steps_for(cfg.timesteps)} steps)")
+    grid = torch.cat([torch.stack([im, ri]) for im, ri in zip(images, rec)])
+    save_png(upscale(image_grid(grid, nrow=2), 2 if cfg.img_size <= 32 else 1), save_dir / "edit-grid.png")
     return 0
 
 
