@@ -26,7 +26,7 @@ Continue, fine-tune, inspect, export, evaluate:
 Edit real images with the same model:
     python ddpm.py --loadckpt ckpt --init-images sketch.png --strength 0.5 --num-samples 4
     python ddpm.py --loadckpt ckpt --init-images face.png --mask mask.png --num-samples 3
-    python ddpm.py --loadckpt ckpt --invert a.png b.png --sampler ddim
+    python ddpm.py --loadckpt ckpt --invert a.png b.png
     python ddpm.py --loadckpt ckpt --interpolate a.png b.png
 
 Nothing runs at import: `import ddpm` gives ModelConfig, TrainConfig, SampleSpec, train, generate,
@@ -3127,11 +3127,11 @@ def copy_check(samples: torch.Tensor, train: torch.Tensor, real: torch.Tensor, r
 # ----------------------------------------------------------------------------------------------
 
 # --demo: a CPU-sized preset on the built-in faces; any flag typed explicitly still wins.
-DEMO_PRESET = dict(
+DEMO_PRESET = dict(  # the model and options that won benchmarks/quality.py (README, "Better samples")
     img_size=32, num_channels=32, channel_multiples=[1, 2, 2, 2], has_attn=[False, False, True, True],
-    num_blocks=1, dropout=0.0, batch_size=32, lr=1e-3, epochs=6, ema_decay=0.999, sample_every=256,
-    lr_schedule="cosine", warmup_steps=50, sampler="ddpm", steps=100,
-    log_every=25, demo_images=4096, time_budget=10 * 60.0, num_samples=64,
+    num_blocks=1, dropout=0.0, norm_groups=8, objective="v", beta_schedule="cosine", batch_size=32, lr=1e-3, epochs=6, ema_decay=0.999,
+    sample_every=256, lr_schedule="cosine", warmup_steps=50, log_every=25, demo_images=4096,
+    time_budget=10 * 60.0, num_samples=64,
 )
 
 

@@ -10,6 +10,7 @@ change that won on the default sampler.
     python benchmarks/quality.py              # the full table: about 40 minutes on a 2-core CPU
     python benchmarks/quality.py --quick      # tiny sizes, a minute: does it run
     python benchmarks/quality.py --steps 768  # as long as the demo's own 10-minute run
+    python benchmarks/quality.py --only cosine --combine objective=v norm_groups=8  # some rows
 
 Prints one JSON object per line, then the table in Markdown.
 """
@@ -60,6 +61,8 @@ def main():
     p.add_argument("--samples", type=int, default=256, help="images per SWD set")
     p.add_argument("--nll-timesteps", type=int, default=50)
     p.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all, then the combination)")
+    p.add_argument("--combine", nargs="*", default=None, metavar="FIELD=VALUE",
+                   help="also run this combination (for example time_cond=scale-shift norm_groups=8)")
     a = p.parse_args()
     steps, n, n_train = (a.steps, a.samples, 4096) if not a.quick else (20, 32, 256)
     rt = ddpm.setup_runtime("cpu" if not torch.cuda.is_available() else None, "auto", False)
@@ -73,7 +76,9 @@ def main():
                           ema_decay=0.999, epochs=epochs, max_steps=steps, sample_every=0, log_every=10 ** 9,
                           preview=ddpm.SampleSpec())
     rows, variants = [], [v for v in VARIANTS if a.only is None or v[0] in a.only]
-    for name, change in variants + ([("combined", None)] if a.only is None else []):
+    fixed = None if a.combine is None else {k: int(v) if v.isdigit() else v for k, v in
+                                            (c.split("=", 1) for c in a.combine)}
+    for name, change in variants + ([("combined", fixed)] if a.only is None or fixed is not None else []):
         if change is None:  # every change that beat the original on the default sampler
             base = rows[0]["swd_default"]
             change = {k: v for r, (_, c) in zip(rows, variants) if r["swd_default"] < base for k, v in c.items()}

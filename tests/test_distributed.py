@@ -179,6 +179,12 @@ def runs(tmp_path_factory):
     one = tmp_path_factory.mktemp("one")
     ckpt0, ckpt1 = (str(box / "train" / "cwd0" / "ckpt" / f"ckpt-{i}.pth") for i in (0, 1))
     quiet = ["--no-run-pictures", "--sample-every", "0"]
+    faces = ddpm.demo_faces(2, 8, seed=3)
+    for i in range(2):  # the inputs of the edit phase; a mask that redraws the right half
+        ddpm.save_png(faces[i], box / f"face{i}.png")
+    mask = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    mask[..., 4:] = 255
+    ddpm.save_png(mask, box / "mask.png")
     rc_one = []
     runs = launch(box, [
         # 8 steps, with run pictures and a preview
@@ -186,6 +192,7 @@ def runs(tmp_path_factory):
         # the run again from its step-4 checkpoint
         {"name": "resume", "argv": [*TRAIN, *quiet, "--resume", "--loadckpt", ckpt0]},
         {"name": "sample", "argv": ["--loadckpt", ckpt1, *SAMPLE]},
+        {"name": "edit", "argv": ["--loadckpt", ckpt1, *edit_flags(box)]},
         {"name": "indivisible", "argv": [*TRAIN, *quiet, "--batch-size", "3", "--grad-accum", "1"]},
         # 16 steps per epoch; rank 1 alone gets SIGTERM after step 3
         {"name": "sigterm", "argv": [*TRAIN, *quiet, "--batch-size", "2", "--grad-accum", "1", "--epochs", "1"],
@@ -302,6 +309,27 @@ def test_sampling_on_two_processes_writes_the_same_files(two, runs, tmp_path):
     for name in sorted(expected):
         assert (run.cwd[0] / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     assert run.out(1) == "" and run.err(1) == "", run.report()
+
+
+def edit_flags(box: Path) -> list:
+    """Inpainting of two images, 3 variations each, at batch 4: 6 images over 2 ranks."""
+    return ["--init-images", str(box / "face0.png"), str(box / "face1.png"), "--mask", str(box / "mask.png"),
+            "--num-samples", "3", "--batch-size", "4", "--steps", "10", "--sampler", "ddpm", "--seed", "7",
+            "--device", "cpu"]
+
+
+def test_editing_on_two_processes_writes_the_same_files(two, runs, tmp_path):
+    box = two.cwd[0].parent.parent
+    run = runs["edit"]
+    assert [run.rc(0), run.rc(1)] == [0, 0], run.report()
+    ckpt = str(two.cwd[0] / "ckpt" / "ckpt-1.pth")
+    assert run_here(tmp_path / "one", ["--loadckpt", ckpt, *edit_flags(box)]) == 0
+    expected = {f"output/edit-{j}-{v}.png" for j in range(2) for v in range(3)} | {"output/edit-grid.png"}
+    assert files(tmp_path / "one") == expected
+    assert files(run.cwd[0]) == expected
+    assert files(run.cwd[1]) == set(), "rank 1 wrote files"
+    for name in sorted(expected):
+        assert (run.cwd[0] / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
 
 
 def test_indivisible_global_batch_is_refused(runs):

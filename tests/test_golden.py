@@ -19,7 +19,7 @@ from conftest import MODEL
 GOLDEN = Path(__file__).with_name("golden.json")
 RUN = ["--train", "--demo", "--demo-images", "8", *MODEL, "--batch-size", "4", "--seed", "3", "--max-steps", "3",
        "--device", "cpu", "--no-run-pictures", "--sample-every", "0",
-       "--time-cond", "add"]  # the original's block, as the figures were recorded with
+       "--time-cond", "add", "--norm-groups", "32", "--objective", "eps", "--beta-schedule", "linear"]  # as recorded
 SAMPLERS = {"dpm++": [], "ddim-eta": ["--sampler", "ddim", "--eta", "0.5", "--steps", "10"],
             "ddpm": ["--sampler", "ddpm", "--steps", "20"], "ddpm-no-clip": ["--sampler", "ddpm", "--no-clip"]}
 
