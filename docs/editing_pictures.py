@@ -62,7 +62,7 @@ def main() -> None:
     ddpm.save_png(sketch(size), DATA / "sketch.png")
 
     run(f"python ddpm.py --loadckpt ckpt --init-images {DATA}/face0.png --mask {DATA}/mask.png "
-        f"--num-samples 3 --seed 0 --save-dir {OUT}/inpaint")
+        f"--num-samples 3 --sampler ddpm --steps 100 --resample-jumps 4 --seed 0 --save-dir {OUT}/inpaint")
     (DOCS / "edit-inpaint.png").write_bytes((OUT / "inpaint" / "edit-grid.png").read_bytes())
 
     columns = [read_png(DATA / "sketch.png").expand(3, -1, -1, -1)]  # the input, then 3 variations per strength
