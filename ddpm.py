@@ -468,18 +468,27 @@ def timestep_grid(timesteps: int, steps: int) -> List[int]:
     return list(dict.fromkeys(grid))  # spacing >= 1, so rounding keeps them distinct
 
 
+# log-SNR below which a grid spends no steps: the signal's scale e^lambda = sqrt(SNR) < 0.0041, half
+# an 8-bit level (1/255 on the [-1, 1] scale) of the noise's; the linear schedule's lambda_T is -5.06
+LAMBDA_FLOOR = -5.5
+
+
 def logsnr_grid(alpha_bar: torch.Tensor, steps: int) -> List[int]:
     """`steps` timesteps from T-1 down to 0, evenly spaced in log-SNR lambda_t = log(alpha_bar_t / (1 -
     alpha_bar_t)) / 2 where integer timesteps allow (always at least 1 apart), for DPM-Solver++ and DDIM;
     Lu et al. recommend it at low resolutions. On the uniform grid, the 2M step into t = 0 spans most of
     lambda and extrapolates x_0 by a factor ~3 (+24% std on Gaussian data at 20 steps), and DDIM loses
-    half the variance of fine detail at 25 steps. Same length as timestep_grid."""
+    half the variance of fine detail at 25 steps. Same length as timestep_grid.
+    The spacing starts at LAMBDA_FLOOR where lambda_T lies below it (the cosine schedule's clipped last
+    betas reach -9.9): the first step jumps from T-1 to there, instead of spending ten of 25 steps on
+    t = 999..990, where the signal is under half an 8-bit level of the noise."""
     T = alpha_bar.shape[0]
     if steps >= T:
         return list(range(T - 1, -1, -1))
     lam = 0.5 * torch.log(alpha_bar / (1 - alpha_bar)).double()  # (T,), decreasing in t
-    target = torch.linspace(float(lam[-1]), float(lam[0]), max(steps, 1), dtype=torch.float64)
+    target = torch.linspace(max(float(lam[-1]), LAMBDA_FLOOR), float(lam[0]), max(steps, 1), dtype=torch.float64)
     grid = (lam[None, :] - target[:, None]).abs().argmin(dim=1).tolist()  # nearest timestep, non-increasing
+    grid[0] = T - 1  # sampling starts from pure noise at T-1
     for i in range(len(grid) - 2, -1, -1):  # where lambda is steep (small t), at least 1 apart
         grid[i] = max(grid[i], grid[i + 1] + 1)
     cap = T - 1
@@ -859,11 +868,13 @@ class GaussianDiffusion(nn.Module):
         return (w * (out - target).pow(2).flatten(1).mean(1)).mean()
 
     # -- sampling -------------------------------------------------------------------------------
-    def grid(self, spec: SampleSpec) -> List[int]:
-        """The timesteps `spec` samples at, from T-1 down to 0: uniform for ddpm, log-SNR otherwise."""
+    def grid(self, spec: SampleSpec, start: Optional[int] = None) -> List[int]:
+        """The timesteps `spec` samples at, from T-1 (or from `start`, an edit's first timestep) down to
+        0: uniform for ddpm, log-SNR otherwise."""
         steps = spec.steps_for(self.timesteps)
-        return (timestep_grid(self.timesteps, steps) if spec.sampler == "ddpm"
+        grid = (timestep_grid(self.timesteps, steps) if spec.sampler == "ddpm"
                 else logsnr_grid(self.alpha_bar_f64, steps))
+        return grid if start is None else [t for t in grid if t <= start]
 
     def _predict(self, x: torch.Tensor, t: int, spec: SampleSpec, model_fn: ModelFn) -> Tuple[torch.Tensor, torch.Tensor]:
         """(x_0, eps) of the model at (x, t); spec.clip clamps x_0 to [-1, 1] and uses the matching eps."""
@@ -937,7 +948,7 @@ class GaussianDiffusion(nn.Module):
             raise DDPMError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {spec.sampler!r}")
         model_fn = model_fn or (lambda xt, tt: self.eps_model(xt, tt).float())
         noise_fn = noise_fn or (lambda: torch.randn_like(x))
-        grid = [t for t in self.grid(spec) if start is None or t <= start]
+        grid = self.grid(spec, start)
         x, hist = x.float(), {}
         for i, t in enumerate(grid):
             s = grid[i + 1] if i + 1 < len(grid) else -1
@@ -1867,7 +1878,7 @@ def generate(model: GaussianDiffusion, rt: Runtime, indices: Sequence[int], seed
     indices = list(indices)
     mine = list(range(len(indices)))[rt.rank::rt.world]  # positions in `indices`
     start = edit.start(model, spec) if edit is not None else None
-    n_steps = len([t for t in model.grid(spec) if start is None or t <= start])
+    n_steps = len(model.grid(spec, start))
     fn = model_fn or sampling_model_fn(model, rt, compile_)
     out = []
     with torch.inference_mode(), make_progress(transient=True) as progress:
@@ -1953,7 +1964,7 @@ def snapshot_steps(n_steps: int, count: int = 10) -> set:
 def reverse_strip(model: GaussianDiffusion, rt: Runtime, seed: int, n: int, spec: SampleSpec) -> torch.Tensor:
     """Rows: n images; columns: x_T, then snapshots of the reverse process, ending at x_0."""
     cfg = model.config
-    keep = snapshot_steps(len(timestep_grid(cfg.timesteps, spec.steps_for(cfg.timesteps))))
+    keep = snapshot_steps(len(model.grid(spec)))
     first = ImageNoise(seed, range(n), (cfg.img_channels, cfg.img_size, cfg.img_size), torch.device("cpu"))()
     cols = [to_uint8(first)]
 
@@ -1967,7 +1978,7 @@ def reverse_strip(model: GaussianDiffusion, rt: Runtime, seed: int, n: int, spec
 def denoise_frames(model: GaussianDiffusion, rt: Runtime, indices: Sequence[int], seed: int,
                    spec: SampleSpec) -> List[torch.Tensor]:
     """About 30 grids (4 per row) of images `indices` as they are denoised, for denoise.gif."""
-    keep = snapshot_steps(len(timestep_grid(model.config.timesteps, spec.steps_for(model.config.timesteps))), 30)
+    keep = snapshot_steps(len(model.grid(spec)), 30)
     frames: List[torch.Tensor] = []
 
     def cb(i, x, x0):
@@ -2028,6 +2039,11 @@ def upscale(img: torch.Tensor, factor: int) -> torch.Tensor:
     return img.repeat_interleave(factor, 1).repeat_interleave(factor, 2) if factor > 1 else img
 
 
+def save_grid(grid: torch.Tensor, cfg: ModelConfig, path: Path) -> None:
+    """Save a picture of the model's images, doubled in size where they are 32 px or smaller."""
+    save_png(upscale(grid, 2 if cfg.img_size <= 32 else 1), path)
+
+
 def write_loss_curve(metrics_csv: Path, out: Path) -> None:
     """loss.png from metrics.csv with matplotlib, when it is installed."""
     if not metrics_csv.exists():
@@ -2046,7 +2062,7 @@ def write_loss_curve(metrics_csv: Path, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.plot([r[0] for r in rows], [r[1] for r in rows], lw=1)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (epsilon MSE)")
+    ax.set_ylabel("loss (MSE of the predicted eps or v)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -2329,7 +2345,7 @@ class PreviewGrid:
         model.train(was_training)
         grid = image_grid(imgs, nrow=int(math.ceil(math.sqrt(self.n))))
         path = self.folder / f"step-{step:07d}.png"
-        save_png(upscale(grid, 2 if tr.cfg.img_size <= 32 else 1), path)
+        save_grid(grid, tr.cfg, path)
         self.metrics.event(step, "preview", path, image=grid)
         return path
 
@@ -3129,9 +3145,9 @@ def copy_check(samples: torch.Tensor, train: torch.Tensor, real: torch.Tensor, r
 # --demo: a CPU-sized preset on the built-in faces; any flag typed explicitly still wins.
 DEMO_PRESET = dict(  # the model and options that won benchmarks/quality.py (README, "Better samples")
     img_size=32, num_channels=32, channel_multiples=[1, 2, 2, 2], has_attn=[False, False, True, True],
-    num_blocks=1, dropout=0.0, norm_groups=8, objective="v", beta_schedule="cosine", batch_size=32, lr=1e-3, epochs=6, ema_decay=0.999,
-    sample_every=256, lr_schedule="cosine", warmup_steps=50, log_every=25, demo_images=4096,
-    time_budget=10 * 60.0, num_samples=64,
+    num_blocks=1, dropout=0.0, norm_groups=8, objective="v", beta_schedule="cosine", batch_size=32, lr=1e-3,
+    epochs=6, ema_decay=0.999, sample_every=256, lr_schedule="cosine", warmup_steps=50, log_every=25,
+    demo_images=4096, time_budget=10 * 60.0, num_samples=64,
 )
 
 
@@ -3221,7 +3237,8 @@ def build_parser() -> ArgParser:
     g = p.add_argument_group("sampling")
     g.add_argument("--save-dir", type=str, default="output", help="where images are written")
     g.add_argument("--sampler", choices=SAMPLERS, default="dpm++", help="dpm++ = DPM-Solver++(2M)")
-    g.add_argument("--steps", type=int, default=None, help="model calls per image (default: 25; T for ddpm; 100 for inversion)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="model calls per image (default: 25; T for ddpm; 100 for inversion)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic, 1: DDPM-like)")
     g.add_argument("--num-samples", type=int, default=None, help="images to generate (default: --batch-size)")
     g.add_argument("--index", type=int, default=None, help="generate only image INDEX of --seed")
@@ -3542,7 +3559,7 @@ def train_run(args, rt: Runtime, run: RunStart, ckpt_dir: Path, save_dir: Path, 
         model = trainer.sampling_view(ema=True)
         save_png(upscale(reverse_strip(model, rt.local(), seed, 8, spec), 2), save_dir / "run-after.png")
         grid = image_grid(generate(model, rt.local(), list(range(args.num_samples or 64)), seed, spec))
-        save_png(upscale(grid, 2 if cfg.img_size <= 32 else 1), save_dir / "final-grid.png")
+        save_grid(grid, cfg, save_dir / "final-grid.png")
         log(f"wrote {save_dir / 'run-before.png'}, {save_dir / 'run-after.png'} and {save_dir / 'final-grid.png'}")
     return 0
 
@@ -3640,7 +3657,7 @@ def edit_command(args, rt: Runtime, model: GaussianDiffusion, seed: int) -> int:
         save_png(out[n], save_dir / f"edit-{j}-{v}.png")
     cols = [images] + ([to_uint8(masks * 2 - 1).expand(-1, cfg.img_channels, -1, -1)] if masks is not None else [])
     grid = torch.cat([torch.stack([c[j] for c in cols] + list(out[j * k:(j + 1) * k])) for j in range(len(images))])
-    save_png(upscale(image_grid(grid, nrow=len(cols) + k), 2 if cfg.img_size <= 32 else 1), save_dir / "edit-grid.png")
+    save_grid(image_grid(grid, nrow=len(cols) + k), cfg, save_dir / "edit-grid.png")
     log(f"wrote {len(out)} edits of {len(images)} images to {save_dir} in {time.time() - t0:.1f} s (strength "
         f"{strength:g}{', inpainting' if masks is not None else ''}; {spec.sampler}, seed {seed}) and edit-grid.png")
     return 0
@@ -3665,7 +3682,7 @@ def invert_command(args, rt: Runtime, model: GaussianDiffusion) -> int:
         log(f"{path}: x_T in {save_dir / f'edit-invert-{stem}.pt'}; reconstruction PSNR {psnr(ri, im):.2f} dB "
             f"(DDIM, eta 0, {spec.steps_for(cfg.timesteps)} steps)")
     grid = torch.cat([torch.stack([im, ri]) for im, ri in zip(images, rec)])
-    save_png(upscale(image_grid(grid, nrow=2), 2 if cfg.img_size <= 32 else 1), save_dir / "edit-grid.png")
+    save_grid(image_grid(grid, nrow=2), cfg, save_dir / "edit-grid.png")
     return 0
 
 
@@ -3789,7 +3806,7 @@ def eval_nearest(args, rt: Runtime, obj: dict, cfg: ModelConfig, samples: Callab
     k = r["idx"].shape[1]
     rows = torch.cat([torch.cat([imgs[i:i + 1], train[r["idx"][i]]]) for i in range(n)])  # (n*(k+1), C, H, W)
     out = Path(args.save_dir) / "nearest.png"
-    save_png(upscale(image_grid(rows, nrow=k + 1), 2 if cfg.img_size <= 32 else 1), out)
+    save_grid(image_grid(rows, nrow=k + 1), cfg, out)
     log(f"wrote {out} (each row: a sample, then its {k} nearest training images)")
     return 0
 

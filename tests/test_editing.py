@@ -49,7 +49,7 @@ def test_lower_strength_stays_closer_to_the_input(tiny_run, faces):
     model, images, rt = model_and_images(tiny_run, faces)
     spec = ddpm.SampleSpec("ddim", 20)
     dist = []
-    for s in (0.05, 0.2, 0.4, 0.7, 1.0):
+    for s in (0.03, 0.2, 0.4, 0.7, 1.0):  # 0.03: the grid's t = 1 of T = 50
         out = ddpm.generate(model, rt, [0, 1, 2, 3], 5, spec, edit=ddpm.Edit(images, s), show_progress=False)
         dist.append((out.float() - images.float()).abs().mean().item())
     assert all(a < b for a, b in zip(dist, dist[1:])), dist

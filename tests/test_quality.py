@@ -104,6 +104,23 @@ def test_cosine_schedule_matches_nichol_and_dhariwal():
     assert torch.allclose(d.beta.double(), ddpm.cosine_beta_schedule(50), atol=1e-7)
 
 
+def test_the_logsnr_grid_spends_its_steps_above_the_floor():
+    """The cosine schedule's clipped last betas put lambda_T at -9.9: spaced from there, ten of 25 steps
+    fell on t = 999..990. From the floor up, the first step jumps from T-1 and the others are evenly
+    spaced in lambda; the linear schedule, whose lambda_T is above the floor, keeps its grid."""
+    for name, lam_T in (("cosine", -9.92), ("linear", -5.06)):
+        ab = torch.cumprod(1 - ddpm.beta_schedule(name, 1000, 1e-4, 0.02), 0)
+        lam = 0.5 * torch.log(ab / (1 - ab))
+        assert float(lam[-1]) == pytest.approx(lam_T, abs=0.01)
+        grid = ddpm.logsnr_grid(ab, 25)
+        assert grid[0] == 999 and grid[-1] == 0 and len(set(grid)) == 25 and grid == sorted(grid, reverse=True)
+        lo = max(float(lam[-1]), ddpm.LAMBDA_FLOOR)
+        want = np.linspace(lo, float(lam[0]), 25)[1:]  # where steps 1..24 should sit, in lambda
+        got = lam[grid[1:]].numpy()
+        assert np.abs(got - want).max() < 0.45, (got, want)  # to the nearest timestep
+        assert sum(t >= 990 for t in grid) <= 3
+
+
 def test_a_schedule_that_leaves_signal_at_T_is_warned_about(tmp_path, capsys):
     base = ["--train", "--demo", "--demo-images", "8", *MODEL, "--batch-size", "4", "--max-steps", "1", *QUIET]
     assert ddpm.main([*base, "--beta-schedule", "linear", *dirs(tmp_path / "a")]) == 0  # T = 50, T = 1000's range

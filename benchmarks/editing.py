@@ -1,7 +1,8 @@
-"""The README's editing pictures, made from the demo checkpoint with the commands the README shows.
+"""The README's editing figures and pictures, from the demo checkpoint, with the commands the README shows.
 
     python ddpm.py --train --demo          # first: the demo model in ckpt/
-    python docs/editing_pictures.py        # then: docs/edit-inpaint.png, edit-img2img.png, edit-interpolate.png
+    python benchmarks/editing.py           # then: the inversion PSNR at 25 and 100 steps, and
+                                           # docs/edit-inpaint.png, edit-img2img.png, edit-interpolate.png
 
 Inputs (written to data/edit/): demo faces the model never saw (seed 1; the demo trains on seed 0),
 a mask over the lower half of the face, and a rough sketch drawn from a few flat shapes.
@@ -60,6 +61,10 @@ def main() -> None:
     mask[:, size // 2:, :] = 255  # white: redraw the lower half (mouth and chin)
     ddpm.save_png(mask, DATA / "mask.png")
     ddpm.save_png(sketch(size), DATA / "sketch.png")
+
+    for steps in (25, 100):  # the reconstruction PSNR of each face is printed
+        faces = " ".join(f"{DATA}/face{i}.png" for i in range(4))
+        run(f"python ddpm.py --loadckpt ckpt --invert {faces} --steps {steps} --save-dir {OUT}/invert-{steps}")
 
     run(f"python ddpm.py --loadckpt ckpt --init-images {DATA}/face0.png --mask {DATA}/mask.png "
         f"--num-samples 3 --sampler ddpm --steps 100 --resample-jumps 4 --seed 0 --save-dir {OUT}/inpaint")
