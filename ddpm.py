@@ -36,6 +36,23 @@ appendix after it holds the demo-face painter that the data section calls.
 """
 from __future__ import annotations
 
+import os
+import signal
+import sys
+
+
+def _abort_while_starting(signum, frame):
+    """Ctrl-C before main() runs (the imports and definitions take seconds): one line, exit 130.
+    Nothing has been written yet. A handler, not a KeyboardInterrupt: torch's C extension imports
+    numpy and clears any error raised meanwhile, which would swallow the interrupt."""
+    sys.stderr.write("\nddpm.py: aborted while starting; nothing was written\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, _abort_while_starting)
+
 import argparse
 import contextlib
 import copy
@@ -45,12 +62,9 @@ import hashlib
 import io
 import json
 import math
-import os
 import random
 import re
-import signal
 import socket
-import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -58,16 +72,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-try:
-    import torch
-    import torch.distributed as dist
-    from torch import nn
-    from torch.nn import functional as F
-except KeyboardInterrupt:  # Ctrl-C while torch loads (seconds): one line, not a traceback
-    if __name__ == "__main__":
-        print("\nddpm.py: aborted while starting; nothing was written", file=sys.stderr, flush=True)
-        sys.exit(130)
-    raise
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
 
 FORMAT = "ddpm.py"
 FORMAT_VERSION = 3  # 3: run_id, the full training config and the data record
@@ -3907,6 +3915,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
     try:
+        if signal.getsignal(signal.SIGINT) is _abort_while_starting:  # from here on, Ctrl-C is KeyboardInterrupt
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         args = parse_args(argv)
         if args.info:
             return info_command(args.info)
