@@ -57,6 +57,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import errno
 import gc
 import hashlib
 import io
@@ -65,10 +66,11 @@ import math
 import random
 import re
 import socket
+import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -195,25 +197,64 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+# the permissions a plain open() would give a new file (mkstemp makes its files 0600)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None], replace_existing: bool = True) -> None:
     """Write a file so that a crash at any moment leaves either the old file or the new one.
 
-    Temporary file in the same folder, flush + fsync, os.replace, fsync of the folder.
-    """
+    The temporary file is created exclusively in the same folder (tempfile.mkstemp: O_EXCL, so a
+    link planted under its name is never followed), flushed and fsynced, then renamed to `path`
+    (os.replace puts a file where a link at `path` was, and never writes through it), and the folder
+    is fsynced. replace_existing=False (outputs): `path` must not exist; the file is hard-linked into
+    place, which fails if the name appeared meanwhile (where the file system has no hard links, the
+    name is checked just before the rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=str(path.parent))
+    tmp = Path(name)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, 0o666 & ~_UMASK)
+        if replace_existing:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
     fsync_dir(path.parent)
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """Give the finished file `tmp` the name `path`, which must not exist."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "it appeared while this command ran; it was left as it is") from None
+    except OSError:  # no hard links on this file system (FAT, some network shares)
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "it appeared while this command ran; it was left as it is") from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
+def write_output(path: Path, data: bytes) -> None:
+    """An output file (picture, latent, plot): written atomically, never over an existing file, and a
+    failure (a full disk, a folder in the way) is one line naming the file."""
+    try:
+        atomic_write(Path(path), lambda f: f.write(data), replace_existing=False)
+    except OSError as e:
+        raise DDPMError(f"could not write {path} ({e.strerror or first_line(e)}); free some space or write "
+                        f"elsewhere") from None
 
 
 def pid_alive(pid: int) -> Optional[bool]:
@@ -247,11 +288,14 @@ def pid_alive(pid: int) -> Optional[bool]:
     return None
 
 
+_TEMP_NAME = re.compile(r"\.tmp-(\d+)(-\w+)?$")
+
+
 def is_stale_temp(path: Path) -> bool:
-    """Whether a temporary file of atomic_write (named .NAME.tmp-PID) was left by a process that no
-    longer runs, or, where that cannot be asked, is over an hour old."""
-    pid = path.name.rsplit("-", 1)[-1]
-    alive = pid_alive(int(pid)) if pid.isdigit() else None
+    """Whether a temporary file of atomic_write (named .NAME.tmp-PID-XXXX) was left by a process that
+    no longer runs, or, where that cannot be asked, is over an hour old."""
+    m = _TEMP_NAME.search(path.name)
+    alive = pid_alive(int(m.group(1))) if m else None
     if alive is not None:
         return not alive
     try:
@@ -261,25 +305,115 @@ def is_stale_temp(path: Path) -> bool:
 
 
 def check_writable(folder: Path, flag: str) -> None:
-    """Fail before any work, with one line, if `folder` cannot hold our files: it is a file (or a
-    device such as /dev/null), cannot be created, or refuses a probe file (created, then removed)."""
+    """Fail before any work, with one line, if `folder` cannot hold our files: it is empty (''), a
+    file (or a device such as /dev/null), cannot be created, or refuses a probe file (created
+    exclusively, then removed). Folders it had to create for the probe are removed again."""
+    if not str(folder):
+        raise DDPMError(f"{flag} is empty; name a folder (. for the current one)")
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise DDPMError(f"{flag} {folder} is a file, not a folder; name a folder")
-    made = [a for a in [folder.absolute(), *folder.absolute().parents] if not a.exists()][::-1]
-    try:  # the folders it lacks are made for the probe and removed again: nothing is left behind
-        for a in made:
-            a.mkdir()
-        probe = folder / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
+    made = []
+    try:
+        for a in [*reversed(folder.absolute().parents), folder.absolute()]:
+            if not a.is_dir():
+                try:
+                    a.mkdir()
+                    made.append(a)
+                except FileExistsError:  # made by another process meanwhile: fine if it is a folder
+                    if not a.is_dir():
+                        raise
+        probe = folder / f".write-probe-{os.getpid()}-{os.urandom(4).hex()}"
+        os.close(os.open(str(probe), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         probe.unlink()
     except OSError as e:
-        what = "cannot be created" if made else "is not writable"
+        what = "cannot be created" if made or not folder.is_dir() else "is not writable"
         raise DDPMError(f"{flag} {folder} {what} ({e.strerror or e}); name a folder you can write to") from None
     finally:
         for a in reversed(made):
             with contextlib.suppress(OSError):
                 a.rmdir()
+
+
+# What each command writes into --save-dir (glob patterns). A command whose kind of files are already
+# there writes into a new subfolder instead, so that nothing existing is replaced and no folder mixes
+# two commands' results under the same names.
+OUTPUTS = {
+    "train": ("run-before.png", "run-after.png", "final-grid.png", "loss.png", "quality.png", "preview"),
+    "sample": ("ddpm-*.png", "reverse.png", "forward.png", "denoise.gif", "interpolate.png"),
+    "edit": ("edit-*.png",),
+    "invert": ("edit-invert-*", "edit-grid.png"),
+    "nearest": ("nearest.png",),
+}
+
+
+def output_folder(save_dir: Path, kind: str, overwrite: bool) -> Path:
+    """Where a command of `kind` writes: --save-dir itself when it holds none of that kind's files
+    (OUTPUTS), else a new subfolder save-dir/KIND-2, -3, ..., said in one line. With --overwrite the
+    earlier files are moved into save-dir/old-<date>/ (nothing is deleted) and the command writes in
+    place. Call it on the writing process only, once the command's flags are checked."""
+    save_dir = Path(save_dir)
+    found = sorted({p for pat in OUTPUTS[kind] for p in save_dir.glob(pat)}) if save_dir.is_dir() else []
+    if not found:
+        return save_dir
+    if overwrite:
+        dest = move_aside(save_dir, found)
+        log(f"--overwrite: moved {len(found)} earlier files from {save_dir} to {dest}")
+        return save_dir
+    sub = new_folder(save_dir, kind)
+    more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+    log(f"note: {save_dir} holds {found[0].name}{more} from an earlier command; writing to {sub} instead "
+        f"(--overwrite moves the earlier files aside and writes in {save_dir})")
+    return sub
+
+
+def unused_name(path: Path) -> Path:
+    """`path`, or path-2, path-3, ... : the first name that does not exist."""
+    k, out = 2, path
+    while os.path.lexists(out):
+        out, k = path.with_name(f"{path.name}-{k}"), k + 1
+    return out
+
+
+def remove_if_empty(folder: Path, unless: Path) -> None:
+    """Remove a subfolder that output_folder made when the command ended before writing into it."""
+    if Path(folder) != Path(unless):
+        with contextlib.suppress(OSError):
+            Path(folder).rmdir()
+
+
+@contextlib.contextmanager
+def writing_to(save_dir: Path, kind: str, overwrite: bool):
+    """output_folder for the length of a command (decided on the writing process, rank 0): a subfolder
+    it made and left empty, because the command failed first, goes again."""
+    folder = output_folder(save_dir, kind, overwrite) if is_rank0() else Path(save_dir)
+    try:
+        yield folder
+    finally:
+        remove_if_empty(folder, save_dir)
+
+
+def new_folder(parent: Path, stem: str) -> Path:
+    """A folder that did not exist: parent/stem, else parent/stem-2, -3, ... (mkdir claims it, so two
+    processes never get the same one). An "old-" folder takes its name as given first."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1 if stem.startswith("old-") else 2, 100000):
+        folder = parent / (stem if k == 1 else f"{stem}-{k}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise DDPMError(f"{parent} holds too many {stem}-N folders; choose another --save-dir")
+
+
+def move_aside(folder: Path, files: Sequence[Path]) -> Path:
+    """Move files of `folder` into a new folder/old-<date>/ (never deleted); returns it."""
+    dest = new_folder(folder, "old-" + time.strftime("%Y%m%d-%H%M%S"))
+    for f in files:
+        os.replace(f, dest / f.name)
+    fsync_dir(folder)
+    return dest
 
 
 class PinnedStager:
@@ -319,6 +453,23 @@ def first_line(e: BaseException, limit: int = 160) -> str:
     """The first line of an exception's message (or its type), for one-line errors."""
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Memory ran out: CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's error
+    ("DefaultCPUAllocator: can't allocate memory"), which torch raises as a plain RuntimeError."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "DefaultCPUAllocator" in text)
+
+
+def available_ram() -> Optional[int]:
+    """Bytes of memory free for this process where the system says (POSIX sysconf), else None."""
+    if hasattr(os, "sysconf"):
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
 
 
 def format_duration(seconds: float) -> str:
@@ -1057,30 +1208,51 @@ def _decode_image(path: Path, img_size: int, mode: str, background: Tuple[int, i
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), "", upscaled  # (C, H, W)
 
 
-def find_image_files(folders: Sequence) -> Tuple[List[Path], int]:
-    """All files under the folders, recursively, sorted: (image files, count of other files)."""
-    images, others = [], 0
-    for folder in folders:
-        folder = Path(folder)
+def find_image_files(folders: Sequence, flag: str = "--data-folders") -> Tuple[List[Path], int]:
+    """All files under the folders, recursively, sorted: (image files, count of other files).
+    Sub-folders that are links are followed; one that leads back to a folder already read is not
+    read again (no loops), and a file found twice (a folder given twice, or inside another one
+    given, or linked) is read once, with a note."""
+    images, others, files_seen, twice = [], 0, set(), 0
+    for folder in map(Path, folders):
         if not folder.is_dir():
-            raise DDPMError(f"data folder {folder} does not exist or is not a folder; check --data-folders")
-        found = 0
-        for p in sorted(folder.rglob("*")):
-            if p.is_file():
-                if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("._"):
-                    images.append(p)
-                    found += 1
-                else:
-                    others += 1
+            raise DDPMError(f"data folder {folder} does not exist or is not a folder; check {flag}")
+        found, mine, dirs_seen = 0, [], set()
+        for root, subdirs, files in os.walk(folder, followlinks=True):
+            st = os.stat(root)
+            if (st.st_dev, st.st_ino) in dirs_seen:
+                subdirs[:] = []
+                continue
+            dirs_seen.add((st.st_dev, st.st_ino))
+            for name in files:
+                p = Path(root) / name
+                with contextlib.suppress(OSError):
+                    fst = p.stat()
+                    if not p.is_file():
+                        continue
+                    is_image = p.suffix.lower() in IMAGE_EXTENSIONS and not name.startswith("._")
+                    found += is_image
+                    if (fst.st_dev, fst.st_ino) in files_seen:
+                        twice += 1
+                        continue
+                    files_seen.add((fst.st_dev, fst.st_ino))
+                    if is_image:
+                        mine.append(p)
+                    else:
+                        others += 1
         if not found:
             raise DDPMError(f"data folder {folder} holds no image files (.png .jpg .jpeg .webp .bmp .gif); "
-                            f"check --data-folders")
+                            f"check {flag}")
+        images += sorted(mine)
+    if twice:
+        log(f"note: {twice} files were found twice ({flag} names a folder twice, one inside another, or a link); "
+            f"each is read once")
     return images, others
 
 
 def load_images(folders: Sequence, img_size: int = 64, img_channels: int = 3,
                 background: Tuple[int, int, int] = (255, 255, 255), workers: Optional[int] = None,
-                quiet: bool = False) -> torch.Tensor:
+                quiet: bool = False, flag: str = "--data-folders") -> torch.Tensor:
     """Decode every image under `folders` into one (N, C, img_size, img_size) torch.uint8 tensor.
 
     Shorter side resized (antialiased) then centre-cropped; EXIF orientation applied; transparency
@@ -1089,7 +1261,7 @@ def load_images(folders: Sequence, img_size: int = 64, img_channels: int = 3,
     """
     if img_channels not in (1, 3):
         raise DDPMError(f"--img-channels must be 1 or 3, got {img_channels}")
-    paths, others = find_image_files(folders)
+    paths, others = find_image_files(folders, flag)
     mode = "L" if img_channels == 1 else "RGB"
     workers = workers or min(8, os.cpu_count() or 1)
     from PIL import Image
@@ -1109,7 +1281,7 @@ def load_images(folders: Sequence, img_size: int = 64, img_channels: int = 3,
     names = ", ".join(str(f) for f in folders)
     if not images:
         raise DDPMError(f"no readable images in {names}; put .png/.jpg/.jpeg/.webp/.bmp/.gif files there "
-                        f"or check --data-folders")
+                        f"or check {flag}")
     data = torch.stack(images)
     if not quiet:
         why = ", ".join(f"{n} {SKIP_REASONS[k]}" for k, n in skipped.items() if n)
@@ -1137,6 +1309,46 @@ def load_image_files(paths: Sequence, img_size: int, img_channels: int, backgrou
     return torch.stack(out)
 
 
+def _oriented_size(path: Path, flag: str) -> Tuple[int, int]:
+    """The (width, height) an image file has once its EXIF orientation is applied."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as img:
+            return ImageOps.exif_transpose(img).size
+    except (OSError, SyntaxError, ValueError):
+        raise DDPMError(f"{flag} {path} cannot be used: {SKIP_REASONS['unreadable']}") from None
+
+
+def load_masks(masks: Sequence, images: Sequence, img_size: int) -> torch.Tensor:
+    """--mask files as (N, 1, S, S) uint8, decoded like their images, each checked against the image(s)
+    it applies to (one mask for all, or one each): the same size (a mask of another size would be
+    cropped differently and miss its region), black and white (red on white would read as all
+    "keep"), and opaque (what a transparent pixel means is not defined). One line otherwise."""
+    from PIL import Image
+    import numpy as np
+
+    for k, mpath in enumerate(map(Path, masks)):
+        if not mpath.is_file():
+            raise DDPMError(f"--mask {mpath} does not exist or is not a file")
+        size = _oriented_size(mpath, "--mask")
+        with Image.open(mpath) as m:
+            if m.mode in ("RGBA", "LA", "PA", "P") or "transparency" in m.info:
+                rgba = m.convert("RGBA")
+                if rgba.getchannel("A").getextrema()[0] < 255:
+                    raise DDPMError(f"--mask {mpath} has transparent pixels; use an opaque black-and-white image "
+                                    f"(white = redraw, black = keep)")
+            arr = np.asarray(m.convert("RGB"), dtype=np.int16)
+        if int((arr.max(2) - arr.min(2)).max()) > 48:
+            raise DDPMError(f"--mask {mpath} is in colour; use black and white (white = redraw, black = keep)")
+        for ipath in (images if len(masks) == 1 else [images[k]]):
+            isize = _oriented_size(Path(ipath), "--init-images")
+            if isize != size:
+                raise DDPMError(f"--mask {mpath} is {size[0]}x{size[1]} but its image {ipath} is {isize[0]}x{isize[1]}; "
+                                f"draw the mask at the image's size")
+    return load_image_files(masks, img_size, 1, (0, 0, 0), "--mask")
+
+
 def split_holdout(data: torch.Tensor, fraction: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor, dict]:
     """Deterministic held-out split of data: (N, ...): a permutation seeded by (seed, 7); its first
     round(fraction * N) images (at least 1 when fraction > 0) are held out, both parts keep file order.
@@ -1150,6 +1362,9 @@ def split_holdout(data: torch.Tensor, fraction: float, seed: int) -> Tuple[torch
     return (data[kept] if k else data), data[held], {"fraction": float(fraction), "seed": int(seed), "n": k, "total": n}
 
 
+MAX_DEMO_IMAGES = 1_000_000  # about 8 minutes of drawing on one core, 12 GB at 64x64
+
+
 @dataclass(frozen=True)
 class DataSource:
     """Where the training images come from: image folders, or (without folders) the built-in demo
@@ -1158,6 +1373,7 @@ class DataSource:
     folders: Tuple[str, ...] = ()
     demo_images: int = 0                              # > 0 and no folders: that many demo faces
     background: Tuple[int, int, int] = (255, 255, 255)
+    flag: str = field(default="--data-folders", compare=False)  # the flag that named the folders, for errors
 
     def describe(self) -> str:
         return " ".join(self.folders) if self.folders else f"{self.demo_images} built-in demo faces"
@@ -1173,9 +1389,13 @@ class DataSource:
     def load(self, cfg: "ModelConfig", quiet: bool = False) -> torch.Tensor:
         """(N, C, S, S) uint8 images at the model's size and channels."""
         if self.folders:
-            return load_images(self.folders, cfg.img_size, cfg.img_channels, self.background, quiet=quiet)
+            return load_images(self.folders, cfg.img_size, cfg.img_channels, self.background, quiet=quiet, flag=self.flag)
         if self.demo_images < 1:
             raise DDPMError("--train needs --data-folders DIR [DIR ...] (or --demo for the built-in faces)")
+        need, free = 2 * self.demo_images * 3 * cfg.img_size ** 2, available_ram()
+        if free is not None and need > free:
+            raise DDPMError(f"--demo-images {self.demo_images:,} at {cfg.img_size}x{cfg.img_size} need about "
+                            f"{need / 2**30:,.1f} GiB of memory, more than the {free / 2**30:,.1f} GiB free; use fewer")
         t0 = time.time()
         data = demo_faces(self.demo_images, cfg.img_size, seed=0)
         if cfg.img_channels == 1:
@@ -1277,6 +1497,8 @@ def read_checkpoint(path) -> dict:
 
     path = Path(path)
     if not path.is_file():
+        if path.exists():
+            raise DDPMError(f"checkpoint {path} is not a regular file; name a checkpoint file or its folder")
         raise DDPMError(f"checkpoint {path} does not exist; check the path")
     try:
         with open(path, "rb") as f:
@@ -1351,27 +1573,38 @@ def is_legacy_state_dict(obj: dict) -> bool:
 def checkpoint_meta(path: Path) -> Tuple[int, Optional[str]]:
     """(step, run id) recorded in a checkpoint, read memory-mapped (cheap); (-1, None) where there
     is none. Checkpoints from before run ids are told apart by their seed."""
+    if not Path(path).is_file():  # a FIFO or a device would block the read
+        return -1, None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return -1, None
     if not isinstance(obj, dict) or is_legacy_state_dict(obj):
         return -1, None
-    return int(obj.get("step", -1)), run_id_of(obj)
+    step = obj.get("step", -1)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return -1, None
+    return step, run_id_of(obj)
 
 
 def run_id_of(obj: dict) -> Optional[str]:
     """The run a checkpoint belongs to: its run_id, or for older files the seed they were trained with."""
-    if obj.get("run_id"):
-        return str(obj["run_id"])
-    return f"seed-{obj['seed']}" if obj.get("seed") is not None else None
+    if isinstance(obj.get("run_id"), str) and obj["run_id"]:
+        return obj["run_id"]
+    return f"seed-{obj['seed']}" if isinstance(obj.get("seed"), int) else None
+
+
+def checkpoint_files(folder: Path) -> List[Path]:
+    """The rotating checkpoints ckpt-*.pth of a folder that are regular files (a FIFO or a folder of
+    that name is never opened)."""
+    return [p for p in sorted(Path(folder).glob(CKPT_PATTERN)) if p.is_file()]
 
 
 def newest_checkpoint(folder: Path) -> Optional[Path]:
     """The checkpoint in `folder` with the highest recorded step, within one run: where a folder
     holds several runs (copied in, or written before run ids), the run of the newest file."""
     found = []
-    for p in sorted(Path(folder).glob(CKPT_PATTERN)):
+    for p in checkpoint_files(folder):
         step, run = checkpoint_meta(p)
         with contextlib.suppress(OSError):
             found.append((p, step, run, p.stat().st_mtime))
@@ -1423,6 +1656,103 @@ def config_from_checkpoint(obj: dict, path: Path, explicit: Dict[str, object], f
         raise DDPMError(f"{path}: checkpoint config disagrees with the model flags: {'; '.join(diff)}; "
                         f"drop those flags (the checkpoint knows its model) or use another checkpoint")
     return cfg
+
+
+def _int(v, lo: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def check_run_state(obj: dict, path: Path, cfg: ModelConfig, resume: bool) -> None:
+    """The training state a fine-tune (counters, EMA) or a resume (all of it) takes from a checkpoint,
+    checked before any work as the model config is: one line naming the file and the field."""
+    def bad(field: str, why: str) -> DDPMError:
+        return DDPMError(f"{path}: the stored {field} {why}; the file was edited or is damaged")
+    for name in ("step", "epoch", "images_seen") + (("epoch_step", "end_epoch") if resume else ()):
+        if (name in obj or resume) and not _int(obj.get(name)):
+            raise bad(name, f"must be an integer of 0 or more, got {obj.get(name)!r}")
+    if resume and not _int(obj.get("seed"), lo=-(2 ** 63)):
+        raise bad("seed", f"must be an integer, got {obj.get('seed')!r}")
+    with torch.device("meta"):
+        own = build_diffusion(cfg).state_dict()
+    if obj.get("ema") is not None:
+        if not isinstance(obj["ema"], dict) or not all(isinstance(v, torch.Tensor) for v in obj["ema"].values()):
+            raise bad("EMA weights", "are not a dict of tensors")
+        check_weights(own, obj["ema"], path, "the stored EMA does not fit the model: the file was edited or is damaged")
+        check_finite(obj["ema"], path)
+    if not resume:
+        return
+    ll = obj.get("last_loss")
+    if ll is not None and not (isinstance(ll, (int, float)) and math.isfinite(ll)):
+        raise bad("last loss", f"must be a finite number, got {ll!r}")
+    if obj.get("train") is not None and not isinstance(obj["train"], dict):
+        raise bad("training settings", "are not a dict")
+    _check_optimizer(obj.get("optimizer"), [tuple(v.shape) for v in own.values()], bad)
+    _check_rng(obj.get("rng"), bad)
+    _check_data_record(obj.get("data"), obj.get("holdout"), bad)
+    if obj.get("scaler") is not None and not isinstance(obj["scaler"], dict):
+        raise bad("GradScaler state", "is not a dict")
+
+
+def _check_optimizer(opt, shapes: List[tuple], bad) -> None:
+    """Adam's state_dict: one group over the model's parameters in order, moments of their shapes."""
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        raise bad("optimizer state", "is not an optimizer state_dict")
+    params = [i for g in opt["param_groups"] if isinstance(g, dict) for i in (g.get("params") or [])]
+    if len(opt["param_groups"]) != 1 or params != list(range(len(shapes))):
+        raise bad("optimizer state", f"covers {len(params)} parameters in {len(opt['param_groups'])} groups, the model "
+                  f"has {len(shapes)} in one")
+    for i, st in opt["state"].items():
+        if not (_int(i) and i < len(shapes) and isinstance(st, dict)):
+            raise bad("optimizer state", f"has an entry for parameter {i!r}")
+        for k in ("exp_avg", "exp_avg_sq"):
+            v = st.get(k)
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != shapes[i] or not torch.isfinite(v).all():
+                raise bad("optimizer state", f"holds a {k} for parameter {i} that is not a finite tensor of shape "
+                          f"{shapes[i]}")
+
+
+def _check_rng(rng, bad) -> None:
+    """The generator states: the noise generator's, and per process the CPU (and CUDA) ones."""
+    if not isinstance(rng, dict):
+        raise bad("RNG state", "is missing")
+    cpu = torch.get_rng_state()
+    states = [rng.get("noise")] if rng.get("noise") is not None else []
+    torch_states = rng.get("torch")
+    if not isinstance(torch_states, list) or not torch_states:
+        raise bad("RNG state", "has no CPU generator states")
+    for st in states + torch_states:
+        if not isinstance(st, torch.Tensor) or st.dtype != torch.uint8 or st.dim() != 1:
+            raise bad("RNG state", "holds a generator state that is not a byte tensor")
+    for st in torch_states:
+        if st.numel() != cpu.numel():
+            raise bad("RNG state", f"holds a CPU generator state of {st.numel()} bytes, not {cpu.numel()}")
+    if not all(c is None or isinstance(c, torch.Tensor) for c in rng.get("cuda") or []):
+        raise bad("RNG state", "holds a CUDA generator state that is not a tensor")
+
+
+def _check_data_record(data, holdout, bad) -> None:
+    """Where the run's images came from (DataSource.record) and its held-out split."""
+    if data is not None:
+        if not isinstance(data, dict):
+            raise bad("data record", "is not a dict")
+        for k in ("folders", "resolved"):
+            if not isinstance(data.get(k, []), list) or not all(isinstance(f, str) for f in data.get(k, [])):
+                raise bad("data record", f"has {k} that are not a list of paths")
+        n = data.get("demo_images") or 0
+        if not _int(n) or n > MAX_DEMO_IMAGES:
+            raise bad("data record", f"asks for {n!r} demo images (at most {MAX_DEMO_IMAGES:,})")
+        if not _int(data.get("images", 0)):
+            raise bad("data record", f"has an image count of {data.get('images')!r}")
+        bg = data.get("background", [255, 255, 255])
+        if not (isinstance(bg, list) and len(bg) == 3 and all(_int(c) and c <= 255 for c in bg)):
+            raise bad("data record", f"has a background colour of {bg!r}")
+    if holdout is not None:
+        if not isinstance(holdout, dict):
+            raise bad("holdout record", "is not a dict")
+        f = holdout.get("fraction", 0.0)
+        if not (isinstance(f, (int, float)) and 0 <= f < 1 and _int(holdout.get("seed", 0), lo=-(2 ** 63))
+                and _int(holdout.get("n", 0)) and _int(holdout.get("total", 0))):
+            raise bad("holdout record", f"is not a valid split ({holdout!r:.80})")
 
 
 def _norm(v):
@@ -1511,8 +1841,7 @@ def export_safetensors(model: GaussianDiffusion, cfg: ModelConfig, out: Path, we
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "config": json.dumps(cfg.to_dict()),
             "weights": weights, "step": str(step)}
-    blob = st_save(state, metadata=meta)
-    atomic_write(Path(out), lambda f: f.write(blob))
+    write_output(Path(out), st_save(state, metadata=meta))
 
 
 def new_run_id() -> str:
@@ -1520,103 +1849,115 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(3).hex()
 
 
+RUN_LOGS = ("metrics.csv", "events.csv", "tensorboard")
+
+
 def run_files(folder: Path) -> List[Path]:
     """The files a training run writes into its checkpoint folder (checkpoints, logs, TensorBoard)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    names = ("metrics.csv", "events.csv", "tensorboard")
-    return sorted([p for p in folder.glob(CKPT_PATTERN)] + [folder / n for n in names if (folder / n).exists()])
+    return sorted(checkpoint_files(folder) + [folder / n for n in RUN_LOGS if os.path.lexists(folder / n)])
 
 
-def guard_run_folder(folder: Path, run_id: Optional[str], continuing: bool, overwrite: bool) -> None:
+def guard_run_folder(folder: Path, run_id: Optional[str], continuing: bool, overwrite: bool,
+                     source: Optional[Path] = None, from_step: Optional[int] = None) -> None:
     """One run per checkpoint folder. A run may write into `folder` if it holds no run files, or
     only files of this same run (`continuing`: --resume, or a staged --loadckpt of one of its
-    checkpoints). Otherwise refuse with one line, or with --overwrite move the other run's files
-    into a dated subfolder (never deleted)."""
+    checkpoints) and `source`, the checkpoint it continues from (at `from_step`), is the newest of
+    them: a branch from an older one would overwrite newer checkpoints, so it is refused with the
+    name of another folder. A folder that holds only the logs of a run that never wrote a checkpoint
+    is restartable: the logs are moved aside. Otherwise refuse with one line, or with --overwrite
+    move the other run's files into a dated subfolder (never deleted)."""
+    folder = Path(folder)
+    odd = [p for p in [*folder.glob(CKPT_PATTERN), *(folder / n for n in ("metrics.csv", "events.csv"))]
+           if os.path.lexists(p) and (p.is_symlink() or not p.is_file())] if folder.is_dir() else []
+    if odd:
+        raise DDPMError(f"{odd[0]} is not a regular file (a folder, link or device is in its place); move it away "
+                        f"or use another --ckpt-save-dir")
     files = run_files(folder)
     if not files:
         return
     ckpts = [p for p in files if p.suffix == ".pth"]
     metas = [checkpoint_meta(p) for p in ckpts]
     runs = {run for step, run in metas if step >= 0}  # a damaged file (step -1) belongs to no run
-    if continuing and run_id is not None and runs <= {run_id}:
+    if continuing and run_id is not None and ckpts and runs <= {run_id}:
+        newest = max((step for step, _ in metas), default=-1)
+        if from_step is not None and newest > from_step:
+            raise DDPMError(f"{source} is step {from_step} of the run in {folder}, which has reached step {newest}; "
+                            f"training from it there would overwrite newer checkpoints: put this branch in another "
+                            f"folder (--ckpt-save-dir {folder}-from-{from_step}), or continue the newest "
+                            f"(--loadckpt {folder})")
+        return
+    if not ckpts:  # the logs of a run that died before its first checkpoint: nothing to continue
+        dest = move_aside(folder, files)
+        log(f"note: {folder} held only the logs of a run that never saved a checkpoint; moved them to {dest}")
         return
     if not overwrite:
-        what = f"{len(ckpts)} checkpoints" if ckpts else "the logs"
-        raise DDPMError(f"{folder} holds {what} of another run; continue it with --resume, train into another "
-                        f"--ckpt-save-dir, or add --overwrite to move its files into {folder}/old-<date>/")
-    dest = folder / ("old-" + time.strftime("%Y%m%d-%H%M%S"))
-    k = 1
-    while dest.exists():
-        dest, k = folder / f"old-{time.strftime('%Y%m%d-%H%M%S')}-{k}", k + 1
-    dest.mkdir()
-    for f in files:
-        os.replace(f, dest / f.name)
-    fsync_dir(folder)
+        raise DDPMError(f"{folder} holds {len(ckpts)} checkpoints of another run; continue it with --resume, train "
+                        f"into another --ckpt-save-dir, or add --overwrite to move its files into {folder}/old-<date>/")
+    dest = move_aside(folder, files)
     log(f"--overwrite: moved {len(files)} files of the previous run to {dest}")
 
 
 class FolderLock:
-    """An exclusive lock on a checkpoint folder for one training run: the file .lock, created with
-    O_CREAT | O_EXCL (atomic on POSIX and Windows alike), holding pid, host and start time, removed
-    on exit. A lock whose process no longer runs on this host is taken over with a note; one from
-    another host, or whose process cannot be asked about, is left for the user to remove."""
+    """An exclusive lock on a checkpoint folder for one training run: an operating-system lock on
+    FOLDER/.lock (filelock: flock on POSIX, LockFileEx on Windows), which the system releases when the
+    process ends, however it ends, so there is never a stale lock to take over. The file itself stays
+    (removing it would let a process that opened it just before lock the removed file). Who holds it
+    (pid, host, start time) is written beside it to FOLDER/.lock.json for the refusal message, and
+    removed on release."""
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / ".lock"
-        self.held = self.created = False
+        self.info = Path(folder) / ".lock.json"
+        self._lock = None
+        self.created = False
 
-    def _holder(self) -> Optional[dict]:
+    def _holder(self) -> str:
         try:
-            info = json.loads(self.path.read_text(encoding="utf-8"))
-            return info if isinstance(info, dict) else None
-        except (OSError, ValueError):
-            return None
-
-    def _stale(self, info: Optional[dict]) -> bool:
-        if info is None:  # empty or half-written: its writer died between create and write
-            with contextlib.suppress(OSError):
-                return time.time() - self.path.stat().st_mtime > 10
-            return True
-        if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
-            return False
-        return pid_alive(info["pid"]) is False
+            info = json.loads(self.info.read_text(encoding="utf-8"))
+            return f"process {info['pid']} on {info['host']}, since {info['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "a process that is starting"
 
     def acquire(self) -> None:
-        self.created = not self.path.parent.exists()  # then removed again if the run leaves it empty
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try:
-                fd = os.open(str(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                info = self._holder()
-                if self._stale(info):
-                    log(f"note: taking over {self.path}, left by process {(info or {}).get('pid', '?')} that no "
-                        f"longer runs")
-                    with contextlib.suppress(FileNotFoundError):
-                        self.path.unlink()
-                    continue
-                who = (f"process {info.get('pid')} on {info.get('host')}, since {info.get('started')}" if info
-                       else "a process that is starting")
-                raise DDPMError(f"{self.path.parent} is in use by another training run ({who}); wait for it to "
-                                f"finish or use another --ckpt-save-dir (if no such process runs, delete "
-                                f"{self.path})") from None
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
-            self.held = True
-            return
-        raise DDPMError(f"could not take the lock {self.path}; try again")
+        from filelock import FileLock, Timeout
+
+        folder = self.path.parent
+        self.created = not folder.exists()  # then removed again if the run leaves it empty
+        if os.path.lexists(self.path) and (self.path.is_symlink() or not self.path.is_file()):
+            raise DDPMError(f"{self.path} is not a lock file (a folder or a link is in its place); move it away "
+                            f"or use another --ckpt-save-dir")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(self.path), timeout=0)
+            lock.acquire()
+        except Timeout:
+            raise DDPMError(f"{folder} is in use by another training run ({self._holder()}); wait for it to finish "
+                            f"or use another --ckpt-save-dir") from None
+        except OSError as e:
+            raise DDPMError(f"cannot lock {self.path} ({e.strerror or first_line(e)}); check --ckpt-save-dir") from None
+        self._lock = lock
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        with contextlib.suppress(OSError):  # only for the message of a refused run: a full disk is no reason to stop
+            atomic_write(self.info, lambda f: f.write(json.dumps(info).encode()))
+
+    @property
+    def held(self) -> bool:
+        return self._lock is not None
 
     def release(self) -> None:
-        if self.held and (self._holder() or {}).get("pid") == os.getpid():
-            with contextlib.suppress(OSError):
+        if self._lock is None:
+            return
+        with contextlib.suppress(OSError):
+            self.info.unlink()
+        if self.created and [p.name for p in self.path.parent.iterdir()] == [".lock"]:
+            with contextlib.suppress(OSError):  # a folder this run made and left empty goes again
                 self.path.unlink()
-            if self.created:
-                with contextlib.suppress(OSError):
-                    self.path.parent.rmdir()  # only if empty
-        self.held = False
+                self.path.parent.rmdir()
+        self._lock.release()
+        self._lock = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1927,17 +2268,19 @@ def gather_images(parts: List[torch.Tensor], total: int, cfg: ModelConfig, rt: R
     return imgs
 
 
-def save_png(img: torch.Tensor, path: Path) -> None:
-    """Write a (C, H, W) uint8 image."""
+def png_bytes(img: torch.Tensor) -> bytes:
+    """A (C, H, W) uint8 image encoded as PNG."""
     from PIL import Image
 
-    path = Path(path)
     arr = img.permute(1, 2, 0).numpy()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(path)
-    except OSError as e:
-        raise DDPMError(f"could not write {path} ({e.strerror or first_line(e)}); check the disk and --save-dir") from None
+    buf = io.BytesIO()
+    Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png(img: torch.Tensor, path: Path) -> None:
+    """Write a (C, H, W) uint8 image as a new file (see write_output)."""
+    write_output(path, png_bytes(img))
 
 
 def image_grid(imgs: torch.Tensor, nrow: int = 8) -> torch.Tensor:
@@ -2038,8 +2381,9 @@ def save_gif(frames: List[torch.Tensor], path: Path, ms: int = 80) -> None:
 
     pics = [Image.fromarray(f.permute(1, 2, 0).numpy().squeeze(2) if f.shape[0] == 1 else f.permute(1, 2, 0).numpy())
             for f in frames]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pics[0].save(path, save_all=True, append_images=pics[1:] + [pics[-1]] * 10, duration=ms, loop=0)
+    buf = io.BytesIO()
+    pics[0].save(buf, format="GIF", save_all=True, append_images=pics[1:] + [pics[-1]] * 10, duration=ms, loop=0)
+    write_output(path, buf.getvalue())
 
 
 def upscale(img: torch.Tensor, factor: int) -> torch.Tensor:
@@ -2052,12 +2396,22 @@ def save_grid(grid: torch.Tensor, cfg: ModelConfig, path: Path) -> None:
     save_png(upscale(grid, 2 if cfg.img_size <= 32 else 1), path)
 
 
+def read_loss_rows(metrics_csv: Path) -> List[Tuple[int, float]]:
+    """(step, loss) of the rows of metrics.csv whose loss is a finite number (a skipped step has none)."""
+    out = []
+    with contextlib.suppress(OSError, UnicodeDecodeError, csv.Error):
+        with open(metrics_csv, newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                with contextlib.suppress(TypeError, ValueError):
+                    step, loss = int(r.get("step")), float(r.get("loss"))
+                    if math.isfinite(loss):
+                        out.append((step, loss))
+    return out
+
+
 def write_loss_curve(metrics_csv: Path, out: Path) -> None:
     """loss.png from metrics.csv with matplotlib, when it is installed."""
-    if not metrics_csv.exists():
-        return
-    with open(metrics_csv, newline="") as f:
-        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f) if r.get("loss")]
+    rows = read_loss_rows(metrics_csv)
     if len(rows) < 2:
         return
     try:
@@ -2074,9 +2428,10 @@ def write_loss_curve(metrics_csv: Path, out: Path) -> None:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    write_output(out, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2115,21 +2470,57 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def validate(self) -> "TrainConfig":
+        """Fail with one line naming the flag on a value of the wrong type or out of its range."""
+        for name, (kinds, ok, rule) in TRAIN_RULES.items():
+            v = getattr(self, name)
+            if v is None and name == "max_steps":
+                continue
+            kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+            typed = isinstance(v, kinds) and not (isinstance(v, bool) and bool not in kinds)
+            if not typed or not ok(v):
+                raise DDPMError(f"--{name.replace('_', '-')} must be {rule}, got {v!r}"
+                                + ("; leave it out for no limit" if name == "max_steps" else ""))
+        return self
+
     def resumed(self, stored: dict, explicit: Iterable[str]) -> "TrainConfig":
         """These settings with the run's own (`stored`, a checkpoint's "train") in place of every
-        setting that was not typed; a typed one that differs is said in one line."""
+        setting that was not typed; a typed one that differs is said in one line. The result is
+        validated: a stored value of the wrong type or range raises DDPMError."""
         explicit, changes = set(explicit), {}
         for name, flag in RESUMED.items():
             if name not in stored:
                 continue
             mine, theirs = getattr(self, name), stored[name]
             if name not in explicit:
-                changes[name] = type(mine)(theirs) if mine is not None else theirs
+                changes[name] = float(theirs) if isinstance(mine, float) and type(theirs) is int else theirs
             elif mine != theirs:
                 log(f"resume: {flag} {mine} (the run used {theirs})")
         if "grad_accum" in changes and "auto_accum" in stored:
-            changes["auto_accum"] = bool(stored["auto_accum"])
-        return replace(self, **changes)
+            changes["auto_accum"] = stored["auto_accum"]
+        return replace(self, **changes).validate()
+
+
+LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# each TrainConfig field's types, range and the rule in words (for TrainConfig.validate)
+TRAIN_RULES = {
+    "batch_size": (int, lambda v: v >= 1, "at least 1"),
+    "grad_accum": (int, lambda v: v >= 1, "at least 1"),
+    "auto_accum": (bool, lambda v: True, "true or false"),
+    "lr": ((int, float), lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
+    "lr_schedule": (str, lambda v: v in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}"),
+    "warmup_steps": (int, lambda v: v >= 0, "0 or more"),
+    "epochs": (int, lambda v: v >= 1, "at least 1"),
+    "ema_decay": ((int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
+    "precision": (str, lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    "holdout": ((int, float), lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    "max_steps": (int, lambda v: v >= 1, "at least 1"),
+    "max_nonfinite": (int, lambda v: v >= 1, "at least 1"),
+    "log_every": (int, lambda v: v >= 1, "at least 1"),
+    "sample_every": (int, lambda v: v >= 0, "0 or more"),
+    "tensorboard": (bool, lambda v: True, "true or false"),
+}
 
 
 class EMA:
@@ -2154,10 +2545,12 @@ class StopRequest:
 
     def __init__(self):
         self.reason: Optional[str] = None
+        self.aborted = False  # the second signal came
         self._old = {}
 
     def _handle(self, signum, frame):
         if self.reason is not None:
+            self.aborted = True
             raise KeyboardInterrupt
         self.reason = signal.Signals(signum).name
         print(f"\n{self.reason}: finishing the current step, then saving (press Ctrl-C again to abort "
@@ -2210,25 +2603,57 @@ class MetricsLog:
 
     @staticmethod
     def _rows_until(path: Path, step: int) -> List[dict]:
-        """The rows of a log up to `step`. A log that cannot be read is kept aside under a new name
-        (never deleted) and a fresh one started, with one line."""
+        """The rows of a log up to `step`. A log with damage (unreadable, no step column, a row whose
+        step or loss is not a number) is kept aside under a new name, never deleted, and its good rows
+        are carried into the fresh one, with one line."""
         if not path.exists():
             return []
+        good, bad, why = [], 0, ""
         try:
             with open(path, newline="", encoding="utf-8") as f:
                 reader = csv.DictReader(f)
                 if not reader.fieldnames or "step" not in reader.fieldnames:
                     raise ValueError("no header with a step column")
-                return [r for r in reader if (r.get("step") or "").isdigit() and int(r["step"]) <= step]
+                for r in reader:
+                    if MetricsLog._row_ok(r):
+                        good.append(r)
+                    else:
+                        bad, why = bad + 1, why or f"row {reader.line_num}: step {r.get('step')!r}, loss {r.get('loss')!r}"
         except (UnicodeDecodeError, csv.Error, ValueError) as e:
-            aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            good, bad, why = [], 1, first_line(e, 80)
+        if bad:
+            aside = unused_name(path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"))
             os.replace(path, aside)
-            log(f"note: {path} could not be read ({first_line(e, 80)}); kept as {aside.name}, a fresh log starts")
-            return []
+            log(f"note: {path} could not be read ({why}); kept as {aside.name}, a fresh log starts"
+                + (f" with its {len(good)} good rows" if good else ""))
+        return [r for r in good if int(r["step"]) <= step]
+
+    @staticmethod
+    def _row_ok(r: dict) -> bool:
+        """A row whose step is an integer and whose loss (if any) is a number."""
+        if not (r.get("step") or "").isdigit():
+            return False
+        loss = r.get("loss")
+        if loss in (None, ""):
+            return True
+        try:
+            float(loss)
+            return True
+        except ValueError:
+            return False
 
     def _append(self, path: Path, cols: List[str], row: dict) -> None:
-        with open(path, "a", newline="") as f:
-            csv.DictWriter(f, cols).writerow(row)
+        """One row at the end of a log, never through a link planted at its name."""
+        text = io.StringIO(newline="")
+        csv.DictWriter(text, cols).writerow(row)
+        flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+        try:
+            fd = os.open(str(path), flags)
+            with os.fdopen(fd, "ab") as f:
+                f.write(text.getvalue().encode("utf-8"))
+        except OSError as e:
+            raise DDPMError(f"could not write {path} ({e.strerror or first_line(e)}); free some space, then "
+                            f"continue with --resume") from None
 
     def metric(self, **row) -> None:
         if self.enabled:
@@ -2392,6 +2817,8 @@ class Trainer:
         self.bad_total, self.bad_run, self.bad_run_max = zero(), zero(), zero()
         self.last_loss: Optional[float] = resume.get("last_loss") if resume else None
         self.first_step = self.step
+        self.stop: Optional[StopRequest] = None       # while fit runs: the signals asking it to stop
+        self.failure: Optional[DDPMError] = None      # an error that stops the run after a checkpoint
 
     def _build(self, source: Optional[dict]) -> None:
         """Model (weights from `source` if given), EMA, optimizer, scaler, DDP and compile wrappers."""
@@ -2478,7 +2905,11 @@ class Trainer:
         }
 
     def _restore(self, obj: dict) -> None:
-        self.opt.load_state_dict(obj["optimizer"])
+        try:
+            self.opt.load_state_dict(obj["optimizer"])
+        except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:
+            raise DDPMError(f"the checkpoint's optimizer state does not fit the model ({first_line(e, 80)}); the file "
+                            f"was edited or is damaged") from None
         # Adam's moments keep the memory layout they were saved in; a run resumed with compile on or
         # off (channels_last or not) gets them in its parameters' layout, as fused Adam requires
         for p in self.model.parameters():
@@ -2492,7 +2923,30 @@ class Trainer:
             self.scaler.load_state_dict(obj["scaler"])
         self.step, self.epoch = int(obj["step"]), int(obj["epoch"])
         self.epoch_step, self.images_seen = int(obj.get("epoch_step", 0)), int(obj.get("images_seen", 0))
-        self._restore_rng(obj.get("rng") or {})
+        self._continue_epoch(obj)
+        if obj.get("seed") != self.seed:  # a typed --seed (said in one line): the noise follows it from here
+            self.noise_gen.manual_seed(mix_seed(self.seed, 2, self.step))
+            torch.manual_seed(mix_seed(self.seed, 3, self.rt.rank, self.step))
+        else:
+            self._restore_rng(obj.get("rng") or {})
+
+    def _continue_epoch(self, obj: dict) -> None:
+        """Where in its epoch a resumed run goes on. The same data and batch: exactly where it stopped.
+        Another batch size: at the same image of the epoch. Other data (--resume-with-new-data): an
+        epoch cut short is closed, and the next starts on the new images. Each change said in one line."""
+        if not self.epoch_step:
+            return
+        rec, held = obj.get("data") or {}, obj.get("holdout") or {}
+        n_before = rec.get("images", 0) - held.get("n", 0) if rec.get("images") else None
+        b_before = (obj.get("train") or {}).get("batch_size", self.batch)
+        if n_before is not None and n_before != self.batches.n:
+            log(f"resume: the data changed ({self.batches.n} training images, the run had {n_before}); epoch "
+                f"{self.epoch} ends here and epoch {self.epoch + 1} starts on the new images")
+            self.epoch, self.epoch_step = self.epoch + 1, 0
+        elif b_before != self.batch:
+            self.epoch_step = self.epoch_step * b_before // self.batch
+            log(f"resume: batch {self.batch} (the run used {b_before}); epoch {self.epoch} goes on at image "
+                f"{self.epoch_step * self.batch} of its order")
 
     def _restore_rng(self, rng: dict) -> None:
         """The saved generators, where this run can take them: a run on another device type (CPU and
@@ -2527,10 +2981,12 @@ class Trainer:
             try:
                 save_checkpoint(path, state)
             except (OSError, RuntimeError) as e:
+                if self.stop is not None and self.stop.aborted:  # a second Ctrl-C (torch.save reports it so)
+                    raise KeyboardInterrupt from None
                 raise DDPMError(f"could not write {path} ({first_line(e)}); the checkpoints already in {path.parent} "
                                 f"are kept; free some disk space and continue with --resume") from None
             if log_ is not None:
-                log_.event(self.step, "checkpoint", path)
+                self._output(log_.event, self.step, "checkpoint", path)
         barrier(self.rt)
 
     def sampling_view(self, ema: bool = True) -> GaussianDiffusion:
@@ -2592,21 +3048,22 @@ class Trainer:
                 self.scaler.scale(loss / self.accum).backward()
             self.step_loss += loss.detach().float() / self.accum
 
-    def lr_at(self, step: int) -> float:
+    def lr_at(self, step: int, images_seen: int) -> float:
         """--lr with linear warm-up over --warmup-steps, then constant (the original) or a cosine decay
-        to zero at the end of the run's last epoch (--lr-schedule cosine; --max-steps does not move it,
-        so a run stopped early and resumed follows the same schedule)."""
+        to zero at the end of the run's last epoch (--lr-schedule cosine), counted in images, so that a
+        run resumed with another batch size follows the same curve; --max-steps does not move it, so a
+        run stopped early and resumed follows the same schedule."""
         tc = self.tc
         lr = tc.lr * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps else tc.lr
         if tc.lr_schedule == "cosine":
-            total = self.end_epoch * self.steps_per_epoch
-            lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total))))
+            total = self.end_epoch * self.steps_per_epoch * self.batch
+            lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, images_seen / max(1, total))))
         return lr
 
     def _update(self) -> None:
         """One optimizer step, skipped on the device (no host sync) when the loss or the gradients
         are not finite; the skip is counted, and the loss of a skipped step is left out of the logs."""
-        lr = self.lr_at(self.step)
+        lr = self.lr_at(self.step, self.images_seen)
         for g in self.opt.param_groups:
             g["lr"] = lr
         if self.rt.distributed:  # the global batch's loss on every rank: logged, and the same skip decision
@@ -2659,11 +3116,12 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self, save_dir: Path, ckpt_dir: Path, deadline: Optional[float]) -> str:
-        """Train until the epochs, --max-steps, the time budget or a signal end it; returns why."""
+        """Train until the epochs, --max-steps, the time budget or a signal end it; returns why. An
+        error on the way (a preview or log that cannot be written, memory running out) saves the last
+        good state first, then raises its one-line error: no trained step is thrown away."""
         tc = self.tc
         if self.step >= (tc.max_steps or float("inf")) or self.epoch >= self.end_epoch:
-            log(f"nothing to do: the run is at step {self.step}, epoch {self.epoch} of {self.end_epoch}"
-                + (f", --max-steps {tc.max_steps}" if tc.max_steps else "") + "; raise --epochs or --max-steps")
+            self._say_nothing_to_do()
             return "nothing to do"
         metrics = MetricsLog(ckpt_dir, self.step, is_rank0(), tc.tensorboard)
         preview = PreviewGrid(self, save_dir / "preview", metrics) if tc.sample_every > 0 and is_rank0() else None
@@ -2672,39 +3130,81 @@ class Trainer:
         self.sync_every = 1 if self.rt.device.type == "cpu" else max(1, min(tc.log_every, 25))
         self._t_log = self._t_epoch = time.time()
         self._step_log = self._step_epoch = self.step
-        reason = "done"
         try:
-            with StopRequest() as stop, make_progress() as progress:
-                bars = (progress.add_task("Epochs", total=self.end_epoch, completed=self.epoch, info=""),
-                        progress.add_task("Batches", total=self.steps_per_epoch * self.batch,
-                                          completed=self.epoch_step * self.batch, info=""))
-                while reason == "done" and self.epoch < self.end_epoch:
-                    if self.epoch_step >= self.steps_per_epoch:
-                        self.epoch, self.epoch_step = self.epoch + 1, 0
-                        continue
-                    self.train_step()
-                    if self.rt.compile and self.step == self.first_step + 1:
-                        self._after_compile()
-                    progress.advance(bars[1], self.batch)
-                    if self.step % self.sync_every == 0:
-                        self.check_health()
-                    if self.step % tc.log_every == 0:
-                        self._log_interval(metrics, progress, bars[1], deadline)
-                    if preview is not None and self.step % tc.sample_every == 0:
-                        preview.write(self.step)
-                    reason = self._stop_reason(stop, deadline)
-                    if self.epoch_step >= self.steps_per_epoch:
-                        self._end_epoch(ckpt_dir, metrics, progress, bars)
-                    elif reason != "done":
-                        self.save(checkpoint_path(ckpt_dir, self.epoch), metrics)
+            with StopRequest() as self.stop, make_progress() as progress:
+                reason = self._loop(ckpt_dir, metrics, preview, progress, deadline)
         finally:
             metrics.close()
-        if reason != "done":
-            log(f"stopped ({reason.replace('_', ' ')}) at step {self.step}, epoch {self.epoch}; "
-                f"checkpoint saved in {ckpt_dir}; continue with --resume")
+            self.stop = None
+        if self.step == self.first_step and reason == "done":
+            self._say_nothing_to_do()
+        elif reason != "done":
+            log(f"stopped ({reason.replace('_', ' ')}) at step {self.step}, epoch {self.epoch}; checkpoint saved in "
+                f"{ckpt_dir}; " + ("mend the cause, then " if self.failure else "") + "continue with --resume")
+        if self.failure is not None:
+            raise self.failure
         if is_rank0():
             write_loss_curve(ckpt_dir / "metrics.csv", save_dir / "loss.png")
         return reason
+
+    def _say_nothing_to_do(self) -> None:
+        tc = self.tc
+        log(f"nothing to do: the run is at step {self.step}, epoch {self.epoch} of {self.end_epoch}"
+            + (f", --max-steps {tc.max_steps}" if tc.max_steps else "") + "; raise --epochs or --max-steps")
+
+    def _loop(self, ckpt_dir: Path, metrics: "MetricsLog", preview: Optional["PreviewGrid"], progress,
+              deadline: Optional[float]) -> str:
+        """The steps, each followed by its health check, log row, preview and stop check; a checkpoint at
+        each epoch end and wherever the run stops."""
+        tc, reason = self.tc, "done"
+        bars = (progress.add_task("Epochs", total=self.end_epoch, completed=self.epoch, info=""),
+                progress.add_task("Batches", total=self.steps_per_epoch * self.batch,
+                                  completed=self.epoch_step * self.batch, info=""))
+        while reason == "done" and self.epoch < self.end_epoch:
+            if self.epoch_step >= self.steps_per_epoch:
+                self.epoch, self.epoch_step = self.epoch + 1, 0
+                continue
+            if not self._step_or_fail():
+                self.save(checkpoint_path(ckpt_dir, self.epoch), metrics)
+                return "error"
+            if self.rt.compile and self.step == self.first_step + 1:
+                self._after_compile()
+            progress.advance(bars[1], self.batch)
+            if self.step % self.sync_every == 0:
+                self.check_health()
+            if self.step % tc.log_every == 0:
+                self._output(self._log_interval, metrics, progress, bars[1], deadline)
+            if preview is not None and self.step % tc.sample_every == 0:
+                self._output(preview.write, self.step)
+            reason = self._stop_reason(self.stop, deadline)
+            if self.epoch_step >= self.steps_per_epoch:
+                self._end_epoch(ckpt_dir, metrics, progress, bars)
+            elif reason != "done":
+                self.save(checkpoint_path(ckpt_dir, self.epoch), metrics)
+        return reason
+
+    def _step_or_fail(self) -> bool:
+        """One training step; False (with self.failure set) where memory ran out on the CPU or, under
+        torchrun, on the GPU: the weights are still those of the last update."""
+        try:
+            self.train_step()
+            return True
+        except (MemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
+            self._free_failed_attempt()
+            self.failure = DDPMError(f"out of memory on the {self.rt.device.type} at micro-batch {self.micro} "
+                                     f"({first_line(e, 60)}); lower --batch-size or raise --grad-accum")
+            return False
+
+    def _output(self, write: Callable, *args) -> None:
+        """A write of rank 0 during training (a log row, a preview): if it fails, the run stops at the
+        end of this step with a checkpoint, and then reports the failure."""
+        if self.failure is None:
+            try:
+                write(*args)
+            except (DDPMError, OSError) as e:
+                self.failure = e if isinstance(e, DDPMError) else DDPMError(f"a write failed ({first_line(e)})")
 
     def _after_compile(self) -> None:
         """The first step compiled the model: say how long it took, and time from here on."""
@@ -2740,7 +3240,8 @@ class Trainer:
         signals differ between ranks, so those are agreed at sync points."""
         if self.tc.max_steps and self.step >= self.tc.max_steps:
             return "max_steps"
-        local = "time_budget" if deadline and time.time() >= deadline else stop.reason
+        local = ("error" if self.failure is not None else
+                 "time_budget" if deadline and time.time() >= deadline else stop.reason)
         if not self.rt.distributed:
             return local or "done"
         if self.step % self.sync_every == 0 and any_rank(local is not None, self.rt):
@@ -2777,7 +3278,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, data: torch.Tensor, ckpt_dir="ckpt"
     try:
         guard_run_folder(ckpt_dir, None, False, False)
         trainer = Trainer(tc, rt, cfg, Batches(data, rt.device, seed), seed, data={"images": len(data)})
-        trainer.fit(save_dir, ckpt_dir, None)
+        with writing_to(save_dir, "train", False) as folder:
+            trainer.fit(folder, ckpt_dir, None)
         return trainer
     finally:
         lock.release()
@@ -2827,7 +3329,7 @@ def eval_datasets(args, obj: dict, cfg: ModelConfig, new_faces: int = 256
             raise DDPMError(f"the training data now holds {len(data)} images, {rec.get('total')} at training time, "
                             f"so the held-out split cannot be rebuilt; give --eval-folders DIR")
     if args.eval_folders:
-        held = load_images(args.eval_folders, cfg.img_size, cfg.img_channels, args.background)
+        held = load_images(args.eval_folders, cfg.img_size, cfg.img_channels, args.background, flag="--eval-folders")
         what = "--eval-folders " + " ".join(args.eval_folders)
     return data, held, what
 
@@ -3012,7 +3514,7 @@ def fid_cache_key(src: DataSource, cfg: ModelConfig, tag: str) -> str:
     if not src.folders:
         what = ["demo", src.demo_images]
     else:
-        what = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in find_image_files(src.folders)[0]]
+        what = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in find_image_files(src.folders, src.flag)[0]]
     blob = json.dumps([what, cfg.img_size, cfg.img_channels, list(src.background), tag]).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -3029,9 +3531,12 @@ def real_statistics(src: DataSource, cfg: ModelConfig, feature_fn: Callable, cac
     except Exception:  # missing or unreadable: recompute
         pass
     mu, sigma, n = activation_stats(src.load(cfg).split(batch_size), feature_fn)
+    if os.path.lexists(cache):  # there, but unreadable: left as it is
+        warn_once(f"{cache} could not be read; the FID statistics were computed again and not cached")
+        return mu, sigma, n
     try:
         atomic_write(cache, lambda f: torch.save({"mu": mu, "sigma": sigma, "n": n, "source": src.describe(),
-                                                 "features": tag}, f))
+                                                 "features": tag}, f), replace_existing=False)
         log(f"fid: real statistics of {n} images saved to {cache}")
     except OSError as e:
         warn_once(f"could not cache the FID statistics in {cache} ({e})")
@@ -3325,28 +3830,31 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def check_flags(args) -> None:
-    """Every flag's own range, in one place, before any work: one line naming the flag."""
-    for name in ("batch_size", "epochs", "grad_accum", "log_every", "demo_images", "img_size", "num_channels",
-                 "num_blocks", "timesteps", "steps", "num_samples", "max_steps", "max_nonfinite"):
+    """Every flag's own range, in one place, before any work: one line naming the flag. The training
+    settings are checked by TrainConfig.validate, as stored ones are on --resume."""
+    train_config_from_args(args).validate()
+    for name in ("demo_images", "img_size", "num_channels", "num_blocks", "timesteps", "steps", "num_samples"):
         v = getattr(args, name)
         if v is not None and v < 1:
-            raise DDPMError(f"--{name.replace('_', '-')} must be at least 1, got {v}"
-                            + ("; leave it out for no limit" if name == "max_steps" else ""))
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise DDPMError(f"--lr must be a positive finite number, got {args.lr}")
-    if not 0 <= args.ema_decay < 1:
-        raise DDPMError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+            raise DDPMError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    if args.demo_images > MAX_DEMO_IMAGES:
+        raise DDPMError(f"--demo-images must be at most {MAX_DEMO_IMAGES:,}, got {args.demo_images:,}")
+    if args.nll_timesteps is not None and args.nll_timesteps < 2:
+        raise DDPMError(f"--nll-timesteps must be at least 2 (t=1 for the decoder, one more for the KL terms), "
+                        f"got {args.nll_timesteps}")
     if not 0 <= args.eta <= 1:  # NaN fails every comparison
         raise DDPMError(f"--eta must be in [0, 1], got {args.eta}")
-    for name in ("warmup_steps", "sample_every"):
-        if getattr(args, name) < 0:
-            raise DDPMError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if args.time_budget is not None and not args.time_budget > 0:
         raise DDPMError(f"--time-budget must be longer than 0 (leave it out for no limit), got {args.time_budget:g} s")
     if args.device is not None and not re.fullmatch(r"cpu|mps|cuda(:\d+)?", args.device):
         raise DDPMError(f"--device must be cpu, cuda, cuda:N or mps, got {args.device!r}")
     if args.index is not None and args.index < 0:
         raise DDPMError(f"--index must be 0 or more, got {args.index}")
+    for flag, v in (("--save-dir", args.save_dir), ("--ckpt-save-dir", args.ckpt_save_dir), ("--export", args.export),
+                    ("--loadckpt", args.loadckpt), ("--info", args.info)):
+        if v is not None and not v.strip():
+            raise DDPMError(f"{flag} is empty; name a {'file' if flag in ('--export', '--info') else 'path'}"
+                            + (" (. for the current folder)" if flag.endswith("dir") else ""))
     if args.resume and not args.train:
         raise DDPMError("--resume continues a training run: add --train")
     if args.resume_with_new_data and not args.resume:
@@ -3374,8 +3882,10 @@ def check_edit_flags(args) -> None:
     if args.mask and len(args.mask) not in (1, len(args.init_images)):
         raise DDPMError(f"--mask: give one mask for all {len(args.init_images)} --init-images or one each, "
                         f"not {len(args.mask)}")
-    if (args.strength is not None or args.resample_jumps > 1) and not args.init_images:
-        raise DDPMError("--strength and --resample-jumps go with --init-images")
+    if args.strength is not None and not args.init_images:
+        raise DDPMError("--strength goes with --init-images")
+    if args.resample_jumps > 1 and not args.mask:
+        raise DDPMError("--resample-jumps redoes the steps of inpainting: it goes with --init-images and --mask")
     if args.init_images and args.invert:
         raise DDPMError("--init-images and --invert are separate commands; give one")
     if (args.init_images or args.invert) and (args.train or args.eval):
@@ -3462,9 +3972,11 @@ def start_of_run(args, ckpt_dir: Path) -> RunStart:
     if path is None:
         raise DDPMError(f"--resume found no {CKPT_PATTERN} in {ckpt_dir}; train without --resume first")
     obj = read_checkpoint(path)
-    cfg = config_from_checkpoint(obj, path, explicit_model_flags(args), cfg)
-    cfg = replace(cfg, **{k: getattr(args, k) for k in TUNABLE if k in args.explicit}).validate()
+    stored_cfg = config_from_checkpoint(obj, path, explicit_model_flags(args), cfg)
+    cfg = replace(stored_cfg, **{k: getattr(args, k) for k in TUNABLE if k in args.explicit}).validate()
     if not args.resume:
+        if not is_legacy_state_dict(obj):
+            check_run_state(obj, path, cfg, resume=False)
         log(f"fine-tune: weights from {path}, lr {tc.lr}")
         run_id = None if is_legacy_state_dict(obj) else run_id_of(obj)
         return RunStart("fine-tune", cfg, tc, src, run_id or new_run_id(), obj, path)
@@ -3474,12 +3986,23 @@ def start_of_run(args, ckpt_dir: Path) -> RunStart:
     if obj.get("optimizer") is None or "epoch" not in obj:  # e.g. a .safetensors export
         raise DDPMError(f"{path} holds weights only (no optimizer or run state) and cannot be resumed; "
                         f"use --loadckpt {path} --train (without --resume) to fine-tune it")
+    check_run_state(obj, path, cfg, resume=True)
     stored = dict(obj.get("train") or {})
     stored.setdefault("epochs", obj.get("end_epoch"))
     if "holdout" not in stored and obj.get("holdout"):
         stored["holdout"] = obj["holdout"].get("fraction", 0.0)
     log(f"resume: {path} (step {obj['step']}, epoch {obj['epoch']})")
-    tc = tc.resumed({k: v for k, v in stored.items() if v is not None}, args.explicit)
+    try:
+        tc = tc.resumed({k: v for k, v in stored.items() if v is not None}, args.explicit)
+    except DDPMError as e:
+        raise DDPMError(f"{path}: the stored training settings are invalid ({e}); the file was edited or is "
+                        f"damaged") from None
+    for k in TUNABLE:
+        if k in args.explicit and getattr(cfg, k) != getattr(stored_cfg, k):
+            log(f"resume: --{k.replace('_', '-')} {getattr(cfg, k)} (the run used {getattr(stored_cfg, k)})")
+    if "seed" in args.explicit and args.seed != obj["seed"]:
+        log(f"resume: --seed {args.seed} (the run used {obj['seed']}); the data order and the noise follow the new "
+            f"seed from step {obj['step']}")
     return RunStart("resume", cfg, tc, resumed_source(src, obj, args), run_id_of(obj) or new_run_id(), obj, path)
 
 
@@ -3514,11 +4037,14 @@ def train_command(args, started: float) -> int:
             lock.acquire()
         run = start_of_run(args, ckpt_dir)
         if first:
-            guard_run_folder(ckpt_dir, run.run_id, run.kind != "fresh", args.overwrite)
+            step = run.ckpt.get("step") if run.ckpt is not None and not is_legacy_state_dict(run.ckpt) else None
+            guard_run_folder(ckpt_dir, run.run_id, run.kind != "fresh", args.overwrite, run.path, step)
+            save_dir = output_folder(save_dir, "train", args.overwrite)
         rt = setup_runtime(args.device, run.train.precision, args.compile, training=True)
         return train_run(args, rt, run, ckpt_dir, save_dir, started)
     finally:
         lock.release()
+        remove_if_empty(save_dir, Path(args.save_dir))
 
 
 def train_run(args, rt: Runtime, run: RunStart, ckpt_dir: Path, save_dir: Path, started: float) -> int:
@@ -3588,23 +4114,38 @@ def sample_command(args, rt: Runtime) -> int:
     if args.init_images:
         return edit_command(args, rt, model, seed)
     ends = interpolation_ends(args, model, rt.local(), spec) if args.interpolate and is_rank0() else None
-    save_dir = Path(args.save_dir)
     n = 1 if args.index is not None else (args.num_samples or args.batch_size)
     check_sampling_memory(cfg, min(args.batch_size, n), n, rt.device)
     indices = [args.index] if args.index is not None else list(range(n))
-    t0 = time.time()
+    with writing_to(Path(args.save_dir), "sample", args.overwrite) as save_dir:
+        t0 = time.time()
+        imgs = sample_or_fail(lambda: generate(model, rt, indices, seed, spec, args.batch_size,
+                                               compile_=bool(args.compile)), args.batch_size, cfg)
+        if is_rank0():
+            write_samples(args, model, rt, imgs, indices, seed, spec, ends, data, save_dir, time.time() - t0)
+    return 0
+
+
+def sample_or_fail(make: Callable[[], torch.Tensor], batch: int, cfg: ModelConfig) -> torch.Tensor:
+    """make(), with memory running out (GPU or CPU) as one line."""
     try:
-        imgs = generate(model, rt, indices, seed, spec, args.batch_size, compile_=bool(args.compile))
-    except (MemoryError, OverflowError, torch.OutOfMemoryError):
-        raise DDPMError(f"out of memory sampling batches of {args.batch_size} at {cfg.img_size}x{cfg.img_size}; "
-                        f"use a smaller --batch-size") from None
-    if not is_rank0():
-        return 0
+        return make()
+    except (MemoryError, OverflowError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not is_out_of_memory(e):
+            raise
+        raise DDPMError(f"out of memory sampling batches of {batch} at {cfg.img_size}x{cfg.img_size}; use a "
+                        f"smaller --batch-size") from None
+
+
+def write_samples(args, model: GaussianDiffusion, rt: Runtime, imgs: torch.Tensor, indices: List[int], seed: int,
+                  spec: SampleSpec, ends, data: Optional[DataSource], save_dir: Path, took: float) -> None:
+    """ddpm-{i}.png, ddpm-all.png and the pictures the flags ask for."""
+    cfg = model.config
     for i, img in zip(indices, imgs):
         save_png(img, save_dir / f"ddpm-{i}.png")
     if len(indices) > 1:
         save_png(image_grid(imgs), save_dir / "ddpm-all.png")
-    log(f"wrote {len(indices)} images to {save_dir} in {time.time() - t0:.1f} s ({spec.sampler}, "
+    log(f"wrote {len(indices)} images to {save_dir} in {took:.1f} s ({spec.sampler}, "
         f"{spec.steps_for(cfg.timesteps)} steps, seed {seed})" + (", and ddpm-all.png" if len(indices) > 1 else ""))
     local = rt.local()
     if args.reverse_steps:
@@ -3615,7 +4156,6 @@ def sample_command(args, rt: Runtime) -> int:
         save_gif(denoise_frames(model, local, indices[:16], seed, spec), save_dir / "denoise.gif")
     if ends is not None:
         save_png(interpolation_strip(model, local, *ends), save_dir / "interpolate.png")
-    return 0
 
 
 def interpolation_ends(args, model: GaussianDiffusion, rt: Runtime, spec: SampleSpec
@@ -3628,6 +4168,8 @@ def interpolation_ends(args, model: GaussianDiffusion, rt: Runtime, spec: Sample
     ends = []
     for v in args.interpolate:
         if v.endswith(".pt"):
+            if not Path(v).is_file():
+                raise DDPMError(f"--interpolate {v} does not exist or is not a regular file")
             try:
                 z = torch.load(v, map_location="cpu", weights_only=True)
             except Exception as e:
@@ -3639,6 +4181,9 @@ def interpolation_ends(args, model: GaussianDiffusion, rt: Runtime, spec: Sample
         else:
             img = load_image_files([v], cfg.img_size, cfg.img_channels, args.background, "--interpolate")
             ends.append(model.invert(to_model_range(img).to(rt.device), path, sampling_model_fn(model, rt))[0].cpu())
+        if not torch.isfinite(ends[-1]).all() or float(ends[-1].abs().max()) == 0:
+            raise DDPMError(f"--interpolate {v}: its x_T is {'all zero' if torch.isfinite(ends[-1]).all() else 'not finite'}"
+                            f", so no path leads from it; invert the image again or use another file")
     return ends[0], ends[1], path
 
 
@@ -3649,26 +4194,33 @@ def edit_command(args, rt: Runtime, model: GaussianDiffusion, seed: int) -> int:
     images = load_image_files(args.init_images, cfg.img_size, cfg.img_channels, args.background, "--init-images")
     masks = None
     if args.mask:
-        m = load_image_files(args.mask, cfg.img_size, 1, (0, 0, 0), "--mask")
+        m = load_masks(args.mask, args.init_images, cfg.img_size)
         masks = (m > 127).float().expand(len(images), -1, -1, -1) if len(m) == 1 else (m > 127).float()
     k = args.num_samples or 1
     rows = [j for j in range(len(images)) for _ in range(k)]
     strength = args.strength if args.strength is not None else (1.0 if args.mask else 0.5)
     edit = Edit(images[rows], strength, None if masks is None else masks[rows], args.resample_jumps)
-    t0 = time.time()
-    out = generate(model, rt, [v for _ in images for v in range(k)], seed, spec, args.batch_size,
-                   compile_=bool(args.compile), edit=edit)
-    if not is_rank0():
-        return 0
-    save_dir = Path(args.save_dir)
+    with writing_to(Path(args.save_dir), "edit", args.overwrite) as save_dir:
+        t0 = time.time()
+        out = sample_or_fail(lambda: generate(model, rt, [v for _ in images for v in range(k)], seed, spec,
+                                              args.batch_size, compile_=bool(args.compile), edit=edit),
+                             args.batch_size, cfg)
+        if is_rank0():
+            write_edits(images, masks, out, k, cfg, save_dir)
+            log(f"wrote {len(out)} edits of {len(images)} images to {save_dir} in {time.time() - t0:.1f} s (strength "
+                f"{strength:g}{', inpainting' if masks is not None else ''}; {spec.sampler}, seed {seed}) and "
+                f"edit-grid.png")
+    return 0
+
+
+def write_edits(images: torch.Tensor, masks: Optional[torch.Tensor], out: torch.Tensor, k: int, cfg: ModelConfig,
+                save_dir: Path) -> None:
+    """edit-J-V.png, and edit-grid.png: one row per image (the input, its mask, its k results)."""
     for n, (j, v) in enumerate((j, v) for j in range(len(images)) for v in range(k)):
         save_png(out[n], save_dir / f"edit-{j}-{v}.png")
     cols = [images] + ([to_uint8(masks * 2 - 1).expand(-1, cfg.img_channels, -1, -1)] if masks is not None else [])
     grid = torch.cat([torch.stack([c[j] for c in cols] + list(out[j * k:(j + 1) * k])) for j in range(len(images))])
     save_grid(image_grid(grid, nrow=len(cols) + k), cfg, save_dir / "edit-grid.png")
-    log(f"wrote {len(out)} edits of {len(images)} images to {save_dir} in {time.time() - t0:.1f} s (strength "
-        f"{strength:g}{', inpainting' if masks is not None else ''}; {spec.sampler}, seed {seed}) and edit-grid.png")
-    return 0
 
 
 def invert_command(args, rt: Runtime, model: GaussianDiffusion) -> int:
@@ -3679,19 +4231,34 @@ def invert_command(args, rt: Runtime, model: GaussianDiffusion) -> int:
     if not is_rank0():
         return 0
     fn = sampling_model_fn(model, rt)
-    with torch.inference_mode():
-        z = model.invert(to_model_range(images).to(rt.device), spec, fn)
-        rec = to_uint8(model.sample(z.clone(), spec, model_fn=fn)).cpu()
-    save_dir = Path(args.save_dir)
-    for path, zi, ri, im in zip(args.invert, z.cpu(), rec, images):
-        stem = Path(path).stem
-        atomic_write(save_dir / f"edit-invert-{stem}.pt", lambda f, zi=zi: torch.save(zi.clone(), f))
-        save_png(ri, save_dir / f"edit-invert-{stem}.png")
-        log(f"{path}: x_T in {save_dir / f'edit-invert-{stem}.pt'}; reconstruction PSNR {psnr(ri, im):.2f} dB "
-            f"(DDIM, eta 0, {spec.steps_for(cfg.timesteps)} steps)")
-    grid = torch.cat([torch.stack([im, ri]) for im, ri in zip(images, rec)])
-    save_grid(image_grid(grid, nrow=2), cfg, save_dir / "edit-grid.png")
+    with writing_to(Path(args.save_dir), "invert", args.overwrite) as save_dir:
+        with torch.inference_mode():
+            z = sample_or_fail(lambda: model.invert(to_model_range(images).to(rt.device), spec, fn), len(images), cfg)
+            rec = to_uint8(model.sample(z.clone(), spec, model_fn=fn)).cpu()
+        for path, stem, zi, ri, im in zip(args.invert, distinct_stems(args.invert), z.cpu(), rec, images):
+            buf = io.BytesIO()
+            torch.save(zi.clone(), buf)
+            write_output(save_dir / f"edit-invert-{stem}.pt", buf.getvalue())
+            save_png(ri, save_dir / f"edit-invert-{stem}.png")
+            log(f"{path}: x_T in {save_dir / f'edit-invert-{stem}.pt'}; reconstruction PSNR {psnr(ri, im):.2f} dB "
+                f"(DDIM, eta 0, {spec.steps_for(cfg.timesteps)} steps)")
+        grid = torch.cat([torch.stack([im, ri]) for im, ri in zip(images, rec)])
+        save_grid(image_grid(grid, nrow=2), cfg, save_dir / "edit-grid.png")
     return 0
+
+
+def distinct_stems(paths: Sequence[str]) -> List[str]:
+    """The file names of `paths` without suffix, one result name each: a name that repeats (a.png and
+    a.jpg, or a.png and sub/a.png) gets -2, -3, ... in the order given."""
+    out, seen = [], set()
+    for p in paths:
+        stem, k = Path(p).stem, 2
+        name = stem
+        while name.lower() in seen:  # case-insensitive file systems (Windows, macOS) too
+            name, k = f"{stem}-{k}", k + 1
+        seen.add(name.lower())
+        out.append(name)
+    return out
 
 
 def eval_command(args, rt: Runtime, feature_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> int:
@@ -3748,7 +4315,7 @@ def eval_nll(args, obj: dict, model: GaussianDiffusion, seed: int) -> int:
     """--eval nll: the bound in bits/dim on held-out images (or, without any, the training images)."""
     cfg = model.config
     if args.eval_folders:  # the training data is not needed
-        held = load_images(args.eval_folders, cfg.img_size, cfg.img_channels, args.background)
+        held = load_images(args.eval_folders, cfg.img_size, cfg.img_channels, args.background, flag="--eval-folders")
         what = "--eval-folders " + " ".join(args.eval_folders)
     else:
         train, held, what = eval_datasets(args, obj, cfg)
@@ -3769,7 +4336,8 @@ def eval_fid(args, obj: dict, path: Path, cfg: ModelConfig, samples: Callable[[i
     """--eval fid: n samples against the real images (--eval-folders, --data-folders or the run's data),
     whose statistics are cached next to the checkpoint."""
     tag = getattr(feature_fn, "tag", "custom features")
-    src = (DataSource(tuple(args.eval_folders or args.data_folders), 0, args.background)
+    src = (DataSource(tuple(args.eval_folders or args.data_folders), 0, args.background,
+                      "--eval-folders" if args.eval_folders else "--data-folders")
            if args.eval_folders or args.data_folders else training_source(args, obj))
     cache = path.parent / f"fid-stats-{fid_cache_key(src, cfg, tag)}.pt"
     real = real_statistics(src, cfg, feature_fn, cache, args.batch_size)
@@ -3813,9 +4381,9 @@ def eval_nearest(args, rt: Runtime, obj: dict, cfg: ModelConfig, samples: Callab
         f"the held-out real images, or {abs_thr:g}; about 5% expected by chance)")
     k = r["idx"].shape[1]
     rows = torch.cat([torch.cat([imgs[i:i + 1], train[r["idx"][i]]]) for i in range(n)])  # (n*(k+1), C, H, W)
-    out = Path(args.save_dir) / "nearest.png"
-    save_grid(image_grid(rows, nrow=k + 1), cfg, out)
-    log(f"wrote {out} (each row: a sample, then its {k} nearest training images)")
+    with writing_to(Path(args.save_dir), "nearest", args.overwrite) as save_dir:
+        save_grid(image_grid(rows, nrow=k + 1), cfg, save_dir / "nearest.png")
+    log(f"wrote {save_dir / 'nearest.png'} (each row: a sample, then its {k} nearest training images)")
     return 0
 
 
@@ -3823,9 +4391,8 @@ def free_memory(dev: torch.device) -> Optional[int]:
     """Bytes free on the device (for the CPU: available RAM where the system says), or None."""
     if dev.type == "cuda":
         return cuda_free_bytes(dev)
-    if dev.type == "cpu" and hasattr(os, "sysconf"):
-        with contextlib.suppress(ValueError, OSError):
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if dev.type == "cpu":
+        return available_ram()
     return None
 
 
@@ -3888,8 +4455,8 @@ def check_export_target(out: Path, source: Path, overwrite: bool) -> None:
     fails before reading anything if the place cannot take the file."""
     if out.is_dir():
         raise DDPMError(f"--export {out} is a folder; name a file such as {out / 'model.safetensors'}")
-    if out.exists():
-        if source.exists() and os.path.samefile(out, source):
+    if os.path.lexists(out):
+        if source.exists() and out.exists() and os.path.samefile(out, source):
             raise DDPMError(f"--export {out} is the checkpoint being exported; name another file")
         if not overwrite:
             raise DDPMError(f"--export {out} exists; name another file, or add --overwrite to replace it")
@@ -3903,7 +4470,12 @@ def export_command(args) -> int:
     check_export_target(Path(args.export), source, args.overwrite)
     model = load_model(source, "cpu", use_ema=not args.no_ema, **explicit_model_flags(args))
     weights = "ema" if model.source.ema else "raw"
-    export_safetensors(model, model.config, Path(args.export), weights, model.source.step or 0)
+    out = Path(args.export)
+    if os.path.lexists(out):  # --overwrite (check_export_target): the old file is kept under another name
+        aside = unused_name(out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
+        os.replace(out, aside)
+        log(f"--overwrite: moved the earlier {out} to {aside}")
+    export_safetensors(model, model.config, out, weights, model.source.step or 0)
     print(f"wrote {args.export} ({weights} weights, config in the metadata)")
     return 0
 
@@ -3918,9 +4490,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if signal.getsignal(signal.SIGINT) is _abort_while_starting:  # from here on, Ctrl-C is KeyboardInterrupt
             signal.signal(signal.SIGINT, signal.default_int_handler)
         args = parse_args(argv)
-        if args.info:
+        if args.info is not None:
             return info_command(args.info)
-        if args.export:
+        if args.export is not None:
             return export_command(args)
         if args.tensorboard:
             try:

@@ -80,10 +80,13 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB")).copy()
 
 
+LOCK_FILES = (".lock", ".lock.json")  # the folder lock and its holder's note
+
+
 def tree(root: Path) -> dict:
-    """Every file under root (recursively) with its bytes; the lock file excluded."""
+    """Every file under root (recursively) with its bytes; the lock files excluded."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+            if p.is_file() and p.name not in LOCK_FILES}
 
 
 def nan_losses(monkeypatch, bad) -> list:

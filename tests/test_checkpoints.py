@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import ddpm
-from conftest import DDPM, MODEL, SUBPROCESS_ENV, nan_losses, one_line, partial_save
+from conftest import DDPM, LOCK_FILES, MODEL, SUBPROCESS_ENV, nan_losses, one_line, partial_save
 
 RUN = ["--batch-size", "4", "--device", "cpu", "--no-run-pictures", "--sample-every", "0", "--seed", "0"]
 # the original script's model, shrunk: --img-size 16, 32 channels, two resolutions, default T = 1000
@@ -47,7 +47,7 @@ def newest(folder: Path) -> dict:
 
 
 def snapshot(folder: Path) -> dict:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != ".lock"}
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name not in LOCK_FILES}
 
 
 def assert_same_tensors(a, b, what: str) -> None:

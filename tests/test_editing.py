@@ -142,7 +142,7 @@ def test_editing_errors_are_one_line_and_write_nothing(tiny_run, faces, tmp_path
              (["--mask", mask], "--mask needs --init-images", ""),
              (["--invert", f0, "--sampler", "ddpm"], "--invert", "not a stochastic sampler"),
              (["--invert", f0, "--sampler", "ddim", "--eta", "0.5"], "--invert", "not a stochastic sampler"),
-             (["--interpolate", f0, str(tmp_path / "none.pt")], "--interpolate", "not a readable --invert file")]
+             (["--interpolate", f0, str(tmp_path / "none.pt")], "--interpolate", "does not exist or is not a regular file")]
     capsys.readouterr()
     for flags, flag, message in cases:
         assert cli(tiny_run, tmp_path / "out", *flags) == 2, flags

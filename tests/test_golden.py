@@ -24,13 +24,14 @@ import csv
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script (--update): conftest and ddpm
-from conftest import ROOT  # noqa: E402,F401  (puts ddpm on the path)
+import conftest  # noqa: E402,F401  (puts ddpm on the path)
 import ddpm  # noqa: E402
 from conftest import MODEL, pixels
 
@@ -71,11 +72,12 @@ def train(root: Path, recipe: str) -> dict:
                                                   for part in ("model", "ema")}}
 
 
-def sample(root: Path) -> dict:
-    """4 images of seed 11 from the run's checkpoint with each sampler, as uint8 hex."""
+def sample(root: Path, out_root: Optional[Path] = None) -> dict:
+    """4 images of seed 11 from the run's checkpoint in root/ckpt with each sampler, as uint8 hex,
+    written under out_root (default: root)."""
     out = {}
     for name, flags in SAMPLERS.items():
-        folder = root / name
+        folder = (out_root or root) / name
         assert ddpm.main(["--loadckpt", str(root / "ckpt"), "--device", "cpu", "--num-samples", "4", "--seed", "11",
                           "--save-dir", str(folder), *flags]) == 0
         out[name] = np.stack([pixels(folder / f"ddpm-{i}.png") for i in range(4)]).tobytes().hex()
@@ -135,7 +137,7 @@ def test_a_one_line_change_is_caught(tmp_path, monkeypatch):
     real_step = ddpm.GaussianDiffusion._step
     monkeypatch.setattr(ddpm.GaussianDiffusion, "_step",
                         lambda self, x, t, s, spec, fn, noise_fn, hist: real_step(self, x, t, s, spec, fn, noise_fn, {}))
-    found = differences({**ok, **sample(tmp_path / "ok")}, want)
+    found = differences({**ok, **sample(tmp_path / "ok", tmp_path / "first-order")}, want)
     assert len(found) == 1 and found[0].startswith("dpm++ images differ"), found
 
 
