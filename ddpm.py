@@ -30,9 +30,55 @@ Edit real images with the same model:
     python ddpm.py --loadckpt ckpt --interpolate a.png b.png
 
 Nothing runs at import: `import ddpm` gives ModelConfig, TrainConfig, SampleSpec, train, generate,
-load_model, load_images, UNet and GaussianDiffusion. The sections below come in the order data
-flows, each using only those above it; the command line at the end calls them all, and the
-appendix after it holds the demo-face painter that the data section calls.
+load_model, load_images, UNet and GaussianDiffusion, and the typed jobs of the command line
+(parse_command_line, run_job).
+
+Contents. Sections under banners; each name is defined before it is used, except in the two
+appendices at the end, which hold plumbing and data that the sections above call.
+    Helpers                          errors, logging, seeds, flag parsers, progress bars
+    Model configuration              ModelConfig and the allowed values of its choices
+    Noise schedule                   linear and cosine betas; uniform and log-SNR timestep grids
+    UNet blocks                      time embedding, residual, attention, down/up/middle blocks
+    UNet                             the network
+    Gaussian diffusion and samplers  q, p, the loss; the sampler table (SAMPLERS, GRIDS)
+        - the samplers: one step function and one row each
+    Data                             decoding image folders, the demo faces' source, batches
+        - decoding image files
+        - where the images come from
+        - batches
+    Checkpoints                      reading, validating, loading and exporting
+        - reading and finding checkpoints
+        - validating what a checkpoint holds
+        - building and loading models
+    Runtime: device, precision, processes, compile
+        - memory: what a training step and a sampling batch need
+    Sampling and pictures            per-image noise, generate, grids, strips, GIFs
+        - sampling
+        - pictures
+    Training
+        - the settings               TrainConfig, what --resume keeps, the loss weighting
+        - the run's state            EMA, signals, metrics.csv, counters, clocks
+        - the pictures of a run      run-before/after.png, previews, final grid, loss.png
+        - the trainer                Trainer: one step, the loop, checkpoints
+        - training from Python       train()
+    Evaluation                       NLL, FID, SWD, memorisation
+        - negative log-likelihood
+        - Frechet Inception Distance
+        - sliced Wasserstein distance
+        - memorisation
+    Command line
+        - the parser                 build_parser, every flag's range (check_flags)
+        - typed jobs: the Namespace stops here
+        - train
+        - sample, edit, invert
+        - evaluate
+        - inspect and export
+        - main
+    Appendix: run safety             atomic writes, output folders, the folder guard and lock
+        - atomic writes
+        - output folders
+        - the checkpoint folder
+    Appendix: the built-in demo faces
 """
 from __future__ import annotations
 
@@ -57,6 +103,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import enum
 import errno
 import gc
 import hashlib
@@ -80,7 +127,7 @@ from torch import nn
 from torch.nn import functional as F
 
 FORMAT = "ddpm.py"
-FORMAT_VERSION = 3  # 3: run_id, the full training config and the data record
+FORMAT_VERSION = 4  # 3: run_id, the full training config, the data record; 4: dropout and the loss weight in "train"
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 CKPT_PATTERN = "ckpt-*.pth"
 
@@ -181,241 +228,6 @@ def parse_fraction(value: str) -> float:
     return f
 
 
-def fsync_dir(folder: Path) -> None:
-    """fsync a folder so a rename in it is durable. POSIX only; elsewhere a no-op."""
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(str(folder), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-# the permissions a plain open() would give a new file (mkstemp makes its files 0600)
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None], replace_existing: bool = True) -> None:
-    """Write a file so that a crash at any moment leaves either the old file or the new one.
-
-    The temporary file is created exclusively in the same folder (tempfile.mkstemp: O_EXCL, so a
-    link planted under its name is never followed), flushed and fsynced, then renamed to `path`
-    (os.replace puts a file where a link at `path` was, and never writes through it), and the folder
-    is fsynced. replace_existing=False (outputs): `path` must not exist; the file is hard-linked into
-    place, which fails if the name appeared meanwhile (where the file system has no hard links, the
-    name is checked just before the rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=str(path.parent))
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        with contextlib.suppress(OSError):
-            os.chmod(tmp, 0o666 & ~_UMASK)
-        if replace_existing:
-            os.replace(tmp, path)
-        else:
-            _link_new(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
-
-
-def _link_new(tmp: Path, path: Path) -> None:
-    """Give the finished file `tmp` the name `path`, which must not exist."""
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise FileExistsError(errno.EEXIST, "it appeared while this command ran; it was left as it is") from None
-    except OSError:  # no hard links on this file system (FAT, some network shares)
-        if os.path.lexists(path):
-            raise FileExistsError(errno.EEXIST, "it appeared while this command ran; it was left as it is") from None
-        os.replace(tmp, path)
-        return
-    tmp.unlink()
-
-
-def write_output(path: Path, data: bytes) -> None:
-    """An output file (picture, latent, plot): written atomically, never over an existing file, and a
-    failure (a full disk, a folder in the way) is one line naming the file."""
-    try:
-        atomic_write(Path(path), lambda f: f.write(data), replace_existing=False)
-    except OSError as e:
-        raise DDPMError(f"could not write {path} ({e.strerror or first_line(e)}); free some space or write "
-                        f"elsewhere") from None
-
-
-def pid_alive(pid: int) -> Optional[bool]:
-    """Whether process `pid` runs on this machine: POSIX asks with signal 0; Windows opens the
-    process and reads its exit code (os.kill(pid, 0) would terminate it there); None where it
-    cannot be told."""
-    if pid == os.getpid():
-        return True
-    if os.name == "posix":
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except OSError:  # alive, owned by someone else
-            return True
-        return True
-    if os.name == "nt":
-        try:
-            import ctypes
-
-            k32 = ctypes.windll.kernel32
-            handle = k32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-            if not handle:
-                return k32.GetLastError() == 5  # access denied: it exists; otherwise it is gone
-            code = ctypes.c_ulong()
-            ok = k32.GetExitCodeProcess(handle, ctypes.byref(code))
-            k32.CloseHandle(handle)
-            return bool(ok) and code.value == 259  # STILL_ACTIVE
-        except Exception:
-            return None
-    return None
-
-
-_TEMP_NAME = re.compile(r"\.tmp-(\d+)(-\w+)?$")
-
-
-def is_stale_temp(path: Path) -> bool:
-    """Whether a temporary file of atomic_write (named .NAME.tmp-PID-XXXX) was left by a process that
-    no longer runs, or, where that cannot be asked, is over an hour old."""
-    m = _TEMP_NAME.search(path.name)
-    alive = pid_alive(int(m.group(1))) if m else None
-    if alive is not None:
-        return not alive
-    try:
-        return time.time() - path.stat().st_mtime > 3600
-    except OSError:
-        return False
-
-
-def check_writable(folder: Path, flag: str) -> None:
-    """Fail before any work, with one line, if `folder` cannot hold our files: it is empty (''), a
-    file (or a device such as /dev/null), cannot be created, or refuses a probe file (created
-    exclusively, then removed). Folders it had to create for the probe are removed again."""
-    if not str(folder):
-        raise DDPMError(f"{flag} is empty; name a folder (. for the current one)")
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise DDPMError(f"{flag} {folder} is a file, not a folder; name a folder")
-    made = []
-    try:
-        for a in [*reversed(folder.absolute().parents), folder.absolute()]:
-            if not a.is_dir():
-                try:
-                    a.mkdir()
-                    made.append(a)
-                except FileExistsError:  # made by another process meanwhile: fine if it is a folder
-                    if not a.is_dir():
-                        raise
-        probe = folder / f".write-probe-{os.getpid()}-{os.urandom(4).hex()}"
-        os.close(os.open(str(probe), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        probe.unlink()
-    except OSError as e:
-        what = "cannot be created" if made or not folder.is_dir() else "is not writable"
-        raise DDPMError(f"{flag} {folder} {what} ({e.strerror or e}); name a folder you can write to") from None
-    finally:
-        for a in reversed(made):
-            with contextlib.suppress(OSError):
-                a.rmdir()
-
-
-# What each command writes into --save-dir (glob patterns). A command whose kind of files are already
-# there writes into a new subfolder instead, so that nothing existing is replaced and no folder mixes
-# two commands' results under the same names.
-OUTPUTS = {
-    "train": ("run-before.png", "run-after.png", "final-grid.png", "loss.png", "quality.png", "preview"),
-    "sample": ("ddpm-*.png", "reverse.png", "forward.png", "denoise.gif", "interpolate.png"),
-    "edit": ("edit-*.png",),
-    "invert": ("edit-invert-*", "edit-grid.png"),
-    "nearest": ("nearest.png",),
-}
-
-
-def output_folder(save_dir: Path, kind: str, overwrite: bool) -> Path:
-    """Where a command of `kind` writes: --save-dir itself when it holds none of that kind's files
-    (OUTPUTS), else a new subfolder save-dir/KIND-2, -3, ..., said in one line. With --overwrite the
-    earlier files are moved into save-dir/old-<date>/ (nothing is deleted) and the command writes in
-    place. Call it on the writing process only, once the command's flags are checked."""
-    save_dir = Path(save_dir)
-    found = sorted({p for pat in OUTPUTS[kind] for p in save_dir.glob(pat)}) if save_dir.is_dir() else []
-    if not found:
-        return save_dir
-    if overwrite:
-        dest = move_aside(save_dir, found)
-        log(f"--overwrite: moved {len(found)} earlier files from {save_dir} to {dest}")
-        return save_dir
-    sub = new_folder(save_dir, kind)
-    more = f" and {len(found) - 1} more" if len(found) > 1 else ""
-    log(f"note: {save_dir} holds {found[0].name}{more} from an earlier command; writing to {sub} instead "
-        f"(--overwrite moves the earlier files aside and writes in {save_dir})")
-    return sub
-
-
-def unused_name(path: Path) -> Path:
-    """`path`, or path-2, path-3, ... : the first name that does not exist."""
-    k, out = 2, path
-    while os.path.lexists(out):
-        out, k = path.with_name(f"{path.name}-{k}"), k + 1
-    return out
-
-
-def remove_if_empty(folder: Path, unless: Path) -> None:
-    """Remove a subfolder that output_folder made when the command ended before writing into it."""
-    if Path(folder) != Path(unless):
-        with contextlib.suppress(OSError):
-            Path(folder).rmdir()
-
-
-@contextlib.contextmanager
-def writing_to(save_dir: Path, kind: str, overwrite: bool):
-    """output_folder for the length of a command (decided on the writing process, rank 0): a subfolder
-    it made and left empty, because the command failed first, goes again."""
-    folder = output_folder(save_dir, kind, overwrite) if is_rank0() else Path(save_dir)
-    try:
-        yield folder
-    finally:
-        remove_if_empty(folder, save_dir)
-
-
-def new_folder(parent: Path, stem: str) -> Path:
-    """A folder that did not exist: parent/stem, else parent/stem-2, -3, ... (mkdir claims it, so two
-    processes never get the same one). An "old-" folder takes its name as given first."""
-    parent.mkdir(parents=True, exist_ok=True)
-    for k in range(1 if stem.startswith("old-") else 2, 100000):
-        folder = parent / (stem if k == 1 else f"{stem}-{k}")
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            continue
-    raise DDPMError(f"{parent} holds too many {stem}-N folders; choose another --save-dir")
-
-
-def move_aside(folder: Path, files: Sequence[Path]) -> Path:
-    """Move files of `folder` into a new folder/old-<date>/ (never deleted); returns it."""
-    dest = new_folder(folder, "old-" + time.strftime("%Y%m%d-%H%M%S"))
-    for f in files:
-        os.replace(f, dest / f.name)
-    fsync_dir(folder)
-    return dest
-
-
 class PinnedStager:
     """Host-to-GPU copies through two reused pinned buffers: the copy is asynchronous
     (non_blocking, no wait for the GPU), and a buffer is refilled only once its previous copy has
@@ -503,9 +315,17 @@ def make_progress(transient: bool = False):
 # Model configuration
 # ----------------------------------------------------------------------------------------------
 
+# the allowed values of each choice, named once (the parser, validate and the checkpoint checks read them)
+TIME_CONDS = ("scale-shift", "add")
+OBJECTIVES = ("eps", "v")
+BETA_SCHEDULES = ("linear", "cosine")
+
+
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild the model; stored in every checkpoint."""
+    """Everything needed to rebuild the model (its shape, and the schedule and objective its weights
+    were trained for); stored in every checkpoint. What only training reads (dropout, the loss
+    weighting) is in TrainConfig."""
 
     img_channels: int = 3
     img_size: int = 64
@@ -516,14 +336,11 @@ class ModelConfig:
     timesteps: int = 1000
     beta_min: float = 0.0001
     beta_max: float = 0.02
-    dropout: float = 0.1
     legacy_attention: bool = False  # the original script's cross-batch attention (its old checkpoints)
     time_cond: str = "scale-shift"  # add (the original: a shift before GroupNorm) | scale-shift (adaptive norm)
     norm_groups: int = 32           # GroupNorm groups; 32 at 32 channels is instance norm
     objective: str = "eps"          # what the network predicts: eps (the original) | v (Salimans & Ho 2022)
     beta_schedule: str = "linear"   # linear (the original) | cosine (Nichol & Dhariwal 2021)
-    loss_weight: str = "none"       # none | min-snr (Hang et al. 2023); training only
-    min_snr_gamma: float = 5.0
 
     def __post_init__(self):
         self.channel_multiples = tuple(int(m) for m in self.channel_multiples)
@@ -534,7 +351,7 @@ class ModelConfig:
         for name in ("img_channels", "img_size", "num_channels", "num_blocks", "timesteps", "norm_groups"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise DDPMError(f"{name} must be an integer, got {getattr(self, name)!r}")
-        for name in ("beta_min", "beta_max", "dropout", "min_snr_gamma"):
+        for name in ("beta_min", "beta_max"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise DDPMError(f"{name} must be a finite number, got {v!r}")
@@ -545,17 +362,14 @@ class ModelConfig:
                             f"{len(self.channel_multiples)}; give one t/f per resolution")
         if not self.channel_multiples or min(self.channel_multiples) < 1:
             raise DDPMError("--channel-multiples needs one or more positive integers")
-        if self.num_blocks < 1:
-            raise DDPMError(f"--num-blocks must be at least 1, got {self.num_blocks}")
+        for name in ("img_size", "num_blocks"):
+            if getattr(self, name) < 1:
+                raise DDPMError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         factor = 2 ** (len(self.channel_multiples) - 1)
         if self.img_size < factor or self.img_size % factor:
             raise DDPMError(f"--img-size {self.img_size} cannot be halved {len(self.channel_multiples) - 1} times "
                             f"cleanly; use a multiple of {factor}, or fewer --channel-multiples")
-        for name, allowed in (("time_cond", ("add", "scale-shift")), ("objective", ("eps", "v")),
-                              ("beta_schedule", ("linear", "cosine")), ("loss_weight", ("none", "min-snr"))):
-            if getattr(self, name) not in allowed:
-                raise DDPMError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                                f"got {getattr(self, name)!r}")
+        check_choices(self, (("time_cond", TIME_CONDS), ("objective", OBJECTIVES), ("beta_schedule", BETA_SCHEDULES)))
         g = self.norm_groups
         if g < 1:
             raise DDPMError(f"--norm-groups must be at least 1, got {g}")
@@ -563,16 +377,12 @@ class ModelConfig:
             if c % g:
                 raise DDPMError(f"GroupNorm({g}) cannot divide {c} channels; --num-channels times each of "
                                 f"--channel-multiples must be a multiple of --norm-groups {g}")
-        if not self.min_snr_gamma > 0:
-            raise DDPMError(f"--min-snr-gamma must be positive, got {self.min_snr_gamma}")
         if self.num_channels < 4:
             raise DDPMError("--num-channels must be at least 4")
         if self.timesteps < 2:
             raise DDPMError(f"--timesteps must be at least 2, got {self.timesteps}")
         if not 0 < self.beta_min <= self.beta_max < 1:
             raise DDPMError(f"need 0 < --beta-min <= --beta-max < 1, got {self.beta_min} and {self.beta_max}")
-        if not 0 <= self.dropout < 1:
-            raise DDPMError(f"dropout must be in [0, 1), got {self.dropout}")
         return self
 
     def to_dict(self) -> dict:
@@ -584,16 +394,23 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         """A config from a checkpoint: fields it lacks (it was written before they existed) take the
-        values that reproduce what it was trained as (ORIGINAL), not today's defaults."""
+        values that reproduce what it was trained as (OLD_CHECKPOINT_DEFAULTS), not today's defaults;
+        fields that have since moved to TrainConfig (dropout, the loss weighting) are left out here."""
         known = {f.name for f in fields(cls)}
-        return cls(**{**ORIGINAL, **{k: v for k, v in d.items() if k in known}})
+        return cls(**{**OLD_CHECKPOINT_DEFAULTS, **{k: v for k, v in d.items() if k in known}})
+
+
+def check_choices(obj, rules: Iterable[Tuple[str, Sequence[str]]]) -> None:
+    """One line naming the flag where a field of `obj` is not one of its allowed values."""
+    for name, allowed in rules:
+        if getattr(obj, name) not in allowed:
+            raise DDPMError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(obj, name)!r}")
 
 
 # what checkpoints written before these fields existed (and the original script's) were trained as
-ORIGINAL = dict(time_cond="add", norm_groups=32, objective="eps", beta_schedule="linear", loss_weight="none")
-# training-only fields: a fine-tune or resume may change them; every other field must match the weights
-TUNABLE = ("dropout", "loss_weight", "min_snr_gamma")
-MODEL_KEYS = [f.name for f in fields(ModelConfig) if f.name not in TUNABLE + ("legacy_attention",)]
+OLD_CHECKPOINT_DEFAULTS = dict(time_cond="add", norm_groups=32, objective="eps", beta_schedule="linear")
+# the fields a typed model flag must agree with, for a checkpoint that knows its model
+MODEL_FLAGS = [f.name for f in fields(ModelConfig) if f.name != "legacy_attention"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -660,6 +477,8 @@ def logsnr_grid(alpha_bar: torch.Tensor, steps: int) -> List[int]:
 # ----------------------------------------------------------------------------------------------
 # UNet blocks
 # ----------------------------------------------------------------------------------------------
+# Each block takes the ModelConfig (nanoGPT's Block(config)): channel counts and whether to attend
+# vary per block and are passed beside it; dropout is a training setting (TrainConfig), passed in.
 
 class TimeEmbedding(nn.Module):
     """Sinusoidal embedding of t followed by a 2-layer MLP (Vaswani et al. 2017; Ho et al. 2020)."""
@@ -678,6 +497,11 @@ class TimeEmbedding(nn.Module):
         return self.mlp(torch.cat((emb.sin(), emb.cos()), dim=1))
 
 
+def time_channels(cfg: ModelConfig) -> int:
+    """Width of the time embedding: 4x the first feature map's (Ho et al.)."""
+    return cfg.num_channels * 4
+
+
 class ResidualBlock(nn.Module):
     """GroupNorm-SiLU-Conv, then the time embedding, GroupNorm-SiLU-Dropout-Conv, plus a shortcut.
 
@@ -688,13 +512,13 @@ class ResidualBlock(nn.Module):
     to a scale and a shift applied after that GroupNorm, GroupNorm(h) * (1 + scale) + shift.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, time_channels: int, dropout: float = 0.1,
-                 time_cond: str = "add", groups: int = 32):
+    def __init__(self, cfg: ModelConfig, in_channels: int, out_channels: int, dropout: float = 0.0):
         super().__init__()
-        self.scale_shift = time_cond == "scale-shift"
+        groups, self.scale_shift = cfg.norm_groups, cfg.time_cond == "scale-shift"
         self.conv1 = nn.Sequential(
             nn.GroupNorm(groups, in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
-        self.time_emb = nn.Sequential(nn.SiLU(), nn.Linear(time_channels, out_channels * (2 if self.scale_shift else 1)))
+        self.time_emb = nn.Sequential(nn.SiLU(),
+                                      nn.Linear(time_channels(cfg), out_channels * (2 if self.scale_shift else 1)))
         self.conv2 = nn.Sequential(
             nn.GroupNorm(groups, out_channels), nn.SiLU(), nn.Dropout(dropout),
             nn.Conv2d(out_channels, out_channels, 3, padding=1))
@@ -718,16 +542,16 @@ class AttentionBlock(nn.Module):
     original script load unchanged; the computation is F.scaled_dot_product_attention, which picks
     flash / memory-efficient kernels where available.
 
-    legacy=True reproduces the original script exactly, for its old checkpoints: it passed (B, HW, C)
-    to a sequence-first MultiheadAttention, so each position attended across the images of the
-    batch, and it added the residual to the normalised input.
+    cfg.legacy_attention reproduces the original script exactly, for its old checkpoints: it passed
+    (B, HW, C) to a sequence-first MultiheadAttention, so each position attended across the images
+    of the batch, and it added the residual to the normalised input.
     """
 
-    def __init__(self, num_channels: int, num_heads: int = 1, legacy: bool = False, groups: int = 32):
+    def __init__(self, cfg: ModelConfig, num_channels: int, num_heads: int = 1):
         super().__init__()
         self.num_heads = num_heads
-        self.legacy = legacy
-        self.norm = nn.GroupNorm(groups, num_channels)
+        self.legacy = cfg.legacy_attention
+        self.norm = nn.GroupNorm(cfg.norm_groups, num_channels)
         self.attn = nn.MultiheadAttention(num_channels, num_heads)
 
     def _attend(self, h: torch.Tensor) -> torch.Tensor:
@@ -751,10 +575,10 @@ class AttentionBlock(nn.Module):
 class DownBlock(nn.Module):
     """ResidualBlock, then attention at resolutions that have it (first half of the UNet)."""
 
-    def __init__(self, in_channels, out_channels, time_channels, has_attn, dropout, legacy, time_cond="add", groups=32):
+    def __init__(self, cfg: ModelConfig, in_channels: int, out_channels: int, has_attn: bool, dropout: float = 0.0):
         super().__init__()
-        self.res = ResidualBlock(in_channels, out_channels, time_channels, dropout, time_cond, groups)
-        self.attn = AttentionBlock(out_channels, legacy=legacy, groups=groups) if has_attn else nn.Identity()
+        self.res = ResidualBlock(cfg, in_channels, out_channels, dropout)
+        self.attn = AttentionBlock(cfg, out_channels) if has_attn else nn.Identity()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x: (B, in_c, H, W) -> (B, out_c, H, W)"""
@@ -764,10 +588,10 @@ class DownBlock(nn.Module):
 class UpBlock(nn.Module):
     """Concatenate the skip connection, ResidualBlock, then attention (second half of the UNet)."""
 
-    def __init__(self, in_channels, out_channels, time_channels, has_attn, dropout, legacy, time_cond="add", groups=32):
+    def __init__(self, cfg: ModelConfig, in_channels: int, out_channels: int, has_attn: bool, dropout: float = 0.0):
         super().__init__()
-        self.res = ResidualBlock(in_channels + out_channels, out_channels, time_channels, dropout, time_cond, groups)
-        self.attn = AttentionBlock(out_channels, legacy=legacy, groups=groups) if has_attn else nn.Identity()
+        self.res = ResidualBlock(cfg, in_channels + out_channels, out_channels, dropout)
+        self.attn = AttentionBlock(cfg, out_channels) if has_attn else nn.Identity()
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x: (B, in_c, H, W), skip: (B, out_c, H, W) -> (B, out_c, H, W)"""
@@ -777,11 +601,11 @@ class UpBlock(nn.Module):
 class MiddleBlock(nn.Module):
     """ResidualBlock, attention, ResidualBlock at the lowest resolution."""
 
-    def __init__(self, num_channels, time_channels, dropout, legacy, time_cond="add", groups=32):
+    def __init__(self, cfg: ModelConfig, num_channels: int, dropout: float = 0.0):
         super().__init__()
-        self.res1 = ResidualBlock(num_channels, num_channels, time_channels, dropout, time_cond, groups)
-        self.attn = AttentionBlock(num_channels, legacy=legacy, groups=groups)
-        self.res2 = ResidualBlock(num_channels, num_channels, time_channels, dropout, time_cond, groups)
+        self.res1 = ResidualBlock(cfg, num_channels, num_channels, dropout)
+        self.attn = AttentionBlock(cfg, num_channels)
+        self.res2 = ResidualBlock(cfg, num_channels, num_channels, dropout)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)"""
@@ -814,12 +638,18 @@ class UpSample(nn.Module):
 # UNet
 # ----------------------------------------------------------------------------------------------
 
+# the ModelConfig fields that shape the network (the rest describe the diffusion around it)
+UNET_FIELDS = ("img_channels", "num_channels", "channel_multiples", "has_attn", "num_blocks", "legacy_attention",
+               "time_cond", "norm_groups")
+
+
 class UNet(nn.Module):
-    """The noise predictor eps_theta(x_t, t).
+    """The network of the diffusion model: eps_theta(x_t, t), or v under --objective v.
 
     Same layout as the original script (module names included, so its state_dicts load): per
     resolution, num_blocks DownBlocks then a DownSample; a MiddleBlock; per resolution,
-    num_blocks + 1 UpBlocks then an UpSample. Default flags give 54.56M parameters.
+    num_blocks + 1 UpBlocks then an UpSample. The arguments are the original's, in its order (its
+    defaults give 54.56M parameters); UNet.from_config builds one from a ModelConfig.
     """
 
     def __init__(self, img_channels: int = 3, num_channels: int = 64,
@@ -828,40 +658,38 @@ class UNet(nn.Module):
                  dropout: float = 0.1, legacy_attention: bool = False, time_cond: str = "add", norm_groups: int = 32):
         super().__init__()
         assert len(channel_multiples) == len(has_attn), "one has_attn flag per resolution"
-        time_channels = num_channels * 4
-        block = dict(time_channels=time_channels, dropout=dropout, legacy=legacy_attention, time_cond=time_cond,
-                     groups=norm_groups)
-
-        self.time_emb = TimeEmbedding(num_channels, time_channels)
+        cfg = ModelConfig(img_channels=img_channels, num_channels=num_channels, channel_multiples=channel_multiples,
+                          has_attn=has_attn, num_blocks=num_blocks, legacy_attention=legacy_attention,
+                          time_cond=time_cond, norm_groups=norm_groups)
+        self.time_emb = TimeEmbedding(num_channels, time_channels(cfg))
         self.in_conv = nn.Conv2d(img_channels, num_channels, 3, padding=1)
         self.down = nn.ModuleList()
         self.up = nn.ModuleList()
         in_c = num_channels
-        for i, mult in enumerate(channel_multiples):
+        for i, (mult, attn) in enumerate(zip(cfg.channel_multiples, cfg.has_attn)):
             out_c = num_channels * mult
-            self.down.append(DownBlock(in_c, out_c, has_attn=has_attn[i], **block))
+            self.down.append(DownBlock(cfg, in_c, out_c, attn, dropout))
             for _ in range(num_blocks - 1):
-                self.down.append(DownBlock(out_c, out_c, has_attn=has_attn[i], **block))
+                self.down.append(DownBlock(cfg, out_c, out_c, attn, dropout))
             # The up path is built in the same order and applied reversed (this keeps the
             # original's parameter names): UpSample, num_blocks x UpBlock(out, out), UpBlock(out, in).
-            self.up.append(UpBlock(out_c, in_c, has_attn=has_attn[i], **block))
+            self.up.append(UpBlock(cfg, out_c, in_c, attn, dropout))
             for _ in range(num_blocks):
-                self.up.append(UpBlock(out_c, out_c, has_attn=has_attn[i], **block))
+                self.up.append(UpBlock(cfg, out_c, out_c, attn, dropout))
             if i < len(channel_multiples) - 1:
                 self.down.append(DownSample(out_c))
                 self.up.append(UpSample(out_c))
             in_c = out_c
-        self.middle = MiddleBlock(in_c, time_channels, dropout, legacy_attention, time_cond, norm_groups)
+        self.middle = MiddleBlock(cfg, in_c, dropout)
         self.out_conv = nn.Sequential(
             nn.GroupNorm(norm_groups, num_channels), nn.SiLU(), nn.Conv2d(num_channels, img_channels, 3, padding=1))
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> "UNet":
-        return cls(cfg.img_channels, cfg.num_channels, cfg.channel_multiples, cfg.has_attn, cfg.num_blocks,
-                   cfg.dropout, cfg.legacy_attention, cfg.time_cond, cfg.norm_groups)
+    def from_config(cls, cfg: ModelConfig, dropout: float = 0.0) -> "UNet":
+        return cls(**{name: getattr(cfg, name) for name in UNET_FIELDS}, dropout=dropout)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: (B, img_c, H, W), t: (B,) -> predicted noise (B, img_c, H, W)"""
+        """x: (B, img_c, H, W), t: (B,) -> the prediction (eps or v), (B, img_c, H, W)"""
         temb = self.time_emb(t)
         x = self.in_conv(x)
         skips = [x]
@@ -880,7 +708,7 @@ class UNet(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SAMPLERS = ("ddpm", "ddim", "dpm++")
+VARIANCES = ("large", "small")  # the ddpm sampler's sigma^2: beta (the original), or the posterior's beta-tilde
 
 
 @dataclass(frozen=True)
@@ -888,14 +716,23 @@ class SampleSpec:
     """How to sample, passed whole to every sampling call (images, previews, pictures, evaluation),
     so no call can honour one of these and drop another."""
 
-    sampler: str = "dpm++"
-    steps: Optional[int] = None   # model calls per image; None: 25, or T for ddpm (the original)
+    sampler: str = "dpm++"        # a name in SAMPLERS
+    steps: Optional[int] = None   # model calls per image; None: the sampler's default (SAMPLERS)
     eta: float = 0.0              # DDIM noise
     clip: bool = True             # clamp each x_0 estimate to [-1, 1] (Ho et al.'s reference code)
-    variance: str = "large"       # ddpm's sigma^2: large = beta (the original), small = the posterior's beta-tilde
+    variance: str = "large"       # ddpm's sigma^2 (VARIANCES)
+
+    @property
+    def row(self) -> "Sampler":
+        return sampler_row(self.sampler)
 
     def steps_for(self, timesteps: int) -> int:
-        return self.steps or (timesteps if self.sampler == "ddpm" else 25)
+        return self.steps or self.row.default_steps or timesteps
+
+    @property
+    def draws_noise(self) -> bool:
+        """Whether sampling draws fresh noise at each step (so the path from x_T is not deterministic)."""
+        return self.row.stochastic or (self.row.eta and self.eta > 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -906,14 +743,28 @@ def _sqrt(v):
     return v.sqrt() if isinstance(v, torch.Tensor) else math.sqrt(v)
 
 
+def q_at(x0, eps, ab):
+    """sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps: a draw of q(x_t | x_0), eq. 4, at alpha_bar = ab
+    (a float or a broadcastable tensor); with ab = alpha_bar_t / alpha_bar_s it is q(x_t | x_s)."""
+    return _sqrt(ab) * x0 + _sqrt(1 - ab) * eps
+
+
+def ddpm_var(ab_t, ab_s, variance: str = "large"):
+    """sigma^2 of the ancestral step from t down to s < t (Ho et al. Sec. 3.2, on the respaced chain):
+    large = beta = 1 - alpha_bar_t / alpha_bar_s, small = beta-tilde, the posterior's variance
+    beta (1 - alpha_bar_s) / (1 - alpha_bar_t) (eq. 7). Floats or tensors."""
+    return (1 - ab_t / ab_s) * ((1 - ab_s) / (1 - ab_t) if variance == "small" else 1.0)
+
+
 class GaussianDiffusion(nn.Module):
     """Forward process q, reverse process p and the simple loss of Ho et al. 2020.
 
     Buffers are named after the paper's symbols, computed in float64 and stored as float32, and
     not saved in the state_dict (which therefore holds only `eps_model.*`, as the original's did).
-    `config` is the ModelConfig it was built from and `source` the checkpoint it was loaded from
-    (build_diffusion and load_model set them; None when built by hand). The schedule, what the
-    network predicts (eps or v) and the loss weighting come from `config` where it is given.
+    `eps_model` is the network whatever it predicts (eps, or v under the v objective): the name is
+    the original's state_dict key. `config` is the ModelConfig it was built from and `source` the
+    checkpoint it was loaded from (build_diffusion and load_model set them; None when built by
+    hand). The schedule and what the network predicts come from `config` where it is given.
     """
 
     def __init__(self, eps_model: nn.Module, timesteps: int = 1000, beta_min: float = 0.0001,
@@ -923,13 +774,14 @@ class GaussianDiffusion(nn.Module):
         self.timesteps = timesteps
         self.config = config
         self.source = source
-        c = config or ModelConfig(**ORIGINAL)
-        self.objective, self.loss_weight, self.min_snr_gamma = c.objective, c.loss_weight, c.min_snr_gamma
+        c = config or ModelConfig(**OLD_CHECKPOINT_DEFAULTS)
+        self.objective = c.objective
         beta = beta_schedule(c.beta_schedule, timesteps, beta_min, beta_max)
         alpha = 1.0 - beta
         alpha_bar = torch.cumprod(alpha, dim=0)
         alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
-        self.alpha_bar_f64 = alpha_bar  # exact values for samplers and the bound (a plain attribute)
+        # exact values for the samplers and the bound (plain attributes, float64, on the CPU)
+        self.alpha_bar_f64, self.alpha_bar_prev_f64 = alpha_bar, alpha_bar_prev
         buffers = {
             "beta": beta,
             "alpha": alpha,
@@ -939,12 +791,16 @@ class GaussianDiffusion(nn.Module):
             "sqrt_one_minus_alpha_bar": (1 - alpha_bar).sqrt(),     # std of q(x_t | x_0), eq. 4
             "p_sigma": beta.sqrt(),                                 # sigma_t^2 = beta_t (Sec. 3.2)
             # posterior q(x_{t-1} | x_t, x_0), eq. 6-7
-            "posterior_variance": beta * (1 - alpha_bar_prev) / (1 - alpha_bar),
+            "posterior_variance": ddpm_var(alpha_bar, alpha_bar_prev, "small"),
             "posterior_mean_coef1": beta * alpha_bar_prev.sqrt() / (1 - alpha_bar),
             "posterior_mean_coef2": (1 - alpha_bar_prev) * alpha.sqrt() / (1 - alpha_bar),
         }
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
+
+    def ab(self, t: int) -> float:
+        """alpha_bar_t in float64 precision for an integer timestep; 1 at t = -1 (the data itself)."""
+        return float(self.alpha_bar_f64[t]) if t >= 0 else 1.0
 
     # -- forward process ------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -985,14 +841,16 @@ class GaussianDiffusion(nn.Module):
         beta = 1 - ab_t / ab_s
         return (xt - beta / _sqrt(1 - ab_t) * eps) / _sqrt(1 - beta)
 
-    def p_mean(self, xt: torch.Tensor, t: torch.Tensor, eps_theta: torch.Tensor) -> torch.Tensor:
-        """Mean of p(x_{t-1} | x_t) for a batch of timesteps t: (B,). alpha_bar_t and alpha_bar_{t-1} are
-        taken in float64 (their ratio is 1 - beta_t, which float32 would round), except on MPS."""
-        ab = self.alpha_bar_f64
-        prev = torch.cat([ab.new_ones(1), ab[:-1]])
+    def schedule_at(self, t: torch.Tensor, shape: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_bar_t, alpha_bar_{t-1}) for a batch of timesteps t: (B,), shaped to broadcast on
+        `shape`, in float64 (their ratio is 1 - beta_t, which float32 would round), except on MPS."""
         dtype = torch.float32 if t.device.type == "mps" else torch.float64
-        view = (-1,) + (1,) * (xt.dim() - 1)
-        ab_t, ab_s = (a[t.cpu()].view(view).to(t.device, dtype) for a in (ab, prev))
+        view = (-1,) + (1,) * (len(shape) - 1)
+        return tuple(a[t.cpu()].view(view).to(t.device, dtype) for a in (self.alpha_bar_f64, self.alpha_bar_prev_f64))
+
+    def p_mean(self, xt: torch.Tensor, t: torch.Tensor, eps_theta: torch.Tensor) -> torch.Tensor:
+        """Mean of p(x_{t-1} | x_t) for a batch of timesteps t: (B,)."""
+        ab_t, ab_s = self.schedule_at(t, xt.shape)
         return self.ancestral_mean(xt, eps_theta, ab_t, ab_s).to(xt.dtype)
 
     def p_sample(self, xt: torch.Tensor, t: torch.Tensor, eps: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -1004,12 +862,11 @@ class GaussianDiffusion(nn.Module):
         return self.p_mean(xt, t, eps_theta) + sigma * eps
 
     # -- loss -----------------------------------------------------------------------------------
-    def forward(self, x0: torch.Tensor, t: Optional[torch.Tensor] = None,
-                noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x0: torch.Tensor, t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
+                weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """L_simple = E ||eps - eps_theta(x_t, t)||^2 (eq. 14), in float32. x0: (B, C, H, W) in [-1, 1].
-        v objective: the target is v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0. Min-SNR-gamma
-        (Hang et al. 2023) weights each image's error by min(SNR, gamma) / SNR for eps and
-        min(SNR, gamma) / (SNR + 1) for v, SNR = alpha_bar / (1 - alpha_bar)."""
+        v objective: the target is v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0. weight: (B,), each
+        image's weight in the mean (the trainer's loss weighting, e.g. Min-SNR); None: all equal."""
         if t is None:
             t = torch.randint(0, self.timesteps, x0.shape[:1], device=x0.device)
         if noise is None:
@@ -1019,25 +876,25 @@ class GaussianDiffusion(nn.Module):
         out = self.eps_model(xt, t).float()
         target = noise if self.objective == "eps" else (
             extract(self.sqrt_alpha_bar, t, x0.shape) * noise - extract(self.sqrt_one_minus_alpha_bar, t, x0.shape) * x0)
-        if self.loss_weight == "none":
+        if weight is None:
             return F.mse_loss(out, target)
+        return (weight * (out - target).pow(2).flatten(1).mean(1)).mean()
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """alpha_bar_t / (1 - alpha_bar_t) for a batch of timesteps t: (B,), float32."""
         ab = self.alpha_bar.gather(0, t)
-        snr = ab / (1 - ab)
-        w = snr.clamp(max=self.min_snr_gamma) / (snr if self.objective == "eps" else snr + 1)  # (B,)
-        return (w * (out - target).pow(2).flatten(1).mean(1)).mean()
+        return ab / (1 - ab)
 
     # -- sampling -------------------------------------------------------------------------------
     def grid(self, spec: SampleSpec, start: Optional[int] = None) -> List[int]:
         """The timesteps `spec` samples at, from T-1 (or from `start`, an edit's first timestep) down to
-        0: uniform for ddpm, log-SNR otherwise."""
-        steps = spec.steps_for(self.timesteps)
-        grid = (timestep_grid(self.timesteps, steps) if spec.sampler == "ddpm"
-                else logsnr_grid(self.alpha_bar_f64, steps))
+        0, on the sampler's grid (SAMPLERS, GRIDS)."""
+        grid = GRIDS[spec.row.grid](self, spec.steps_for(self.timesteps))
         return grid if start is None else [t for t in grid if t <= start]
 
-    def _predict(self, x: torch.Tensor, t: int, spec: SampleSpec, model_fn: ModelFn) -> Tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, x: torch.Tensor, t: int, spec: SampleSpec, model_fn: ModelFn) -> Tuple[torch.Tensor, torch.Tensor]:
         """(x_0, eps) of the model at (x, t); spec.clip clamps x_0 to [-1, 1] and uses the matching eps."""
-        ab_t = float(self.alpha_bar_f64[t])
+        ab_t = self.ab(t)
         out = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).float()
         x0, eps = self.x0_and_eps(x, out, ab_t)
         if spec.clip:
@@ -1045,33 +902,18 @@ class GaussianDiffusion(nn.Module):
             eps = (x - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
         return x0, eps
 
-    def _step(self, x: torch.Tensor, t: int, s: int, spec: SampleSpec, model_fn: ModelFn,
-              noise_fn: Callable[[], torch.Tensor], hist: dict) -> Tuple[torch.Tensor, torch.Tensor]:
-        """One step of spec.sampler from timestep t down to s (s = -1: the end, alpha_bar = 1).
-        Returns (x_s, the x_0 estimate); `hist` carries DPM-Solver++(2M)'s previous x_0 and step."""
-        ab = self.alpha_bar_f64
-        ab_t, ab_s = float(ab[t]), (float(ab[s]) if s >= 0 else 1.0)
-        x0, eps = self._predict(x, t, spec, model_fn)
+    def step(self, x: torch.Tensor, t: int, s: int, spec: SampleSpec, model_fn: ModelFn,
+             noise_fn: Callable[[], torch.Tensor], hist: dict) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One step of spec's sampler from timestep t down to s; s = -1 is the end (alpha_bar = 1),
+        where every sampler's mean is the x_0 estimate. Returns (x_s, the x_0 estimate)."""
         if s < 0:
-            return x0, x0  # the final step: the mean of every sampler at alpha_bar = 1 is x_0
-        if spec.sampler == "ddpm":  # sigma^2: beta of the respaced step, or the posterior's beta-tilde
-            var = (1 - ab_t / ab_s) * (1.0 if spec.variance == "large" else (1 - ab_s) / (1 - ab_t))
-            return self.ancestral_mean(x, eps, ab_t, ab_s) + math.sqrt(var) * noise_fn(), x0
-        if spec.sampler == "ddim":  # Song et al. eq. 12
-            sigma = spec.eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
-            x = math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - sigma ** 2, 0.0)) * eps
-            return (x + sigma * noise_fn() if sigma > 0 else x), x0
-        # dpm++ (2M): lambda = log(alpha / sigma), second order from the previous x0
-        h = 0.5 * math.log(ab_s / (1 - ab_s)) - 0.5 * math.log(ab_t / (1 - ab_t))
-        x0_prev, h_prev = hist.get("x0"), hist.get("h")
-        d = x0 if x0_prev is None else (1 + h / (2 * h_prev)) * x0 - (h / (2 * h_prev)) * x0_prev  # 1/(2r), r = h_prev/h
-        hist.update(x0=x0, h=h)
-        return math.sqrt((1 - ab_s) / (1 - ab_t)) * x - math.sqrt(ab_s) * math.expm1(-h) * d, x0
+            x0 = self.predict(x, t, spec, model_fn)[0]
+            return x0, x0
+        return spec.row.step(self, x, t, s, spec, model_fn, noise_fn, hist)
 
     def _renoise(self, x: torch.Tensor, s: int, t: int, noise_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """x_t ~ q(x_t | x_s) for s < t: back up the chain (RePaint's resampling jump)."""
-        a = float(self.alpha_bar_f64[t] / self.alpha_bar_f64[s])
-        return math.sqrt(a) * x + math.sqrt(1 - a) * noise_fn()
+        return q_at(x, noise_fn(), float(self.alpha_bar_f64[t] / self.alpha_bar_f64[s]))
 
     def _impose(self, x: torch.Tensor, known: torch.Tensor, mask: torch.Tensor, s: int,
                 noise_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -1079,8 +921,7 @@ class GaussianDiffusion(nn.Module):
         known image, noised to timestep s by q(x_s | x_0), where mask = 0; at the end, the image itself."""
         if s < 0:
             return mask * x + (1 - mask) * known
-        ab_s = float(self.alpha_bar_f64[s])
-        return mask * x + (1 - mask) * (math.sqrt(ab_s) * known + math.sqrt(1 - ab_s) * noise_fn())
+        return mask * x + (1 - mask) * q_at(known, noise_fn(), self.ab(s))
 
     @torch.no_grad()
     def sample(self, x: torch.Tensor, spec: SampleSpec = SampleSpec(),
@@ -1088,11 +929,9 @@ class GaussianDiffusion(nn.Module):
                callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
                start: Optional[int] = None, known: Optional[torch.Tensor] = None,
                mask: Optional[torch.Tensor] = None, jumps: int = 1) -> torch.Tensor:
-        """Denoise x = x_T: (B, C, H, W) to x_0 with spec.steps_for(T) model calls.
+        """Denoise x = x_T: (B, C, H, W) to x_0 with spec.steps_for(T) model calls, with spec's sampler
+        (SAMPLERS: ddpm, ddim, dpm++ ...).
 
-        spec.sampler: "ddpm" (ancestral, Ho et al. Alg. 2, sigma^2 = beta; respaced when steps < T),
-                      "ddim" (Song et al. 2020, eq. 12; eta=0 is deterministic; log-SNR grid),
-                      "dpm++" (DPM-Solver++(2M), Lu et al. 2022, Alg. 2, data prediction; log-SNR grid).
         noise_fn() returns fresh N(0, I) noise shaped like x (default torch.randn_like).
         model_fn(x, t) returns the network's output in float32 (default self.eps_model).
         callback(i, x, x0_pred) is called after each step.
@@ -1103,18 +942,16 @@ class GaussianDiffusion(nn.Module):
         (SDEdit); known (B, C, H, W) in [-1, 1] with mask (B, 1, H, W), 1 = regenerate: inpainting
         (RePaint), with `jumps` resampling jumps per step (1 = none).
         """
-        if spec.sampler not in SAMPLERS:
-            raise DDPMError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {spec.sampler!r}")
         model_fn = model_fn or (lambda xt, tt: self.eps_model(xt, tt).float())
         noise_fn = noise_fn or (lambda: torch.randn_like(x))
         grid = self.grid(spec, start)
-        x, hist = x.float(), {}
+        x, hist, x_s = x.float(), {}, None  # hist: what a multistep sampler keeps between steps
         for i, t in enumerate(grid):
             s = grid[i + 1] if i + 1 < len(grid) else -1
             for r in range(jumps if mask is not None and s >= 0 else 1):
                 if r:
                     x = self._renoise(x_s, s, t, noise_fn)
-                x_s, x0 = self._step(x, t, s, spec, model_fn, noise_fn, hist)
+                x_s, x0 = self.step(x, t, s, spec, model_fn, noise_fn, hist)
                 if mask is not None:
                     x_s = self._impose(x_s, known, mask, s, noise_fn)
             x = x_s
@@ -1129,18 +966,109 @@ class GaussianDiffusion(nn.Module):
         eps(x_s), with the model evaluated at the lower timestep s (the usual approximation; exact as
         the steps get small). sample(x_T, spec with ddim, eta 0) reconstructs x."""
         model_fn = model_fn or (lambda xt, tt: self.eps_model(xt, tt).float())
-        grid = self.grid(replace(spec, sampler="ddim", eta=0.0))
+        grid = self.grid(replace(spec, sampler=INVERTIBLE, eta=0.0))
         x = x.float()
         for s, t in zip(grid[::-1][:-1], grid[::-1][1:]):  # s < t, from 0 up to T-1
-            x0, eps = self._predict(x, s, spec, model_fn)
-            ab_t = float(self.alpha_bar_f64[t])
-            x = math.sqrt(ab_t) * x0 + math.sqrt(1 - ab_t) * eps
+            x0, eps = self.predict(x, s, spec, model_fn)
+            x = q_at(x0, eps, self.ab(t))
         return x
+
+
+# -- the samplers: one step function and one row each ------------------------------------------
+
+def ddpm_step(d: GaussianDiffusion, x, t: int, s: int, spec: SampleSpec, model_fn: ModelFn, noise_fn, hist: dict):
+    """Ancestral sampling (Ho et al. Alg. 2) on the respaced chain, sigma^2 as spec.variance says."""
+    ab_t, ab_s = d.ab(t), d.ab(s)
+    x0, eps = d.predict(x, t, spec, model_fn)
+    return d.ancestral_mean(x, eps, ab_t, ab_s) + math.sqrt(ddpm_var(ab_t, ab_s, spec.variance)) * noise_fn(), x0
+
+
+def ddim_step(d: GaussianDiffusion, x, t: int, s: int, spec: SampleSpec, model_fn: ModelFn, noise_fn, hist: dict):
+    """DDIM (Song et al. 2020, eq. 12): eta = 0 is deterministic, eta = 1 has the ancestral step's noise."""
+    ab_t, ab_s = d.ab(t), d.ab(s)
+    x0, eps = d.predict(x, t, spec, model_fn)
+    sigma = spec.eta * math.sqrt(ddpm_var(ab_t, ab_s, "small"))
+    x = math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - sigma ** 2, 0.0)) * eps
+    return (x + sigma * noise_fn() if sigma > 0 else x), x0
+
+
+def dpmpp_step(d: GaussianDiffusion, x, t: int, s: int, spec: SampleSpec, model_fn: ModelFn, noise_fn, hist: dict):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, data prediction) in lambda = log(alpha / sigma): second
+    order from the previous step's x_0, which `hist` keeps ("x0", and its step size "h")."""
+    ab_t, ab_s = d.ab(t), d.ab(s)
+    x0, eps = d.predict(x, t, spec, model_fn)
+    h = 0.5 * math.log(ab_s / (1 - ab_s)) - 0.5 * math.log(ab_t / (1 - ab_t))
+    x0_prev, h_prev = hist.get("x0"), hist.get("h")
+    D = x0 if x0_prev is None else (1 + h / (2 * h_prev)) * x0 - (h / (2 * h_prev)) * x0_prev  # 1/(2r), r = h_prev/h
+    hist.update(x0=x0, h=h)
+    return math.sqrt((1 - ab_s) / (1 - ab_t)) * x - math.sqrt(ab_s) * math.expm1(-h) * D, x0
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A row of SAMPLERS: the step function, its timestep grid (GRIDS), whether it draws noise at
+    every step (then it has no deterministic path: inversion refuses it, interpolation takes DDIM
+    instead), whether --eta applies, its default number of model calls (None: all T) and its help."""
+
+    step: Callable[..., Tuple[torch.Tensor, torch.Tensor]]
+    grid: str
+    stochastic: bool
+    eta: bool
+    default_steps: Optional[int]
+    help: str
+
+
+GRIDS: Dict[str, Callable[[GaussianDiffusion, int], List[int]]] = {
+    "uniform": lambda d, steps: timestep_grid(d.timesteps, steps),
+    "logsnr": lambda d, steps: logsnr_grid(d.alpha_bar_f64, steps),
+}
+SAMPLERS: Dict[str, Sampler] = {
+    "ddpm": Sampler(ddpm_step, "uniform", True, False, None, "ancestral (Ho et al.; the original's 1000 steps)"),
+    "ddim": Sampler(ddim_step, "logsnr", False, True, 25, "DDIM (Song et al.; --eta for noise)"),
+    "dpm++": Sampler(dpmpp_step, "logsnr", False, False, 25, "DPM-Solver++(2M) (Lu et al.)"),
+}
+
+
+def sampler_row(name: str) -> Sampler:
+    """The row of SAMPLERS for `name`; an unknown name is a one-line error."""
+    if name not in SAMPLERS:
+        raise DDPMError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
+    return SAMPLERS[name]
+
+
+INVERT_STEPS = 100  # DDIM inversion's error is first order in the step: 25 steps reconstruct to ~25 dB, 100 to ~38
+
+
+INVERTIBLE = "ddim"  # the sampler whose deterministic path (eta 0) inversion runs backwards
+
+
+def inversion_spec(spec: SampleSpec, steps: Optional[int]) -> SampleSpec:
+    """The deterministic path of --invert and of --interpolate between images: DDIM, eta 0, with
+    `steps` (typed --steps) or INVERT_STEPS."""
+    return replace(spec, sampler=INVERTIBLE, eta=0.0, steps=steps or INVERT_STEPS)
+
+
+def deterministic(spec: SampleSpec) -> SampleSpec:
+    """spec, with a sampler that draws noise replaced by DDIM with eta 0: the path of interpolations."""
+    return replace(spec, sampler=INVERTIBLE if spec.row.stochastic else spec.sampler, eta=0.0)
+
+
+def signal_left(cfg: ModelConfig) -> Optional[str]:
+    """A warning where the schedule leaves signal at t = T (x_T is then not pure noise, and sampling
+    from pure noise starts off the training distribution): the original's linear range at small T."""
+    ab_T = float(torch.cumprod(1 - beta_schedule(cfg.beta_schedule, cfg.timesteps, cfg.beta_min, cfg.beta_max), 0)[-1])
+    if ab_T <= 1e-3:
+        return None
+    return (f"--timesteps {cfg.timesteps} with this schedule leaves alpha_bar_T = {ab_T:.3g} of the signal at t = T; "
+            f"scale --beta-max by 1000/T (--beta-max {min(0.999, cfg.beta_max * 1000 / cfg.timesteps):g}) or use "
+            f"--beta-schedule cosine")
 
 
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
+
+# -- decoding image files -------------------------------------------------------------------------
 
 SKIP_REASONS = {
     "not_image": "not an image file",
@@ -1349,6 +1277,8 @@ def load_masks(masks: Sequence, images: Sequence, img_size: int) -> torch.Tensor
     return load_image_files(masks, img_size, 1, (0, 0, 0), "--mask")
 
 
+# -- where the images come from -------------------------------------------------------------------
+
 def split_holdout(data: torch.Tensor, fraction: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor, dict]:
     """Deterministic held-out split of data: (N, ...): a permutation seeded by (seed, 7); its first
     round(fraction * N) images (at least 1 when fraction > 0) are held out, both parts keep file order.
@@ -1415,6 +1345,20 @@ class DataSource:
         return cls(tuple(rec.get("resolved") or rec.get("folders") or ()), int(rec.get("demo_images") or 0),
                    tuple(rec.get("background") or background))
 
+
+@dataclass(frozen=True)
+class DataFlags:
+    """The data flags of the commands that read images besides training (evaluation, --forward-steps):
+    where they name data, it overrides what the checkpoint recorded."""
+
+    folders: Tuple[str, ...] = ()                     # --data-folders
+    demo: bool = False                                # --demo
+    demo_images: int = 4096                           # --demo-images
+    background: Tuple[int, int, int] = (255, 255, 255)
+    eval_folders: Tuple[str, ...] = ()                # --eval-folders: held-out images
+
+
+# -- batches --------------------------------------------------------------------------------------
 
 def to_model_range(x: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1]."""
@@ -1483,6 +1427,8 @@ class Batches:
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
 
+# -- reading and finding checkpoints --------------------------------------------------------------
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomically torch.save a checkpoint dict (see atomic_write)."""
     atomic_write(Path(path), lambda f: torch.save(state, f))
@@ -1513,14 +1459,14 @@ def read_checkpoint(path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
             raise DDPMError(f"{path}: refused: the file holds Python objects besides tensors (possibly code), "
                             f"which are never run; re-save it as a plain state_dict from a trusted source") from None
-        raise DDPMError(f"{path}: not a readable checkpoint ({first}); the file may be truncated or corrupt") from None
+        raise DDPMError(f"{path}: not a readable checkpoint ({first_line(e)}); the file may be truncated or "
+                        f"corrupt") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, AttributeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise DDPMError(f"{path}: not a readable checkpoint ({first}); the file may be truncated or corrupt") from None
+        raise DDPMError(f"{path}: not a readable checkpoint ({first_line(e)}); the file may be truncated or "
+                        f"corrupt") from None
     if not isinstance(obj, dict):
         raise DDPMError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dict")
     return obj
@@ -1549,7 +1495,7 @@ def _read_safetensors(path: Path) -> dict:
             meta = f.metadata() or {}
             weights = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # the library raises its own error types for bad headers
-        raise DDPMError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+        raise DDPMError(f"{path}: not a readable safetensors file ({first_line(e, 120)})") from None
     if meta.get("format") != FORMAT or "config" not in meta:
         raise DDPMError(f"{path}: safetensors file without a ddpm.py config in its metadata")
     try:
@@ -1629,11 +1575,13 @@ def resolve_checkpoint(path) -> Path:
     return path
 
 
+# -- validating what a checkpoint holds -----------------------------------------------------------
+
 def config_from_checkpoint(obj: dict, path: Path, explicit: Dict[str, object], fallback: ModelConfig) -> ModelConfig:
     """The model config of a checkpoint. `explicit` holds the model flags the user typed: they must
     agree with a self-describing checkpoint; for a legacy file they (and the defaults) define it."""
     if is_legacy_state_dict(obj):
-        cfg = ModelConfig.from_dict({**fallback.to_dict(), **ORIGINAL, **explicit, "legacy_attention": True})
+        cfg = ModelConfig.from_dict({**fallback.to_dict(), **OLD_CHECKPOINT_DEFAULTS, **explicit, "legacy_attention": True})
         log(f"note: {path} is a checkpoint of the original script (a bare state_dict without config); "
             f"using the model flags and the original's cross-batch attention (legacy mode)")
         return cfg.validate()
@@ -1651,7 +1599,7 @@ def config_from_checkpoint(obj: dict, path: Path, explicit: Dict[str, object], f
     except (DDPMError, TypeError, ValueError) as e:
         raise DDPMError(f"{path}: the stored model config is invalid ({e}); the file was edited or is damaged") from None
     diff = [f"{k} (checkpoint {getattr(cfg, k)!r}, flag {v!r})" for k, v in explicit.items()
-            if k in MODEL_KEYS and _norm(getattr(cfg, k)) != _norm(v)]
+            if k in MODEL_FLAGS and _norm(getattr(cfg, k)) != _norm(v)]
     if diff:
         raise DDPMError(f"{path}: checkpoint config disagrees with the model flags: {'; '.join(diff)}; "
                         f"drop those flags (the checkpoint knows its model) or use another checkpoint")
@@ -1759,6 +1707,8 @@ def _norm(v):
     return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
+# -- building and loading models ------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class ModelSource:
     """Where a loaded model's weights came from."""
@@ -1772,8 +1722,9 @@ class ModelSource:
                 f"{'EMA' if self.ema else 'raw'} weights)")
 
 
-def build_diffusion(cfg: ModelConfig, source: Optional[ModelSource] = None) -> GaussianDiffusion:
-    return GaussianDiffusion(UNet.from_config(cfg), cfg.timesteps, cfg.beta_min, cfg.beta_max, config=cfg,
+def build_diffusion(cfg: ModelConfig, source: Optional[ModelSource] = None, dropout: float = 0.0) -> GaussianDiffusion:
+    """The model `cfg` describes (dropout: a training setting; sampling runs in eval mode)."""
+    return GaussianDiffusion(UNet.from_config(cfg, dropout), cfg.timesteps, cfg.beta_min, cfg.beta_max, config=cfg,
                              source=source)
 
 
@@ -1842,122 +1793,6 @@ def export_safetensors(model: GaussianDiffusion, cfg: ModelConfig, out: Path, we
     meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "config": json.dumps(cfg.to_dict()),
             "weights": weights, "step": str(step)}
     write_output(Path(out), st_save(state, metadata=meta))
-
-
-def new_run_id() -> str:
-    """A fresh run's id: its start time and 6 random hex digits, e.g. 20261127-101500-3fa2c1."""
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(3).hex()
-
-
-RUN_LOGS = ("metrics.csv", "events.csv", "tensorboard")
-
-
-def run_files(folder: Path) -> List[Path]:
-    """The files a training run writes into its checkpoint folder (checkpoints, logs, TensorBoard)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return sorted(checkpoint_files(folder) + [folder / n for n in RUN_LOGS if os.path.lexists(folder / n)])
-
-
-def guard_run_folder(folder: Path, run_id: Optional[str], continuing: bool, overwrite: bool,
-                     source: Optional[Path] = None, from_step: Optional[int] = None) -> None:
-    """One run per checkpoint folder. A run may write into `folder` if it holds no run files, or
-    only files of this same run (`continuing`: --resume, or a staged --loadckpt of one of its
-    checkpoints) and `source`, the checkpoint it continues from (at `from_step`), is the newest of
-    them: a branch from an older one would overwrite newer checkpoints, so it is refused with the
-    name of another folder. A folder that holds only the logs of a run that never wrote a checkpoint
-    is restartable: the logs are moved aside. Otherwise refuse with one line, or with --overwrite
-    move the other run's files into a dated subfolder (never deleted)."""
-    folder = Path(folder)
-    odd = [p for p in [*folder.glob(CKPT_PATTERN), *(folder / n for n in ("metrics.csv", "events.csv"))]
-           if os.path.lexists(p) and (p.is_symlink() or not p.is_file())] if folder.is_dir() else []
-    if odd:
-        raise DDPMError(f"{odd[0]} is not a regular file (a folder, link or device is in its place); move it away "
-                        f"or use another --ckpt-save-dir")
-    files = run_files(folder)
-    if not files:
-        return
-    ckpts = [p for p in files if p.suffix == ".pth"]
-    metas = [checkpoint_meta(p) for p in ckpts]
-    runs = {run for step, run in metas if step >= 0}  # a damaged file (step -1) belongs to no run
-    if continuing and run_id is not None and ckpts and runs <= {run_id}:
-        newest = max((step for step, _ in metas), default=-1)
-        if from_step is not None and newest > from_step:
-            raise DDPMError(f"{source} is step {from_step} of the run in {folder}, which has reached step {newest}; "
-                            f"training from it there would overwrite newer checkpoints: put this branch in another "
-                            f"folder (--ckpt-save-dir {folder}-from-{from_step}), or continue the newest "
-                            f"(--loadckpt {folder})")
-        return
-    if not ckpts:  # the logs of a run that died before its first checkpoint: nothing to continue
-        dest = move_aside(folder, files)
-        log(f"note: {folder} held only the logs of a run that never saved a checkpoint; moved them to {dest}")
-        return
-    if not overwrite:
-        raise DDPMError(f"{folder} holds {len(ckpts)} checkpoints of another run; continue it with --resume, train "
-                        f"into another --ckpt-save-dir, or add --overwrite to move its files into {folder}/old-<date>/")
-    dest = move_aside(folder, files)
-    log(f"--overwrite: moved {len(files)} files of the previous run to {dest}")
-
-
-class FolderLock:
-    """An exclusive lock on a checkpoint folder for one training run: an operating-system lock on
-    FOLDER/.lock (filelock: flock on POSIX, LockFileEx on Windows), which the system releases when the
-    process ends, however it ends, so there is never a stale lock to take over. The file itself stays
-    (removing it would let a process that opened it just before lock the removed file). Who holds it
-    (pid, host, start time) is written beside it to FOLDER/.lock.json for the refusal message, and
-    removed on release."""
-
-    def __init__(self, folder: Path):
-        self.path = Path(folder) / ".lock"
-        self.info = Path(folder) / ".lock.json"
-        self._lock = None
-        self.created = False
-
-    def _holder(self) -> str:
-        try:
-            info = json.loads(self.info.read_text(encoding="utf-8"))
-            return f"process {info['pid']} on {info['host']}, since {info['started']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "a process that is starting"
-
-    def acquire(self) -> None:
-        from filelock import FileLock, Timeout
-
-        folder = self.path.parent
-        self.created = not folder.exists()  # then removed again if the run leaves it empty
-        if os.path.lexists(self.path) and (self.path.is_symlink() or not self.path.is_file()):
-            raise DDPMError(f"{self.path} is not a lock file (a folder or a link is in its place); move it away "
-                            f"or use another --ckpt-save-dir")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(str(self.path), timeout=0)
-            lock.acquire()
-        except Timeout:
-            raise DDPMError(f"{folder} is in use by another training run ({self._holder()}); wait for it to finish "
-                            f"or use another --ckpt-save-dir") from None
-        except OSError as e:
-            raise DDPMError(f"cannot lock {self.path} ({e.strerror or first_line(e)}); check --ckpt-save-dir") from None
-        self._lock = lock
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        with contextlib.suppress(OSError):  # only for the message of a refused run: a full disk is no reason to stop
-            atomic_write(self.info, lambda f: f.write(json.dumps(info).encode()))
-
-    @property
-    def held(self) -> bool:
-        return self._lock is not None
-
-    def release(self) -> None:
-        if self._lock is None:
-            return
-        with contextlib.suppress(OSError):
-            self.info.unlink()
-        if self.created and [p.name for p in self.path.parent.iterdir()] == [".lock"]:
-            with contextlib.suppress(OSError):  # a folder this run made and left empty goes again
-                self.path.unlink()
-                self.path.parent.rmdir()
-        self._lock.release()
-        self._lock = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2071,22 +1906,6 @@ def resolve_compile(wanted: bool, device: torch.device) -> bool:
     return ok
 
 
-def maybe_compile(fn, rt: Runtime, **kwargs):
-    """torch.compile(fn) when rt.compile (already resolved by resolve_compile), else fn itself."""
-    return torch.compile(fn, **kwargs) if rt.compile else fn
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under torch.compile and DistributedDataParallel wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
 def broadcast_int(value: int, rt: Runtime) -> int:
     """Rank 0's value, on every rank."""
     if not rt.distributed:
@@ -2110,14 +1929,110 @@ def barrier(rt: Runtime) -> None:
         dist.barrier()
 
 
+# -- memory: what a training step and a sampling batch need ------------------------------------
+
+def activation_bytes(model: GaussianDiffusion, rt: Runtime, cfg: ModelConfig) -> Tuple[int, int]:
+    """(bytes per image, fixed bytes) that one training step keeps for its backward pass, measured
+    on the device with the run's precision: the tensors autograd saves in the forward pass of 1 and
+    of 2 images (weights and their casts excluded per image, counted once as fixed)."""
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    sizes = []
+    for n in (1, 2):
+        seen: Dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            st = t.untyped_storage()
+            if st.data_ptr() not in own:
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+        x = torch.zeros(n, cfg.img_channels, cfg.img_size, cfg.img_size, device=rt.device)
+        t = torch.full((n,), cfg.timesteps // 2, device=rt.device, dtype=torch.long)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), rt.autocast():
+            loss = model(x, t, torch.zeros_like(x))
+        del loss
+        sizes.append(sum(seen.values()))
+    per_image = max(1, sizes[1] - sizes[0])
+    return per_image, max(0, sizes[0] - per_image)
+
+
+def cuda_free_bytes(dev: torch.device) -> int:
+    """Memory this process may still take on the GPU: the device's free memory, and no more than
+    torch.cuda.set_per_process_memory_fraction allows beside what the allocator already holds."""
+    free, total = torch.cuda.mem_get_info(dev)
+    held, used = torch.cuda.memory_reserved(dev), torch.cuda.memory_allocated(dev)
+    fraction = torch.cuda.get_per_process_memory_fraction(dev) if hasattr(
+        torch.cuda, "get_per_process_memory_fraction") else 1.0
+    return max(0, min(free + held - used, int(fraction * total) - used))
+
+
+# Peak activation memory of a step over the bytes autograd saves in its forward pass: the backward
+# pass's temporaries. Measured on an H200 (default model, batch 64 as 2 x 32, eager): bf16 1.3x,
+# fp16 with GradScaler 1.55x.
+ACTIVATION_PEAK = 1.6
+
+
+@dataclass
+class MemoryPlan:
+    micro: int          # images per forward/backward on each process
+    accum: int          # micro-batches per update
+    data_on_device: bool
+    note: str           # for the start-up line
+
+
+def plan_memory(free: int, state: int, per_image: int, fixed: int, share: int, accum: int,
+                auto_accum: bool, data_bytes: int) -> MemoryPlan:
+    """Pick the micro-batch and the data's place from measured numbers (all in bytes).
+
+    free: what the process may still allocate; state: what training adds before the first step
+    (gradients and Adam's two moments); per_image / fixed: activation_bytes. A step needs
+    state + fixed + ACTIVATION_PEAK * micro * per_image, and 10% of `free` is kept back for the
+    allocator's fragmentation. The micro-batch is halved (accumulation doubled, same update) until
+    that fits, unless --grad-accum was typed. The data goes on the GPU only if it fits in what is left."""
+    budget = 0.9 * free - state - fixed
+    micro = share // accum
+    while auto_accum and micro % 2 == 0 and micro > 1 and ACTIVATION_PEAK * micro * per_image > budget:
+        micro, accum = micro // 2, accum * 2
+    left = budget - ACTIVATION_PEAK * micro * per_image
+    on_device = data_bytes <= left
+    gib = 2 ** 30
+    note = (f"GPU memory: {free / gib:.1f} GiB free, a step needs about "
+            f"{(state + fixed + ACTIVATION_PEAK * micro * per_image) / gib:.1f} GiB at micro-batch {micro}; data "
+            + ("on the GPU" if on_device else "in CPU memory, copied per batch"))
+    return MemoryPlan(micro, accum, on_device, note)
+
+
+def free_memory(dev: torch.device) -> Optional[int]:
+    """Bytes free on the device (for the CPU: available RAM where the system says), or None."""
+    if dev.type == "cuda":
+        return cuda_free_bytes(dev)
+    if dev.type == "cpu":
+        return available_ram()
+    return None
+
+
+def check_sampling_memory(cfg: ModelConfig, batch: int, n: int, dev: torch.device) -> None:
+    """Refuse, with an estimate, sampling that cannot fit: for a batch, about a dozen feature maps of
+    the top resolution alive at once (input, skip connections, the residual blocks' inner maps); for
+    all n images, their uint8 pixels kept in CPU memory until written."""
+    need = batch * cfg.img_size ** 2 * max(cfg.num_channels, cfg.img_channels) * 4 * 12
+    keep = n * (cfg.img_channels * cfg.img_size ** 2 + 64)
+    free, ram = free_memory(dev), free_memory(torch.device("cpu"))
+    if ram is not None and keep > ram:
+        raise DDPMError(f"--num-samples {n} at {cfg.img_size}x{cfg.img_size} needs about {keep / 2**30:,.1f} GiB of "
+                        f"memory for the images, more than the {ram / 2**30:,.1f} GiB free; make fewer per run "
+                        f"(--num-samples), with other --seed values")
+    if free is not None and need > free:
+        fit = max(1, int(batch * free / need))
+        raise DDPMError(f"--batch-size {batch} at {cfg.img_size}x{cfg.img_size} needs about {need / 2**30:,.1f} GiB "
+                        f"to sample, more than the {free / 2**30:,.1f} GiB free on {dev.type}; use --batch-size "
+                        f"{fit} or fewer")
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling and pictures
 # ----------------------------------------------------------------------------------------------
 
-def sync_device(rt: Runtime) -> None:
-    if rt.device.type == "cuda":
-        torch.cuda.synchronize(rt.device)
-
+# -- sampling -------------------------------------------------------------------------------------
 
 class ImageNoise:
     """Per-image noise: image i draws all its noise (x_T, then each step's) from its own generator
@@ -2149,14 +2064,27 @@ class ImageNoise:
         return out
 
 
-def sampling_model_fn(model: GaussianDiffusion, rt: Runtime, compile_: bool = False) -> ModelFn:
-    """eps_theta(x, t) in float32, under the run's autocast (bf16 on GPUs), optionally compiled
-    (CUDA graphs via mode="reduce-overhead" for the fixed batch shape; channels_last only then)."""
+@dataclass
+class SamplingNet:
+    """The network as samplers call it: net(x, t) -> its output in float32, under the run's autocast
+    (bf16 on GPUs). compiled: torch.compile'd, so a batch of another shape would compile again."""
+
+    fn: ModelFn
+    compiled: bool = False
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, t)
+
+
+def sampling_net(model: GaussianDiffusion, rt: Runtime, compile_: bool = False) -> SamplingNet:
+    """model's network for sampling, optionally compiled (on CUDA with CUDA graphs through
+    mode="reduce-overhead" for the fixed batch shape, and channels_last only then, on a copy of the
+    network: the caller's model is left as it is)."""
     net = model.eps_model
     compiled = resolve_compile(compile_, rt.device)
     graphs = channels_last = compiled and rt.device.type == "cuda"
     if channels_last:
-        net.to(memory_format=torch.channels_last)
+        net = copy.deepcopy(net).to(memory_format=torch.channels_last)
     if compiled:
         net = torch.compile(net, mode="reduce-overhead" if graphs else None)
 
@@ -2168,8 +2096,7 @@ def sampling_model_fn(model: GaussianDiffusion, rt: Runtime, compile_: bool = Fa
         with rt.autocast():
             out = net(x, t)
         return out.to(torch.float32, copy=True) if graphs else out.float()  # a graph's output is reused
-    fn.compiled = compiled
-    return fn
+    return SamplingNet(fn, compiled)
 
 
 @dataclass
@@ -2204,8 +2131,7 @@ def _sample_chunk(model: GaussianDiffusion, spec: SampleSpec, fn: ModelFn, noise
     known = to_model_range(edit.images).to(device)
     start = edit.start(model, spec)
     if start is not None:
-        ab = float(model.alpha_bar_f64[start])
-        x = math.sqrt(ab) * known + math.sqrt(1 - ab) * x
+        x = q_at(known, x, model.ab(start))
     mask = edit.masks.to(device) if edit.masks is not None else None
     return model.sample(x, spec, noise_fn=noise, model_fn=fn, callback=cb, start=start, known=known, mask=mask,
                         jumps=edit.jumps)
@@ -2215,11 +2141,11 @@ def generate(model: GaussianDiffusion, rt: Runtime, indices: Sequence[int], seed
              spec: SampleSpec = SampleSpec(), batch_size: int = 64, compile_: bool = False,
              callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
              model_fn: Optional[ModelFn] = None, show_progress: bool = True,
-             edit: Optional[Edit] = None) -> torch.Tensor:
+             edit: Optional[Edit] = None) -> Optional[torch.Tensor]:
     """Images `indices` of `seed`, sampled as `spec` says (from `edit`'s images where given, one per
     index), as a (N, C, H, W) uint8 CPU tensor in the order of `indices` (on rank 0; other ranks
     return None). Under torchrun the indices are split across processes. callback(i, x, x0) sees
-    each step of each batch."""
+    each step of each batch. model_fn: the network to call (default: sampling_net of the model)."""
     cfg = model.config
     if cfg.legacy_attention and len(indices) > 1:
         warn_once("legacy-mode models attend across the batch: an image depends on its batch-mates, "
@@ -2228,7 +2154,8 @@ def generate(model: GaussianDiffusion, rt: Runtime, indices: Sequence[int], seed
     mine = list(range(len(indices)))[rt.rank::rt.world]  # positions in `indices`
     start = edit.start(model, spec) if edit is not None else None
     n_steps = len(model.grid(spec, start))
-    fn = model_fn or sampling_model_fn(model, rt, compile_)
+    fn = model_fn or sampling_net(model, rt, compile_)
+    compiled = isinstance(fn, SamplingNet) and fn.compiled
     out = []
     with torch.inference_mode(), make_progress(transient=True) as progress:
         task = progress.add_task(f"Sampling ({spec.sampler}, {n_steps} steps)", total=len(mine) * n_steps, info="",
@@ -2236,7 +2163,7 @@ def generate(model: GaussianDiffusion, rt: Runtime, indices: Sequence[int], seed
         for b in range(0, len(mine), batch_size):
             rows = mine[b:b + batch_size]
             chunk, n = [indices[r] for r in rows], len(rows)
-            if b and n < batch_size and getattr(fn, "compiled", False) and not cfg.legacy_attention:
+            if b and n < batch_size and compiled and not cfg.legacy_attention:
                 # a compiled model would recompile and record a new CUDA graph for a smaller last
                 # chunk: pad it with more images (independent of the others) and drop them
                 chunk = chunk + [max(indices) + 1 + k for k in range(batch_size - n)]
@@ -2267,6 +2194,8 @@ def gather_images(parts: List[torch.Tensor], total: int, cfg: ModelConfig, rt: R
         imgs[r::rt.world] = part
     return imgs
 
+
+# -- pictures -------------------------------------------------------------------------------------
 
 def png_bytes(img: torch.Tensor) -> bytes:
     """A (C, H, W) uint8 image encoded as PNG."""
@@ -2343,11 +2272,10 @@ def interpolation_strip(model: GaussianDiffusion, rt: Runtime, za: torch.Tensor,
                         k: int = 8) -> torch.Tensor:
     """k images along the spherical path between two x_T (C, H, W): the noise of two seeds, or two
     real images inverted by GaussianDiffusion.invert; each denoised along the same deterministic path
-    (ddpm is replaced by ddim, eta 0)."""
+    (see deterministic: a sampler that draws noise is replaced by DDIM, eta 0)."""
     x = torch.stack([slerp(za.cpu(), zb.cpu(), j / (k - 1)) for j in range(k)]).to(rt.device)
-    path = replace(spec, sampler="ddim" if spec.sampler == "ddpm" else spec.sampler, eta=0.0)
     with torch.inference_mode():
-        out = model.sample(x, path, model_fn=sampling_model_fn(model, rt))
+        out = model.sample(x, deterministic(spec), model_fn=sampling_net(model, rt))
     return strip([to_uint8(out).cpu()[j:j + 1] for j in range(k)])
 
 
@@ -2365,13 +2293,13 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def forward_strip(model: GaussianDiffusion, x0: torch.Tensor, seed: int) -> torch.Tensor:
     """Rows: training images; columns: x_0, then x_t ~ q(x_t | x_0) at ten evenly spaced t, ending at T-1
-    (t = 99, 199, ..., 999 for T = 1000, as the original)."""
+    (t = 99, 199, ..., 999 for T = 1000, as the original). Computed on the CPU from the model's schedule
+    (the model itself is not moved)."""
     g = torch.Generator().manual_seed(mix_seed(seed, 4))
     x0 = to_model_range(x0)
     cols = [to_uint8(x0)]
     for t in sorted({round((k + 1) * model.timesteps / 10) - 1 for k in range(10)}):
-        tt = torch.full((x0.shape[0],), t, dtype=torch.long)
-        cols.append(to_uint8(model.cpu().q_sample(x0, tt, torch.randn(x0.shape, generator=g))))
+        cols.append(to_uint8(q_at(x0, torch.randn(x0.shape, generator=g), model.ab(t))))
     return strip(cols)
 
 
@@ -2391,8 +2319,9 @@ def upscale(img: torch.Tensor, factor: int) -> torch.Tensor:
     return img.repeat_interleave(factor, 1).repeat_interleave(factor, 2) if factor > 1 else img
 
 
-def save_grid(grid: torch.Tensor, cfg: ModelConfig, path: Path) -> None:
-    """Save a picture of the model's images, doubled in size where they are 32 px or smaller."""
+def save_picture(grid: torch.Tensor, cfg: ModelConfig, path: Path) -> None:
+    """Save a picture of the model's images (a grid, a strip), doubled in size where they are 32 px
+    or smaller, so that they can be seen."""
     save_png(upscale(grid, 2 if cfg.img_size <= 32 else 1), path)
 
 
@@ -2438,11 +2367,11 @@ def write_loss_curve(metrics_csv: Path, out: Path) -> None:
 # Training
 # ----------------------------------------------------------------------------------------------
 
-# the settings --resume takes from the run's checkpoint unless typed again (flag names for messages)
-RESUMED = {"batch_size": "--batch-size", "grad_accum": "--grad-accum", "lr": "--lr",
-           "lr_schedule": "--lr-schedule", "warmup_steps": "--warmup-steps", "ema_decay": "--ema-decay",
-           "precision": "--precision", "holdout": "--holdout", "log_every": "--log-every",
-           "sample_every": "--sample-every", "max_nonfinite": "--max-nonfinite", "epochs": "--epochs"}
+# -- the settings --------------------------------------------------------------------------------
+
+LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOSS_WEIGHTS = ("none", "min-snr")
 
 
 @dataclass(frozen=True)
@@ -2454,18 +2383,21 @@ class TrainConfig:
     grad_accum: int = 1             # micro-batches per update
     auto_accum: bool = True         # on a GPU, split the micro-batch further when memory is short
     lr: float = 1e-4
-    lr_schedule: str = "constant"   # constant | cosine (to 0 at the end of the run's last epoch)
+    lr_schedule: str = "constant"   # LR_SCHEDULES: constant, or cosine to 0 at the end of the run's last epoch
     warmup_steps: int = 0
     epochs: int = 5                 # a fresh run's epochs; a fine-tune's extra epochs; a resume's total
     ema_decay: float = 0.9999       # 0: no EMA
-    precision: str = "auto"         # auto | fp32 | bf16 | fp16
+    precision: str = "auto"         # PRECISIONS
     holdout: float = 0.0            # fraction of the images left out, for --eval
     max_steps: Optional[int] = None
     max_nonfinite: int = 10         # stop after this many non-finite updates in a row
     log_every: int = 50
     sample_every: int = 1000        # preview grids (0: none)
     tensorboard: bool = False
-    preview: SampleSpec = SampleSpec()
+    dropout: float = 0.1            # in the residual blocks
+    loss_weight: str = "none"       # LOSS_WEIGHTS: none, or Min-SNR-gamma (Hang et al. 2023)
+    min_snr_gamma: float = 5.0
+    preview: SampleSpec = SampleSpec()  # how the run's pictures are sampled
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -2483,16 +2415,16 @@ class TrainConfig:
                                 + ("; leave it out for no limit" if name == "max_steps" else ""))
         return self
 
-    def resumed(self, stored: dict, explicit: Iterable[str]) -> "TrainConfig":
+    def resumed(self, stored: dict, typed: Iterable[str]) -> "TrainConfig":
         """These settings with the run's own (`stored`, a checkpoint's "train") in place of every
         setting that was not typed; a typed one that differs is said in one line. The result is
         validated: a stored value of the wrong type or range raises DDPMError."""
-        explicit, changes = set(explicit), {}
-        for name, flag in RESUMED.items():
+        typed, changes = set(typed), {}
+        for name, flag in RESUMED_SETTINGS.items():
             if name not in stored:
                 continue
             mine, theirs = getattr(self, name), stored[name]
-            if name not in explicit:
+            if name not in typed:
                 changes[name] = float(theirs) if isinstance(mine, float) and type(theirs) is int else theirs
             elif mine != theirs:
                 log(f"resume: {flag} {mine} (the run used {theirs})")
@@ -2501,8 +2433,6 @@ class TrainConfig:
         return replace(self, **changes).validate()
 
 
-LR_SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # each TrainConfig field's types, range and the rule in words (for TrainConfig.validate)
 TRAIN_RULES = {
     "batch_size": (int, lambda v: v >= 1, "at least 1"),
@@ -2520,8 +2450,36 @@ TRAIN_RULES = {
     "log_every": (int, lambda v: v >= 1, "at least 1"),
     "sample_every": (int, lambda v: v >= 0, "0 or more"),
     "tensorboard": (bool, lambda v: True, "true or false"),
+    "dropout": ((int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
+    "loss_weight": (str, lambda v: v in LOSS_WEIGHTS, f"one of {', '.join(LOSS_WEIGHTS)}"),
+    "min_snr_gamma": ((int, float), lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
 }
+# the settings --resume takes from the run's checkpoint unless typed again (flag names for messages)
+RESUMED_SETTINGS = {name: "--" + name.replace("_", "-") for name in (
+    "batch_size", "grad_accum", "lr", "lr_schedule", "warmup_steps", "ema_decay", "precision", "holdout", "log_every",
+    "sample_every", "max_nonfinite", "epochs", "dropout", "loss_weight", "min_snr_gamma")}
+# settings that checkpoints before format 4 kept in their model config ("config"), not in "train"
+MOVED_TO_TRAIN = ("dropout", "loss_weight", "min_snr_gamma")
 
+
+def stored_train_settings(obj: dict) -> dict:
+    """A checkpoint's training settings: its "train" record, with what older checkpoints kept in
+    their model config (MOVED_TO_TRAIN) read from there."""
+    cfg = obj.get("config") if isinstance(obj.get("config"), dict) else {}
+    return {**{k: cfg[k] for k in MOVED_TO_TRAIN if k in cfg}, **(obj.get("train") or {})}
+
+
+def loss_weights(model: GaussianDiffusion, t: torch.Tensor, tc: TrainConfig) -> Optional[torch.Tensor]:
+    """Each image's weight in the loss, (B,), or None for the plain mean. Min-SNR-gamma (Hang et al.
+    2023): min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v, SNR = alpha_bar / (1 -
+    alpha_bar)."""
+    if tc.loss_weight == "none":
+        return None
+    snr = model.snr(t)
+    return snr.clamp(max=tc.min_snr_gamma) / (snr if model.objective == "eps" else snr + 1)
+
+
+# -- the run's state ---------------------------------------------------------------------------
 
 class EMA:
     """Exponential moving average of the weights, with warm-up min(decay, (1 + n) / (10 + n))."""
@@ -2675,74 +2633,76 @@ class MetricsLog:
             self.tb.close()
 
 
-def activation_bytes(model: GaussianDiffusion, rt: Runtime, cfg: ModelConfig) -> Tuple[int, int]:
-    """(bytes per image, fixed bytes) that one training step keeps for its backward pass, measured
-    on the device with the run's precision: the tensors autograd saves in the forward pass of 1 and
-    of 2 images (weights and their casts excluded per image, counted once as fixed)."""
-    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    sizes = []
-    for n in (1, 2):
-        seen: Dict[int, int] = {}
+class Stop(enum.Enum):
+    """Why fit() returned."""
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            st = t.untyped_storage()
-            if st.data_ptr() not in own:
-                seen[st.data_ptr()] = st.nbytes()
-            return t
-        x = torch.zeros(n, cfg.img_channels, cfg.img_size, cfg.img_size, device=rt.device)
-        t = torch.full((n,), cfg.timesteps // 2, device=rt.device, dtype=torch.long)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), rt.autocast():
-            loss = model(x, t, torch.zeros_like(x))
-        del loss
-        sizes.append(sum(seen.values()))
-    per_image = max(1, sizes[1] - sizes[0])
-    return per_image, max(0, sizes[0] - per_image)
+    DONE = "done"                                  # the planned epochs are trained
+    NOTHING = "nothing to do"                      # the run was already at its end
+    MAX_STEPS = "max steps"
+    TIME_BUDGET = "time budget"
+    SIGINT = "SIGINT"
+    SIGTERM = "SIGTERM"
+    ELSEWHERE = "stop on another process"          # under torchrun: a signal or deadline on another rank
+    ERROR = "error"                                # a write or memory failed: saved, then the error is raised
 
-
-def cuda_free_bytes(dev: torch.device) -> int:
-    """Memory this process may still take on the GPU: the device's free memory, and no more than
-    torch.cuda.set_per_process_memory_fraction allows beside what the allocator already holds."""
-    free, total = torch.cuda.mem_get_info(dev)
-    held, used = torch.cuda.memory_reserved(dev), torch.cuda.memory_allocated(dev)
-    fraction = torch.cuda.get_per_process_memory_fraction(dev) if hasattr(
-        torch.cuda, "get_per_process_memory_fraction") else 1.0
-    return max(0, min(free + held - used, int(fraction * total) - used))
-
-
-# Peak activation memory of a step over the bytes autograd saves in its forward pass: the backward
-# pass's temporaries. Measured on an H200 (default model, batch 64 as 2 x 32, eager): bf16 1.3x,
-# fp16 with GradScaler 1.55x.
-ACTIVATION_PEAK = 1.6
+    @property
+    def by_signal(self) -> bool:
+        """A signal (or another process's) asked to stop: exit at once, no more pictures."""
+        return self in (Stop.SIGINT, Stop.SIGTERM, Stop.ELSEWHERE)
 
 
 @dataclass
-class MemoryPlan:
-    micro: int          # images per forward/backward on each process
-    accum: int          # micro-batches per update
-    data_on_device: bool
-    note: str           # for the start-up line
+class Position:
+    """Where a run is: the counters saved in its checkpoints. end_epoch: the epoch it stops before."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0     # steps into the current epoch
+    images_seen: int = 0
+    end_epoch: int = 0
+
+    def roll_over(self, steps_per_epoch: int) -> bool:
+        """Start the next epoch if this one is complete; whether it did."""
+        if self.epoch_step < steps_per_epoch:
+            return False
+        self.epoch, self.epoch_step = self.epoch + 1, 0
+        return True
 
 
-def plan_memory(free: int, state: int, per_image: int, fixed: int, share: int, accum: int,
-                auto_accum: bool, data_bytes: int) -> MemoryPlan:
-    """Pick the micro-batch and the data's place from measured numbers (all in bytes).
+class LossStats:
+    """Device-side sums of the loss and of skipped (non-finite) steps, read only at sync points, so
+    the hot path has no host sync: since the last log line, since the epoch began, and in all."""
 
-    free: what the process may still allocate; state: what training adds before the first step
-    (gradients and Adam's two moments); per_image / fixed: activation_bytes. A step needs
-    state + fixed + ACTIVATION_PEAK * micro * per_image, and 10% of `free` is kept back for the
-    allocator's fragmentation. The micro-batch is halved (accumulation doubled, same update) until
-    that fits, unless --grad-accum was typed. The data goes on the GPU only if it fits in what is left."""
-    budget = 0.9 * free - state - fixed
-    micro = share // accum
-    while auto_accum and micro % 2 == 0 and micro > 1 and ACTIVATION_PEAK * micro * per_image > budget:
-        micro, accum = micro // 2, accum * 2
-    left = budget - ACTIVATION_PEAK * micro * per_image
-    on_device = data_bytes <= left
-    gib = 2 ** 30
-    note = (f"GPU memory: {free / gib:.1f} GiB free, a step needs about "
-            f"{(state + fixed + ACTIVATION_PEAK * micro * per_image) / gib:.1f} GiB at micro-batch {micro}; data "
-            + ("on the GPU" if on_device else "in CPU memory, copied per batch"))
-    return MemoryPlan(micro, accum, on_device, note)
+    def __init__(self, device: torch.device):
+        zero = lambda: torch.zeros((), device=device)  # noqa: E731
+        self.loss_sum, self.good_steps = zero(), zero()        # since the last log line
+        self.epoch_loss_sum, self.epoch_good = zero(), zero()  # since the epoch began
+        self.bad_total, self.bad_run, self.bad_run_max = zero(), zero(), zero()  # skipped: in all, in a row
+
+    def add(self, loss: torch.Tensor, bad: torch.Tensor) -> None:
+        """One update: its loss (not counted where bad = 1, a skipped step)."""
+        self.bad_total += bad
+        self.bad_run = (self.bad_run + 1) * bad
+        torch.maximum(self.bad_run_max, self.bad_run, out=self.bad_run_max)
+        loss = torch.where(bad > 0, torch.zeros_like(loss), loss)
+        self.loss_sum += loss
+        self.good_steps += 1 - bad
+        self.epoch_loss_sum += loss
+        self.epoch_good += 1 - bad
+
+
+@dataclass
+class Clock:
+    """Wall times and steps at the last log line and the epoch's start, for img/s."""
+
+    t_log: float = 0.0
+    step_log: int = 0
+    t_epoch: float = 0.0
+    step_epoch: int = 0
+
+    def restart(self, step: int) -> None:
+        self.t_log = self.t_epoch = time.time()
+        self.step_log = self.step_epoch = step
 
 
 KEEP_CHECKPOINTS = 5  # ckpt-{epoch % 5}.pth: the last five epochs, as the original
@@ -2760,31 +2720,59 @@ def oom_split(micro: int, accum: int) -> Tuple[int, int]:
     return micro // 2, accum * 2
 
 
-class PreviewGrid:
-    """Every --sample-every steps, sample the same fixed noise (seed, indices 0..n-1) with the EMA
-    weights and the sampling flags (--sampler, --steps) and save preview/step-NNNNNNN.png, so grids
-    can be laid side by side as training goes."""
+# -- the pictures of a run -----------------------------------------------------------------------
 
-    def __init__(self, trainer: "Trainer", folder: Path, metrics: MetricsLog, n: int = 16):
-        self.trainer, self.folder, self.metrics, self.n = trainer, folder, metrics, n
+class RunPictures:
+    """Every picture a training run draws, on rank 0, into its output folder (see output_folder):
+    run-before.png before the first step (x_T -> x_0 strips of 8 images, raw weights); a grid of
+    16 images from the same noise every --sample-every steps (preview/step-NNNNNNN.png); at the end
+    loss.png, and unless a signal stopped the run, run-after.png (the strips, EMA weights) and
+    final-grid.png (`final` images). All sampled as the run's preview SampleSpec says (the sampling
+    flags). strips=False (--no-run-pictures) leaves out run-before, run-after and the final grid."""
 
-    def write(self, step: int) -> Path:
-        tr = self.trainer
-        model = tr.ema.model if tr.ema is not None else tr.model
+    def __init__(self, folder: Path, final: int = 64, strips: bool = True):
+        self.folder, self.final, self.strips = Path(folder), final, strips and is_rank0()
+
+    def before(self, tr: "Trainer") -> None:
+        if self.strips:
+            save_png(upscale(reverse_strip(tr.sampling_view(ema=False), tr.rt.local(), tr.seed, 8, tr.tc.preview), 2),
+                     self.folder / "run-before.png")
+
+    def preview(self, tr: "Trainer", metrics: MetricsLog, n: int = 16) -> Path:
+        model = tr.sampling_view(ema=True)
         was_training = model.training
         model.eval()
-        imgs = generate(model, tr.rt.local(), list(range(self.n)), tr.seed, tr.tc.preview, batch_size=self.n,
-                        show_progress=False)
+        imgs = generate(model, tr.rt.local(), list(range(n)), tr.seed, tr.tc.preview, batch_size=n, show_progress=False)
         model.train(was_training)
-        grid = image_grid(imgs, nrow=int(math.ceil(math.sqrt(self.n))))
-        path = self.folder / f"step-{step:07d}.png"
-        save_grid(grid, tr.cfg, path)
-        self.metrics.event(step, "preview", path, image=grid)
+        grid = image_grid(imgs, nrow=int(math.ceil(math.sqrt(n))))
+        path = self.folder / "preview" / f"step-{tr.pos.step:07d}.png"
+        save_picture(grid, tr.cfg, path)
+        metrics.event(tr.pos.step, "preview", path, image=grid)
         return path
 
+    def after(self, tr: "Trainer", ckpt_dir: Path, stop: Stop) -> None:
+        if not is_rank0():
+            return
+        write_loss_curve(ckpt_dir / "metrics.csv", self.folder / "loss.png")
+        if self.strips and not stop.by_signal:
+            model, spec = tr.sampling_view(ema=True), tr.tc.preview
+            save_png(upscale(reverse_strip(model, tr.rt.local(), tr.seed, 8, spec), 2), self.folder / "run-after.png")
+            grid = image_grid(generate(model, tr.rt.local(), list(range(self.final)), tr.seed, spec))
+            save_picture(grid, tr.cfg, self.folder / "final-grid.png")
+            log(f"wrote {self.folder / 'run-before.png'}, {self.folder / 'run-after.png'} and "
+                f"{self.folder / 'final-grid.png'}")
+
+
+# -- the trainer ---------------------------------------------------------------------------------
 
 class Trainer:
-    """One training run: model, EMA, optimizer, data order and RNG, all saved and restored together."""
+    """One training run: model, EMA, optimizer, data order and RNG, all saved and restored together.
+
+    Its state: the settings (tc, cfg), the runtime (rt), the data (batches) and the seed; the modules
+    (model, ema, opt, scaler; train_model wraps model in DDP under torchrun, compiled_model compiles
+    that); the batch layout (batch, micro, accum, steps_per_epoch); where the run is (pos, a
+    Position, saved in every checkpoint); the device-side loss sums (stats) and the clocks (clock);
+    while fit runs, the signals (stop) and a deferred error (failure)."""
 
     def __init__(self, tc: TrainConfig, rt: Runtime, cfg: ModelConfig, batches: Batches, seed: int,
                  resume: Optional[dict] = None, init: Optional[dict] = None, run_id: Optional[str] = None,
@@ -2797,34 +2785,36 @@ class Trainer:
         self.data_record = data or {}
         self._build(resume or init)
         self._lay_out_batches()
-        self.step, self.epoch, self.epoch_step, self.images_seen = 0, 0, 0, 0
-        self.end_epoch = tc.epochs
+        self.pos = Position(end_epoch=tc.epochs)
         self.noise_gen = torch.Generator(rt.device)
-        self.noise_gen.manual_seed(mix_seed(seed, 2))
-        torch.manual_seed(mix_seed(seed, 3, rt.rank))
+        self._seed_noise()
         if init is not None and not is_legacy_state_dict(init):  # fine-tune: continue the counters
-            self.step, self.images_seen = int(init.get("step", 0)), int(init.get("images_seen", 0))
-            self.epoch = int(init.get("epoch", 0))
-            self.end_epoch = self.epoch + tc.epochs
-            self.noise_gen.manual_seed(mix_seed(seed, 2, self.step))
-            torch.manual_seed(mix_seed(seed, 3, rt.rank, self.step))
+            self.pos = Position(int(init.get("step", 0)), int(init.get("epoch", 0)), 0, int(init.get("images_seen", 0)),
+                                int(init.get("epoch", 0)) + tc.epochs)
+            self._seed_noise(self.pos.step)
         if resume is not None:
             self._restore(resume)
-        # device-side counters, read only at sync points (no host sync on the hot path)
-        zero = lambda: torch.zeros((), device=rt.device)  # noqa: E731
-        self.loss_sum, self.good_steps = zero(), zero()  # of the good steps since the last log line
-        self.epoch_loss_sum, self.epoch_good = zero(), zero()
-        self.bad_total, self.bad_run, self.bad_run_max = zero(), zero(), zero()
+        self.stats, self.clock = LossStats(rt.device), Clock()
         self.last_loss: Optional[float] = resume.get("last_loss") if resume else None
-        self.first_step = self.step
-        self.stop: Optional[StopRequest] = None       # while fit runs: the signals asking it to stop
-        self.failure: Optional[DDPMError] = None      # an error that stops the run after a checkpoint
+        self.first_step = self.pos.step
+        self.sync_every = 1 if rt.device.type == "cpu" else max(1, min(tc.log_every, 25))
+        self.step_loss: Optional[torch.Tensor] = None  # this step's loss, on the device
+        self.stop: Optional[StopRequest] = None        # while fit runs: the signals asking it to stop
+        self.failure: Optional[DDPMError] = None       # an error that stops the run after a checkpoint
+
+    def _seed_noise(self, *at: int) -> None:
+        """Seed the two streams of training noise from (seed, *at): the diffusion noise generator
+        (t and eps, the same on every process) and the global generator (dropout, per process). A
+        fresh run seeds them with at = (), a run that cannot take its saved generator states with the
+        step it continues from. (The initial weights have a seed of their own, in _build.)"""
+        self.noise_gen.manual_seed(mix_seed(self.seed, 2, *at))
+        torch.manual_seed(mix_seed(self.seed, 3, self.rt.rank, *at))
 
     def _build(self, source: Optional[dict]) -> None:
         """Model (weights from `source` if given), EMA, optimizer, scaler, DDP and compile wrappers."""
         rt, dev = self.rt, self.rt.device
         torch.manual_seed(mix_seed(self.seed, -1))  # initial weights from the seed, the same on every rank
-        self.model = build_diffusion(self.cfg).to(dev)
+        self.model = build_diffusion(self.cfg, dropout=self.tc.dropout).to(dev)
         # channels_last pays only under torch.compile: eager GroupNorm returns the standard layout,
         # so every convolution would convert back and forth
         self.channels_last = dev.type == "cuda" and rt.compile
@@ -2842,7 +2832,7 @@ class Trainer:
         if rt.distributed:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        self.loss_fn = maybe_compile(self.train_model, rt)
+        self.compiled_model = torch.compile(self.train_model) if rt.compile else self.train_model
 
     def _lay_out_batches(self) -> None:
         """Global batch B = world * micro * accum; on a GPU the micro-batch and the data's place follow
@@ -2889,17 +2879,17 @@ class Trainer:
                 "cuda": [s[1] for s in states]}
 
     def state_dict(self) -> dict:
-        rng = self._gather_rng()
+        rng, pos = self._gather_rng(), self.pos
         return {
             "format": FORMAT, "version": FORMAT_VERSION, "config": self.cfg.to_dict(),
             "model": self.model.state_dict(),
             "ema": self.ema.model.state_dict() if self.ema is not None else None,
             "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "end_epoch": self.end_epoch,
-            "images_seen": self.images_seen, "seed": self.seed, "world_size": self.rt.world, "rng": rng,
+            "step": pos.step, "epoch": pos.epoch, "epoch_step": pos.epoch_step, "end_epoch": pos.end_epoch,
+            "images_seen": pos.images_seen, "seed": self.seed, "world_size": self.rt.world, "rng": rng,
             "last_loss": self.last_loss, "run_id": self.run_id, "data": self.data_record,
             "holdout": self.data_record.get("holdout"),
-            "train": {**self.tc.to_dict(), "epochs": self.end_epoch, "data_folders": self.data_record.get("folders", []),
+            "train": {**self.tc.to_dict(), "epochs": pos.end_epoch, "data_folders": self.data_record.get("folders", []),
                       "demo": not self.data_record.get("folders")},
             "torch_version": str(torch.__version__),  # a plain str: TorchVersion is refused by weights_only
         }
@@ -2921,12 +2911,11 @@ class Trainer:
             g["lr"] = self.tc.lr
         if obj.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(obj["scaler"])
-        self.step, self.epoch = int(obj["step"]), int(obj["epoch"])
-        self.epoch_step, self.images_seen = int(obj.get("epoch_step", 0)), int(obj.get("images_seen", 0))
+        self.pos = Position(int(obj["step"]), int(obj["epoch"]), int(obj.get("epoch_step", 0)),
+                            int(obj.get("images_seen", 0)), self.pos.end_epoch)
         self._continue_epoch(obj)
         if obj.get("seed") != self.seed:  # a typed --seed (said in one line): the noise follows it from here
-            self.noise_gen.manual_seed(mix_seed(self.seed, 2, self.step))
-            torch.manual_seed(mix_seed(self.seed, 3, self.rt.rank, self.step))
+            self._seed_noise(self.pos.step)
         else:
             self._restore_rng(obj.get("rng") or {})
 
@@ -2934,47 +2923,48 @@ class Trainer:
         """Where in its epoch a resumed run goes on. The same data and batch: exactly where it stopped.
         Another batch size: at the same image of the epoch. Other data (--resume-with-new-data): an
         epoch cut short is closed, and the next starts on the new images. Each change said in one line."""
-        if not self.epoch_step:
+        pos = self.pos
+        if not pos.epoch_step:
             return
         rec, held = obj.get("data") or {}, obj.get("holdout") or {}
         n_before = rec.get("images", 0) - held.get("n", 0) if rec.get("images") else None
         b_before = (obj.get("train") or {}).get("batch_size", self.batch)
         if n_before is not None and n_before != self.batches.n:
             log(f"resume: the data changed ({self.batches.n} training images, the run had {n_before}); epoch "
-                f"{self.epoch} ends here and epoch {self.epoch + 1} starts on the new images")
-            self.epoch, self.epoch_step = self.epoch + 1, 0
+                f"{pos.epoch} ends here and epoch {pos.epoch + 1} starts on the new images")
+            pos.roll_over(0)
         elif b_before != self.batch:
-            self.epoch_step = self.epoch_step * b_before // self.batch
-            log(f"resume: batch {self.batch} (the run used {b_before}); epoch {self.epoch} goes on at image "
-                f"{self.epoch_step * self.batch} of its order")
+            pos.epoch_step = pos.epoch_step * b_before // self.batch
+            log(f"resume: batch {self.batch} (the run used {b_before}); epoch {pos.epoch} goes on at image "
+                f"{pos.epoch_step * self.batch} of its order")
 
     def _restore_rng(self, rng: dict) -> None:
         """The saved generators, where this run can take them: a run on another device type (CPU and
-        CUDA generator states differ) or another number of processes reseeds from (seed, step) with
-        a note; the data order follows (seed, epoch) either way."""
-        dev = self.rt.device.type
+        CUDA generator states differ) reseeds both streams from (seed, step), one with another number
+        of processes the dropout stream alone, each with a note; the data order follows (seed, epoch)."""
+        dev, step = self.rt.device.type, self.pos.step
         saved = rng.get("device") or ("cuda" if any(c is not None for c in rng.get("cuda", [])) else "cpu")
         if saved != dev:
             log(f"note: the checkpoint was written on {saved} and this run is on {dev}; the diffusion and "
                 f"dropout noise are reseeded from the step (the data order still follows)")
-            self.noise_gen.manual_seed(mix_seed(self.seed, 2, self.step))
-        elif "noise" in rng:
+            self._seed_noise(step)
+            return
+        if "noise" in rng:
             self.noise_gen.set_state(rng["noise"])
-        if saved == dev and len(rng.get("torch", [])) == self.rt.world:
+        if len(rng.get("torch", [])) == self.rt.world:
             torch.set_rng_state(rng["torch"][self.rt.rank])
             if dev == "cuda" and rng["cuda"][self.rt.rank] is not None:
                 torch.cuda.set_rng_state(rng["cuda"][self.rt.rank], self.rt.device)
         else:
-            if saved == dev:
-                log(f"note: the checkpoint was written by {len(rng.get('torch', []))} processes and this run has "
-                    f"{self.rt.world}; dropout noise is reseeded (data order and diffusion noise still follow)")
-            torch.manual_seed(mix_seed(self.seed, 3, self.rt.rank, self.step))
+            log(f"note: the checkpoint was written by {len(rng.get('torch', []))} processes and this run has "
+                f"{self.rt.world}; dropout noise is reseeded (data order and diffusion noise still follow)")
+            torch.manual_seed(mix_seed(self.seed, 3, self.rt.rank, step))
 
     def save(self, path: Path, log_: Optional[MetricsLog] = None) -> None:
         """Rank 0 writes (atomically); every rank waits for it. Weights that are not finite are never
         written, and a write that fails (a full disk) leaves the checkpoints already there as they were."""
         if not self.weights_finite():
-            raise TrainingError(f"the weights stopped being finite at step {self.step}; not saved. Lower --lr; "
+            raise TrainingError(f"the weights stopped being finite at step {self.pos.step}; not saved. Lower --lr; "
                                 f"the last checkpoint is kept")
         state = self.state_dict()  # collective under torchrun
         if is_rank0():
@@ -2986,7 +2976,7 @@ class Trainer:
                 raise DDPMError(f"could not write {path} ({first_line(e)}); the checkpoints already in {path.parent} "
                                 f"are kept; free some disk space and continue with --resume") from None
             if log_ is not None:
-                self._output(log_.event, self.step, "checkpoint", path)
+                self._output(log_.event, self.pos.step, "checkpoint", path)
         barrier(self.rt)
 
     def sampling_view(self, ema: bool = True) -> GaussianDiffusion:
@@ -3002,9 +2992,8 @@ class Trainer:
         the failed attempt's frames, and with them its activations, until the block is left."""
         B = self.batch
         C, S = self.cfg.img_channels, self.cfg.img_size
-        if self.epoch_step >= self.steps_per_epoch:  # fit() rolls epochs over itself; this is for direct calls
-            self.epoch, self.epoch_step = self.epoch + 1, 0
-        start = self.epoch_step * B
+        self.pos.roll_over(self.steps_per_epoch)
+        start = self.pos.epoch_step * B
         # t and noise for the whole global batch, from one generator: N processes = one process
         t_all = torch.randint(0, self.cfg.timesteps, (B,), device=self.rt.device, generator=self.noise_gen)
         noise_all = torch.randn((B, C, S, S), device=self.rt.device, generator=self.noise_gen)
@@ -3036,7 +3025,7 @@ class Trainer:
         self.step_loss = torch.zeros((), device=rt.device)
         for k in range(self.accum):
             off = rt.rank * share + k * self.micro
-            x = self.batches.get(self.epoch, start + off, self.micro)
+            x = self.batches.get(self.pos.epoch, start + off, self.micro)
             t, noise = t_all[off:off + self.micro], noise_all[off:off + self.micro]
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -3044,7 +3033,7 @@ class Trainer:
             sync = self.train_model.no_sync() if rt.distributed and k < self.accum - 1 else contextlib.nullcontext()
             with sync:
                 with rt.autocast():
-                    loss = self.loss_fn(x, t, noise)
+                    loss = self.compiled_model(x, t, noise, loss_weights(self.model, t, self.tc))
                 self.scaler.scale(loss / self.accum).backward()
             self.step_loss += loss.detach().float() / self.accum
 
@@ -3056,14 +3045,14 @@ class Trainer:
         tc = self.tc
         lr = tc.lr * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps else tc.lr
         if tc.lr_schedule == "cosine":
-            total = self.end_epoch * self.steps_per_epoch * self.batch
+            total = self.pos.end_epoch * self.steps_per_epoch * self.batch
             lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, images_seen / max(1, total))))
         return lr
 
     def _update(self) -> None:
         """One optimizer step, skipped on the device (no host sync) when the loss or the gradients
         are not finite; the skip is counted, and the loss of a skipped step is left out of the logs."""
-        lr = self.lr_at(self.step, self.images_seen)
+        lr = self.lr_at(self.pos.step, self.pos.images_seen)
         for g in self.opt.param_groups:
             g["lr"] = lr
         if self.rt.distributed:  # the global batch's loss on every rank: logged, and the same skip decision
@@ -3082,20 +3071,13 @@ class Trainer:
                 self.opt.step()
             elif bad.item() == 0:
                 self.opt.step()
-        self.bad_total += bad
-        self.bad_run = (self.bad_run + 1) * bad
-        torch.maximum(self.bad_run_max, self.bad_run, out=self.bad_run_max)
-        loss = torch.where(bad > 0, torch.zeros_like(self.step_loss), self.step_loss)
-        self.loss_sum += loss
-        self.good_steps += 1 - bad
-        self.epoch_loss_sum += loss
-        self.epoch_good += 1 - bad
+        self.stats.add(self.step_loss, bad)
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(self.step)
-        self.step += 1
-        self.epoch_step += 1
-        self.images_seen += self.batch
+            self.ema.update(self.pos.step)
+        self.pos.step += 1
+        self.pos.epoch_step += 1
+        self.pos.images_seen += self.batch
 
     def weights_finite(self) -> bool:
         """Host sync: whether every weight is finite (and their norm does not overflow)."""
@@ -3105,83 +3087,82 @@ class Trainer:
         """Host sync: stop after --max-nonfinite non-finite updates in a row, or at once if the weights
         stop being finite. Nothing is saved then: the last checkpoint, written while the run was
         healthy, is kept."""
-        n = self.tc.max_nonfinite
-        if self.bad_run_max.item() >= n:
-            raise TrainingError(f"{n} non-finite losses or gradients in a row at step {self.step} "
-                                f"({int(self.bad_total.item())} in all); lower --lr. The last checkpoint is kept")
-        self.bad_run_max.zero_()
+        n, stats = self.tc.max_nonfinite, self.stats
+        if stats.bad_run_max.item() >= n:
+            raise TrainingError(f"{n} non-finite losses or gradients in a row at step {self.pos.step} "
+                                f"({int(stats.bad_total.item())} in all); lower --lr. The last checkpoint is kept")
+        stats.bad_run_max.zero_()
         if not self.weights_finite():
-            raise TrainingError(f"the weights stopped being finite at step {self.step}; lower --lr. "
+            raise TrainingError(f"the weights stopped being finite at step {self.pos.step}; lower --lr. "
                                 f"The last checkpoint is kept")
 
     # -- the loop -------------------------------------------------------------------------------
-    def fit(self, save_dir: Path, ckpt_dir: Path, deadline: Optional[float]) -> str:
-        """Train until the epochs, --max-steps, the time budget or a signal end it; returns why. An
-        error on the way (a preview or log that cannot be written, memory running out) saves the last
-        good state first, then raises its one-line error: no trained step is thrown away."""
-        tc = self.tc
-        if self.step >= (tc.max_steps or float("inf")) or self.epoch >= self.end_epoch:
+    def fit(self, ckpt_dir: Path, deadline: Optional[float] = None, pictures: Optional[RunPictures] = None) -> Stop:
+        """Train until the epochs, --max-steps, the time budget or a signal end it, drawing the run's
+        `pictures`; returns why it stopped. An error on the way (a preview or log that cannot be
+        written, memory running out) saves the last good state first, then raises its one-line error:
+        no trained step is thrown away."""
+        tc, pos = self.tc, self.pos
+        if pos.step >= (tc.max_steps or float("inf")) or pos.epoch >= pos.end_epoch:
             self._say_nothing_to_do()
-            return "nothing to do"
-        metrics = MetricsLog(ckpt_dir, self.step, is_rank0(), tc.tensorboard)
-        preview = PreviewGrid(self, save_dir / "preview", metrics) if tc.sample_every > 0 and is_rank0() else None
-        self.first_step = self.step
+            return Stop.NOTHING
+        if pictures is not None:
+            pictures.before(self)
+        metrics = MetricsLog(ckpt_dir, pos.step, is_rank0(), tc.tensorboard)
+        self.first_step = pos.step
         self.model.train()  # run-before.png (rank 0 only) left it in eval mode: dropout must be on, on every rank
-        self.sync_every = 1 if self.rt.device.type == "cpu" else max(1, min(tc.log_every, 25))
-        self._t_log = self._t_epoch = time.time()
-        self._step_log = self._step_epoch = self.step
+        self.clock.restart(pos.step)
         try:
             with StopRequest() as self.stop, make_progress() as progress:
-                reason = self._loop(ckpt_dir, metrics, preview, progress, deadline)
+                stop = self._loop(ckpt_dir, metrics, pictures, progress, deadline)
         finally:
             metrics.close()
             self.stop = None
-        if self.step == self.first_step and reason == "done":
+        if pos.step == self.first_step and stop == Stop.DONE:
             self._say_nothing_to_do()
-        elif reason != "done":
-            log(f"stopped ({reason.replace('_', ' ')}) at step {self.step}, epoch {self.epoch}; checkpoint saved in "
-                f"{ckpt_dir}; " + ("mend the cause, then " if self.failure else "") + "continue with --resume")
+        elif stop != Stop.DONE:
+            log(f"stopped ({stop.value}) at step {pos.step}, epoch {pos.epoch}; checkpoint saved in {ckpt_dir}; "
+                + ("mend the cause, then " if self.failure else "") + "continue with --resume")
         if self.failure is not None:
             raise self.failure
-        if is_rank0():
-            write_loss_curve(ckpt_dir / "metrics.csv", save_dir / "loss.png")
-        return reason
+        if pictures is not None:
+            pictures.after(self, ckpt_dir, stop)
+        return stop
 
     def _say_nothing_to_do(self) -> None:
-        tc = self.tc
-        log(f"nothing to do: the run is at step {self.step}, epoch {self.epoch} of {self.end_epoch}"
+        tc, pos = self.tc, self.pos
+        log(f"nothing to do: the run is at step {pos.step}, epoch {pos.epoch} of {pos.end_epoch}"
             + (f", --max-steps {tc.max_steps}" if tc.max_steps else "") + "; raise --epochs or --max-steps")
 
-    def _loop(self, ckpt_dir: Path, metrics: "MetricsLog", preview: Optional["PreviewGrid"], progress,
-              deadline: Optional[float]) -> str:
+    def _loop(self, ckpt_dir: Path, metrics: MetricsLog, pictures: Optional[RunPictures], progress,
+              deadline: Optional[float]) -> Stop:
         """The steps, each followed by its health check, log row, preview and stop check; a checkpoint at
         each epoch end and wherever the run stops."""
-        tc, reason = self.tc, "done"
-        bars = (progress.add_task("Epochs", total=self.end_epoch, completed=self.epoch, info=""),
+        tc, pos, stop = self.tc, self.pos, Stop.DONE
+        bars = (progress.add_task("Epochs", total=pos.end_epoch, completed=pos.epoch, info=""),
                 progress.add_task("Batches", total=self.steps_per_epoch * self.batch,
-                                  completed=self.epoch_step * self.batch, info=""))
-        while reason == "done" and self.epoch < self.end_epoch:
-            if self.epoch_step >= self.steps_per_epoch:
-                self.epoch, self.epoch_step = self.epoch + 1, 0
+                                  completed=pos.epoch_step * self.batch, info=""))
+        while stop == Stop.DONE and pos.epoch < pos.end_epoch:
+            if pos.roll_over(self.steps_per_epoch):
                 continue
             if not self._step_or_fail():
-                self.save(checkpoint_path(ckpt_dir, self.epoch), metrics)
-                return "error"
-            if self.rt.compile and self.step == self.first_step + 1:
+                self.save(checkpoint_path(ckpt_dir, pos.epoch), metrics)
+                return Stop.ERROR
+            if self.rt.compile and pos.step == self.first_step + 1:
                 self._after_compile()
             progress.advance(bars[1], self.batch)
-            if self.step % self.sync_every == 0:
+            if pos.step % self.sync_every == 0:
                 self.check_health()
-            if self.step % tc.log_every == 0:
+            if pos.step % tc.log_every == 0:
                 self._output(self._log_interval, metrics, progress, bars[1], deadline)
-            if preview is not None and self.step % tc.sample_every == 0:
-                self._output(preview.write, self.step)
-            reason = self._stop_reason(self.stop, deadline)
-            if self.epoch_step >= self.steps_per_epoch:
+            if pictures is not None and tc.sample_every and pos.step % tc.sample_every == 0 and is_rank0():
+                self._output(pictures.preview, self, metrics)
+            stop = self._stop_reason(deadline)
+            if pos.epoch_step >= self.steps_per_epoch:
                 self._end_epoch(ckpt_dir, metrics, progress, bars)
-            elif reason != "done":
-                self.save(checkpoint_path(ckpt_dir, self.epoch), metrics)
-        return reason
+            elif stop != Stop.DONE:
+                self.save(checkpoint_path(ckpt_dir, pos.epoch), metrics)
+        return stop
 
     def _step_or_fail(self) -> bool:
         """One training step; False (with self.failure set) where memory ran out on the CPU or, under
@@ -3208,21 +3189,22 @@ class Trainer:
 
     def _after_compile(self) -> None:
         """The first step compiled the model: say how long it took, and time from here on."""
-        sync_device(self.rt)
-        log(f"compile: first step took {time.time() - self._t_log:.1f} s (torch.compile included)")
-        self._t_log = self._t_epoch = time.time()
-        self._step_log = self._step_epoch = self.step
+        if self.rt.device.type == "cuda":
+            torch.cuda.synchronize(self.rt.device)
+        log(f"compile: first step took {time.time() - self.clock.t_log:.1f} s (torch.compile included)")
+        self.clock.restart(self.pos.step)
 
-    def _log_interval(self, metrics: "MetricsLog", progress, task, deadline: Optional[float]) -> None:
+    def _log_interval(self, metrics: MetricsLog, progress, task, deadline: Optional[float]) -> None:
         """Every --log-every steps (host sync): the mean loss of the steps that were not skipped, img/s,
         one row of metrics.csv and the progress bar's text."""
-        n, good = self.step - self._step_log, int(self.good_steps.item())
-        loss = self.loss_sum.item() / good if good else None
-        self.loss_sum.zero_()
-        self.good_steps.zero_()
+        pos, stats, clock = self.pos, self.stats, self.clock
+        n, good = pos.step - clock.step_log, int(stats.good_steps.item())
+        loss = stats.loss_sum.item() / good if good else None
+        stats.loss_sum.zero_()
+        stats.good_steps.zero_()
         now = time.time()
-        ips = n * self.batch / max(now - self._t_log, 1e-9)
-        self._t_log, self._step_log = now, self.step
+        ips = n * self.batch / max(now - clock.t_log, 1e-9)
+        clock.t_log, clock.step_log = now, pos.step
         if not is_rank0():
             return
         if loss is not None:
@@ -3231,46 +3213,54 @@ class Trainer:
         text += f" | {n - good} skipped" if 0 < n - good < n else ""
         left = f" | time left {format_duration(deadline - now)}" if deadline else ""
         progress.update(task, info=f"{text} | {ips:,.0f} img/s{left}")
-        metrics.metric(step=self.step, epoch=self.epoch, images_seen=self.images_seen,
+        metrics.metric(step=pos.step, epoch=pos.epoch, images_seen=pos.images_seen,
                        loss=round(loss, 6) if loss is not None else "", skipped=n - good,
                        lr=self.opt.param_groups[0]["lr"], img_per_s=round(ips, 1), wall_time=round(now, 3))
 
-    def _stop_reason(self, stop: "StopRequest", deadline: Optional[float]) -> str:
-        """"done" to go on, else why to stop. --max-steps is the same step on every rank; clocks and
-        signals differ between ranks, so those are agreed at sync points."""
-        if self.tc.max_steps and self.step >= self.tc.max_steps:
-            return "max_steps"
-        local = ("error" if self.failure is not None else
-                 "time_budget" if deadline and time.time() >= deadline else stop.reason)
+    def _stop_reason(self, deadline: Optional[float]) -> Stop:
+        """Stop.DONE to go on, else why to stop. --max-steps is the same step on every rank; clocks,
+        signals and errors differ between ranks, so those are agreed at sync points."""
+        if self.tc.max_steps and self.pos.step >= self.tc.max_steps:
+            return Stop.MAX_STEPS
+        local = (Stop.ERROR if self.failure is not None else
+                 Stop.TIME_BUDGET if deadline and time.time() >= deadline else
+                 Stop(self.stop.reason) if self.stop is not None and self.stop.reason else None)
         if not self.rt.distributed:
-            return local or "done"
-        if self.step % self.sync_every == 0 and any_rank(local is not None, self.rt):
-            return local or "stop_on_another_process"
-        return "done"
+            return local or Stop.DONE
+        if self.pos.step % self.sync_every == 0 and any_rank(local is not None, self.rt):
+            return local or Stop.ELSEWHERE
+        return Stop.DONE
 
-    def _end_epoch(self, ckpt_dir: Path, metrics: "MetricsLog", progress, bars) -> None:
+    def _end_epoch(self, ckpt_dir: Path, metrics: MetricsLog, progress, bars) -> None:
         """The epoch line (mean loss over its good steps), then the epoch's rotating checkpoint."""
-        n, good = self.step - self._step_epoch, int(self.epoch_good.item())
-        mean = f"{self.epoch_loss_sum.item() / good:.6f}" if good else "nan (every step skipped)"
-        dt = time.time() - self._t_epoch
-        progress.print(f"[Epoch {self.epoch}] Loss: {mean} Elapsed: {dt / 60:.2f} min "
-                       f"({n * self.batch / max(dt, 1e-9):,.0f} img/s, step {self.step})"
+        pos, stats, clock = self.pos, self.stats, self.clock
+        n, good = pos.step - clock.step_epoch, int(stats.epoch_good.item())
+        mean = f"{stats.epoch_loss_sum.item() / good:.6f}" if good else "nan (every step skipped)"
+        dt = time.time() - clock.t_epoch
+        progress.print(f"[Epoch {pos.epoch}] Loss: {mean} Elapsed: {dt / 60:.2f} min "
+                       f"({n * self.batch / max(dt, 1e-9):,.0f} img/s, step {pos.step})"
                        + (f"; {n - good} steps skipped (non-finite)" if 0 < n - good < n else ""))
-        self.epoch_loss_sum.zero_()
-        self.epoch_good.zero_()
-        self.epoch, self.epoch_step = self.epoch + 1, 0
-        self.save(checkpoint_path(ckpt_dir, self.epoch - 1), metrics)
-        self._t_epoch, self._step_epoch = time.time(), self.step
-        progress.update(bars[0], completed=self.epoch)
+        stats.epoch_loss_sum.zero_()
+        stats.epoch_good.zero_()
+        pos.roll_over(self.steps_per_epoch)
+        self.save(checkpoint_path(ckpt_dir, pos.epoch - 1), metrics)
+        clock.t_epoch, clock.step_epoch = time.time(), pos.step
+        progress.update(bars[0], completed=pos.epoch)
         progress.reset(bars[1])
 
 
+# -- training from Python ------------------------------------------------------------------------
+
 def train(cfg: ModelConfig, tc: TrainConfig, data: torch.Tensor, ckpt_dir="ckpt", save_dir="output",
-          device: Optional[str] = None, seed: int = 0) -> Trainer:
+          device: Optional[str] = None, seed: int = 0, pictures: bool = True, final: int = 64) -> Trainer:
     """Train from Python, without the command line: `data` is (N, C, S, S) uint8 at the model's size
-    (load_images, demo_faces). The same checkpoints, logs and safety as --train: the folder is locked
-    and must not hold another run. Returns the trainer (.model, .ema.model, .sampling_view())."""
+    (load_images, demo_faces). The same checkpoints, logs, pictures and safety as --train: the
+    folder is locked and must not hold another run, and the pictures go to save_dir (or a new
+    subfolder of it, see output_folder). pictures=False: no run-before/after.png or final grid (the
+    previews every tc.sample_every steps and loss.png are still drawn). Returns the trainer (.model,
+    .ema.model, .sampling_view())."""
     cfg = cfg.validate()
+    tc = tc.validate()
     ckpt_dir, save_dir = Path(ckpt_dir), Path(save_dir)
     rt = setup_runtime(device, tc.precision, None, training=True)
     lock = FolderLock(ckpt_dir)
@@ -3279,7 +3269,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, data: torch.Tensor, ckpt_dir="ckpt"
         guard_run_folder(ckpt_dir, None, False, False)
         trainer = Trainer(tc, rt, cfg, Batches(data, rt.device, seed), seed, data={"images": len(data)})
         with writing_to(save_dir, "train", False) as folder:
-            trainer.fit(folder, ckpt_dir, None)
+            trainer.fit(ckpt_dir, None, RunPictures(folder, final, pictures))
         return trainer
     finally:
         lock.release()
@@ -3292,32 +3282,31 @@ def train(cfg: ModelConfig, tc: TrainConfig, data: torch.Tensor, ckpt_dir="ckpt"
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's port of the TF Inception used for FID
 
 
-def training_source(args, obj: dict) -> DataSource:
-    """Where a checkpoint's training images came from; --data-folders on the command line overrides
-    the record."""
-    bg = args.background
-    if args.data_folders:
-        return DataSource(tuple(args.data_folders), 0, bg)
+def training_source(obj: dict, flags: DataFlags = DataFlags()) -> DataSource:
+    """Where a checkpoint's training images came from; data folders in `flags` override the record."""
+    bg = flags.background
+    if flags.folders:
+        return DataSource(tuple(flags.folders), 0, bg)
     if obj.get("data"):
         return DataSource.from_record(obj["data"], bg)
     train = obj.get("train") or {}  # checkpoints from before the data record
-    if args.demo or train.get("demo"):
-        return DataSource((), int((obj.get("holdout") or {}).get("total") or args.demo_images), bg)
+    if flags.demo or train.get("demo"):
+        return DataSource((), int((obj.get("holdout") or {}).get("total") or flags.demo_images), bg)
     if train.get("data_folders"):
         return DataSource(tuple(train["data_folders"]), 0, bg)
     raise DDPMError("the checkpoint does not record its training data (an export, or a file of the original "
                     "script); give --data-folders DIR")
 
 
-def eval_datasets(args, obj: dict, cfg: ModelConfig, new_faces: int = 256
+def eval_datasets(obj: dict, cfg: ModelConfig, flags: DataFlags = DataFlags(), new_faces: int = 256
                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor], str]:
     """(the training images the model saw, held-out images or None, what the held-out set is).
     Held out: --eval-folders, else the checkpoint's --holdout split rebuilt from its record, else for
     the demo `new_faces` faces past the ones it trained on (face i depends on i alone, so they are new)."""
-    src = training_source(args, obj)
+    src = training_source(obj, flags)
     data = src.load(cfg)
     rec, held, what = obj.get("holdout") or {}, None, ""
-    if not src.folders and not rec.get("n") and not args.eval_folders:
+    if not src.folders and not rec.get("n") and not flags.eval_folders:
         n = src.demo_images
         held = replace(src, demo_images=n + new_faces).load(cfg, quiet=True)[n:]
         what = f"{new_faces} new demo faces (indices {n} to {n + new_faces - 1}, never trained on)"
@@ -3325,12 +3314,12 @@ def eval_datasets(args, obj: dict, cfg: ModelConfig, new_faces: int = 256
         if rec.get("total") == len(data):
             data, held, _ = split_holdout(data, rec["fraction"], rec["seed"])
             what = f"the checkpoint's held-out split (--holdout {rec['fraction']:g})"
-        elif not args.eval_folders:
+        elif not flags.eval_folders:
             raise DDPMError(f"the training data now holds {len(data)} images, {rec.get('total')} at training time, "
                             f"so the held-out split cannot be rebuilt; give --eval-folders DIR")
-    if args.eval_folders:
-        held = load_images(args.eval_folders, cfg.img_size, cfg.img_channels, args.background, flag="--eval-folders")
-        what = "--eval-folders " + " ".join(args.eval_folders)
+    if flags.eval_folders:
+        held = load_images(flags.eval_folders, cfg.img_size, cfg.img_channels, flags.background, flag="--eval-folders")
+        what = "--eval-folders " + " ".join(flags.eval_folders)
     return data, held, what
 
 
@@ -3357,9 +3346,9 @@ def _p_moments(sched: GaussianDiffusion, xt: torch.Tensor, t: torch.Tensor, out:
                variance: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of p(x_{t-1} | x_t) from the network's output, in float64."""
     mean = sched.p_mean(xt, t, sched.eps_of(xt, t, out))
-    if variance == "large":  # sigma_t^2 = beta_t
-        return mean, extract(sched.p_sigma, t, xt.shape).double() ** 2
-    return mean, extract(sched.posterior_variance, t.clamp(min=1), xt.shape).double()
+    if variance == "small":  # beta-tilde_t; at t = 1 (index 0), where it is 0, that of t = 2
+        t = t.clamp(min=1)
+    return mean, ddpm_var(*sched.schedule_at(t, xt.shape), variance).double()
 
 
 def bits_per_dim(model: GaussianDiffusion, data: torch.Tensor, timesteps: Optional[int] = None,
@@ -3432,10 +3421,22 @@ def _bpd_summary(bpd: torch.Tensor) -> dict:
 
 # -- Frechet Inception Distance ----------------------------------------------------------------
 
-def inception_features(weights: Optional[str], device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+@dataclass
+class Features:
+    """An image feature extractor for FID: fn maps (B, 3, H, W) in [0, 1] to (B, D) float64 on the CPU;
+    tag says which features they are (part of the real statistics' cache key)."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    tag: str = "custom features"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def inception_features(weights: Optional[str], device: torch.device) -> Features:
     """pytorch-fid's InceptionV3 pool3 features (2048-d) with the pt_inception-2015-12-05 weights (the
     TF Inception of Heusel et al. 2017 behind published FIDs), from torch.hub's cache or --fid-weights
-    (checked by its sha256 prefix); never downloads. Returns fn: (B, 3, H, W) in [0, 1] -> (B, 2048)."""
+    (checked by its sha256 prefix); never downloads. Returns its Features: (B, 3, H, W) in [0, 1] -> (B, 2048)."""
     import shutil
     import tempfile
 
@@ -3475,8 +3476,7 @@ def inception_features(weights: Optional[str], device: torch.device) -> Callable
     @torch.inference_mode()
     def fn(x: torch.Tensor) -> torch.Tensor:
         return net(x.to(device))[0].flatten(1).double().cpu()  # (B, 2048)
-    fn.tag = "Inception-v3 pool3 2048-d, pt_inception-2015-12-05 (pytorch-fid)"
-    return fn
+    return Features(fn, "Inception-v3 pool3 2048-d, pt_inception-2015-12-05 (pytorch-fid)")
 
 
 def fid_input(imgs: torch.Tensor) -> torch.Tensor:
@@ -3519,11 +3519,11 @@ def fid_cache_key(src: DataSource, cfg: ModelConfig, tag: str) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def real_statistics(src: DataSource, cfg: ModelConfig, feature_fn: Callable, cache: Path,
+def real_statistics(src: DataSource, cfg: ModelConfig, features: Features, cache: Path,
                     batch_size: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """(mean, covariance, n) of the real images' features, read from `cache` when it is there and
     readable, else computed and cached (atomically; a cache that cannot be written is only a warning)."""
-    tag = getattr(feature_fn, "tag", "custom features")
+    tag, feature_fn = features.tag, features
     try:
         st = torch.load(cache, map_location="cpu", weights_only=True)
         log(f"fid: real statistics of {int(st['n'])} images from {cache} (cached)")
@@ -3654,6 +3654,12 @@ def copy_check(samples: torch.Tensor, train: torch.Tensor, real: torch.Tensor, r
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
+# The argparse Namespace stops in this section: main() parses the flags once into typed jobs
+# (TrainJob, SampleJob, EditJob, InvertJob, EvalJob, InfoJob, ExportJob, built from ModelConfig,
+# TrainConfig, SampleSpec, DataSource and the set of flags the user typed), and every command takes
+# its job. Only the parser and the job builders below read `args`.
+
+# -- the parser ---------------------------------------------------------------------------------
 
 # --demo: a CPU-sized preset on the built-in faces; any flag typed explicitly still wins.
 DEMO_PRESET = dict(  # the model and options that won benchmarks/quality.py (README, "Better samples")
@@ -3662,6 +3668,7 @@ DEMO_PRESET = dict(  # the model and options that won benchmarks/quality.py (REA
     epochs=6, ema_decay=0.999, sample_every=256, lr_schedule="cosine", warmup_steps=50, log_every=25,
     demo_images=4096, time_budget=10 * 60.0, num_samples=64,
 )
+EVALS = ("nll", "fid", "swd", "nearest")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -3702,8 +3709,8 @@ def build_parser() -> ArgParser:
     g.add_argument("--has-attn", type=parse_bool, nargs="+", default=[False, False, True, True],
                    help="attention per resolution: t/f (or true/false)")
     g.add_argument("--num-blocks", type=int, default=2, help="residual blocks per resolution")
-    g.add_argument("--dropout", type=float, default=0.1, help="dropout in the residual blocks")
-    g.add_argument("--time-cond", choices=["scale-shift", "add"], default="scale-shift",
+    g.add_argument("--dropout", type=float, default=0.1, help="dropout in the residual blocks (a training setting)")
+    g.add_argument("--time-cond", choices=TIME_CONDS, default="scale-shift",
                    help="how blocks see t: scale-shift = GroupNorm(h) * (1 + scale) + shift; add = the original's "
                         "shift before GroupNorm (which cancels it); checkpoints without the field load as add")
     g.add_argument("--norm-groups", type=int, default=32, help="GroupNorm groups (channels must be a multiple)")
@@ -3712,11 +3719,11 @@ def build_parser() -> ArgParser:
     g.add_argument("--timesteps", type=int, default=1000, help="T")
     g.add_argument("--beta-min", type=float, default=0.0001, help="beta_1 of the linear schedule")
     g.add_argument("--beta-max", type=float, default=0.02, help="beta_T of the linear schedule")
-    g.add_argument("--beta-schedule", choices=["linear", "cosine"], default="linear",
+    g.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default="linear",
                    help="linear (the original) or cosine (Nichol & Dhariwal 2021)")
-    g.add_argument("--objective", choices=["eps", "v"], default="eps",
+    g.add_argument("--objective", choices=OBJECTIVES, default="eps",
                    help="the network predicts the noise eps (the original) or v (Salimans & Ho 2022)")
-    g.add_argument("--loss-weight", choices=["none", "min-snr"], default="none",
+    g.add_argument("--loss-weight", choices=LOSS_WEIGHTS, default="none",
                    help="per-timestep loss weight: none, or Min-SNR-gamma (Hang et al. 2023)")
     g.add_argument("--min-snr-gamma", type=float, default=5.0, help="gamma of --loss-weight min-snr")
 
@@ -3729,8 +3736,8 @@ def build_parser() -> ArgParser:
                    "in --ckpt-save-dir, or of --loadckpt, with the run's own settings and data")
     g.add_argument("--resume-with-new-data", action="store_true",
                    help="--resume on other data than the run's (other folders, or images added or removed)")
-    g.add_argument("--overwrite", action="store_true", help="--train: move another run's files out of "
-                   "--ckpt-save-dir into a dated subfolder; --export: replace an existing file")
+    g.add_argument("--overwrite", action="store_true", help="move earlier files aside into a dated old-* folder "
+                   "instead of refusing (--train: another run's checkpoints; outputs in --save-dir; --export's file)")
     g.add_argument("--max-steps", type=int, default=None, help="stop (and save) at this global step")
     g.add_argument("--time-budget", type=parse_duration, default=None, help="stop (and save) after this wall "
                    "time: 2h, 90m, 45s")
@@ -3739,7 +3746,7 @@ def build_parser() -> ArgParser:
                    "on a GPU more are used where memory is short, unless this is typed)")
     g.add_argument("--max-nonfinite", type=int, default=10, help="stop after this many non-finite losses or "
                    "gradients in a row (those updates are skipped)")
-    g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                    help="constant (the original) or cosine decay to 0 at the end of --epochs")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
     g.add_argument("--log-every", type=int, default=50, help="steps between metrics.csv rows")
@@ -3749,14 +3756,15 @@ def build_parser() -> ArgParser:
 
     g = p.add_argument_group("sampling")
     g.add_argument("--save-dir", type=str, default="output", help="where images are written")
-    g.add_argument("--sampler", choices=SAMPLERS, default="dpm++", help="dpm++ = DPM-Solver++(2M)")
-    g.add_argument("--steps", type=int, default=None,
-                   help="model calls per image (default: 25; T for ddpm; 100 for inversion)")
+    g.add_argument("--sampler", choices=list(SAMPLERS), default="dpm++",
+                   help="; ".join(f"{name} = {row.help}" for name, row in SAMPLERS.items()))
+    g.add_argument("--steps", type=int, default=None, help="model calls per image (default: " + ", ".join(
+        f"{row.default_steps or 'T'} for {name}" for name, row in SAMPLERS.items()) + f"; {INVERT_STEPS} for inversion)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic, 1: DDPM-like)")
     g.add_argument("--num-samples", type=int, default=None, help="images to generate (default: --batch-size)")
     g.add_argument("--index", type=int, default=None, help="generate only image INDEX of --seed")
     g.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    g.add_argument("--ddpm-variance", choices=["large", "small"], default="large",
+    g.add_argument("--ddpm-variance", choices=VARIANCES, default="large",
                    help="the ddpm sampler's sigma^2: large = beta (the original), small = the posterior's "
                         "beta-tilde (better for few respaced steps); also the bound of --eval nll")
     g.add_argument("--no-clip", action="store_true", help="do not clamp the x_0 estimates to [-1, 1] "
@@ -3777,7 +3785,7 @@ def build_parser() -> ArgParser:
                    help="inpainting: white = regenerate, black = keep; one for all --init-images or one each")
     g.add_argument("--resample-jumps", type=int, default=1, help="RePaint's resampling jumps per step (1 = off)")
     g.add_argument("--invert", type=str, nargs="+", default=None, metavar="PATH",
-                   help="DDIM inversion (eta 0; 100 steps unless --steps) of real images to x_T: "
+                   help=f"DDIM inversion (eta 0; {INVERT_STEPS} steps unless --steps) of real images to x_T: "
                         "edit-invert-NAME.pt, its reconstruction edit-invert-NAME.png and its PSNR")
 
     g = p.add_argument_group("run")
@@ -3786,7 +3794,7 @@ def build_parser() -> ArgParser:
     g.add_argument("--loadckpt", type=str, default=None, help="checkpoint file (or folder: its newest) to "
                    "sample from, fine-tune (--train) or resume (--train --resume)")
     g.add_argument("--batch-size", type=int, default=64, help="training batch (global) and sampling batch")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 on GPUs that have it, else fp16 with GradScaler; fp32 on CPU")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile (default: on for CUDA training, off otherwise)")
@@ -3797,7 +3805,7 @@ def build_parser() -> ArgParser:
                    help="write --loadckpt's EMA (or --no-ema raw) weights as safetensors")
 
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval", choices=["nll", "fid", "swd", "nearest"], default=None,
+    g.add_argument("--eval", choices=EVALS, default=None,
                    help="evaluate --loadckpt: nll = bits/dim (variational bound), fid = Frechet Inception Distance "
                         "(pytorch-fid), swd = sliced Wasserstein distance (no network, no download), nearest = "
                         "nearest training images of samples (memorisation check)")
@@ -3812,28 +3820,26 @@ def build_parser() -> ArgParser:
     return p
 
 
-def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set:
-    """The dests of the flags the user actually typed."""
-    typed = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
-    return {a.dest for a in parser._actions if typed.intersection(a.option_strings)}
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, frozenset]:
+    """The flags as argparse reads them (with --demo's preset as defaults) and the set of the ones
+    the user typed; every flag's own range is checked here (check_flags)."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--demo" in argv:
         parser.set_defaults(**DEMO_PRESET)
     args = parser.parse_args(argv)
-    args.explicit = explicit_flags(parser, argv)
-    check_flags(args)
-    return args
+    typed = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    typed = frozenset(a.dest for a in parser._actions if typed.intersection(a.option_strings))
+    check_flags(args, typed)
+    return args, typed
 
 
-def check_flags(args) -> None:
-    """Every flag's own range, in one place, before any work: one line naming the flag. The training
-    settings are checked by TrainConfig.validate, as stored ones are on --resume."""
-    train_config_from_args(args).validate()
-    for name in ("demo_images", "img_size", "num_channels", "num_blocks", "timesteps", "steps", "num_samples"):
+def check_flags(args, typed: frozenset) -> None:
+    """Every flag's own range and combination, in one place, before any work: one line naming the
+    flag. The training settings are checked by TrainConfig.validate (as stored ones are on --resume),
+    the model's by ModelConfig.validate when a command builds a model from the flags."""
+    train_config_from_args(args, typed).validate()
+    for name in ("demo_images", "steps", "num_samples"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise DDPMError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
@@ -3855,20 +3861,24 @@ def check_flags(args) -> None:
         if v is not None and not v.strip():
             raise DDPMError(f"{flag} is empty; name a {'file' if flag in ('--export', '--info') else 'path'}"
                             + (" (. for the current folder)" if flag.endswith("dir") else ""))
+    check_command_flags(args)
+    check_edit_flags(args)
+
+
+def check_command_flags(args) -> None:
+    """Which command the flags ask for, and the flags that only go with another one."""
     if args.resume and not args.train:
         raise DDPMError("--resume continues a training run: add --train")
     if args.resume_with_new_data and not args.resume:
         raise DDPMError("--resume-with-new-data goes with --train --resume")
-    check_edit_flags(args)
-
-
-INVERT_STEPS = 100  # DDIM inversion's error is first order in the step: 25 steps reconstruct to ~25 dB, 100 to ~38
-
-
-def inversion_spec(args, spec: SampleSpec) -> SampleSpec:
-    """The deterministic path of --invert and of --interpolate between images: DDIM, eta 0, and
-    INVERT_STEPS steps unless --steps is typed."""
-    return replace(spec, sampler="ddim", eta=0.0, steps=spec.steps if "steps" in args.explicit else INVERT_STEPS)
+    if args.eval and (args.train or not args.loadckpt):
+        raise DDPMError(f"--eval {args.eval} evaluates a trained model: give --loadckpt CKPT, without --train")
+    if args.info is None and args.export is None and not args.train and not args.loadckpt:
+        raise DDPMError("nothing to do: give --train to train, or --loadckpt CKPT to sample from a checkpoint")
+    if args.export is not None and not args.loadckpt:
+        raise DDPMError("--export needs --loadckpt CKPT to know which weights to write")
+    if args.train and not (args.demo or args.data_folders or args.resume):
+        raise DDPMError("--train needs --data-folders DIR [DIR ...] (or --demo for the built-in faces)")
 
 
 def check_edit_flags(args) -> None:
@@ -3890,54 +3900,211 @@ def check_edit_flags(args) -> None:
         raise DDPMError("--init-images and --invert are separate commands; give one")
     if (args.init_images or args.invert) and (args.train or args.eval):
         raise DDPMError("--init-images and --invert work in sampling mode: drop --train / --eval")
-    if args.invert and (args.sampler == "ddpm" or args.eta > 0):
-        raise DDPMError("--invert runs the deterministic DDIM (eta 0) backwards: use --sampler ddim or dpm++ with "
-                        "--eta 0, not a stochastic sampler")
+    if args.invert and sample_spec_from_args(args).draws_noise:
+        raise DDPMError("--invert runs the deterministic DDIM (eta 0) backwards: use --sampler "
+                        f"{' or '.join(n for n, r in SAMPLERS.items() if not r.stochastic)} with --eta 0, not a "
+                        f"stochastic sampler")
+
+
+# -- typed jobs: the Namespace stops here --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Weights:
+    """Which weights a command loads: --loadckpt (a file, or a folder meaning its newest checkpoint),
+    the EMA or the raw ones, and the model flags the user typed (they must agree with a checkpoint
+    that knows its model, and describe a file of the original script)."""
+
+    path: str
+    ema: bool = True
+    model_flags: Tuple[Tuple[str, object], ...] = ()
+
+    @property
+    def flags(self) -> Dict[str, object]:
+        return dict(self.model_flags)
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where and how a command runs: --device, --precision, --compile (None: decided in setup_runtime)."""
+
+    device: Optional[str] = None
+    precision: str = "auto"
+    compile: Optional[bool] = None
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a command's pictures go (--save-dir; see output_folder) and whether earlier ones are moved aside."""
+
+    save_dir: Path = Path("output")
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """--train: a fresh run, a fine-tune of --loadckpt, or --resume."""
+
+    cfg: ModelConfig
+    train: TrainConfig
+    data: DataSource
+    ckpt_dir: Path
+    out: Outputs
+    device: Device
+    typed: frozenset                       # the flags the user typed (a resume keeps the others)
+    model_flags: Tuple[Tuple[str, object], ...] = ()
+    loadckpt: Optional[str] = None
+    resume: bool = False
+    new_data: bool = False                 # --resume-with-new-data
+    seed: Optional[int] = None
+    time_budget: Optional[float] = None
+    pictures: bool = True                  # not --no-run-pictures
+    final: int = 64                        # images in final-grid.png
+    demo_on_folders: bool = False          # --demo with --data-folders: the preset applies to them
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    """What every command that samples from --loadckpt shares: the weights, where it runs, how it
+    samples and where its pictures go."""
+
+    weights: Weights
+    device: Device
+    spec: SampleSpec
+    out: Outputs
+
+
+@dataclass(frozen=True)
+class SampleJob(ModelJob):
+    """Sampling from --loadckpt: images, and the pictures the flags ask for."""
+
+    data: DataFlags = DataFlags()
+    seed: Optional[int] = None
+    count: int = 64                        # --num-samples (default: --batch-size)
+    index: Optional[int] = None
+    batch_size: int = 64
+    reverse: bool = False
+    forward: bool = False
+    gif: bool = False
+    interpolate: Optional[Tuple[str, str]] = None
+    inversion_steps: Optional[int] = None  # a typed --steps, for --interpolate between images
+
+
+@dataclass(frozen=True)
+class EditJob(ModelJob):
+    """--init-images (SDEdit), with --mask inpainting (RePaint)."""
+
+    images: Tuple[str, ...] = ()
+    masks: Tuple[str, ...] = ()
+    strength: Optional[float] = None       # None: 0.5, or 1 with masks
+    jumps: int = 1
+    variations: int = 1
+    seed: Optional[int] = None
+    batch_size: int = 64
+    background: Tuple[int, int, int] = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class InvertJob(ModelJob):
+    """--invert: DDIM inversion of real images to x_T (spec: the inversion's path, inversion_spec)."""
+
+    images: Tuple[str, ...] = ()
+    background: Tuple[int, int, int] = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class EvalJob(ModelJob):
+    """--eval nll | fid | swd | nearest on --loadckpt."""
+
+    kind: str = "swd"                      # EVALS
+    data: DataFlags = DataFlags()
+    seed: Optional[int] = None
+    samples: Optional[int] = None          # a typed --num-samples (default: per kind)
+    batch_size: int = 64
+    nll_timesteps: Optional[int] = None
+    fid_weights: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class InfoJob:
+    path: str
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    weights: Weights
+    out: Path
+    overwrite: bool = False
 
 
 def sample_spec_from_args(args) -> SampleSpec:
     return SampleSpec(args.sampler, args.steps, args.eta, not args.no_clip, args.ddpm_variance)
 
 
-def train_config_from_args(args) -> TrainConfig:
+def train_config_from_args(args, typed: frozenset) -> TrainConfig:
     return TrainConfig(
-        batch_size=args.batch_size, grad_accum=args.grad_accum, auto_accum="grad_accum" not in args.explicit,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, auto_accum="grad_accum" not in typed,
         lr=args.lr, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, epochs=args.epochs,
         ema_decay=args.ema_decay, precision=args.precision, holdout=args.holdout, max_steps=args.max_steps,
         max_nonfinite=args.max_nonfinite, log_every=args.log_every, sample_every=args.sample_every,
-        tensorboard=args.tensorboard, preview=sample_spec_from_args(args))
-
-
-def data_source_from_args(args) -> DataSource:
-    return DataSource(tuple(args.data_folders or ()), args.demo_images if args.demo else 0, args.background)
-
-
-def sampling_steps(args, cfg: ModelConfig) -> int:
-    """--steps, or its default: 25, and T for the ddpm sampler (the original)."""
-    return sample_spec_from_args(args).steps_for(cfg.timesteps)
+        tensorboard=args.tensorboard, dropout=args.dropout, loss_weight=args.loss_weight,
+        min_snr_gamma=args.min_snr_gamma, preview=sample_spec_from_args(args))
 
 
 def model_config_from_args(args) -> ModelConfig:
-    return ModelConfig(args.img_channels, args.img_size, args.num_channels, tuple(args.channel_multiples),
-                       tuple(args.has_attn), args.num_blocks, args.timesteps, args.beta_min, args.beta_max,
-                       args.dropout, time_cond=args.time_cond, norm_groups=args.norm_groups,
-                       objective=args.objective, beta_schedule=args.beta_schedule, loss_weight=args.loss_weight,
-                       min_snr_gamma=args.min_snr_gamma)
+    return ModelConfig(**{f.name: getattr(args, f.name) for f in fields(ModelConfig) if f.name != "legacy_attention"})
 
 
-def explicit_model_flags(args) -> Dict[str, object]:
-    """Model config values the user typed (these must agree with a self-describing checkpoint)."""
-    return {k: getattr(args, k) for k in MODEL_KEYS if k in args.explicit}
+def job_from_args(args, typed: frozenset):
+    """The typed job the flags ask for (one of the *Job classes)."""
+    model_flags = tuple((k, getattr(args, k)) for k in MODEL_FLAGS if k in typed)
+    weights = Weights(args.loadckpt, not args.no_ema, model_flags) if args.loadckpt else None
+    if args.info is not None:
+        return InfoJob(args.info)
+    if args.export is not None:
+        return ExportJob(weights, Path(args.export), args.overwrite)
+    device = Device(args.device, args.precision, args.compile)
+    out, spec = Outputs(Path(args.save_dir), args.overwrite), sample_spec_from_args(args)
+    if args.train:
+        return TrainJob(model_config_from_args(args), train_config_from_args(args, typed),
+                        DataSource(tuple(args.data_folders or ()), args.demo_images if args.demo else 0, args.background),
+                        Path(args.ckpt_save_dir), out, device, typed, model_flags, args.loadckpt, args.resume,
+                        args.resume_with_new_data, args.seed, args.time_budget, not args.no_run_pictures,
+                        args.num_samples or 64, bool(args.demo and args.data_folders))
+    data = DataFlags(tuple(args.data_folders or ()), args.demo, args.demo_images, args.background,
+                     tuple(args.eval_folders or ()))
+    if args.eval:
+        return EvalJob(weights, device, spec, out, kind=args.eval, data=data, seed=args.seed,
+                       samples=args.num_samples if "num_samples" in typed else None, batch_size=args.batch_size,
+                       nll_timesteps=args.nll_timesteps, fid_weights=args.fid_weights)
+    if args.invert:
+        return InvertJob(weights, device, inversion_spec(spec, args.steps), out, images=tuple(args.invert),
+                         background=args.background)
+    if args.init_images:
+        return EditJob(weights, device, spec, out, images=tuple(args.init_images), masks=tuple(args.mask or ()),
+                       strength=args.strength, jumps=args.resample_jumps, variations=args.num_samples or 1,
+                       seed=args.seed, batch_size=args.batch_size, background=args.background)
+    return SampleJob(weights, device, spec, out, data=data, seed=args.seed, count=args.num_samples or args.batch_size,
+                     index=args.index, batch_size=args.batch_size, reverse=args.reverse_steps, forward=args.forward_steps,
+                     gif=args.gif, interpolate=tuple(args.interpolate) if args.interpolate else None,
+                     inversion_steps=args.steps)
 
 
-def pick_seed(args) -> int:
-    if args.seed is not None:
-        return args.seed
+def parse_command_line(argv: Optional[Sequence[str]] = None):
+    """argv (default: sys.argv[1:]) -> the typed job it asks for, every flag checked."""
+    return job_from_args(*parse_args(argv))
+
+
+def pick_seed(seed: Optional[int]) -> int:
+    """`seed`, or a random one (the same on every process), printed so that it can be repeated."""
+    if seed is not None:
+        return seed
     seed = broadcast_int(random.SystemRandom().randrange(2**31), Runtime(torch.device("cpu"), "fp32",
                                                                        world=int(os.environ.get("WORLD_SIZE", "1"))))
     log(f"seed: {seed} (pass --seed {seed} to repeat)")
     return seed
 
+
+# -- train ----------------------------------------------------------------------------------------
 
 @dataclass
 class RunStart:
@@ -3952,34 +4119,26 @@ class RunStart:
     ckpt: Optional[dict] = None    # the checkpoint read (fine-tune, resume)
     path: Optional[Path] = None
 
-
-def warn_signal_left(cfg: ModelConfig) -> None:
-    """One line when the schedule leaves signal at t = T (x_T is then not pure noise, and sampling from
-    pure noise starts off the training distribution): the original's linear range at small T."""
-    ab_T = float(torch.cumprod(1 - beta_schedule(cfg.beta_schedule, cfg.timesteps, cfg.beta_min, cfg.beta_max), 0)[-1])
-    if ab_T > 1e-3:
-        log(f"warning: --timesteps {cfg.timesteps} with this schedule leaves alpha_bar_T = {ab_T:.3g} of the signal "
-            f"at t = T; scale --beta-max by 1000/T (--beta-max {min(0.999, cfg.beta_max * 1000 / cfg.timesteps):g}) "
-            f"or use --beta-schedule cosine")
+    @property
+    def step(self) -> Optional[int]:
+        """The step of the checkpoint it continues from (None: fresh, or a file of the original script)."""
+        return self.ckpt.get("step") if self.ckpt is not None and not is_legacy_state_dict(self.ckpt) else None
 
 
-def start_of_run(args, ckpt_dir: Path) -> RunStart:
-    cfg, tc, src = model_config_from_args(args), train_config_from_args(args), data_source_from_args(args)
-    if not (args.resume or args.loadckpt):
-        warn_signal_left(cfg.validate())
-        return RunStart("fresh", cfg, tc, src, new_run_id())
-    path = resolve_checkpoint(args.loadckpt) if args.loadckpt else newest_checkpoint(ckpt_dir)
+def start_of_run(job: TrainJob) -> RunStart:
+    if not (job.resume or job.loadckpt):
+        cfg = job.cfg.validate()
+        warning = signal_left(cfg)
+        if warning:
+            log(f"warning: {warning}")
+        return RunStart("fresh", cfg, job.train, job.data, new_run_id())
+    path = resolve_checkpoint(job.loadckpt) if job.loadckpt else newest_checkpoint(job.ckpt_dir)
     if path is None:
-        raise DDPMError(f"--resume found no {CKPT_PATTERN} in {ckpt_dir}; train without --resume first")
+        raise DDPMError(f"--resume found no {CKPT_PATTERN} in {job.ckpt_dir}; train without --resume first")
     obj = read_checkpoint(path)
-    stored_cfg = config_from_checkpoint(obj, path, explicit_model_flags(args), cfg)
-    cfg = replace(stored_cfg, **{k: getattr(args, k) for k in TUNABLE if k in args.explicit}).validate()
-    if not args.resume:
-        if not is_legacy_state_dict(obj):
-            check_run_state(obj, path, cfg, resume=False)
-        log(f"fine-tune: weights from {path}, lr {tc.lr}")
-        run_id = None if is_legacy_state_dict(obj) else run_id_of(obj)
-        return RunStart("fine-tune", cfg, tc, src, run_id or new_run_id(), obj, path)
+    cfg = config_from_checkpoint(obj, path, dict(job.model_flags), job.cfg)
+    if not job.resume:
+        return fine_tune_start(job, obj, path, cfg)
     if is_legacy_state_dict(obj):
         raise DDPMError(f"{path} was written by the original script and has no run state to resume; "
                         f"use --loadckpt {path} --train (without --resume) to fine-tune it")
@@ -3987,142 +4146,167 @@ def start_of_run(args, ckpt_dir: Path) -> RunStart:
         raise DDPMError(f"{path} holds weights only (no optimizer or run state) and cannot be resumed; "
                         f"use --loadckpt {path} --train (without --resume) to fine-tune it")
     check_run_state(obj, path, cfg, resume=True)
-    stored = dict(obj.get("train") or {})
+    stored = stored_train_settings(obj)
     stored.setdefault("epochs", obj.get("end_epoch"))
     if "holdout" not in stored and obj.get("holdout"):
         stored["holdout"] = obj["holdout"].get("fraction", 0.0)
     log(f"resume: {path} (step {obj['step']}, epoch {obj['epoch']})")
     try:
-        tc = tc.resumed({k: v for k, v in stored.items() if v is not None}, args.explicit)
+        tc = job.train.resumed({k: v for k, v in stored.items() if v is not None}, job.typed)
     except DDPMError as e:
         raise DDPMError(f"{path}: the stored training settings are invalid ({e}); the file was edited or is "
                         f"damaged") from None
-    for k in TUNABLE:
-        if k in args.explicit and getattr(cfg, k) != getattr(stored_cfg, k):
-            log(f"resume: --{k.replace('_', '-')} {getattr(cfg, k)} (the run used {getattr(stored_cfg, k)})")
-    if "seed" in args.explicit and args.seed != obj["seed"]:
-        log(f"resume: --seed {args.seed} (the run used {obj['seed']}); the data order and the noise follow the new "
+    if "seed" in job.typed and job.seed != obj["seed"]:
+        log(f"resume: --seed {job.seed} (the run used {obj['seed']}); the data order and the noise follow the new "
             f"seed from step {obj['step']}")
-    return RunStart("resume", cfg, tc, resumed_source(src, obj, args), run_id_of(obj) or new_run_id(), obj, path)
+    return RunStart("resume", cfg, tc, resumed_source(job, obj), run_id_of(obj) or new_run_id(), obj, path)
 
 
-def resumed_source(src: DataSource, obj: dict, args) -> DataSource:
+def fine_tune_start(job: TrainJob, obj: dict, path: Path, cfg: ModelConfig) -> RunStart:
+    """--loadckpt X --train: X's weights, EMA and counters, a fresh optimizer at --lr. The settings that
+    checkpoints before format 4 kept in their model config (dropout, the loss weighting) carry over
+    from X unless typed, as they did then."""
+    tc = job.train
+    if not is_legacy_state_dict(obj):
+        check_run_state(obj, path, cfg, resume=False)
+        stored = stored_train_settings(obj)
+        tc = replace(tc, **{k: stored[k] for k in MOVED_TO_TRAIN if k in stored and k not in job.typed})
+        try:
+            tc.validate()
+        except DDPMError as e:
+            raise DDPMError(f"{path}: the stored training settings are invalid ({e}); the file was edited or is "
+                            f"damaged") from None
+    log(f"fine-tune: weights from {path}, lr {tc.lr}")
+    run_id = None if is_legacy_state_dict(obj) else run_id_of(obj)
+    return RunStart("fine-tune", cfg, tc, job.data, run_id or new_run_id(), obj, path)
+
+
+def resumed_source(job: TrainJob, obj: dict) -> DataSource:
     """--resume trains on the run's own data; data flags that name other data are refused unless
     --resume-with-new-data says so."""
-    typed = bool(args.data_folders) or "demo" in args.explicit
+    src = job.data
+    typed = bool(src.folders) or "demo" in job.typed
     if not obj.get("data"):  # written before the data record: its folders were kept as typed, relative to
         if typed:            # a working directory it did not record, so only the image count is checked
             return src
-        return training_source(args, obj)
+        return training_source(obj, background=src.background)
     run = DataSource.from_record(obj["data"], src.background)
     if not typed:
         return run
     if not src.same_as(run):
-        if not args.resume_with_new_data:
+        if not job.new_data:
             raise DDPMError(f"--resume: the run trained on {run.describe()}, not {src.describe()}; drop the data "
                             f"flags to use the run's data, or add --resume-with-new-data")
         log(f"resume: on {src.describe()} (the run trained on {run.describe()}; --resume-with-new-data)")
     return src
 
 
-def train_command(args, started: float) -> int:
+def train_command(job: TrainJob, started: float) -> int:
     """--train: fresh, fine-tuned from --loadckpt, or resumed with --resume. The checkpoint folder is
     locked for the run and must hold no other run's files; the first process of a torchrun launch
-    checks both, before any work."""
-    ckpt_dir, save_dir = Path(args.ckpt_save_dir), Path(args.save_dir)
+    checks both, before any work, and decides where the pictures go."""
+    if job.train.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise DDPMError("--tensorboard needs the tensorboard package; run `pip install tensorboard`") from None
+    if not (job.resume or job.loadckpt):
+        job.cfg.validate()  # bad flag combinations fail before any work
+    if job.data.folders:
+        find_image_files(job.data.folders)  # a missing or empty folder fails here, before any model
+    check_writable(job.ckpt_dir, "--ckpt-save-dir")
+    check_writable(job.out.save_dir, "--save-dir")
     first = int(os.environ.get("RANK", "0")) == 0
-    lock = FolderLock(ckpt_dir)
+    lock, save_dir = FolderLock(job.ckpt_dir), job.out.save_dir
     try:
         if first:
             lock.acquire()
-        run = start_of_run(args, ckpt_dir)
+        run = start_of_run(job)
         if first:
-            step = run.ckpt.get("step") if run.ckpt is not None and not is_legacy_state_dict(run.ckpt) else None
-            guard_run_folder(ckpt_dir, run.run_id, run.kind != "fresh", args.overwrite, run.path, step)
-            save_dir = output_folder(save_dir, "train", args.overwrite)
-        rt = setup_runtime(args.device, run.train.precision, args.compile, training=True)
-        return train_run(args, rt, run, ckpt_dir, save_dir, started)
+            guard_run_folder(job.ckpt_dir, run.run_id, run.kind != "fresh", job.out.overwrite, run.path, run.step)
+            save_dir = output_folder(save_dir, "train", job.out.overwrite)
+        rt = setup_runtime(job.device.device, run.train.precision, job.device.compile, training=True)
+        return train_run(job, rt, run, save_dir, started)
     finally:
         lock.release()
-        remove_if_empty(save_dir, Path(args.save_dir))
+        remove_if_empty(save_dir, job.out.save_dir)
 
 
-def train_run(args, rt: Runtime, run: RunStart, ckpt_dir: Path, save_dir: Path, started: float) -> int:
-    """Load the data, build the trainer, draw run-before.png, train, draw the final pictures."""
+def train_run(job: TrainJob, rt: Runtime, run: RunStart, save_dir: Path, started: float) -> int:
+    """Load the data, build the trainer, train it with its pictures."""
     tc, cfg, resume = run.train, run.cfg, run.kind == "resume"
-    seed = int(run.ckpt["seed"]) if resume and "seed" in run.ckpt and args.seed is None else pick_seed(args)
-    if args.demo and args.data_folders:
-        log(f"note: --demo's CPU preset applies to your folders ({' '.join(args.data_folders)}); the built-in "
+    seed = int(run.ckpt["seed"]) if resume and job.seed is None else pick_seed(job.seed)
+    if job.demo_on_folders:
+        log(f"note: --demo's CPU preset applies to your folders ({' '.join(job.data.folders)}); the built-in "
             f"faces are not used")
     data = run.data.load(cfg)
     expected = (run.ckpt.get("data") or {}).get("images") or (run.ckpt.get("holdout") or {}).get("total") if resume else None
-    if expected and len(data) != expected and not args.resume_with_new_data:
+    if expected and len(data) != expected and not job.new_data:
         raise DDPMError(f"--resume: {run.data.describe()} now holds {len(data)} images, the run trained on {expected}; "
                         f"add --resume-with-new-data to continue on the new set")
-    held_rec = (run.ckpt.get("holdout") or {}) if resume and "holdout" not in args.explicit else {}
+    held_rec = (run.ckpt.get("holdout") or {}) if resume and "holdout" not in job.typed else {}
     train_data, held, holdout = split_holdout(data, tc.holdout, held_rec.get("seed", seed))
     if len(held):
         log(f"holdout: {len(held)} of {len(data)} images left out of training (--holdout {tc.holdout:g}); "
             f"--eval uses them")
-    B = tc.batch_size
-    if B % (rt.world * tc.grad_accum):
-        raise DDPMError(f"--batch-size {B} is the global batch and must divide evenly over {rt.world} processes x "
-                        f"{tc.grad_accum} accumulation steps")
-    if len(train_data) < B:
-        raise DDPMError(f"--batch-size {B} is larger than the {len(train_data)} training images; use --batch-size "
-                        f"{len(train_data)} or fewer")
-    deadline = (started + args.time_budget) if args.time_budget else None
-    for tmp in ckpt_dir.glob(".ckpt-*.tmp-*"):  # left by a killed process; never a valid checkpoint
-        if is_stale_temp(tmp):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+    check_batch(tc, rt, len(train_data))
+    remove_stale_temps(job.ckpt_dir)
     trainer = Trainer(tc, rt, cfg, Batches(train_data, rt.device, seed), seed, resume=run.ckpt if resume else None,
                       init=run.ckpt if run.kind == "fine-tune" else None, run_id=run.run_id,
                       data={**run.data.record(len(data)), "holdout": holdout})
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    log(f"model: {n_params / 1e6:.2f}M parameters | batch {B} = {rt.world} process(es) x {trainer.micro} x "
+    log(f"model: {n_params / 1e6:.2f}M parameters | batch {tc.batch_size} = {rt.world} process(es) x {trainer.micro} x "
         f"{trainer.accum} accumulation | {trainer.steps_per_epoch} steps per epoch | EMA "
         f"{tc.ema_decay if tc.ema_decay else 'off'}" + (f" | {trainer.memory_note}" if trainer.memory_note else ""))
-    pictures = is_rank0() and not args.no_run_pictures
-    spec = tc.preview  # the pictures use the sampling flags (--sampler, --steps, --eta, --no-clip)
-    if pictures:
-        save_png(upscale(reverse_strip(trainer.sampling_view(ema=False), rt.local(), seed, 8, spec), 2),
-                 save_dir / "run-before.png")
-    reason = trainer.fit(save_dir, ckpt_dir, deadline)
-    if pictures and reason != "nothing to do" and not reason.startswith("SIG"):  # a signal means: exit now
-        model = trainer.sampling_view(ema=True)
-        save_png(upscale(reverse_strip(model, rt.local(), seed, 8, spec), 2), save_dir / "run-after.png")
-        grid = image_grid(generate(model, rt.local(), list(range(args.num_samples or 64)), seed, spec))
-        save_grid(grid, cfg, save_dir / "final-grid.png")
-        log(f"wrote {save_dir / 'run-before.png'}, {save_dir / 'run-after.png'} and {save_dir / 'final-grid.png'}")
+    deadline = (started + job.time_budget) if job.time_budget else None
+    trainer.fit(job.ckpt_dir, deadline, RunPictures(save_dir, job.final, job.pictures))
     return 0
 
 
-def sample_command(args, rt: Runtime) -> int:
-    """Sampling from --loadckpt: ddpm-{i}.png for each index, ddpm-all.png, optional pictures."""
-    if not args.loadckpt:
-        raise DDPMError("nothing to do: give --train to train, or --loadckpt CKPT to sample from a checkpoint")
-    path = resolve_checkpoint(args.loadckpt)
+def check_batch(tc: TrainConfig, rt: Runtime, n_images: int) -> None:
+    """The global batch divides over the processes and accumulation steps, and fits the data."""
+    B = tc.batch_size
+    if B % (rt.world * tc.grad_accum):
+        raise DDPMError(f"--batch-size {B} is the global batch and must divide evenly over {rt.world} processes x "
+                        f"{tc.grad_accum} accumulation steps")
+    if n_images < B:
+        raise DDPMError(f"--batch-size {B} is larger than the {n_images} training images; use --batch-size "
+                        f"{n_images} or fewer")
+
+
+# -- sample, edit, invert -------------------------------------------------------------------------
+
+def sampling_runtime(device: Device) -> Runtime:
+    return setup_runtime(device.device, device.precision, device.compile, training=False)
+
+
+def load_for_sampling(weights: Weights, rt: Runtime) -> Tuple[GaussianDiffusion, dict]:
+    """The model to sample from (EMA or raw weights, checked) on rt's device, and the checkpoint dict."""
+    path = resolve_checkpoint(weights.path)
     obj = read_checkpoint(path)
-    model = load_model(path, rt.device, use_ema=not args.no_ema, _obj=obj, **explicit_model_flags(args))
-    cfg, spec = model.config, sample_spec_from_args(args)
-    data = training_source(args, obj) if args.forward_steps else None  # fails here, before sampling
+    model = load_model(path, rt.device, use_ema=weights.ema, _obj=obj, **weights.flags)
     log(f"model: {model.source.describe()}")
-    if args.invert:
-        return invert_command(args, rt, model)
-    seed = pick_seed(args)
-    if args.init_images:
-        return edit_command(args, rt, model, seed)
-    ends = interpolation_ends(args, model, rt.local(), spec) if args.interpolate and is_rank0() else None
-    n = 1 if args.index is not None else (args.num_samples or args.batch_size)
-    check_sampling_memory(cfg, min(args.batch_size, n), n, rt.device)
-    indices = [args.index] if args.index is not None else list(range(n))
-    with writing_to(Path(args.save_dir), "sample", args.overwrite) as save_dir:
+    return model, obj
+
+
+def sample_command(job: SampleJob) -> int:
+    """Sampling from --loadckpt: ddpm-{i}.png for each index, ddpm-all.png, optional pictures."""
+    check_writable(job.out.save_dir, "--save-dir")
+    rt = sampling_runtime(job.device)
+    model, obj = load_for_sampling(job.weights, rt)
+    cfg, spec = model.config, job.spec
+    data = training_source(obj, job.data) if job.forward else None  # fails here, before sampling
+    seed = pick_seed(job.seed)
+    ends = interpolation_ends(job, model, rt.local()) if job.interpolate and is_rank0() else None
+    n = 1 if job.index is not None else job.count
+    check_sampling_memory(cfg, min(job.batch_size, n), n, rt.device)
+    indices = [job.index] if job.index is not None else list(range(n))
+    with writing_to(job.out.save_dir, "sample", job.out.overwrite) as save_dir:
         t0 = time.time()
-        imgs = sample_or_fail(lambda: generate(model, rt, indices, seed, spec, args.batch_size,
-                                               compile_=bool(args.compile)), args.batch_size, cfg)
+        imgs = sample_or_fail(lambda: generate(model, rt, indices, seed, spec, job.batch_size,
+                                               compile_=bool(job.device.compile)), job.batch_size, cfg)
         if is_rank0():
-            write_samples(args, model, rt, imgs, indices, seed, spec, ends, data, save_dir, time.time() - t0)
+            write_samples(job, model, rt, imgs, indices, seed, ends, data, save_dir, time.time() - t0)
     return 0
 
 
@@ -4137,10 +4321,10 @@ def sample_or_fail(make: Callable[[], torch.Tensor], batch: int, cfg: ModelConfi
                         f"smaller --batch-size") from None
 
 
-def write_samples(args, model: GaussianDiffusion, rt: Runtime, imgs: torch.Tensor, indices: List[int], seed: int,
-                  spec: SampleSpec, ends, data: Optional[DataSource], save_dir: Path, took: float) -> None:
+def write_samples(job: SampleJob, model: GaussianDiffusion, rt: Runtime, imgs: torch.Tensor, indices: List[int],
+                  seed: int, ends, data: Optional[DataSource], save_dir: Path, took: float) -> None:
     """ddpm-{i}.png, ddpm-all.png and the pictures the flags ask for."""
-    cfg = model.config
+    cfg, spec = model.config, job.spec
     for i, img in zip(indices, imgs):
         save_png(img, save_dir / f"ddpm-{i}.png")
     if len(indices) > 1:
@@ -4148,63 +4332,71 @@ def write_samples(args, model: GaussianDiffusion, rt: Runtime, imgs: torch.Tenso
     log(f"wrote {len(indices)} images to {save_dir} in {took:.1f} s ({spec.sampler}, "
         f"{spec.steps_for(cfg.timesteps)} steps, seed {seed})" + (", and ddpm-all.png" if len(indices) > 1 else ""))
     local = rt.local()
-    if args.reverse_steps:
+    if job.reverse:
         save_png(reverse_strip(model, local, seed, 8, spec), save_dir / "reverse.png")
-    if args.forward_steps:
-        save_png(forward_strip(copy.deepcopy(model), data.load(cfg)[:8], seed), save_dir / "forward.png")
-    if args.gif:
+    if job.forward:
+        save_png(forward_strip(model, data.load(cfg)[:8], seed), save_dir / "forward.png")
+    if job.gif:
         save_gif(denoise_frames(model, local, indices[:16], seed, spec), save_dir / "denoise.gif")
     if ends is not None:
         save_png(interpolation_strip(model, local, *ends), save_dir / "interpolate.png")
 
 
-def interpolation_ends(args, model: GaussianDiffusion, rt: Runtime, spec: SampleSpec
+def interpolation_ends(job: SampleJob, model: GaussianDiffusion, rt: Runtime
                        ) -> Tuple[torch.Tensor, torch.Tensor, SampleSpec]:
     """--interpolate A B: two seeds (their noise, the sampling flags' path), or two real faces: .pt
     files of --invert or image files inverted here (the DDIM path, eta 0, that reconstructs them)."""
-    if all(re.fullmatch(r"-?\d+", v) for v in args.interpolate):
-        return seed_noise(model, int(args.interpolate[0])), seed_noise(model, int(args.interpolate[1])), spec
-    cfg, path = model.config, inversion_spec(args, spec)
+    if all(re.fullmatch(r"-?\d+", v) for v in job.interpolate):
+        return seed_noise(model, int(job.interpolate[0])), seed_noise(model, int(job.interpolate[1])), job.spec
+    cfg, inversion = model.config, inversion_spec(job.spec, job.inversion_steps)
     ends = []
-    for v in args.interpolate:
+    for v in job.interpolate:
         if v.endswith(".pt"):
-            if not Path(v).is_file():
-                raise DDPMError(f"--interpolate {v} does not exist or is not a regular file")
-            try:
-                z = torch.load(v, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise DDPMError(f"--interpolate {v}: not a readable --invert file ({first_line(e, 80)})") from None
-            if not isinstance(z, torch.Tensor) or tuple(z.shape) != (cfg.img_channels, cfg.img_size, cfg.img_size):
-                raise DDPMError(f"--interpolate {v}: not an x_T of this model's shape "
-                                f"({cfg.img_channels}, {cfg.img_size}, {cfg.img_size})")
-            ends.append(z.float())
+            ends.append(read_latent(v, cfg))
         else:
-            img = load_image_files([v], cfg.img_size, cfg.img_channels, args.background, "--interpolate")
-            ends.append(model.invert(to_model_range(img).to(rt.device), path, sampling_model_fn(model, rt))[0].cpu())
+            img = load_image_files([v], cfg.img_size, cfg.img_channels, job.data.background, "--interpolate")
+            ends.append(model.invert(to_model_range(img).to(rt.device), inversion, sampling_net(model, rt))[0].cpu())
         if not torch.isfinite(ends[-1]).all() or float(ends[-1].abs().max()) == 0:
             raise DDPMError(f"--interpolate {v}: its x_T is {'all zero' if torch.isfinite(ends[-1]).all() else 'not finite'}"
                             f", so no path leads from it; invert the image again or use another file")
-    return ends[0], ends[1], path
+    return ends[0], ends[1], inversion
 
 
-def edit_command(args, rt: Runtime, model: GaussianDiffusion, seed: int) -> int:
+def read_latent(v: str, cfg: ModelConfig) -> torch.Tensor:
+    """An x_T that --invert wrote (edit-invert-NAME.pt), checked against the model's shape."""
+    if not Path(v).is_file():
+        raise DDPMError(f"--interpolate {v} does not exist or is not a regular file")
+    try:
+        z = torch.load(v, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DDPMError(f"--interpolate {v}: not a readable --invert file ({first_line(e, 80)})") from None
+    if not isinstance(z, torch.Tensor) or tuple(z.shape) != (cfg.img_channels, cfg.img_size, cfg.img_size):
+        raise DDPMError(f"--interpolate {v}: not an x_T of this model's shape "
+                        f"({cfg.img_channels}, {cfg.img_size}, {cfg.img_size})")
+    return z.float()
+
+
+def edit_command(job: EditJob) -> int:
     """--init-images (SDEdit; with --mask, inpainting): edit-J-V.png for variation V of image J, and
     edit-grid.png with one row per image: the input, its mask, the results."""
-    cfg, spec = model.config, sample_spec_from_args(args)
-    images = load_image_files(args.init_images, cfg.img_size, cfg.img_channels, args.background, "--init-images")
+    check_writable(job.out.save_dir, "--save-dir")
+    rt = sampling_runtime(job.device)
+    model, _ = load_for_sampling(job.weights, rt)
+    cfg, spec, seed = model.config, job.spec, pick_seed(job.seed)
+    images = load_image_files(job.images, cfg.img_size, cfg.img_channels, job.background, "--init-images")
     masks = None
-    if args.mask:
-        m = load_masks(args.mask, args.init_images, cfg.img_size)
+    if job.masks:
+        m = load_masks(job.masks, job.images, cfg.img_size)
         masks = (m > 127).float().expand(len(images), -1, -1, -1) if len(m) == 1 else (m > 127).float()
-    k = args.num_samples or 1
+    k = job.variations
     rows = [j for j in range(len(images)) for _ in range(k)]
-    strength = args.strength if args.strength is not None else (1.0 if args.mask else 0.5)
-    edit = Edit(images[rows], strength, None if masks is None else masks[rows], args.resample_jumps)
-    with writing_to(Path(args.save_dir), "edit", args.overwrite) as save_dir:
+    strength = job.strength if job.strength is not None else (1.0 if job.masks else 0.5)
+    edit = Edit(images[rows], strength, None if masks is None else masks[rows], job.jumps)
+    with writing_to(job.out.save_dir, "edit", job.out.overwrite) as save_dir:
         t0 = time.time()
         out = sample_or_fail(lambda: generate(model, rt, [v for _ in images for v in range(k)], seed, spec,
-                                              args.batch_size, compile_=bool(args.compile), edit=edit),
-                             args.batch_size, cfg)
+                                              job.batch_size, compile_=bool(job.device.compile), edit=edit),
+                             job.batch_size, cfg)
         if is_rank0():
             write_edits(images, masks, out, k, cfg, save_dir)
             log(f"wrote {len(out)} edits of {len(images)} images to {save_dir} in {time.time() - t0:.1f} s (strength "
@@ -4220,22 +4412,24 @@ def write_edits(images: torch.Tensor, masks: Optional[torch.Tensor], out: torch.
         save_png(out[n], save_dir / f"edit-{j}-{v}.png")
     cols = [images] + ([to_uint8(masks * 2 - 1).expand(-1, cfg.img_channels, -1, -1)] if masks is not None else [])
     grid = torch.cat([torch.stack([c[j] for c in cols] + list(out[j * k:(j + 1) * k])) for j in range(len(images))])
-    save_grid(image_grid(grid, nrow=len(cols) + k), cfg, save_dir / "edit-grid.png")
+    save_picture(image_grid(grid, nrow=len(cols) + k), cfg, save_dir / "edit-grid.png")
 
 
-def invert_command(args, rt: Runtime, model: GaussianDiffusion) -> int:
+def invert_command(job: InvertJob) -> int:
     """--invert: x_T of each image by DDIM inversion, its reconstruction from x_T and the PSNR."""
-    cfg = model.config
-    spec = inversion_spec(args, sample_spec_from_args(args))
-    images = load_image_files(args.invert, cfg.img_size, cfg.img_channels, args.background, "--invert")
+    check_writable(job.out.save_dir, "--save-dir")
+    rt = sampling_runtime(job.device)
+    model, _ = load_for_sampling(job.weights, rt)
+    cfg, spec = model.config, job.spec
+    images = load_image_files(job.images, cfg.img_size, cfg.img_channels, job.background, "--invert")
     if not is_rank0():
         return 0
-    fn = sampling_model_fn(model, rt)
-    with writing_to(Path(args.save_dir), "invert", args.overwrite) as save_dir:
+    fn = sampling_net(model, rt)
+    with writing_to(job.out.save_dir, "invert", job.out.overwrite) as save_dir:
         with torch.inference_mode():
             z = sample_or_fail(lambda: model.invert(to_model_range(images).to(rt.device), spec, fn), len(images), cfg)
             rec = to_uint8(model.sample(z.clone(), spec, model_fn=fn)).cpu()
-        for path, stem, zi, ri, im in zip(args.invert, distinct_stems(args.invert), z.cpu(), rec, images):
+        for path, stem, zi, ri, im in zip(job.images, distinct_stems(job.images), z.cpu(), rec, images):
             buf = io.BytesIO()
             torch.save(zi.clone(), buf)
             write_output(save_dir / f"edit-invert-{stem}.pt", buf.getvalue())
@@ -4243,7 +4437,7 @@ def invert_command(args, rt: Runtime, model: GaussianDiffusion) -> int:
             log(f"{path}: x_T in {save_dir / f'edit-invert-{stem}.pt'}; reconstruction PSNR {psnr(ri, im):.2f} dB "
                 f"(DDIM, eta 0, {spec.steps_for(cfg.timesteps)} steps)")
         grid = torch.cat([torch.stack([im, ri]) for im, ri in zip(images, rec)])
-        save_grid(image_grid(grid, nrow=2), cfg, save_dir / "edit-grid.png")
+        save_picture(image_grid(grid, nrow=2), cfg, save_dir / "edit-grid.png")
     return 0
 
 
@@ -4261,38 +4455,40 @@ def distinct_stems(paths: Sequence[str]) -> List[str]:
     return out
 
 
-def eval_command(args, rt: Runtime, feature_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> int:
-    """--eval nll | fid | nearest on --loadckpt. feature_fn replaces the Inception features (tests)."""
-    if rt.distributed:
+# -- evaluate -------------------------------------------------------------------------------------
+
+def eval_command(job: EvalJob, features: Optional[Features] = None) -> int:
+    """--eval nll | fid | swd | nearest on --loadckpt. `features` replaces the Inception features (tests)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise DDPMError("--eval runs in one process; start it with python, not torchrun")
-    if args.eval == "fid" and feature_fn is None:
-        feature_fn = inception_features(args.fid_weights, rt.device)  # fails fast: package, weights
-    path = resolve_checkpoint(args.loadckpt)
-    obj = read_checkpoint(path)
-    model = load_model(path, rt.device, use_ema=not args.no_ema, _obj=obj, **explicit_model_flags(args))
-    log(f"model: {model.source.describe()}")
-    seed = pick_seed(args)
-    if args.eval == "nll":
-        return eval_nll(args, obj, model, seed)
-    n = args.num_samples if "num_samples" in args.explicit else {"fid": 5000, "swd": 256}.get(args.eval, 16)
-    spec = sample_spec_from_args(args)
+    if job.kind == "nearest":
+        check_writable(job.out.save_dir, "--save-dir")
+    rt = sampling_runtime(job.device)
+    if job.kind == "fid" and features is None:
+        features = inception_features(job.fid_weights, rt.device)  # fails fast: the package, the weights
+    model, obj = load_for_sampling(job.weights, rt)
+    seed = pick_seed(job.seed)
+    if job.kind == "nll":
+        return eval_nll(job, obj, model, seed)
+    n = job.samples or {"fid": 5000, "swd": 256}.get(job.kind, 16)
+    spec = job.spec
 
     def samples(lo: int, hi: int) -> torch.Tensor:  # (hi - lo, C, H, W) uint8
-        return generate(model, rt, list(range(lo, hi)), seed, spec, args.batch_size)
+        return generate(model, rt, list(range(lo, hi)), seed, spec, job.batch_size)
     how = f"{spec.sampler}, {spec.steps_for(model.config.timesteps)} steps, seed {seed}"
-    if args.eval == "fid":
-        return eval_fid(args, obj, path, model.config, samples, n, how, feature_fn)
-    if args.eval == "swd":
-        return eval_swd(args, obj, model.config, samples, n, how, seed)
-    return eval_nearest(args, rt, obj, model.config, samples, n, how)
+    if job.kind == "fid":
+        return eval_fid(job, obj, resolve_checkpoint(job.weights.path), model.config, samples, n, how, features)
+    if job.kind == "swd":
+        return eval_swd(job, obj, model.config, samples, n, how, seed)
+    return eval_nearest(job, rt, obj, model.config, samples, n, how)
 
 
-def eval_swd(args, obj: dict, cfg: ModelConfig, samples: Callable[[int, int], torch.Tensor], n: int, how: str,
+def eval_swd(job: EvalJob, obj: dict, cfg: ModelConfig, samples: Callable[[int, int], torch.Tensor], n: int, how: str,
              seed: int) -> int:
     """--eval swd: n samples against n real images (held out where there are: --eval-folders, the
     run's --holdout, new demo faces; else the training images), beside the figure of n other real
     images against the same n, so that a number means something."""
-    train, held, what = eval_datasets(args, obj, cfg, new_faces=2 * n)
+    train, held, what = eval_datasets(obj, cfg, job.data, new_faces=2 * n)
     ref = held if held is not None else train
     what = what if held is not None else "the training images"
     if len(ref) < 2 * n:
@@ -4311,63 +4507,63 @@ def eval_swd(args, obj: dict, cfg: ModelConfig, samples: Callable[[int, int], to
     return 0
 
 
-def eval_nll(args, obj: dict, model: GaussianDiffusion, seed: int) -> int:
+def eval_nll(job: EvalJob, obj: dict, model: GaussianDiffusion, seed: int) -> int:
     """--eval nll: the bound in bits/dim on held-out images (or, without any, the training images)."""
-    cfg = model.config
-    if args.eval_folders:  # the training data is not needed
-        held = load_images(args.eval_folders, cfg.img_size, cfg.img_channels, args.background, flag="--eval-folders")
-        what = "--eval-folders " + " ".join(args.eval_folders)
+    cfg, variance = model.config, job.spec.variance
+    if job.data.eval_folders:  # the training data is not needed
+        held = load_images(job.data.eval_folders, cfg.img_size, cfg.img_channels, job.data.background,
+                           flag="--eval-folders")
+        what = "--eval-folders " + " ".join(job.data.eval_folders)
     else:
-        train, held, what = eval_datasets(args, obj, cfg)
+        train, held, what = eval_datasets(obj, cfg, job.data)
         if held is None:
             held, what = train, "the training images (no held-out set: --eval-folders DIR, or train with --holdout)"
-    r = bits_per_dim(model, held, args.nll_timesteps, args.batch_size, seed, variance=args.ddpm_variance)
+    r = bits_per_dim(model, held, job.nll_timesteps, job.batch_size, seed, variance=variance)
     how = (f"strided estimate ({r['K']} of {r['T']} timesteps)" if r["K"] < r["T"]
            else f"full bound (all {r['T']} timesteps)")
     log(f"NLL: {r['bpd']:.4f} bits/dim +- {r['ci']:.4f} (95% CI over {r['n']} images of {what}); {how}")
     log(f"  terms (bits/dim): prior L_T {r['prior']:.4f} | KL L_1..L_T-1 {r['kl']:.4f} | decoder L_0 "
-        f"{r['decoder']:.4f} (sigma_t^2 = {'beta_t' if args.ddpm_variance == 'large' else 'beta-tilde_t'}; 8-bit "
+        f"{r['decoder']:.4f} (sigma_t^2 = {'beta_t' if variance == 'large' else 'beta-tilde_t'}; 8-bit "
         f"data scaled to [-1, 1], 256 bins)")
     return 0
 
 
-def eval_fid(args, obj: dict, path: Path, cfg: ModelConfig, samples: Callable[[int, int], torch.Tensor], n: int,
-             how: str, feature_fn: Callable) -> int:
+def eval_fid(job: EvalJob, obj: dict, path: Path, cfg: ModelConfig, samples: Callable[[int, int], torch.Tensor],
+             n: int, how: str, features: Features) -> int:
     """--eval fid: n samples against the real images (--eval-folders, --data-folders or the run's data),
     whose statistics are cached next to the checkpoint."""
-    tag = getattr(feature_fn, "tag", "custom features")
-    src = (DataSource(tuple(args.eval_folders or args.data_folders), 0, args.background,
-                      "--eval-folders" if args.eval_folders else "--data-folders")
-           if args.eval_folders or args.data_folders else training_source(args, obj))
-    cache = path.parent / f"fid-stats-{fid_cache_key(src, cfg, tag)}.pt"
-    real = real_statistics(src, cfg, feature_fn, cache, args.batch_size)
-    if n < 2048 and "pt_inception" in tag:
+    d = job.data
+    src = (DataSource(d.eval_folders or d.folders, 0, d.background, "--eval-folders" if d.eval_folders else
+                      "--data-folders") if d.eval_folders or d.folders else training_source(obj, d))
+    cache = path.parent / f"fid-stats-{fid_cache_key(src, cfg, features.tag)}.pt"
+    real = real_statistics(src, cfg, features, cache, job.batch_size)
+    if n < 2048 and "pt_inception" in features.tag:
         warn_once(f"FID from {n} < 2048 samples is biased high (singular covariance); compare only at equal "
                   f"--num-samples (papers use 50000)")
-    chunk = max(args.batch_size, 500)
-    fake = activation_stats((samples(b, min(n, b + chunk)) for b in range(0, n, chunk)), feature_fn)
-    d = frechet_distance(fake[0], fake[1], real[0], real[1])
-    log(f"FID: {d:.4f} ({n} samples: {how}; vs {real[2]} real images: {src.describe()}; features: {tag})")
+    chunk = max(job.batch_size, 500)
+    fake = activation_stats((samples(b, min(n, b + chunk)) for b in range(0, n, chunk)), features)
+    dist_ = frechet_distance(fake[0], fake[1], real[0], real[1])
+    log(f"FID: {dist_:.4f} ({n} samples: {how}; vs {real[2]} real images: {src.describe()}; features: {features.tag})")
     return 0
 
 
-def eval_nearest(args, rt: Runtime, obj: dict, cfg: ModelConfig, samples: Callable[[int, int], torch.Tensor], n: int,
-                 how: str) -> int:
+def eval_nearest(job: EvalJob, rt: Runtime, obj: dict, cfg: ModelConfig, samples: Callable[[int, int], torch.Tensor],
+                 n: int, how: str) -> int:
     """--eval nearest: samples vs training images, with held-out real images vs the training images
     as the yardstick; nearest.png shows each sample beside its nearest training images."""
-    train, held, what = eval_datasets(args, obj, cfg)
+    train, held, what = eval_datasets(obj, cfg, job.data)
     bank = train
     if held is None:
         if len(train) < 2:
             raise DDPMError("--eval nearest needs at least 2 training images")
         bank, held, _ = split_holdout(train, 0.05, 0)
         what = f"a deterministic 5% of the training images vs the other {len(bank)}"
-    if args.fid_weights:
-        net = inception_features(args.fid_weights, rt.device)
+    if job.fid_weights:
+        net = inception_features(job.fid_weights, rt.device)
         space, abs_thr = "L2 in Inception pool3 feature space", 1e-4
 
         def feats(u: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) uint8 -> (N, 2048)
-            return torch.cat([net(fid_input(c)) for c in u.split(args.batch_size)])
+            return torch.cat([net(fid_input(c)) for c in u.split(job.batch_size)])
     else:
         feats, space, abs_thr = pixel_features, "RMS pixel difference at 16x16 in [-1, 1] units", 0.02
     imgs = samples(0, n)
@@ -4381,42 +4577,17 @@ def eval_nearest(args, rt: Runtime, obj: dict, cfg: ModelConfig, samples: Callab
         f"the held-out real images, or {abs_thr:g}; about 5% expected by chance)")
     k = r["idx"].shape[1]
     rows = torch.cat([torch.cat([imgs[i:i + 1], train[r["idx"][i]]]) for i in range(n)])  # (n*(k+1), C, H, W)
-    with writing_to(Path(args.save_dir), "nearest", args.overwrite) as save_dir:
-        save_grid(image_grid(rows, nrow=k + 1), cfg, save_dir / "nearest.png")
+    with writing_to(job.out.save_dir, "nearest", job.out.overwrite) as save_dir:
+        save_picture(image_grid(rows, nrow=k + 1), cfg, save_dir / "nearest.png")
     log(f"wrote {save_dir / 'nearest.png'} (each row: a sample, then its {k} nearest training images)")
     return 0
 
 
-def free_memory(dev: torch.device) -> Optional[int]:
-    """Bytes free on the device (for the CPU: available RAM where the system says), or None."""
-    if dev.type == "cuda":
-        return cuda_free_bytes(dev)
-    if dev.type == "cpu":
-        return available_ram()
-    return None
+# -- inspect and export ---------------------------------------------------------------------------
 
-
-def check_sampling_memory(cfg: ModelConfig, batch: int, n: int, dev: torch.device) -> None:
-    """Refuse, with an estimate, sampling that cannot fit: for a batch, about a dozen feature maps of
-    the top resolution alive at once (input, skip connections, the residual blocks' inner maps); for
-    all n images, their uint8 pixels kept in CPU memory until written."""
-    need = batch * cfg.img_size ** 2 * max(cfg.num_channels, cfg.img_channels) * 4 * 12
-    keep = n * (cfg.img_channels * cfg.img_size ** 2 + 64)
-    free, ram = free_memory(dev), free_memory(torch.device("cpu"))
-    if ram is not None and keep > ram:
-        raise DDPMError(f"--num-samples {n} at {cfg.img_size}x{cfg.img_size} needs about {keep / 2**30:,.1f} GiB of "
-                        f"memory for the images, more than the {ram / 2**30:,.1f} GiB free; make fewer per run "
-                        f"(--num-samples), with other --seed values")
-    if free is not None and need > free:
-        fit = max(1, int(batch * free / need))
-        raise DDPMError(f"--batch-size {batch} at {cfg.img_size}x{cfg.img_size} needs about {need / 2**30:,.1f} GiB "
-                        f"to sample, more than the {free / 2**30:,.1f} GiB free on {dev.type}; use --batch-size "
-                        f"{fit} or fewer")
-
-
-def info_command(path: str) -> int:
+def info_command(job: InfoJob) -> int:
     """--info: describe a checkpoint without building the model."""
-    p = resolve_checkpoint(path)
+    p = resolve_checkpoint(job.path)
     obj = read_checkpoint(p)
     size = p.stat().st_size
     if is_legacy_state_dict(obj):
@@ -4463,21 +4634,31 @@ def check_export_target(out: Path, source: Path, overwrite: bool) -> None:
     check_writable(out.parent if str(out.parent) else Path("."), "--export")
 
 
-def export_command(args) -> int:
-    if not args.loadckpt:
-        raise DDPMError("--export needs --loadckpt CKPT to know which weights to write")
-    source = resolve_checkpoint(args.loadckpt)
-    check_export_target(Path(args.export), source, args.overwrite)
-    model = load_model(source, "cpu", use_ema=not args.no_ema, **explicit_model_flags(args))
+def export_command(job: ExportJob) -> int:
+    source = resolve_checkpoint(job.weights.path)
+    check_export_target(job.out, source, job.overwrite)
+    model = load_model(source, "cpu", use_ema=job.weights.ema, **job.weights.flags)
     weights = "ema" if model.source.ema else "raw"
-    out = Path(args.export)
-    if os.path.lexists(out):  # --overwrite (check_export_target): the old file is kept under another name
-        aside = unused_name(out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
-        os.replace(out, aside)
-        log(f"--overwrite: moved the earlier {out} to {aside}")
-    export_safetensors(model, model.config, out, weights, model.source.step or 0)
-    print(f"wrote {args.export} ({weights} weights, config in the metadata)")
+    if os.path.lexists(job.out):  # --overwrite (check_export_target): the old file is kept under another name
+        aside = unused_name(job.out.with_name(f"{job.out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
+        os.replace(job.out, aside)
+        log(f"--overwrite: moved the earlier {job.out} to {aside}")
+    export_safetensors(model, model.config, job.out, weights, model.source.step or 0)
+    print(f"wrote {job.out} ({weights} weights, config in the metadata)")
     return 0
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+COMMANDS = {TrainJob: train_command, SampleJob: sample_command, EditJob: edit_command, InvertJob: invert_command,
+            EvalJob: eval_command, InfoJob: info_command, ExportJob: export_command}
+
+
+def run_job(job, started: Optional[float] = None) -> int:
+    """Carry out a typed job (see parse_command_line); returns the exit status."""
+    if isinstance(job, TrainJob):
+        return train_command(job, time.time() if started is None else started)
+    return COMMANDS[type(job)](job)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -4489,33 +4670,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if signal.getsignal(signal.SIGINT) is _abort_while_starting:  # from here on, Ctrl-C is KeyboardInterrupt
             signal.signal(signal.SIGINT, signal.default_int_handler)
-        args = parse_args(argv)
-        if args.info is not None:
-            return info_command(args.info)
-        if args.export is not None:
-            return export_command(args)
-        if args.tensorboard:
-            try:
-                import torch.utils.tensorboard  # noqa: F401
-            except ImportError:
-                raise DDPMError("--tensorboard needs the tensorboard package; run `pip install tensorboard`") from None
-        if args.eval and (args.train or not args.loadckpt):
-            raise DDPMError(f"--eval {args.eval} evaluates a trained model: give --loadckpt CKPT, without --train")
-        if not args.train and not args.loadckpt:
-            raise DDPMError("nothing to do: give --train to train, or --loadckpt CKPT to sample from a checkpoint")
-        if args.train and not (args.demo or args.data_folders or args.resume):
-            raise DDPMError("--train needs --data-folders DIR [DIR ...] (or --demo for the built-in faces)")
-        if args.train and not (args.resume or args.loadckpt):
-            model_config_from_args(args).validate()  # bad flag combinations fail before any work
-        if args.train and args.data_folders:
-            find_image_files(args.data_folders)  # a missing or empty folder fails here, before any model
-        if args.train:
-            check_writable(Path(args.ckpt_save_dir), "--ckpt-save-dir")
-        check_writable(Path(args.save_dir), "--save-dir")  # every command but --info/--export writes there
-        if args.train:
-            return train_command(args, started)
-        rt = setup_runtime(args.device, args.precision, args.compile, training=False)
-        return eval_command(args, rt) if args.eval else sample_command(args, rt)
+        return run_job(parse_command_line(argv), started)
     except DDPMError as e:
         if prints_errors():
             print(f"ddpm.py: error: {e}", file=sys.stderr, flush=True)
@@ -4532,6 +4687,376 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             dist.destroy_process_group()
 
 
+# ----------------------------------------------------------------------------------------------
+# Appendix: run safety
+# ----------------------------------------------------------------------------------------------
+# Plumbing that the sections above call so that nothing is lost: atomic writes and outputs that never
+# replace a file, output folders, the checkpoint folder's guard and lock, stale temporary files.
+
+# -- atomic writes --------------------------------------------------------------------------------
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder so a rename in it is durable. POSIX only; elsewhere a no-op."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(str(folder), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# the permissions a plain open() would give a new file (mkstemp makes its files 0600)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None], replace_existing: bool = True) -> None:
+    """Write a file so that a crash at any moment leaves either the old file or the new one.
+
+    The temporary file is created exclusively in the same folder (tempfile.mkstemp: O_EXCL, so a
+    link planted under its name is never followed), flushed and fsynced, then renamed to `path`
+    (os.replace puts a file where a link at `path` was, and never writes through it), and the folder
+    is fsynced. replace_existing=False (outputs): `path` must not exist; the file is hard-linked into
+    place, which fails if the name appeared meanwhile (where the file system has no hard links, the
+    name is checked just before the rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=str(path.parent))
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, 0o666 & ~_UMASK)
+        if replace_existing:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """Give the finished file `tmp` the name `path`, which must not exist."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "it appeared while this command ran; it was left as it is") from None
+    except OSError:  # no hard links on this file system (FAT, some network shares)
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "it appeared while this command ran; it was left as it is") from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
+def write_output(path: Path, data: bytes) -> None:
+    """An output file (picture, latent, plot): written atomically, never over an existing file, and a
+    failure (a full disk, a folder in the way) is one line naming the file."""
+    try:
+        atomic_write(Path(path), lambda f: f.write(data), replace_existing=False)
+    except OSError as e:
+        raise DDPMError(f"could not write {path} ({e.strerror or first_line(e)}); free some space or write "
+                        f"elsewhere") from None
+
+
+def pid_alive(pid: int) -> Optional[bool]:
+    """Whether process `pid` runs on this machine: POSIX asks with signal 0; Windows opens the
+    process and reads its exit code (os.kill(pid, 0) would terminate it there); None where it
+    cannot be told."""
+    if pid == os.getpid():
+        return True
+    if os.name == "posix":
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:  # alive, owned by someone else
+            return True
+        return True
+    if os.name == "nt":
+        try:
+            import ctypes
+
+            k32 = ctypes.windll.kernel32
+            handle = k32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+            if not handle:
+                return k32.GetLastError() == 5  # access denied: it exists; otherwise it is gone
+            code = ctypes.c_ulong()
+            ok = k32.GetExitCodeProcess(handle, ctypes.byref(code))
+            k32.CloseHandle(handle)
+            return bool(ok) and code.value == 259  # STILL_ACTIVE
+        except Exception:
+            return None
+    return None
+
+
+_TEMP_NAME = re.compile(r"\.tmp-(\d+)(-\w+)?$")
+
+
+def is_stale_temp(path: Path) -> bool:
+    """Whether a temporary file of atomic_write (named .NAME.tmp-PID-XXXX) was left by a process that
+    no longer runs, or, where that cannot be asked, is over an hour old."""
+    m = _TEMP_NAME.search(path.name)
+    alive = pid_alive(int(m.group(1))) if m else None
+    if alive is not None:
+        return not alive
+    try:
+        return time.time() - path.stat().st_mtime > 3600
+    except OSError:
+        return False
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Fail before any work, with one line, if `folder` cannot hold our files: it is empty (''), a
+    file (or a device such as /dev/null), cannot be created, or refuses a probe file (created
+    exclusively, then removed). Folders it had to create for the probe are removed again."""
+    if not str(folder):
+        raise DDPMError(f"{flag} is empty; name a folder (. for the current one)")
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DDPMError(f"{flag} {folder} is a file, not a folder; name a folder")
+    made = []
+    try:
+        for a in [*reversed(folder.absolute().parents), folder.absolute()]:
+            if not a.is_dir():
+                try:
+                    a.mkdir()
+                    made.append(a)
+                except FileExistsError:  # made by another process meanwhile: fine if it is a folder
+                    if not a.is_dir():
+                        raise
+        probe = folder / f".write-probe-{os.getpid()}-{os.urandom(4).hex()}"
+        os.close(os.open(str(probe), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        probe.unlink()
+    except OSError as e:
+        what = "cannot be created" if made or not folder.is_dir() else "is not writable"
+        raise DDPMError(f"{flag} {folder} {what} ({e.strerror or e}); name a folder you can write to") from None
+    finally:
+        for a in reversed(made):
+            with contextlib.suppress(OSError):
+                a.rmdir()
+
+
+# -- output folders -------------------------------------------------------------------------------
+
+# What each command writes into --save-dir (glob patterns). A command whose kind of files are already
+# there writes into a new subfolder instead, so that nothing existing is replaced and no folder mixes
+# two commands' results under the same names.
+OUTPUTS = {
+    "train": ("run-before.png", "run-after.png", "final-grid.png", "loss.png", "quality.png", "preview"),
+    "sample": ("ddpm-*.png", "reverse.png", "forward.png", "denoise.gif", "interpolate.png"),
+    "edit": ("edit-*.png",),
+    "invert": ("edit-invert-*", "edit-grid.png"),
+    "nearest": ("nearest.png",),
+}
+
+
+def output_folder(save_dir: Path, kind: str, overwrite: bool) -> Path:
+    """Where a command of `kind` writes: --save-dir itself when it holds none of that kind's files
+    (OUTPUTS), else a new subfolder save-dir/KIND-2, -3, ..., said in one line. With --overwrite the
+    earlier files are moved into save-dir/old-<date>/ (nothing is deleted) and the command writes in
+    place. Call it on the writing process only, once the command's flags are checked."""
+    save_dir = Path(save_dir)
+    found = sorted({p for pat in OUTPUTS[kind] for p in save_dir.glob(pat)}) if save_dir.is_dir() else []
+    if not found:
+        return save_dir
+    if overwrite:
+        dest = move_aside(save_dir, found)
+        log(f"--overwrite: moved {len(found)} earlier files from {save_dir} to {dest}")
+        return save_dir
+    sub = new_folder(save_dir, kind)
+    more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+    log(f"note: {save_dir} holds {found[0].name}{more} from an earlier command; writing to {sub} instead "
+        f"(--overwrite moves the earlier files aside and writes in {save_dir})")
+    return sub
+
+
+def unused_name(path: Path) -> Path:
+    """`path`, or path-2, path-3, ... : the first name that does not exist."""
+    k, out = 2, path
+    while os.path.lexists(out):
+        out, k = path.with_name(f"{path.name}-{k}"), k + 1
+    return out
+
+
+def remove_if_empty(folder: Path, unless: Path) -> None:
+    """Remove a subfolder that output_folder made when the command ended before writing into it."""
+    if Path(folder) != Path(unless):
+        with contextlib.suppress(OSError):
+            Path(folder).rmdir()
+
+
+@contextlib.contextmanager
+def writing_to(save_dir: Path, kind: str, overwrite: bool):
+    """output_folder for the length of a command (decided on the writing process, rank 0): a subfolder
+    it made and left empty, because the command failed first, goes again."""
+    folder = output_folder(save_dir, kind, overwrite) if is_rank0() else Path(save_dir)
+    try:
+        yield folder
+    finally:
+        remove_if_empty(folder, save_dir)
+
+
+def new_folder(parent: Path, stem: str) -> Path:
+    """A folder that did not exist: parent/stem, else parent/stem-2, -3, ... (mkdir claims it, so two
+    processes never get the same one). An "old-" folder takes its name as given first."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1 if stem.startswith("old-") else 2, 100000):
+        folder = parent / (stem if k == 1 else f"{stem}-{k}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise DDPMError(f"{parent} holds too many {stem}-N folders; choose another --save-dir")
+
+
+def move_aside(folder: Path, files: Sequence[Path]) -> Path:
+    """Move files of `folder` into a new folder/old-<date>/ (never deleted); returns it."""
+    dest = new_folder(folder, "old-" + time.strftime("%Y%m%d-%H%M%S"))
+    for f in files:
+        os.replace(f, dest / f.name)
+    fsync_dir(folder)
+    return dest
+
+
+# -- the checkpoint folder ------------------------------------------------------------------------
+
+def new_run_id() -> str:
+    """A fresh run's id: its start time and 6 random hex digits, e.g. 20261127-101500-3fa2c1."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(3).hex()
+
+
+RUN_LOGS = ("metrics.csv", "events.csv", "tensorboard")
+
+
+def run_files(folder: Path) -> List[Path]:
+    """The files a training run writes into its checkpoint folder (checkpoints, logs, TensorBoard)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(checkpoint_files(folder) + [folder / n for n in RUN_LOGS if os.path.lexists(folder / n)])
+
+
+def guard_run_folder(folder: Path, run_id: Optional[str], continuing: bool, overwrite: bool,
+                     source: Optional[Path] = None, from_step: Optional[int] = None) -> None:
+    """One run per checkpoint folder. A run may write into `folder` if it holds no run files, or
+    only files of this same run (`continuing`: --resume, or a staged --loadckpt of one of its
+    checkpoints) and `source`, the checkpoint it continues from (at `from_step`), is the newest of
+    them: a branch from an older one would overwrite newer checkpoints, so it is refused with the
+    name of another folder. A folder that holds only the logs of a run that never wrote a checkpoint
+    is restartable: the logs are moved aside. Otherwise refuse with one line, or with --overwrite
+    move the other run's files into a dated subfolder (never deleted)."""
+    folder = Path(folder)
+    odd = [p for p in [*folder.glob(CKPT_PATTERN), *(folder / n for n in ("metrics.csv", "events.csv"))]
+           if os.path.lexists(p) and (p.is_symlink() or not p.is_file())] if folder.is_dir() else []
+    if odd:
+        raise DDPMError(f"{odd[0]} is not a regular file (a folder, link or device is in its place); move it away "
+                        f"or use another --ckpt-save-dir")
+    files = run_files(folder)
+    if not files:
+        return
+    ckpts = [p for p in files if p.suffix == ".pth"]
+    metas = [checkpoint_meta(p) for p in ckpts]
+    runs = {run for step, run in metas if step >= 0}  # a damaged file (step -1) belongs to no run
+    if continuing and run_id is not None and ckpts and runs <= {run_id}:
+        newest = max((step for step, _ in metas), default=-1)
+        if from_step is not None and newest > from_step:
+            raise DDPMError(f"{source} is step {from_step} of the run in {folder}, which has reached step {newest}; "
+                            f"training from it there would overwrite newer checkpoints: put this branch in another "
+                            f"folder (--ckpt-save-dir {folder}-from-{from_step}), or continue the newest "
+                            f"(--loadckpt {folder})")
+        return
+    if not ckpts:  # the logs of a run that died before its first checkpoint: nothing to continue
+        dest = move_aside(folder, files)
+        log(f"note: {folder} held only the logs of a run that never saved a checkpoint; moved them to {dest}")
+        return
+    if not overwrite:
+        raise DDPMError(f"{folder} holds {len(ckpts)} checkpoints of another run; continue it with --resume, train "
+                        f"into another --ckpt-save-dir, or add --overwrite to move its files into {folder}/old-<date>/")
+    dest = move_aside(folder, files)
+    log(f"--overwrite: moved {len(files)} files of the previous run to {dest}")
+
+
+class FolderLock:
+    """An exclusive lock on a checkpoint folder for one training run: an operating-system lock on
+    FOLDER/.lock (filelock: flock on POSIX, LockFileEx on Windows), which the system releases when the
+    process ends, however it ends, so there is never a stale lock to take over. The file itself stays
+    (removing it would let a process that opened it just before lock the removed file). Who holds it
+    (pid, host, start time) is written beside it to FOLDER/.lock.json for the refusal message, and
+    removed on release."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+        self.info = Path(folder) / ".lock.json"
+        self._lock = None
+        self.created = False
+
+    def _holder(self) -> str:
+        try:
+            info = json.loads(self.info.read_text(encoding="utf-8"))
+            return f"process {info['pid']} on {info['host']}, since {info['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "a process that is starting"
+
+    def acquire(self) -> None:
+        from filelock import FileLock, Timeout
+
+        folder = self.path.parent
+        self.created = not folder.exists()  # then removed again if the run leaves it empty
+        if os.path.lexists(self.path) and (self.path.is_symlink() or not self.path.is_file()):
+            raise DDPMError(f"{self.path} is not a lock file (a folder or a link is in its place); move it away "
+                            f"or use another --ckpt-save-dir")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(self.path), timeout=0)
+            lock.acquire()
+        except Timeout:
+            raise DDPMError(f"{folder} is in use by another training run ({self._holder()}); wait for it to finish "
+                            f"or use another --ckpt-save-dir") from None
+        except OSError as e:
+            raise DDPMError(f"cannot lock {self.path} ({e.strerror or first_line(e)}); check --ckpt-save-dir") from None
+        self._lock = lock
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        with contextlib.suppress(OSError):  # only for the message of a refused run: a full disk is no reason to stop
+            atomic_write(self.info, lambda f: f.write(json.dumps(info).encode()))
+
+    @property
+    def held(self) -> bool:
+        return self._lock is not None
+
+    def release(self) -> None:
+        if self._lock is None:
+            return
+        with contextlib.suppress(OSError):
+            self.info.unlink()
+        if self.created and [p.name for p in self.path.parent.iterdir()] == [".lock"]:
+            with contextlib.suppress(OSError):  # a folder this run made and left empty goes again
+                self.path.unlink()
+                self.path.parent.rmdir()
+        self._lock.release()
+        self._lock = None
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Remove the temporary checkpoint files (.ckpt-N.pth.tmp-PID-...) of processes that no longer run:
+    a killed save; never a valid checkpoint."""
+    for tmp in Path(folder).glob(".ckpt-*.tmp-*"):
+        if is_stale_temp(tmp):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 # ----------------------------------------------------------------------------------------------

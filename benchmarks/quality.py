@@ -1,26 +1,45 @@
-"""Which training options give better samples for the same compute, measured on the demo faces.
+"""Which model recipe gives better samples for the same compute: the quality yardstick.
 
-Trains the --demo preset's model for the same number of steps under each variant (seeds fixed),
-then reports the sliced Wasserstein distance (ddpm.swd: x1e3, lower is better) of samples from the
-default sampler (DPM-Solver++, 25 steps) and from 100 ancestral (ddpm) steps, against new demo
-faces the model never saw, beside the real-vs-real floor, and the bound in bits/dim on held-out
-faces. Each variant changes one thing from the original's choices; the last row combines every
-change that won on the default sampler.
+Trains each recipe for the same number of steps (seeds fixed), then reports the sliced Wasserstein
+distance (ddpm.swd: x1e3, lower is better) of samples from the default sampler (DPM-Solver++, 25
+steps) against held-out real images, beside the real-vs-real floor, and a colour statistic that SWD
+cannot see (SWD normalises each set's patches by the set's own mean and deviation): the largest
+difference, in 8-bit levels, between the samples' and the real images' per-channel mean and
+standard deviation.
 
-    python benchmarks/quality.py              # the full table: about 40 minutes on a 2-core CPU
-    python benchmarks/quality.py --quick      # tiny sizes, a minute: does it run
-    python benchmarks/quality.py --steps 768  # as long as the demo's own 10-minute run
-    python benchmarks/quality.py --only cosine --combine objective=v norm_groups=8  # some rows
+Two data sets:
+- the built-in demo faces (default; reproduces the README's first table: the demo model, 400 steps);
+- a folder of real pictures, --data DIR: EmojiOne from Debian's ruby-gemojione (1,794 PNGs in
+  palette, RGBA, LA and L modes) is the one the README uses. A fixed held-out split (seed 0) gives
+  the SWD reference and, from another part of it, the floor.
+Two scales for real pictures (--scale):
+- S: the --demo preset's model (1.64M parameters), 32x32, 1,500 steps of batch 32, lr 1e-3;
+- M: the default UNet's shape (64 channels, 2 blocks, attention at the two lowest resolutions) with
+  channel multiples (1, 2, 2, 2) at 32x32 (9.76M parameters), 800 steps of batch 16, lr 5e-4.
+Recipes: the original's, today's default, the demo preset's, and the demo recipe with each of its
+parts removed in turn. --peer adds lucidrains' denoising-diffusion-pytorch (a benchmark-only
+dependency; skipped with one line when it is not installed): its Unet sized to within 25% of the
+project's parameter count, its GaussianDiffusion defaults, the same data, batch, steps and rate, EMA
+and optimiser as its Trainer sets them, sampled with its DDIM at 25 and 100 steps.
 
-Prints one JSON object per line, then the table in Markdown.
+    python benchmarks/quality.py                                   # demo faces, the README's first table
+    python benchmarks/quality.py --quick                           # tiny sizes: does it run
+    E=/usr/share/rubygems-integration/all/gems/gemojione-3.3.0/assets/png
+    python benchmarks/quality.py --data $E --scale S --peer --out s.jsonl      # about 1.5 hours on 2 cores
+    python benchmarks/quality.py --data $E --scale M --peer --out m.jsonl      # about 2.5 hours
+    python benchmarks/quality.py --data $E --scale S --only "demo recipe" --seeds 1 --out s.jsonl
+    python benchmarks/quality.py --table s.jsonl                   # the Markdown table of a results file
+    python benchmarks/quality.py --data $E --scale S --speed       # training img/s only, ours and the peer's
+
+Prints one JSON object per line (and appends them to --out), then the table in Markdown.
 """
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,77 +47,235 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ddpm  # noqa: E402
 
-ORIGINAL = dict(time_cond="add", norm_groups=32, objective="eps", loss_weight="none", beta_schedule="linear")
-VARIANTS = [("original", {}), ("scale-shift", {"time_cond": "scale-shift"}), ("8 groups", {"norm_groups": 8}),
-            ("v objective", {"objective": "v"}), ("min-snr", {"loss_weight": "min-snr"}),
-            ("cosine", {"beta_schedule": "cosine"})]
+PARTS = dict(time_cond="scale-shift", norm_groups=8, objective="v", beta_schedule="cosine")  # the demo recipe
+WITHOUT = dict(time_cond="add", norm_groups=32, objective="eps", beta_schedule="linear")    # each part's opposite
+RECIPES = {
+    "original": dict(WITHOUT),
+    "default": dict(WITHOUT, time_cond="scale-shift"),  # ModelConfig's defaults for new models
+    "demo recipe": dict(PARTS),
+    **{f"demo - {label}": dict(PARTS, **{k: WITHOUT[k]}) for k, label in
+       (("time_cond", "scale-shift"), ("norm_groups", "8 groups"), ("objective", "v"), ("beta_schedule", "cosine"))},
+}
+# the README's first table: one change at a time from the original, on the demo faces
+FACE_VARIANTS = {"original": {}, "scale-shift": {"time_cond": "scale-shift"}, "8 groups": {"norm_groups": 8},
+                 "v objective": {"objective": "v"}, "min-snr": {"loss_weight": "min-snr"},
+                 "cosine": {"beta_schedule": "cosine"}}
+SCALES = {
+    "S": dict(model=dict(num_channels=32, channel_multiples=(1, 2, 2, 2), has_attn=(False, False, True, True),
+                         num_blocks=1, dropout=0.0), batch=32, steps=1500, lr=1e-3, peer_dim=32),
+    "M": dict(model=dict(num_channels=64, channel_multiples=(1, 2, 2, 2), has_attn=(False, False, True, True),
+                         num_blocks=2, dropout=0.1), batch=16, steps=800, lr=5e-4, peer_dim=72),
+}
 
 
-def demo_model(**change) -> ddpm.ModelConfig:
-    """The --demo preset's model with the original's choices, then `change`."""
-    return ddpm.ModelConfig(img_size=32, num_channels=32, channel_multiples=(1, 2, 2, 2),
-                            has_attn=(False, False, True, True), num_blocks=1, dropout=0.0,
-                            **{**ORIGINAL, **change}).validate()
+def colour_gap(fake: torch.Tensor, real: torch.Tensor) -> dict:
+    """Per-channel mean and standard deviation (8-bit levels) of two uint8 sets (N, C, H, W): the
+    largest absolute difference of each, over the channels."""
+    f, r = fake.double(), real.double()
+    dm = (f.mean((0, 2, 3)) - r.mean((0, 2, 3))).abs().max()
+    ds = (f.std((0, 2, 3)) - r.std((0, 2, 3))).abs().max()
+    return {"mean": round(float(dm), 2), "std": round(float(ds), 2)}
 
 
-def evaluate(model, rt, real_a, real_b, n, nll_k, seed) -> dict:
-    """SWD of the default sampler and of 100 ddpm steps against real_a, and the bound on real_b."""
-    out = {}
-    for name, spec in (("swd_default", ddpm.SampleSpec()), ("swd_ddpm100", ddpm.SampleSpec("ddpm", 100))):
+def measure(fake: torch.Tensor, real: torch.Tensor, tag: str) -> dict:
+    r = ddpm.swd(fake, real, 0)
+    return {f"swd_{tag}": round(r["mean"], 2), f"swd_{tag}_levels": [round(v, 2) for v in r["per_level"]],
+            f"colour_{tag}": colour_gap(fake, real)}
+
+
+def split(data: torch.Tensor, n: int):
+    """A fixed held-out split: (train, real_a, real_b), real_a and real_b n images each."""
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+    return data[perm[2 * n:].sort().values], data[perm[:n]], data[perm[n:2 * n]]
+
+
+def ours(name: str, cfg: ddpm.ModelConfig, tc: ddpm.TrainConfig, train: torch.Tensor, real: torch.Tensor,
+         n: int, seed: int, rt, ddpm100: bool, held=None) -> dict:
+    """Train a recipe with ddpm.train, then SWD and colour of n samples against `real`; with `held`,
+    also the bound in bits/dim (50 timesteps) on those images."""
+    tmp = Path(tempfile.mkdtemp())
+    try:
         t0 = time.time()
-        fake = ddpm.generate(model, rt, range(n), seed, spec, batch_size=128, show_progress=False)
-        r = ddpm.swd(fake, real_a, seed)
-        out[name], out[name + "_levels"] = round(r["mean"], 2), [round(v, 2) for v in r["per_level"]]
-        out[name + "_s"] = round(time.time() - t0, 1)
-    out["nll_bpd"] = round(ddpm.bits_per_dim(model, real_b, nll_k, 128, seed)["bpd"], 4)
-    return out
+        trainer = ddpm.train(cfg, tc, train, tmp / "ckpt", tmp / "out", device=str(rt.device), seed=seed)
+        row = {"what": "ours", "name": name, "seed": seed, "steps": trainer.step,
+               "params": sum(p.numel() for p in trainer.model.parameters()), "train_s": round(time.time() - t0, 1),
+               "img_per_s": round(trainer.step * tc.batch_size / (time.time() - t0), 1)}
+        model = trainer.sampling_view()
+        specs = [("default", ddpm.SampleSpec())] + ([("ddpm100", ddpm.SampleSpec("ddpm", 100))] if ddpm100 else [])
+        for tag, spec in specs:
+            fake = ddpm.generate(model, rt.local(), range(n), 0, spec, batch_size=128, show_progress=False)
+            row.update(measure(fake, real, tag))
+        if held is not None:
+            row["nll_bpd"] = round(ddpm.bits_per_dim(model, held, 50, 128, 0)["bpd"], 4)
+        return row
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def peer(scale: dict, train: torch.Tensor, real: torch.Tensor, n: int, seed: int, steps: int, speed_only=False):
+    """lucidrains' denoising-diffusion-pytorch, trained as its Trainer does (Adam betas (0.9, 0.99),
+    gradient norm clipped at 1, EMA(beta 0.995, every 10 steps), random flips), same data, batch,
+    steps and rate; sampled with its DDIM (eta 0) at 25 and 100 steps from the EMA weights."""
+    try:
+        from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+        from ema_pytorch import EMA
+    except ImportError:
+        print("peer: denoising-diffusion-pytorch is not installed (pip install denoising-diffusion-pytorch); "
+              "skipped", flush=True)
+        return None
+    torch.manual_seed(seed)
+    size = train.shape[-1]
+    model = GaussianDiffusion(Unet(dim=scale["peer_dim"], dim_mults=(1, 2, 2, 2)), image_size=size)
+    opt = torch.optim.Adam(model.parameters(), lr=scale["lr"], betas=(0.9, 0.99))
+    ema = EMA(model, beta=0.995, update_every=10)
+    B, g = scale["batch"], torch.Generator().manual_seed(seed)
+    data = train.float() / 255  # its Dataset: ToTensor in [0, 1], auto_normalize maps to [-1, 1]
+    perm, k, t0, timed = torch.randperm(len(data), generator=g), 0, time.time(), 0
+    for step in range(steps):
+        if step == 10:
+            t0, timed = time.time(), 0
+        if k + B > len(data):  # its DataLoader: shuffle, drop_last
+            perm, k = torch.randperm(len(data), generator=g), 0
+        x = data[perm[k:k + B]]
+        k += B
+        flip = torch.rand(B, generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        loss = model(x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        ema.update()
+        timed += B
+    row = {"what": "peer", "name": f"denoising-diffusion-pytorch Unet(dim={scale['peer_dim']}, (1, 2, 2, 2))",
+           "seed": seed, "steps": steps, "params": sum(p.numel() for p in model.model.parameters()),
+           "img_per_s": round(timed / (time.time() - t0), 1)}
+    if speed_only:
+        return row
+    for k_steps in (25, 100):
+        net = ema.ema_model
+        net.sampling_timesteps, net.is_ddim_sampling = k_steps, True
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            fake = torch.cat([net.sample(batch_size=min(128, n - b)) for b in range(0, n, 128)])
+        row.update(measure((fake.clamp(0, 1) * 255).round().to(torch.uint8), real, f"ddim{k_steps}"))
+    return row
+
+
+def table(rows: list) -> str:
+    floor = next((r for r in rows if r["what"] == "floor"), None)
+    out = []
+    if floor:
+        out.append(f"Real vs real (the floor): SWD {floor['swd']:.2f}; colour gap mean {floor['colour']['mean']:.2f}, "
+                   f"std {floor['colour']['std']:.2f} levels; {floor['n']} images each.\n")
+    out.append("| recipe | seed | SWD, DPM-Solver++ 25 | colour gap (mean / std) | SWD, ddpm 100 | train img/s | "
+               "params |")
+    out.append("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["what"] == "ours":
+            d100 = f"{r['swd_ddpm100']:.2f}" if "swd_ddpm100" in r else "–"
+            c = r["colour_default"]
+            out.append(f"| {r['name']} | {r['seed']} | {r['swd_default']:.2f} | {c['mean']:.1f} / {c['std']:.1f} | "
+                       f"{d100} | {r['img_per_s']:.1f} | {r['params'] / 1e6:.2f}M |")
+        elif r["what"] == "peer" and "swd_ddim25" in r:
+            c = r["colour_ddim25"]
+            out.append(f"| {r['name']}, its DDIM 25 (100: {r['swd_ddim100']:.2f}) | {r['seed']} | {r['swd_ddim25']:.2f} "
+                       f"| {c['mean']:.1f} / {c['std']:.1f} | – | {r['img_per_s']:.1f} | {r['params'] / 1e6:.2f}M |")
+    return "\n".join(out)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="a folder of images (default: the built-in demo faces)")
+    p.add_argument("--scale", choices=sorted(SCALES), default="S", help="model size and training length for --data")
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 400 demo faces, or the scale's)")
+    p.add_argument("--samples", type=int, default=256, help="images per SWD set (and each half of the floor)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
+    p.add_argument("--only", nargs="*", default=None, help="recipe names to run (default: all)")
+    p.add_argument("--peer", action="store_true", help="also train lucidrains' denoising-diffusion-pytorch")
+    p.add_argument("--ddpm100", action="store_true", help="also SWD of 100 ancestral steps")
+    p.add_argument("--speed", action="store_true", help="training img/s only (50 steps each), ours and the peer's")
+    p.add_argument("--out", default=None, help="append the JSON lines to this file")
+    p.add_argument("--table", default=None, metavar="FILE", help="print the table of a results file and exit")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a dry run")
-    p.add_argument("--steps", type=int, default=400, help="training steps per variant")
-    p.add_argument("--samples", type=int, default=256, help="images per SWD set")
-    p.add_argument("--nll-timesteps", type=int, default=50)
-    p.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all, then the combination)")
-    p.add_argument("--combine", nargs="*", default=None, metavar="FIELD=VALUE",
-                   help="also run this combination (for example time_cond=scale-shift norm_groups=8)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     a = p.parse_args()
-    steps, n, n_train = (a.steps, a.samples, 4096) if not a.quick else (20, 32, 256)
+    if a.table:
+        print(table([json.loads(line) for line in Path(a.table).read_text().splitlines() if line.strip()]))
+        return
+    if a.threads:
+        torch.set_num_threads(a.threads)
     rt = ddpm.setup_runtime("cpu" if not torch.cuda.is_available() else None, "auto", False)
-    faces = ddpm.demo_faces(n_train + 3 * n, 32)
-    train, real_a, real_b, real_c = faces[:n_train], faces[n_train:n_train + n], faces[-2 * n:-n], faces[-n:]
-    floor = ddpm.swd(real_c, real_a, 0)
-    print(json.dumps({"what": "floor", "swd": round(floor["mean"], 2), "levels": [round(v, 2) for v in floor["per_level"]],
-                      "n": n}), flush=True)
-    epochs = -(-steps // (n_train // 32))
-    tc = ddpm.TrainConfig(batch_size=32, lr=1e-3, lr_schedule="cosine", warmup_steps=50 if not a.quick else 2,
-                          ema_decay=0.999, epochs=epochs, max_steps=steps, sample_every=0, log_every=10 ** 9,
-                          preview=ddpm.SampleSpec())
-    rows, variants = [], [v for v in VARIANTS if a.only is None or v[0] in a.only]
-    fixed = None if a.combine is None else {k: int(v) if v.isdigit() else v for k, v in
-                                            (c.split("=", 1) for c in a.combine)}
-    for name, change in variants + ([("combined", fixed)] if a.only is None or fixed is not None else []):
-        if change is None:  # every change that beat the original on the default sampler
-            base = rows[0]["swd_default"]
-            change = {k: v for r, (_, c) in zip(rows, variants) if r["swd_default"] < base for k, v in c.items()}
-        tmp = Path(tempfile.mkdtemp())
-        t0 = time.time()
-        trainer = ddpm.train(demo_model(**change), tc, train, tmp / "ckpt", tmp / "out", device=str(rt.device), seed=0)
-        row = {"what": "variant", "name": name, "change": change, "steps": trainer.step,
-               "train_s": round(time.time() - t0, 1)}
-        row.update(evaluate(trainer.sampling_view(), rt.local(), real_a, real_b, n, a.nll_timesteps, 0))
-        shutil.rmtree(tmp, ignore_errors=True)
+    n = a.samples if not a.quick else 16
+    if a.data:
+        data = ddpm.load_images([a.data], a.img_size, 3)
+        scale, recipes = dict(SCALES[a.scale]), RECIPES
+        train, real_a, real_b = split(data, n)
+        held = None
+    else:  # as the README's first table was made: 4096 faces to train on, then new ones
+        n_train = 4096 if not a.quick else 256
+        faces = ddpm.demo_faces(n_train + 3 * n, a.img_size)
+        train, real_a, held, real_b = faces[:n_train], faces[n_train:n_train + n], faces[-2 * n:-n], faces[-n:]
+        scale, recipes = dict(SCALES["S"], steps=400), {k: dict(WITHOUT, **v) for k, v in FACE_VARIANTS.items()}
+        a.ddpm100 = True
+    if a.steps or a.quick:
+        scale["steps"] = a.steps or 6
+    if a.quick:
+        scale = dict(scale, model=dict(scale["model"], num_channels=16), peer_dim=16)
+        recipes = {k: dict(v, norm_groups=min(v.get("norm_groups", 8), 8)) for k, v in recipes.items()}
+    rows = []
+
+    def emit(row):
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n{steps} steps per variant, batch 32, the --demo preset's model and schedule; SWD x1e3 of {n} samples "
-          f"against {n} new demo faces (real vs real: {floor['mean']:.2f}); bound on {n} other new faces, "
-          f"{a.nll_timesteps} timesteps.\n")
-    print("| variant | SWD, DPM-Solver++ 25 steps | SWD, ddpm 100 steps | NLL bits/dim | train |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['name']} | {r['swd_default']:.2f} | {r['swd_ddpm100']:.2f} | {r['nll_bpd']:.3f} | "
-              f"{r['train_s'] / 60:.1f} min |")
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    if a.speed:
+        for seed in a.seeds:
+            emit(speed_row(scale, recipes["demo recipe" if a.data else "original"], train, a.img_size, seed, rt))
+            emit(peer(dict(scale, steps=60), train, real_a, n, seed, 60, speed_only=True))
+        return
+    floor = ddpm.swd(real_b, real_a, 0)
+    emit({"what": "floor", "data": a.data or "demo faces", "scale": a.scale if a.data else "demo", "n": n,
+          "train_images": len(train), "swd": round(floor["mean"], 2), "levels": [round(v, 2) for v in floor["per_level"]],
+          "colour": colour_gap(real_b, real_a)})
+    batch, steps = scale["batch"], scale["steps"]
+    epochs = math.ceil(steps / (len(train) // batch))
+    tc = ddpm.TrainConfig(batch_size=batch, lr=scale["lr"], lr_schedule="cosine", warmup_steps=min(50, steps // 4),
+                          ema_decay=0.999, epochs=epochs, max_steps=steps, sample_every=0, log_every=10 ** 6)
+    for seed in a.seeds:
+        for name, recipe in recipes.items():
+            if a.only is not None and name not in a.only:
+                continue
+            cfg = ddpm.ModelConfig(img_size=a.img_size, **scale["model"], **recipe).validate()
+            emit(ours(name, cfg, tc, train, real_a, n, seed, rt, a.ddpm100, held))
+        if a.peer and (a.only is None or "peer" in a.only):
+            row = peer(scale, train, real_a, n, seed, steps)
+            if row is not None:
+                emit(row)
+    print()
+    print(table(rows))
+
+
+def speed_row(scale: dict, recipe: dict, train: torch.Tensor, size: int, seed: int, rt) -> dict:
+    """Our training img/s over 50 steps after 10, the trainer as --train runs it."""
+    cfg = ddpm.ModelConfig(img_size=size, **scale["model"], **recipe).validate()
+    per_epoch = len(train) // scale["batch"]
+    tc = ddpm.TrainConfig(batch_size=scale["batch"], lr=scale["lr"], epochs=math.ceil(60 / per_epoch), max_steps=10,
+                          sample_every=0, log_every=10 ** 6, ema_decay=0.999)
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        trainer = ddpm.train(cfg, tc, train, tmp / "ckpt", tmp / "out", device=str(rt.device), seed=seed)
+        trainer.tc = ddpm.TrainConfig(**{**trainer.tc.__dict__, "max_steps": 60})
+        t0 = time.time()
+        trainer.fit(tmp / "out", tmp / "ckpt", None)
+        ips = (trainer.step - 10) * scale["batch"] / (time.time() - t0)
+        return {"what": "ours-speed", "name": "ddpm.py", "seed": seed, "steps": trainer.step - 10,
+                "params": sum(p.numel() for p in trainer.model.parameters()), "img_per_s": round(ips, 1)}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

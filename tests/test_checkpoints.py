@@ -225,7 +225,7 @@ def _signal_before_step(monkeypatch, at_step: int, times: int, folder: Path):
     seen = {}
 
     def step(self):
-        if self.step == at_step and not seen:
+        if self.pos.step == at_step and not seen:
             seen["files"] = snapshot(folder)
             for _ in range(times):
                 os.kill(os.getpid(), signal.SIGINT)
@@ -273,7 +273,7 @@ def test_second_sigint_during_the_save_leaves_no_file(tmp_path, monkeypatch, cap
     real_step = ddpm.Trainer.train_step
 
     def step(self):
-        if self.step == 4:
+        if self.pos.step == 4:
             calls.append(partial_save(monkeypatch, interrupt))
         return real_step(self)
 
@@ -460,11 +460,10 @@ def _all_keys(obj):
             yield from _all_keys(v)
 
 
-def make_trainer(*extra, images: int = 8, seed: int = 0) -> "ddpm.Trainer":
-    args = ddpm.parse_args(["--train", "--demo", "--demo-images", str(images), *MODEL, *RUN, *extra])
-    rt = ddpm.Runtime(torch.device("cpu"), "fp32")
-    cfg = ddpm.model_config_from_args(args).validate()
-    return ddpm.Trainer(ddpm.train_config_from_args(args), rt, cfg, ddpm.Batches(ddpm.demo_faces(images, 8), rt.device, seed),
+def make_trainer(*extra, images: int = 8, seed: int = 0, compile_: bool = False) -> "ddpm.Trainer":
+    job = ddpm.parse_command_line(["--train", "--demo", "--demo-images", str(images), *MODEL, *RUN, *extra])
+    rt = ddpm.Runtime(torch.device("cpu"), "fp32", compile=compile_)
+    return ddpm.Trainer(job.train, rt, job.cfg.validate(), ddpm.Batches(ddpm.demo_faces(images, 8), rt.device, seed),
                         seed)
 
 
@@ -475,9 +474,8 @@ def test_checkpoints_have_no_wrapper_prefixes(trained, tmp_path, monkeypatch):
             keys = list(obj[part])
             assert keys and all(k.startswith("eps_model.") for k in keys), p
     # with the training module under torch.compile (not run here: only the wrapper matters)
-    monkeypatch.setattr(ddpm, "maybe_compile", lambda fn, rt, **kw: torch.compile(fn, backend="eager"))
-    tr = make_trainer()
-    assert hasattr(tr.loss_fn, "_orig_mod")
+    tr = make_trainer(compile_=True)
+    assert hasattr(tr.compiled_model, "_orig_mod")
     tr.save(tmp_path / "ckpt-0.pth")
     obj = ddpm.read_checkpoint(tmp_path / "ckpt-0.pth")
     bad = [k for k in _all_keys(obj) if isinstance(k, str) and ("_orig_mod." in k or k.startswith("module."))]
@@ -490,9 +488,7 @@ def test_checkpoints_have_no_wrapper_prefixes(trained, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 def one_step(tr) -> None:
-    """Trainer.train_step with fit's epoch rollover."""
-    if tr.epoch_step >= tr.steps_per_epoch:
-        tr.epoch, tr.epoch_step = tr.epoch + 1, 0
+    """Trainer.train_step (which rolls the epoch over itself, as fit does)."""
     tr.train_step()
 
 
@@ -508,14 +504,14 @@ def test_oom_retry_halves_the_micro_batch_with_the_same_update(monkeypatch):
     ref, tr = make_trainer("--dropout", "0"), make_trainer("--dropout", "0")
     start = {k: v.clone() for k, v in tr.model.state_dict().items()}
     assert_same_tensors(start, ref.model.state_dict(), "same init")
-    real = tr.loss_fn
+    real = tr.compiled_model
     sizes = []
 
-    def flaky(x, t, noise):
+    def flaky(x, t, noise, w=None):
         sizes.append(x.shape[0])
         if len(sizes) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory (fake)")
-        return real(x, t, noise)
+        return real(x, t, noise, w)
 
     grads = {}
     for name, trainer in (("tr", tr), ("ref", ref)):
@@ -523,12 +519,12 @@ def test_oom_retry_halves_the_micro_batch_with_the_same_update(monkeypatch):
             grads[name] = ([p.grad.clone() for p in trainer.model.parameters()], trainer.step_loss.item())
             real_update()
         monkeypatch.setattr(trainer, "_update", update)
-    monkeypatch.setattr(tr, "loss_fn", flaky)
+    monkeypatch.setattr(tr, "compiled_model", flaky)
     tr.train_step()
     ref.train_step()
     assert sizes == [4, 2, 2]
     assert (tr.micro, tr.accum, tr.batch) == (2, 2, 4) and tr.micro * tr.accum == ref.micro * ref.accum
-    assert (tr.step, tr.images_seen) == (ref.step, ref.images_seen) == (1, 4)
+    assert (tr.pos.step, tr.pos.images_seen) == (ref.pos.step, ref.pos.images_seen) == (1, 4)
     # the same images, t and noise, accumulated over two halves: the same loss and gradient
     (g_tr, loss_tr), (g_ref, loss_ref) = grads["tr"], grads["ref"]
     assert loss_tr == pytest.approx(loss_ref, rel=1e-5)
@@ -536,10 +532,10 @@ def test_oom_retry_halves_the_micro_batch_with_the_same_update(monkeypatch):
     assert max(g.abs().max().item() for g in g_ref) > 1e-3
     assert any(not torch.equal(tr.model.state_dict()[k], start[k]) for k in start)
     tr.train_step()  # training goes on at the new split
-    assert sizes == [4, 2, 2, 2, 2] and tr.step == 2
+    assert sizes == [4, 2, 2, 2, 2] and tr.pos.step == 2
 
     always = make_trainer()
-    monkeypatch.setattr(always, "loss_fn", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("fake")))
+    monkeypatch.setattr(always, "compiled_model", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("fake")))
     with pytest.raises(ddpm.TrainingError, match="micro-batch 1"):
         always.train_step()
 
@@ -550,14 +546,14 @@ def test_non_finite_updates_are_skipped_counted_and_stop_training(monkeypatch, f
     if not fused:
         tr.opt = torch.optim.Adam(tr.model.parameters(), lr=tr.tc.lr)
         tr.fused = False
-    real = tr.loss_fn
+    real = tr.compiled_model
     mode = {"nan": False}
 
-    def loss_fn(x, t, noise):
-        loss = real(x, t, noise)
+    def loss_fn(x, t, noise, w=None):
+        loss = real(x, t, noise, w)
         return loss * float("nan") if mode["nan"] else loss
 
-    monkeypatch.setattr(tr, "loss_fn", loss_fn)
+    monkeypatch.setattr(tr, "compiled_model", loss_fn)
     one_step(tr)  # one good step, so the optimizer has state
     weights = {k: v.clone() for k, v in tr.model.state_dict().items()}
     opt_state = {i: {k: v.clone() for k, v in s.items()} for i, s in tr.opt.state_dict()["state"].items()}
@@ -567,21 +563,21 @@ def test_non_finite_updates_are_skipped_counted_and_stop_training(monkeypatch, f
         tr.check_health()  # fewer than 10 in a row: goes on
     assert_same_tensors(tr.model.state_dict(), weights, "weights after skipped updates")
     assert_same_tensors(tr.opt.state_dict()["state"], opt_state, "optimizer state after skipped updates")
-    assert tr.step == 10 and int(tr.bad_total.item()) == 9
+    assert tr.pos.step == 10 and int(tr.stats.bad_total.item()) == 9
     assert all(torch.isfinite(v).all() for v in tr.ema.model.state_dict().values())
-    assert torch.isfinite(tr.loss_sum)
+    assert torch.isfinite(tr.stats.loss_sum)
     one_step(tr)
     with pytest.raises(ddpm.TrainingError, match="10 non-finite"):
         tr.check_health()
 
     # a good step in between resets the count
     tr2 = make_trainer()
-    real2 = tr2.loss_fn
-    monkeypatch.setattr(tr2, "loss_fn", lambda x, t, n: real2(x, t, n) * (float("nan") if tr2.step != 6 else 1.0))
+    real2 = tr2.compiled_model
+    monkeypatch.setattr(tr2, "compiled_model", lambda x, t, n, w=None: real2(x, t, n, w) * (float("nan") if tr2.pos.step != 6 else 1.0))
     for _ in range(12):
         one_step(tr2)
         tr2.check_health()
-    assert int(tr2.bad_total.item()) == 11
+    assert int(tr2.stats.bad_total.item()) == 11
 
 
 def test_non_finite_losses_via_cli_exit_1_and_keep_the_checkpoints(tmp_path, monkeypatch, capsys):

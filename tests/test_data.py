@@ -150,9 +150,9 @@ def test_transparency_is_composited_onto_the_background(tmp_path):
     img = decode_one(tmp_path, "la-gray.png", la_png, img_channels=1)
     assert img.shape == (1, S, S) and px(img, 0, 0) == (255,) and px(img, 0, 7) == (100,)
 
-    args = ddpm.parse_args(["--train", "--demo", "--background", "black"])
-    assert tuple(args.background) == BLACK
-    assert tuple(ddpm.parse_args(["--train", "--demo"]).background) == WHITE
+    job = ddpm.parse_command_line(["--train", "--demo", "--background", "black"])
+    assert tuple(job.data.background) == BLACK
+    assert tuple(ddpm.parse_command_line(["--train", "--demo"]).data.background) == WHITE
 
 
 def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):

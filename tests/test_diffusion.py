@@ -30,7 +30,7 @@ class Affine(nn.Module):
 
 def tiny_cfg(**kw) -> ddpm.ModelConfig:
     d = dict(img_channels=3, img_size=8, num_channels=32, channel_multiples=(1, 2), has_attn=(False, True),
-             num_blocks=1, timesteps=50, dropout=0.0)
+             num_blocks=1, timesteps=50)
     d.update(kw)
     return ddpm.ModelConfig(**d)
 

@@ -46,13 +46,13 @@ phase, phase_dir = None, None
 
 def dumping_fit(self, *a, **k):
     reason = fit(self, *a, **k)
-    torch.save({"model": self.model.state_dict(), "ema": self.ema.model.state_dict(), "step": self.step,
-                "reason": reason}, os.path.join(phase_dir, "dump%d.pt" % rank))
+    torch.save({"model": self.model.state_dict(), "ema": self.ema.model.state_dict(), "step": self.pos.step,
+                "reason": reason.value}, os.path.join(phase_dir, "dump%d.pt" % rank))
     return reason
 
 def signalling_step(self):  # phase["sigterm"] = [rank, step]: that rank gets SIGTERM after that step
     train_step(self)
-    if phase.get("sigterm") == [rank, self.step]:
+    if phase.get("sigterm") == [rank, self.pos.step]:
         os.kill(os.getpid(), signal.SIGTERM)
 
 ddpm.Trainer.fit, ddpm.Trainer.train_step = dumping_fit, signalling_step
@@ -347,7 +347,7 @@ def test_sigterm_to_one_rank_stops_every_rank_with_one_checkpoint(runs):
     assert [run.rc(0), run.rc(1)] == [0, 0], run.report()
     d0, d1 = run.dump(0), run.dump(1)
     assert (d0["step"], d1["step"]) == (3, 3)
-    assert (d0["reason"], d1["reason"]) == ("stop_on_another_process", "SIGTERM")
+    assert (d0["reason"], d1["reason"]) == ("stop on another process", "SIGTERM")
     assert_same_state(d0["model"], d1["model"], "model after the stop")
     assert sorted(p.name for p in (run.cwd[0] / "ckpt").glob("*.pth")) == ["ckpt-0.pth"]
     ckpt = ddpm.read_checkpoint(run.cwd[0] / "ckpt" / "ckpt-0.pth")

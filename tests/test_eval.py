@@ -80,7 +80,7 @@ def stand_in_features(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
 
 
-stand_in_features.tag = "stand-in 2x2 pooling"
+STAND_IN = ddpm.Features(stand_in_features, "stand-in 2x2 pooling")
 
 
 def scipy_fid(f1: np.ndarray, f2: np.ndarray) -> float:
@@ -162,7 +162,7 @@ def test_fid_pipeline_with_stand_in_features(tmp_path, capsys):
     argv = ["--loadckpt", str(ckpt), "--eval", "fid", "--num-samples", "10", "--sampler", "ddim", "--steps", "2",
             "--seed", "5", "--batch-size", "10", "--device", "cpu"]
     rt = ddpm.setup_runtime("cpu")
-    assert ddpm.eval_command(ddpm.parse_args(argv), rt, feature_fn=stand_in_features) == 0
+    assert ddpm.eval_command(ddpm.parse_command_line(argv), features=STAND_IN) == 0
     out = capsys.readouterr().out
     fid = float(re.search(r"FID: ([0-9.]+) \(10 samples: ddim, 2 steps, seed 5; vs 12 real images", out).group(1))
     assert "stand-in 2x2 pooling" in out and "saved to" in out
@@ -177,7 +177,7 @@ def test_fid_pipeline_with_stand_in_features(tmp_path, capsys):
     st = torch.load(caches[0], weights_only=True)
     np.testing.assert_allclose(st["mu"].numpy(), f_real.mean(0), rtol=1e-6)
     assert st["n"] == 12
-    assert ddpm.eval_command(ddpm.parse_args(argv), rt, feature_fn=stand_in_features) == 0
+    assert ddpm.eval_command(ddpm.parse_command_line(argv), features=STAND_IN) == 0
     out = capsys.readouterr().out
     assert "(cached)" in out and f"FID: {fid:.4f}" in out
 
@@ -244,8 +244,8 @@ def test_holdout_is_left_out_recorded_and_rebuilt_by_eval(tmp_path, monkeypatch,
     everything = ddpm.demo_faces(24, 8)
     trained = {bytes(x.numpy()) for x in seen[0]}
     assert len(seen[0]) == 18 and trained <= {bytes(x.numpy()) for x in everything}
-    args = ddpm.parse_args(["--loadckpt", str(ck), "--eval", "nll"])
-    train, held, what = ddpm.eval_datasets(args, obj, ddpm.ModelConfig.from_dict(obj["config"]))
+    job = ddpm.parse_command_line(["--loadckpt", str(ck), "--eval", "nll"])
+    train, held, what = ddpm.eval_datasets(obj, ddpm.ModelConfig.from_dict(obj["config"]), job.data)
     assert torch.equal(train, seen[0]) and len(held) == 6 and "held-out split" in what
     assert not trained & {bytes(x.numpy()) for x in held}
     capsys.readouterr()

@@ -20,32 +20,32 @@ MiB = 2 ** 20
 
 def test_oom_retry_runs_after_the_failed_attempt_is_freed(monkeypatch):
     tr = make_trainer("--dropout", "0")
-    real = tr.loss_fn
+    real = tr.compiled_model
     failed = []  # weak references to the failed attempt's tensors
     alive_at_retry = []
 
-    def flaky(x, t, noise):
+    def flaky(x, t, noise, w=None):
         if not failed:
-            loss = real(x, t, noise)  # a graph with its saved activations, held by this frame
+            loss = real(x, t, noise, w)  # a graph with its saved activations, held by this frame
             big = torch.empty(1 << 20)
             failed.extend([weakref.ref(loss), weakref.ref(big)])
             raise torch.OutOfMemoryError("CUDA out of memory (fake)")
         gc.collect()  # what is still alive now is held by something real, not by collectable garbage
         alive_at_retry.append([r() is not None for r in failed])
-        return real(x, t, noise)
+        return real(x, t, noise, w)
 
-    monkeypatch.setattr(tr, "loss_fn", flaky)
+    monkeypatch.setattr(tr, "compiled_model", flaky)
     tr.train_step()
     assert alive_at_retry and alive_at_retry[0] == [False, False]
-    assert (tr.micro, tr.accum, tr.step) == (2, 2, 1)
+    assert (tr.micro, tr.accum, tr.pos.step) == (2, 2, 1)
 
 
 def test_oom_at_micro_batch_one_is_a_one_line_training_error(monkeypatch):
     tr = make_trainer()
-    monkeypatch.setattr(tr, "loss_fn", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("fake")))
+    monkeypatch.setattr(tr, "compiled_model", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("fake")))
     with pytest.raises(ddpm.TrainingError, match="even at micro-batch 1"):
         tr.train_step()
-    assert tr.step == 0
+    assert tr.pos.step == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,8 +76,9 @@ def test_channels_last_only_when_compile_really_runs(monkeypatch):
         monkeypatch.setattr(ddpm, "compile_available", lambda device, a=available: (a, "no Triton"))
         model = ddpm.build_diffusion(ddpm.ModelConfig(img_size=8, num_channels=32, channel_multiples=(1, 2),
                                                       has_attn=(False, True), num_blocks=1, timesteps=20))
-        fn = ddpm.sampling_model_fn(model, cuda, compile_)
-        assert conv_layout(model) == expected and fn.compiled == (expected == "channels_last")
+        fn = ddpm.sampling_net(model, cuda, compile_)
+        # the compiled network runs in channels_last on a copy: the caller's model is left as it was
+        assert conv_layout(model) == "standard" and fn.compiled == (expected == "channels_last")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,7 +172,7 @@ def test_resume_of_a_checkpoint_from_another_device_type_reseeds_with_a_note(tmp
 def tiny():
     torch.manual_seed(0)
     return ddpm.build_diffusion(ddpm.ModelConfig(img_size=8, num_channels=32, channel_multiples=(1, 2),
-                                                 has_attn=(False, True), num_blocks=1, timesteps=50, dropout=0.0)).eval()
+                                                 has_attn=(False, True), num_blocks=1, timesteps=50)).eval()
 
 
 def reference_images(model, indices, seed, sampler, steps, eta):
@@ -199,10 +200,10 @@ def test_compiled_sampling_pads_the_last_chunk_and_drops_the_extra_images(tiny):
     rt = ddpm.Runtime(torch.device("cpu"), "fp32")
     shapes = []
 
-    def fn(x, t):
+    def net(x, t):
         shapes.append(x.shape[0])
         return tiny.eps_model(x, t).float()
-    fn.compiled = True  # as sampling_model_fn marks a compiled (CUDA graph) model
+    fn = ddpm.SamplingNet(net, compiled=True)  # as sampling_net makes a compiled (CUDA graph) model
     spec = ddpm.SampleSpec("ddim", 4, 0.5)
     got = ddpm.generate(tiny, rt, list(range(10)), 3, spec, batch_size=4, model_fn=fn, show_progress=False)
     assert set(shapes) == {4} and got.shape[0] == 10
@@ -255,4 +256,4 @@ def test_resume_across_memory_layouts_gives_adam_state_in_the_parameters_layout(
     for (_, a), (_, b) in zip(sorted(resumed.opt.state_dict()["state"].items()), sorted(obj["optimizer"]["state"].items())):
         assert torch.equal(a["exp_avg"], b["exp_avg"])  # same values, new layout
     one_step(resumed)
-    assert resumed.step == 2
+    assert resumed.pos.step == 2

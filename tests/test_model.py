@@ -116,7 +116,7 @@ def test_unet_attention_equals_reference(legacy, reference, monkeypatch):
 @torch.no_grad()
 def test_multihead_attention_block_equals_reference(legacy):
     torch.manual_seed(3)
-    block = ddpm.AttentionBlock(64, num_heads=4, legacy=legacy).eval()
+    block = ddpm.AttentionBlock(ddpm.ModelConfig(legacy_attention=legacy), 64, num_heads=4).eval()
     with torch.no_grad():  # non-trivial norm affine parameters and biases
         for p in block.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -184,9 +184,9 @@ def test_bad_configs_fail_with_one_line(kwargs, flag):
 
 
 def test_good_config_validates():
-    cfg = ddpm.ModelConfig(img_size=16, **TINY)
+    cfg = ddpm.ModelConfig(img_size=16, **{k: v for k, v in TINY.items() if k != "dropout"})
     assert cfg.validate() is cfg
-    ddpm.UNet.from_config(cfg)
+    ddpm.UNet.from_config(cfg, dropout=0.1)
 
 
 def test_cli_bad_config_exits_2_with_one_line_and_no_files(tmp_path):

@@ -45,11 +45,10 @@ def test_compiled_model_gives_the_same_outputs_and_gradients():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def _trainer(argv):
-    args = ddpm.parse_args(["--train", "--demo", "--demo-images", "8", *TINY, *argv])
-    rt = ddpm.Runtime(torch.device("cpu"), "fp32", compile="--compile" in argv)
-    cfg = ddpm.model_config_from_args(args).validate()
-    return ddpm.Trainer(ddpm.train_config_from_args(args), rt, cfg, ddpm.Batches(ddpm.demo_faces(8, 8), rt.device, 5), 5)
+def _trainer(argv, rt=None):
+    job = ddpm.parse_command_line(["--train", "--demo", "--demo-images", "8", *TINY, *argv])
+    rt = rt or ddpm.Runtime(torch.device("cpu"), "fp32", compile="--compile" in argv)
+    return ddpm.Trainer(job.train, rt, job.cfg.validate(), ddpm.Batches(ddpm.demo_faces(8, 8), rt.device, 5), 5)
 
 
 def test_compiled_training_matches_eager_and_its_checkpoint_loads_uncompiled(monkeypatch, tmp_path):
@@ -58,7 +57,7 @@ def test_compiled_training_matches_eager_and_its_checkpoint_loads_uncompiled(mon
     runs = {}
     for name, extra in (("eager", ["--no-compile"]), ("compiled", ["--compile"])):
         tr = _trainer(extra)
-        assert (tr.loss_fn is not tr.train_model) == (name == "compiled")
+        assert (tr.compiled_model is not tr.train_model) == (name == "compiled")
         for _ in range(3):
             tr.train_step()
         runs[name] = tr
@@ -84,7 +83,7 @@ def test_compile_falls_back_to_eager_with_one_warning(monkeypatch, capsys):
     assert err.count("torch.compile unavailable (Triton is not installed); running in eager mode") == 1
     rt = ddpm.setup_runtime("cpu", "fp32", True, training=True)  # the runtime records the decision
     assert rt.compile is False
-    fn = lambda x: x  # noqa: E731
-    assert ddpm.maybe_compile(fn, rt) is fn
+    tr = _trainer([], rt)
+    assert tr.compiled_model is tr.train_model  # eager
     monkeypatch.setattr(ddpm, "compile_available", lambda device: (True, ""))
     assert ddpm.resolve_compile(True, torch.device("cuda")) is True

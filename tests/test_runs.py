@@ -154,7 +154,7 @@ def test_info_of_a_checkpoint(run6, which, name, step, epoch, capsys):
     capsys.readouterr()
     assert ddpm.main(["--info", str(run6 / which)]) == 0
     out = capsys.readouterr().out
-    cfg = ddpm.ModelConfig(3, 8, 32, (1, 2), (False, True), 1, 50, dropout=0.0)
+    cfg = ddpm.ModelConfig(3, 8, 32, (1, 2), (False, True), 1, 50)
     n = sum(p.numel() for p in ddpm.UNet.from_config(cfg).parameters())
     last = float(rows(run6 / "ckpt" / "metrics.csv")[step - 1]["loss"])  # the row of that step
     assert str(path) in out

@@ -324,7 +324,7 @@ def test_weights_that_overflow_stop_the_run_and_are_never_saved(tmp_path, monkey
 
     def update(self):
         real(self)
-        if self.step == 3:
+        if self.pos.step == 3:
             with torch.no_grad():
                 next(self.model.parameters()).fill_(1e30)  # finite, but the norm overflows
     monkeypatch.setattr(ddpm.Trainer, "_update", update)

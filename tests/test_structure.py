@@ -1,17 +1,21 @@
-"""ddpm.py reads top to bottom: sections under banners in the order data flows, each using only the
-sections above it (the command line calls everything; the demo-face appendix at the end is data
-that the data section calls), and no function longer than 60 lines except build_parser."""
+"""ddpm.py reads top to bottom: sections under banners in the order of the table of contents in its
+docstring, each defining a name before it is used (the two appendices at the end hold plumbing and
+data that any section calls), no function longer than 60 lines except build_parser, the argparse
+Namespace stopping at the command line's parser and job builders, one table of samplers, and the
+reverse step and the schedule's formulas written once."""
 import ast
 import re
 from pathlib import Path
 
 import pytest
 
+import ddpm
+
 SOURCE = (Path(__file__).resolve().parent.parent / "ddpm.py").read_text(encoding="utf-8")
+TREE = ast.parse(SOURCE)
 BANNER = re.compile(r"^# -{20,}\n# (.+)\n# -{20,}$", re.M)
-ORDER = ["Helpers", "Model configuration", "Noise schedule", "UNet blocks", "UNet", "Gaussian diffusion and samplers",
-         "Data", "Checkpoints", "Runtime: device, precision, processes, compile", "Sampling and pictures", "Training",
-         "Evaluation", "Command line", "Appendix: the built-in demo faces"]
+SUB_BANNER = re.compile(r"^# -- (.+?) -{3,}$", re.M)
+APPENDICES = ("Appendix: run safety", "Appendix: the built-in demo faces")
 
 
 def sections():
@@ -25,10 +29,32 @@ def section_of(line: int) -> str:
     return next((t for t, a, b in sections() if a <= line <= b), "preamble")
 
 
+def sub_sections(title: str):
+    """[(sub-title, first line, last line)] of the '# -- ...' sub-banners inside a section."""
+    _, a, b = next(s for s in sections() if s[0] == title)
+    found = [(m.group(1), SOURCE[:m.start()].count("\n") + 1) for m in SUB_BANNER.finditer(SOURCE)]
+    found = [(t, line) for t, line in found if a <= line <= b]
+    ends = [line - 1 for _, line in found[1:]] + [b]
+    return [(t, start, end) for (t, start), end in zip(found, ends)]
+
+
+def contents():
+    """The table of contents of the module docstring: [(section, [sub-sections])]."""
+    doc = ast.get_docstring(TREE)
+    block = doc[doc.index("Contents."):]
+    out = []
+    for line in block.splitlines()[1:]:
+        if line.startswith("        - "):
+            out[-1][1].append(re.split(r"\s{2,}", line[10:].strip())[0])
+        elif line.startswith("    ") and line.strip():
+            out.append((re.split(r"\s{2,}", line.strip())[0], []))
+    return out
+
+
 def top_level():
     """{name: (node, section)} of the module's top-level functions, classes and assignments."""
     out = {}
-    for node in ast.parse(SOURCE).body:
+    for node in TREE.body:
         names = ([node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else
                  [t.id for t in getattr(node, "targets", [getattr(node, "target", None)]) if isinstance(t, ast.Name)])
         for n in names:
@@ -36,22 +62,32 @@ def top_level():
     return out
 
 
-def test_the_sections_come_in_data_flow_order():
-    assert [t for t, _, _ in sections()] == ORDER
+def test_the_table_of_contents_matches_the_banners():
+    toc = contents()
+    assert [t for t, _ in toc] == [t for t, _, _ in sections()]
+    for title, subs in toc:
+        assert subs == [t for t, _, _ in sub_sections(title)], title
+
+
+def test_long_sections_have_sub_banners():
+    for title, a, b in sections():
+        if b - a > 300 and not title.startswith("Appendix: the built-in"):
+            assert sub_sections(title), f"{title}: {b - a} lines without sub-banners"
 
 
 def test_each_section_uses_only_the_sections_above_it():
     defs = top_level()
-    rank = {t: i for i, t in enumerate(ORDER)}
+    order = [t for t, _, _ in sections()]
+    rank = {t: i for i, t in enumerate(order)}
     late = []
     for name, (node, sec) in defs.items():
-        if sec in ("Command line", "preamble"):
+        if sec == "preamble":
             continue
         used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
                 and n.id in defs and n.id != name}
         for u in used:
             u_sec = defs[u][1]
-            if u_sec == "Appendix: the built-in demo faces" and sec in ("Data", u_sec):
+            if u_sec in APPENDICES:
                 continue
             if rank.get(u_sec, -1) > rank.get(sec, -1):
                 late.append(f"{name} ({sec}) uses {u} ({u_sec})")
@@ -59,13 +95,49 @@ def test_each_section_uses_only_the_sections_above_it():
 
 
 def test_no_function_is_longer_than_60_lines():
-    long = [f"{n.name}: {n.end_lineno - n.lineno + 1} lines" for n in ast.walk(ast.parse(SOURCE))
+    long = [f"{n.name}: {n.end_lineno - n.lineno + 1} lines" for n in ast.walk(TREE)
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name != "build_parser"
             and n.end_lineno - n.lineno + 1 > 60]
     assert not long, long
 
 
-@pytest.mark.parametrize("name", ["predict_x0", "ancestral_mean"])
-def test_the_reverse_step_is_written_once_and_used(name):
+def test_the_namespace_stops_at_the_parser_and_the_job_builders():
+    allowed = [(a, b) for t, a, b in sub_sections("Command line") if t.startswith(("the parser", "typed jobs"))]
+    takes_args = [n for n in ast.walk(TREE) if isinstance(n, ast.FunctionDef)
+                  and any(a.arg == "args" for a in n.args.args + n.args.kwonlyargs)]
+    outside = [f"{n.name} (line {n.lineno})" for n in takes_args if not any(a <= n.lineno <= b for a, b in allowed)]
+    assert not outside, outside
+    assert takes_args  # the check sees them: the parser's functions do take args
+    assert "args.explicit" not in SOURCE and "args." not in SOURCE[SOURCE.index("# -- train ---"):]
+
+
+def test_every_sampler_is_a_row_of_the_table():
+    assert set(ddpm.SAMPLERS) == {"ddpm", "ddim", "dpm++"}
+    parser = ddpm.build_parser()
+    choices = next(a.choices for a in parser._actions if a.dest == "sampler")
+    assert list(choices) == list(ddpm.SAMPLERS)
+    # no code outside the table asks for a sampler by name
+    table = SOURCE.index("SAMPLERS: Dict[str, Sampler] = {")
+    code = SOURCE[:table] + SOURCE[SOURCE.index("}\n", table):]
+    assert not re.findall(r"sampler\s*[!=]=\s*[\"']|[\"'](ddpm|ddim|dpm\+\+)[\"']\s*(if|else)\b", code)
+    with pytest.raises(ddpm.DDPMError, match="--sampler must be one of ddpm, ddim, dpm\\+\\+, got 'heun2'"):
+        ddpm.SampleSpec("heun2").steps_for(1000)
+
+
+@pytest.mark.parametrize("name,least", [("predict_x0", 1), ("ancestral_mean", 2), ("q_at", 5), ("ddpm_var", 4)])
+def test_the_reverse_step_and_the_schedule_formulas_are_written_once_and_used(name, least):
     assert SOURCE.count(f"def {name}(") == 1
-    assert SOURCE.count(f"self.{name}(") >= 1
+    uses = len(re.findall(rf"(?<![\w.]){name}\(|self\.{name}\(|d\.{name}\(", SOURCE)) - 1
+    assert uses >= least, uses
+    # and the formulas are not typed again elsewhere
+    assert not re.search(r"math\.sqrt\(1 - ab\w*\) \* (x|eps|noise)\b", SOURCE)
+    assert not re.search(r"\(1 - ab_t / ab_s\) \* \(", SOURCE[:SOURCE.index("def ddpm_var(")] +
+                         SOURCE[SOURCE.index("def ddpm_var(") + 400:])
+
+
+def test_functions_do_not_change_or_annotate_what_they_are_given():
+    # results do not travel as attributes of functions, and are not read back with getattr
+    assert not re.search(r"\bfn\.(compiled|tag)\s*=", SOURCE)
+    assert not re.search(r"getattr\(\w+, \"(compiled|tag)\"", SOURCE)
+    gen = next(n for n in TREE.body if isinstance(n, ast.FunctionDef) and n.name == "generate")
+    assert "Optional" in ast.unparse(gen.returns)  # None on ranks other than 0
