@@ -118,7 +118,7 @@ def write_profile(tr, path):
 def bench_sample(model, rt, samplers, n, compile_):
     for sampler, steps in samplers:
         fresh()
-        fn = ddpm.sampling_model_fn(model, rt, compile_)
+        fn = ddpm.sampling_net(model, rt, compile_)
         ddpm.generate(model, rt, list(range(n)), 0, ddpm.SampleSpec(sampler, 2), batch_size=n, model_fn=fn,
                       show_progress=False)
         sync()

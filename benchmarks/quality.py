@@ -40,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -62,9 +63,9 @@ FACE_VARIANTS = {"original": {}, "scale-shift": {"time_cond": "scale-shift"}, "8
                  "cosine": {"beta_schedule": "cosine"}}
 SCALES = {
     "S": dict(model=dict(num_channels=32, channel_multiples=(1, 2, 2, 2), has_attn=(False, False, True, True),
-                         num_blocks=1, dropout=0.0), batch=32, steps=1500, lr=1e-3, peer_dim=32),
+                         num_blocks=1), dropout=0.0, batch=32, steps=1500, lr=1e-3, peer_dim=32),
     "M": dict(model=dict(num_channels=64, channel_multiples=(1, 2, 2, 2), has_attn=(False, False, True, True),
-                         num_blocks=2, dropout=0.1), batch=16, steps=800, lr=5e-4, peer_dim=72),
+                         num_blocks=2), dropout=0.1, batch=16, steps=800, lr=5e-4, peer_dim=72),
 }
 
 
@@ -97,9 +98,9 @@ def ours(name: str, cfg: ddpm.ModelConfig, tc: ddpm.TrainConfig, train: torch.Te
     try:
         t0 = time.time()
         trainer = ddpm.train(cfg, tc, train, tmp / "ckpt", tmp / "out", device=str(rt.device), seed=seed)
-        row = {"what": "ours", "name": name, "seed": seed, "steps": trainer.step,
+        row = {"what": "ours", "name": name, "seed": seed, "steps": trainer.pos.step,
                "params": sum(p.numel() for p in trainer.model.parameters()), "train_s": round(time.time() - t0, 1),
-               "img_per_s": round(trainer.step * tc.batch_size / (time.time() - t0), 1)}
+               "img_per_s": round(trainer.pos.step * tc.batch_size / (time.time() - t0), 1)}
         model = trainer.sampling_view()
         specs = [("default", ddpm.SampleSpec())] + ([("ddpm100", ddpm.SampleSpec("ddpm", 100))] if ddpm100 else [])
         for tag, spec in specs:
@@ -244,13 +245,14 @@ def main():
     batch, steps = scale["batch"], scale["steps"]
     epochs = math.ceil(steps / (len(train) // batch))
     tc = ddpm.TrainConfig(batch_size=batch, lr=scale["lr"], lr_schedule="cosine", warmup_steps=min(50, steps // 4),
-                          ema_decay=0.999, epochs=epochs, max_steps=steps, sample_every=0, log_every=10 ** 6)
+                          ema_decay=0.999, epochs=epochs, max_steps=steps, sample_every=0, log_every=10 ** 6,
+                          dropout=scale["dropout"])
     for seed in a.seeds:
         for name, recipe in recipes.items():
             if a.only is not None and name not in a.only:
                 continue
-            cfg = ddpm.ModelConfig(img_size=a.img_size, **scale["model"], **recipe).validate()
-            emit(ours(name, cfg, tc, train, real_a, n, seed, rt, a.ddpm100, held))
+            cfg, tc_r = recipe_configs(scale, recipe, a.img_size, tc)
+            emit(ours(name, cfg, tc_r, train, real_a, n, seed, rt, a.ddpm100, held))
         if a.peer and (a.only is None or "peer" in a.only):
             row = peer(scale, train, real_a, n, seed, steps)
             if row is not None:
@@ -259,20 +261,28 @@ def main():
     print(table(rows))
 
 
+def recipe_configs(scale: dict, recipe: dict, size: int, tc: ddpm.TrainConfig):
+    """The ModelConfig and TrainConfig of a recipe (its training settings, such as the loss weight, go
+    to the TrainConfig)."""
+    train = {k: v for k, v in recipe.items() if k in ddpm.TRAIN_RULES}
+    model = {k: v for k, v in recipe.items() if k not in train}
+    return ddpm.ModelConfig(img_size=size, **scale["model"], **model).validate(), replace(tc, **train)
+
+
 def speed_row(scale: dict, recipe: dict, train: torch.Tensor, size: int, seed: int, rt) -> dict:
     """Our training img/s over 50 steps after 10, the trainer as --train runs it."""
-    cfg = ddpm.ModelConfig(img_size=size, **scale["model"], **recipe).validate()
     per_epoch = len(train) // scale["batch"]
     tc = ddpm.TrainConfig(batch_size=scale["batch"], lr=scale["lr"], epochs=math.ceil(60 / per_epoch), max_steps=10,
-                          sample_every=0, log_every=10 ** 6, ema_decay=0.999)
+                          sample_every=0, log_every=10 ** 6, ema_decay=0.999, dropout=scale["dropout"])
+    cfg, tc = recipe_configs(scale, recipe, size, tc)
     tmp = Path(tempfile.mkdtemp())
     try:
         trainer = ddpm.train(cfg, tc, train, tmp / "ckpt", tmp / "out", device=str(rt.device), seed=seed)
-        trainer.tc = ddpm.TrainConfig(**{**trainer.tc.__dict__, "max_steps": 60})
+        trainer.tc = replace(trainer.tc, max_steps=60)
         t0 = time.time()
-        trainer.fit(tmp / "out", tmp / "ckpt", None)
-        ips = (trainer.step - 10) * scale["batch"] / (time.time() - t0)
-        return {"what": "ours-speed", "name": "ddpm.py", "seed": seed, "steps": trainer.step - 10,
+        trainer.fit(tmp / "ckpt")
+        ips = (trainer.pos.step - 10) * scale["batch"] / (time.time() - t0)
+        return {"what": "ours-speed", "name": "ddpm.py", "seed": seed, "steps": trainer.pos.step - 10,
                 "params": sum(p.numel() for p in trainer.model.parameters()), "img_per_s": round(ips, 1)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
