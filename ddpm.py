@@ -55,17 +55,17 @@ appendices at the end, which hold plumbing and data that the sections above call
     Sampling and pictures            per-image noise, generate, grids, strips, GIFs
         - sampling
         - pictures
+    Evaluation                       NLL, FID, SWD, memorisation
+        - negative log-likelihood
+        - Frechet Inception Distance
+        - sliced Wasserstein distance
+        - memorisation
     Training
         - the settings               TrainConfig, what --resume keeps, the loss weighting
         - the run's state            EMA, signals, metrics.csv, counters, clocks
         - the pictures of a run      run-before/after.png, previews, final grid, loss.png
         - the trainer                Trainer: one step, the loop, checkpoints
         - training from Python       train()
-    Evaluation                       NLL, FID, SWD, memorisation
-        - negative log-likelihood
-        - Frechet Inception Distance
-        - sliced Wasserstein distance
-        - memorisation
     Command line
         - the parser                 build_parser, every flag's range (check_flags)
         - typed jobs: the Namespace stops here
@@ -2325,954 +2325,67 @@ def save_picture(grid: torch.Tensor, cfg: ModelConfig, path: Path) -> None:
     save_png(upscale(grid, 2 if cfg.img_size <= 32 else 1), path)
 
 
-def read_loss_rows(metrics_csv: Path) -> List[Tuple[int, float]]:
-    """(step, loss) of the rows of metrics.csv whose loss is a finite number (a skipped step has none)."""
+def read_metric_rows(metrics_csv: Path, column: str) -> List[Tuple[int, int, float]]:
+    """(step, images seen, value) of the rows of metrics.csv whose `column` is a finite number (a
+    skipped step has no loss; only evaluation rows have an SWD)."""
     out = []
     with contextlib.suppress(OSError, UnicodeDecodeError, csv.Error):
         with open(metrics_csv, newline="", encoding="utf-8") as f:
             for r in csv.DictReader(f):
                 with contextlib.suppress(TypeError, ValueError):
-                    step, loss = int(r.get("step")), float(r.get("loss"))
-                    if math.isfinite(loss):
-                        out.append((step, loss))
+                    step, images, value = int(r.get("step")), int(r.get("images_seen") or 0), float(r.get(column))
+                    if math.isfinite(value):
+                        out.append((step, images, value))
     return out
 
 
-def write_loss_curve(metrics_csv: Path, out: Path) -> None:
-    """loss.png from metrics.csv with matplotlib, when it is installed."""
-    rows = read_loss_rows(metrics_csv)
-    if len(rows) < 2:
-        return
+def read_loss_rows(metrics_csv: Path) -> List[Tuple[int, float]]:
+    """(step, loss) of the rows of metrics.csv whose loss is a finite number."""
+    return [(step, v) for step, _, v in read_metric_rows(metrics_csv, "loss")]
+
+
+def plot_png(xs: Sequence[float], ys: Sequence[float], out: Path, xlabel: str, ylabel: str, log_y: bool = False,
+             floor: Optional[float] = None, floor_label: str = "") -> bool:
+    """A line plot written as a PNG with matplotlib (a horizontal line at `floor`); False, with a
+    note, where matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log("note: loss.png skipped (pip install matplotlib to draw it); the numbers are in " + str(metrics_csv))
-        return
+        log(f"note: {out.name} skipped (pip install matplotlib to draw it); the numbers are in metrics.csv")
+        return False
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot([r[0] for r in rows], [r[1] for r in rows], lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (MSE of the predicted eps or v)")
-    ax.set_yscale("log")
+    ax.plot(xs, ys, lw=1, marker="o" if len(xs) < 40 else None, ms=3)
+    if floor is not None:
+        ax.axhline(floor, color="grey", ls="--", lw=1, label=floor_label)
+        ax.legend(loc="best")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if log_y:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     write_output(out, buf.getvalue())
+    return True
 
 
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
+def write_loss_curve(metrics_csv: Path, out: Path) -> None:
+    """loss.png: the logged loss against the step."""
+    rows = read_loss_rows(metrics_csv)
+    if len(rows) >= 2:
+        plot_png([r[0] for r in rows], [r[1] for r in rows], out, "step", "loss (MSE of the predicted eps or v)", True)
 
-# -- the settings --------------------------------------------------------------------------------
 
-LR_SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-LOSS_WEIGHTS = ("none", "min-snr")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run reads besides the model config and the data: built once from the
-    command line (or by hand, see the README), stored in every checkpoint, restored by --resume."""
-
-    batch_size: int = 64            # global batch
-    grad_accum: int = 1             # micro-batches per update
-    auto_accum: bool = True         # on a GPU, split the micro-batch further when memory is short
-    lr: float = 1e-4
-    lr_schedule: str = "constant"   # LR_SCHEDULES: constant, or cosine to 0 at the end of the run's last epoch
-    warmup_steps: int = 0
-    epochs: int = 5                 # a fresh run's epochs; a fine-tune's extra epochs; a resume's total
-    ema_decay: float = 0.9999       # 0: no EMA
-    precision: str = "auto"         # PRECISIONS
-    holdout: float = 0.0            # fraction of the images left out, for --eval
-    max_steps: Optional[int] = None
-    max_nonfinite: int = 10         # stop after this many non-finite updates in a row
-    log_every: int = 50
-    sample_every: int = 1000        # preview grids (0: none)
-    tensorboard: bool = False
-    dropout: float = 0.1            # in the residual blocks
-    loss_weight: str = "none"       # LOSS_WEIGHTS: none, or Min-SNR-gamma (Hang et al. 2023)
-    min_snr_gamma: float = 5.0
-    preview: SampleSpec = SampleSpec()  # how the run's pictures are sampled
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def validate(self) -> "TrainConfig":
-        """Fail with one line naming the flag on a value of the wrong type or out of its range."""
-        for name, (kinds, ok, rule) in TRAIN_RULES.items():
-            v = getattr(self, name)
-            if v is None and name == "max_steps":
-                continue
-            kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-            typed = isinstance(v, kinds) and not (isinstance(v, bool) and bool not in kinds)
-            if not typed or not ok(v):
-                raise DDPMError(f"--{name.replace('_', '-')} must be {rule}, got {v!r}"
-                                + ("; leave it out for no limit" if name == "max_steps" else ""))
-        return self
-
-    def resumed(self, stored: dict, typed: Iterable[str]) -> "TrainConfig":
-        """These settings with the run's own (`stored`, a checkpoint's "train") in place of every
-        setting that was not typed; a typed one that differs is said in one line. The result is
-        validated: a stored value of the wrong type or range raises DDPMError."""
-        typed, changes = set(typed), {}
-        for name, flag in RESUMED_SETTINGS.items():
-            if name not in stored:
-                continue
-            mine, theirs = getattr(self, name), stored[name]
-            if name not in typed:
-                changes[name] = float(theirs) if isinstance(mine, float) and type(theirs) is int else theirs
-            elif mine != theirs:
-                log(f"resume: {flag} {mine} (the run used {theirs})")
-        if "grad_accum" in changes and "auto_accum" in stored:
-            changes["auto_accum"] = stored["auto_accum"]
-        return replace(self, **changes).validate()
-
-
-# each TrainConfig field's types, range and the rule in words (for TrainConfig.validate)
-TRAIN_RULES = {
-    "batch_size": (int, lambda v: v >= 1, "at least 1"),
-    "grad_accum": (int, lambda v: v >= 1, "at least 1"),
-    "auto_accum": (bool, lambda v: True, "true or false"),
-    "lr": ((int, float), lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
-    "lr_schedule": (str, lambda v: v in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}"),
-    "warmup_steps": (int, lambda v: v >= 0, "0 or more"),
-    "epochs": (int, lambda v: v >= 1, "at least 1"),
-    "ema_decay": ((int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
-    "precision": (str, lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
-    "holdout": ((int, float), lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
-    "max_steps": (int, lambda v: v >= 1, "at least 1"),
-    "max_nonfinite": (int, lambda v: v >= 1, "at least 1"),
-    "log_every": (int, lambda v: v >= 1, "at least 1"),
-    "sample_every": (int, lambda v: v >= 0, "0 or more"),
-    "tensorboard": (bool, lambda v: True, "true or false"),
-    "dropout": ((int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
-    "loss_weight": (str, lambda v: v in LOSS_WEIGHTS, f"one of {', '.join(LOSS_WEIGHTS)}"),
-    "min_snr_gamma": ((int, float), lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
-}
-# the settings --resume takes from the run's checkpoint unless typed again (flag names for messages)
-RESUMED_SETTINGS = {name: "--" + name.replace("_", "-") for name in (
-    "batch_size", "grad_accum", "lr", "lr_schedule", "warmup_steps", "ema_decay", "precision", "holdout", "log_every",
-    "sample_every", "max_nonfinite", "epochs", "dropout", "loss_weight", "min_snr_gamma")}
-# settings that checkpoints before format 4 kept in their model config ("config"), not in "train"
-MOVED_TO_TRAIN = ("dropout", "loss_weight", "min_snr_gamma")
-
-
-def stored_train_settings(obj: dict) -> dict:
-    """A checkpoint's training settings: its "train" record, with what older checkpoints kept in
-    their model config (MOVED_TO_TRAIN) read from there."""
-    cfg = obj.get("config") if isinstance(obj.get("config"), dict) else {}
-    return {**{k: cfg[k] for k in MOVED_TO_TRAIN if k in cfg}, **(obj.get("train") or {})}
-
-
-def loss_weights(model: GaussianDiffusion, t: torch.Tensor, tc: TrainConfig) -> Optional[torch.Tensor]:
-    """Each image's weight in the loss, (B,), or None for the plain mean. Min-SNR-gamma (Hang et al.
-    2023): min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v, SNR = alpha_bar / (1 -
-    alpha_bar)."""
-    if tc.loss_weight == "none":
-        return None
-    snr = model.snr(t)
-    return snr.clamp(max=tc.min_snr_gamma) / (snr if model.objective == "eps" else snr + 1)
-
-
-# -- the run's state ---------------------------------------------------------------------------
-
-class EMA:
-    """Exponential moving average of the weights, with warm-up min(decay, (1 + n) / (10 + n))."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self._ema = list(self.model.parameters())
-        self._src = list(model.parameters())
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self._ema, self._src, 1.0 - d)
-
-
-class StopRequest:
-    """SIGINT / SIGTERM: the first asks training to finish its step, save and exit; the second aborts
-    at once (KeyboardInterrupt) without touching the files. SIGTERM is skipped where the platform
-    cannot install it (e.g. some Windows setups)."""
-
-    def __init__(self):
-        self.reason: Optional[str] = None
-        self.aborted = False  # the second signal came
-        self._old = {}
-
-    def _handle(self, signum, frame):
-        if self.reason is not None:
-            self.aborted = True
-            raise KeyboardInterrupt
-        self.reason = signal.Signals(signum).name
-        print(f"\n{self.reason}: finishing the current step, then saving (press Ctrl-C again to abort "
-              f"without saving)", file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        for name in ("SIGINT", "SIGTERM"):
-            sig = getattr(signal, name, None)
-            if sig is None:
-                continue
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except (ValueError, OSError):  # not the main thread, or unsupported here
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            with contextlib.suppress(ValueError, OSError):
-                signal.signal(sig, old)
-        return False
-
-
-class MetricsLog:
-    """metrics.csv (one row per --log-every steps) and events.csv (checkpoints, previews) in the
-    checkpoint folder; a resumed run first drops rows past its step, so no step is logged twice."""
-
-    METRICS = ["step", "epoch", "images_seen", "loss", "skipped", "lr", "img_per_s", "wall_time"]
-    EVENTS = ["step", "event", "path", "wall_time"]
-
-    def __init__(self, folder: Path, start_step: int, enabled: bool, tensorboard: bool = False):
-        self.enabled = enabled
-        self.metrics = folder / "metrics.csv"
-        self.events = folder / "events.csv"
-        self.tb = None
-        if not enabled:
-            return
-        folder.mkdir(parents=True, exist_ok=True)
-        for path, cols in ((self.metrics, self.METRICS), (self.events, self.EVENTS)):
-            rows = self._rows_until(path, start_step) if start_step > 0 else []
-            text = io.StringIO(newline="")
-            w = csv.DictWriter(text, cols)
-            w.writeheader()
-            w.writerows({c: r.get(c, "") for c in cols} for r in rows)
-            atomic_write(path, lambda f: f.write(text.getvalue().encode()))  # a kill here keeps the old log
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            # purge_step hides events at steps >= it: the checkpoint's own step stays, as in metrics.csv
-            self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-
-    @staticmethod
-    def _rows_until(path: Path, step: int) -> List[dict]:
-        """The rows of a log up to `step`. A log with damage (unreadable, no step column, a row whose
-        step or loss is not a number) is kept aside under a new name, never deleted, and its good rows
-        are carried into the fresh one, with one line."""
-        if not path.exists():
-            return []
-        good, bad, why = [], 0, ""
-        try:
-            with open(path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                if not reader.fieldnames or "step" not in reader.fieldnames:
-                    raise ValueError("no header with a step column")
-                for r in reader:
-                    if MetricsLog._row_ok(r):
-                        good.append(r)
-                    else:
-                        bad, why = bad + 1, why or f"row {reader.line_num}: step {r.get('step')!r}, loss {r.get('loss')!r}"
-        except (UnicodeDecodeError, csv.Error, ValueError) as e:
-            good, bad, why = [], 1, first_line(e, 80)
-        if bad:
-            aside = unused_name(path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"))
-            os.replace(path, aside)
-            log(f"note: {path} could not be read ({why}); kept as {aside.name}, a fresh log starts"
-                + (f" with its {len(good)} good rows" if good else ""))
-        return [r for r in good if int(r["step"]) <= step]
-
-    @staticmethod
-    def _row_ok(r: dict) -> bool:
-        """A row whose step is an integer and whose loss (if any) is a number."""
-        if not (r.get("step") or "").isdigit():
-            return False
-        loss = r.get("loss")
-        if loss in (None, ""):
-            return True
-        try:
-            float(loss)
-            return True
-        except ValueError:
-            return False
-
-    def _append(self, path: Path, cols: List[str], row: dict) -> None:
-        """One row at the end of a log, never through a link planted at its name."""
-        text = io.StringIO(newline="")
-        csv.DictWriter(text, cols).writerow(row)
-        flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
-        try:
-            fd = os.open(str(path), flags)
-            with os.fdopen(fd, "ab") as f:
-                f.write(text.getvalue().encode("utf-8"))
-        except OSError as e:
-            raise DDPMError(f"could not write {path} ({e.strerror or first_line(e)}); free some space, then "
-                            f"continue with --resume") from None
-
-    def metric(self, **row) -> None:
-        if self.enabled:
-            self._append(self.metrics, self.METRICS, row)
-            if self.tb is not None:
-                for k in ("loss", "lr", "img_per_s"):
-                    if row[k] != "":
-                        self.tb.add_scalar(f"train/{k}", row[k], row["step"])
-
-    def event(self, step: int, event: str, path: Path, image: Optional[torch.Tensor] = None) -> None:
-        if self.enabled:
-            self._append(self.events, self.EVENTS, {"step": step, "event": event, "path": str(path),
-                                                    "wall_time": round(time.time(), 3)})
-            if self.tb is not None and image is not None:
-                self.tb.add_image(event, image, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-class Stop(enum.Enum):
-    """Why fit() returned."""
-
-    DONE = "done"                                  # the planned epochs are trained
-    NOTHING = "nothing to do"                      # the run was already at its end
-    MAX_STEPS = "max steps"
-    TIME_BUDGET = "time budget"
-    SIGINT = "SIGINT"
-    SIGTERM = "SIGTERM"
-    ELSEWHERE = "stop on another process"          # under torchrun: a signal or deadline on another rank
-    ERROR = "error"                                # a write or memory failed: saved, then the error is raised
-
-    @property
-    def by_signal(self) -> bool:
-        """A signal (or another process's) asked to stop: exit at once, no more pictures."""
-        return self in (Stop.SIGINT, Stop.SIGTERM, Stop.ELSEWHERE)
-
-
-@dataclass
-class Position:
-    """Where a run is: the counters saved in its checkpoints. end_epoch: the epoch it stops before."""
-
-    step: int = 0
-    epoch: int = 0
-    epoch_step: int = 0     # steps into the current epoch
-    images_seen: int = 0
-    end_epoch: int = 0
-
-    def roll_over(self, steps_per_epoch: int) -> bool:
-        """Start the next epoch if this one is complete; whether it did."""
-        if self.epoch_step < steps_per_epoch:
-            return False
-        self.epoch, self.epoch_step = self.epoch + 1, 0
-        return True
-
-
-class LossStats:
-    """Device-side sums of the loss and of skipped (non-finite) steps, read only at sync points, so
-    the hot path has no host sync: since the last log line, since the epoch began, and in all."""
-
-    def __init__(self, device: torch.device):
-        zero = lambda: torch.zeros((), device=device)  # noqa: E731
-        self.loss_sum, self.good_steps = zero(), zero()        # since the last log line
-        self.epoch_loss_sum, self.epoch_good = zero(), zero()  # since the epoch began
-        self.bad_total, self.bad_run, self.bad_run_max = zero(), zero(), zero()  # skipped: in all, in a row
-
-    def add(self, loss: torch.Tensor, bad: torch.Tensor) -> None:
-        """One update: its loss (not counted where bad = 1, a skipped step)."""
-        self.bad_total += bad
-        self.bad_run = (self.bad_run + 1) * bad
-        torch.maximum(self.bad_run_max, self.bad_run, out=self.bad_run_max)
-        loss = torch.where(bad > 0, torch.zeros_like(loss), loss)
-        self.loss_sum += loss
-        self.good_steps += 1 - bad
-        self.epoch_loss_sum += loss
-        self.epoch_good += 1 - bad
-
-
-@dataclass
-class Clock:
-    """Wall times and steps at the last log line and the epoch's start, for img/s."""
-
-    t_log: float = 0.0
-    step_log: int = 0
-    t_epoch: float = 0.0
-    step_epoch: int = 0
-
-    def restart(self, step: int) -> None:
-        self.t_log = self.t_epoch = time.time()
-        self.step_log = self.step_epoch = step
-
-
-KEEP_CHECKPOINTS = 5  # ckpt-{epoch % 5}.pth: the last five epochs, as the original
-
-
-def checkpoint_path(folder: Path, epoch: int) -> Path:
-    """The rotating checkpoint file of `epoch`."""
-    return Path(folder) / f"ckpt-{epoch % KEEP_CHECKPOINTS}.pth"
-
-
-def oom_split(micro: int, accum: int) -> Tuple[int, int]:
-    """After CUDA out-of-memory: half the micro-batch, twice the accumulation (same effective batch)."""
-    if micro < 2 or micro % 2:
-        raise TrainingError(f"CUDA out of memory even at micro-batch {micro}; lower --batch-size or --img-size")
-    return micro // 2, accum * 2
-
-
-# -- the pictures of a run -----------------------------------------------------------------------
-
-class RunPictures:
-    """Every picture a training run draws, on rank 0, into its output folder (see output_folder):
-    run-before.png before the first step (x_T -> x_0 strips of 8 images, raw weights); a grid of
-    16 images from the same noise every --sample-every steps (preview/step-NNNNNNN.png); at the end
-    loss.png, and unless a signal stopped the run, run-after.png (the strips, EMA weights) and
-    final-grid.png (`final` images). All sampled as the run's preview SampleSpec says (the sampling
-    flags). strips=False (--no-run-pictures) leaves out run-before, run-after and the final grid."""
-
-    def __init__(self, folder: Path, final: int = 64, strips: bool = True):
-        self.folder, self.final, self.strips = Path(folder), final, strips and is_rank0()
-
-    def before(self, tr: "Trainer") -> None:
-        if self.strips:
-            save_png(upscale(reverse_strip(tr.sampling_view(ema=False), tr.rt.local(), tr.seed, 8, tr.tc.preview), 2),
-                     self.folder / "run-before.png")
-
-    def preview(self, tr: "Trainer", metrics: MetricsLog, n: int = 16) -> Path:
-        model = tr.sampling_view(ema=True)
-        was_training = model.training
-        model.eval()
-        imgs = generate(model, tr.rt.local(), list(range(n)), tr.seed, tr.tc.preview, batch_size=n, show_progress=False)
-        model.train(was_training)
-        grid = image_grid(imgs, nrow=int(math.ceil(math.sqrt(n))))
-        path = self.folder / "preview" / f"step-{tr.pos.step:07d}.png"
-        save_picture(grid, tr.cfg, path)
-        metrics.event(tr.pos.step, "preview", path, image=grid)
-        return path
-
-    def after(self, tr: "Trainer", ckpt_dir: Path, stop: Stop) -> None:
-        if not is_rank0():
-            return
-        write_loss_curve(ckpt_dir / "metrics.csv", self.folder / "loss.png")
-        if self.strips and not stop.by_signal:
-            model, spec = tr.sampling_view(ema=True), tr.tc.preview
-            save_png(upscale(reverse_strip(model, tr.rt.local(), tr.seed, 8, spec), 2), self.folder / "run-after.png")
-            grid = image_grid(generate(model, tr.rt.local(), list(range(self.final)), tr.seed, spec))
-            save_picture(grid, tr.cfg, self.folder / "final-grid.png")
-            log(f"wrote {self.folder / 'run-before.png'}, {self.folder / 'run-after.png'} and "
-                f"{self.folder / 'final-grid.png'}")
-
-
-# -- the trainer ---------------------------------------------------------------------------------
-
-class Trainer:
-    """One training run: model, EMA, optimizer, data order and RNG, all saved and restored together.
-
-    Its state: the settings (tc, cfg), the runtime (rt), the data (batches) and the seed; the modules
-    (model, ema, opt, scaler; train_model wraps model in DDP under torchrun, compiled_model compiles
-    that); the batch layout (batch, micro, accum, steps_per_epoch); where the run is (pos, a
-    Position, saved in every checkpoint); the device-side loss sums (stats) and the clocks (clock);
-    while fit runs, the signals (stop) and a deferred error (failure)."""
-
-    def __init__(self, tc: TrainConfig, rt: Runtime, cfg: ModelConfig, batches: Batches, seed: int,
-                 resume: Optional[dict] = None, init: Optional[dict] = None, run_id: Optional[str] = None,
-                 data: Optional[dict] = None):
-        """tc: the training settings; cfg: the model; batches: the data (see Batches); seed: everything
-        random; resume: a checkpoint to continue exactly; init: one to fine-tune from (weights, EMA
-        and counters, a fresh optimizer); run_id and data: recorded in every checkpoint."""
-        self.tc, self.rt, self.cfg, self.batches, self.seed = tc, rt, cfg, batches, seed
-        self.run_id = run_id or new_run_id()
-        self.data_record = data or {}
-        self._build(resume or init)
-        self._lay_out_batches()
-        self.pos = Position(end_epoch=tc.epochs)
-        self.noise_gen = torch.Generator(rt.device)
-        self._seed_noise()
-        if init is not None and not is_legacy_state_dict(init):  # fine-tune: continue the counters
-            self.pos = Position(int(init.get("step", 0)), int(init.get("epoch", 0)), 0, int(init.get("images_seen", 0)),
-                                int(init.get("epoch", 0)) + tc.epochs)
-            self._seed_noise(self.pos.step)
-        if resume is not None:
-            self._restore(resume)
-        self.stats, self.clock = LossStats(rt.device), Clock()
-        self.last_loss: Optional[float] = resume.get("last_loss") if resume else None
-        self.first_step = self.pos.step
-        self.sync_every = 1 if rt.device.type == "cpu" else max(1, min(tc.log_every, 25))
-        self.step_loss: Optional[torch.Tensor] = None  # this step's loss, on the device
-        self.stop: Optional[StopRequest] = None        # while fit runs: the signals asking it to stop
-        self.failure: Optional[DDPMError] = None       # an error that stops the run after a checkpoint
-
-    def _seed_noise(self, *at: int) -> None:
-        """Seed the two streams of training noise from (seed, *at): the diffusion noise generator
-        (t and eps, the same on every process) and the global generator (dropout, per process). A
-        fresh run seeds them with at = (), a run that cannot take its saved generator states with the
-        step it continues from. (The initial weights have a seed of their own, in _build.)"""
-        self.noise_gen.manual_seed(mix_seed(self.seed, 2, *at))
-        torch.manual_seed(mix_seed(self.seed, 3, self.rt.rank, *at))
-
-    def _build(self, source: Optional[dict]) -> None:
-        """Model (weights from `source` if given), EMA, optimizer, scaler, DDP and compile wrappers."""
-        rt, dev = self.rt, self.rt.device
-        torch.manual_seed(mix_seed(self.seed, -1))  # initial weights from the seed, the same on every rank
-        self.model = build_diffusion(self.cfg, dropout=self.tc.dropout).to(dev)
-        # channels_last pays only under torch.compile: eager GroupNorm returns the standard layout,
-        # so every convolution would convert back and forth
-        self.channels_last = dev.type == "cuda" and rt.compile
-        if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        if source is not None:
-            state = source if is_legacy_state_dict(source) else source["model"]
-            load_weights(self.model, state, Path("checkpoint"), weights_fix(source))
-        self.ema = EMA(self.model, self.tc.ema_decay) if self.tc.ema_decay > 0 else None
-        if self.ema is not None and source is not None and not is_legacy_state_dict(source) and source.get("ema"):
-            self.ema.model.load_state_dict(source["ema"])
-        self.opt = self._make_optimizer()
-        self.scaler = torch.amp.GradScaler(dev.type, enabled=rt.precision == "fp16")
-        self.train_model = self.model
-        if rt.distributed:
-            self.train_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        self.compiled_model = torch.compile(self.train_model) if rt.compile else self.train_model
-
-    def _lay_out_batches(self) -> None:
-        """Global batch B = world * micro * accum; on a GPU the micro-batch and the data's place follow
-        from the memory left once the model, EMA and optimizer exist."""
-        self.batch, self.accum = self.tc.batch_size, self.tc.grad_accum
-        self.micro = self.batch // self.rt.world // self.accum
-        self.memory_note = ""
-        if self.rt.device.type == "cuda":
-            plan = self._plan_memory(self.tc.auto_accum)
-            self.micro, self.accum, self.memory_note = plan.micro, plan.accum, plan.note
-            self.batches.place(plan.data_on_device)
-        elif self.rt.device.type != "cpu":
-            self.batches.place(True)
-        self.steps_per_epoch = max(1, self.batches.n // self.batch)
-
-    def _plan_memory(self, auto_accum: bool) -> MemoryPlan:
-        per_image, fixed = activation_bytes(self.model, self.rt, self.cfg)
-        n_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
-        free = cuda_free_bytes(self.rt.device)
-        # gradients and Adam's two moments come with the first step; every rank must keep the same
-        # layout, so under torchrun the flags decide it
-        return plan_memory(free, 3 * n_bytes, per_image, fixed, self.batch // self.rt.world, self.accum,
-                           auto_accum and not self.rt.distributed, self.batches.nbytes)
-
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        try:
-            opt = torch.optim.Adam(params, lr=self.tc.lr, fused=True)
-            self.fused = True
-        except (RuntimeError, TypeError, ValueError):
-            opt = torch.optim.Adam(params, lr=self.tc.lr)
-            self.fused = False
-        return opt
-
-    # -- checkpoint state -----------------------------------------------------------------------
-    def _gather_rng(self) -> dict:
-        cpu = torch.get_rng_state()
-        cuda = torch.cuda.get_rng_state(self.rt.device) if self.rt.device.type == "cuda" else None
-        states = [(cpu, cuda)]
-        if self.rt.distributed:
-            states = [None] * self.rt.world
-            dist.all_gather_object(states, (cpu, cuda))
-        return {"noise": self.noise_gen.get_state(), "device": self.rt.device.type, "torch": [s[0] for s in states],
-                "cuda": [s[1] for s in states]}
-
-    def state_dict(self) -> dict:
-        rng, pos = self._gather_rng(), self.pos
-        return {
-            "format": FORMAT, "version": FORMAT_VERSION, "config": self.cfg.to_dict(),
-            "model": self.model.state_dict(),
-            "ema": self.ema.model.state_dict() if self.ema is not None else None,
-            "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "step": pos.step, "epoch": pos.epoch, "epoch_step": pos.epoch_step, "end_epoch": pos.end_epoch,
-            "images_seen": pos.images_seen, "seed": self.seed, "world_size": self.rt.world, "rng": rng,
-            "last_loss": self.last_loss, "run_id": self.run_id, "data": self.data_record,
-            "holdout": self.data_record.get("holdout"),
-            "train": {**self.tc.to_dict(), "epochs": pos.end_epoch, "data_folders": self.data_record.get("folders", []),
-                      "demo": not self.data_record.get("folders")},
-            "torch_version": str(torch.__version__),  # a plain str: TorchVersion is refused by weights_only
-        }
-
-    def _restore(self, obj: dict) -> None:
-        try:
-            self.opt.load_state_dict(obj["optimizer"])
-        except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:
-            raise DDPMError(f"the checkpoint's optimizer state does not fit the model ({first_line(e, 80)}); the file "
-                            f"was edited or is damaged") from None
-        # Adam's moments keep the memory layout they were saved in; a run resumed with compile on or
-        # off (channels_last or not) gets them in its parameters' layout, as fused Adam requires
-        for p in self.model.parameters():
-            state = self.opt.state.get(p, {})
-            for k, v in state.items():
-                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
-                    state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
-        for g in self.opt.param_groups:
-            g["lr"] = self.tc.lr
-        if obj.get("scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(obj["scaler"])
-        self.pos = Position(int(obj["step"]), int(obj["epoch"]), int(obj.get("epoch_step", 0)),
-                            int(obj.get("images_seen", 0)), self.pos.end_epoch)
-        self._continue_epoch(obj)
-        if obj.get("seed") != self.seed:  # a typed --seed (said in one line): the noise follows it from here
-            self._seed_noise(self.pos.step)
-        else:
-            self._restore_rng(obj.get("rng") or {})
-
-    def _continue_epoch(self, obj: dict) -> None:
-        """Where in its epoch a resumed run goes on. The same data and batch: exactly where it stopped.
-        Another batch size: at the same image of the epoch. Other data (--resume-with-new-data): an
-        epoch cut short is closed, and the next starts on the new images. Each change said in one line."""
-        pos = self.pos
-        if not pos.epoch_step:
-            return
-        rec, held = obj.get("data") or {}, obj.get("holdout") or {}
-        n_before = rec.get("images", 0) - held.get("n", 0) if rec.get("images") else None
-        b_before = (obj.get("train") or {}).get("batch_size", self.batch)
-        if n_before is not None and n_before != self.batches.n:
-            log(f"resume: the data changed ({self.batches.n} training images, the run had {n_before}); epoch "
-                f"{pos.epoch} ends here and epoch {pos.epoch + 1} starts on the new images")
-            pos.roll_over(0)
-        elif b_before != self.batch:
-            pos.epoch_step = pos.epoch_step * b_before // self.batch
-            log(f"resume: batch {self.batch} (the run used {b_before}); epoch {pos.epoch} goes on at image "
-                f"{pos.epoch_step * self.batch} of its order")
-
-    def _restore_rng(self, rng: dict) -> None:
-        """The saved generators, where this run can take them: a run on another device type (CPU and
-        CUDA generator states differ) reseeds both streams from (seed, step), one with another number
-        of processes the dropout stream alone, each with a note; the data order follows (seed, epoch)."""
-        dev, step = self.rt.device.type, self.pos.step
-        saved = rng.get("device") or ("cuda" if any(c is not None for c in rng.get("cuda", [])) else "cpu")
-        if saved != dev:
-            log(f"note: the checkpoint was written on {saved} and this run is on {dev}; the diffusion and "
-                f"dropout noise are reseeded from the step (the data order still follows)")
-            self._seed_noise(step)
-            return
-        if "noise" in rng:
-            self.noise_gen.set_state(rng["noise"])
-        if len(rng.get("torch", [])) == self.rt.world:
-            torch.set_rng_state(rng["torch"][self.rt.rank])
-            if dev == "cuda" and rng["cuda"][self.rt.rank] is not None:
-                torch.cuda.set_rng_state(rng["cuda"][self.rt.rank], self.rt.device)
-        else:
-            log(f"note: the checkpoint was written by {len(rng.get('torch', []))} processes and this run has "
-                f"{self.rt.world}; dropout noise is reseeded (data order and diffusion noise still follow)")
-            torch.manual_seed(mix_seed(self.seed, 3, self.rt.rank, step))
-
-    def save(self, path: Path, log_: Optional[MetricsLog] = None) -> None:
-        """Rank 0 writes (atomically); every rank waits for it. Weights that are not finite are never
-        written, and a write that fails (a full disk) leaves the checkpoints already there as they were."""
-        if not self.weights_finite():
-            raise TrainingError(f"the weights stopped being finite at step {self.pos.step}; not saved. Lower --lr; "
-                                f"the last checkpoint is kept")
-        state = self.state_dict()  # collective under torchrun
-        if is_rank0():
-            try:
-                save_checkpoint(path, state)
-            except (OSError, RuntimeError) as e:
-                if self.stop is not None and self.stop.aborted:  # a second Ctrl-C (torch.save reports it so)
-                    raise KeyboardInterrupt from None
-                raise DDPMError(f"could not write {path} ({first_line(e)}); the checkpoints already in {path.parent} "
-                                f"are kept; free some disk space and continue with --resume") from None
-            if log_ is not None:
-                self._output(log_.event, self.pos.step, "checkpoint", path)
-        barrier(self.rt)
-
-    def sampling_view(self, ema: bool = True) -> GaussianDiffusion:
-        """The EMA (or raw) model in eval mode, for pictures; fit() puts the raw one back in training mode."""
-        return (self.ema.model if ema and self.ema is not None else self.model).eval()
-
-    # -- one optimisation step ------------------------------------------------------------------
-    def train_step(self) -> None:
-        """Forward/backward over the accumulation micro-batches, then one (maybe skipped) update.
-
-        On CUDA out-of-memory the micro-batch is halved and the step retried with the same images,
-        t and noise. The retry happens outside the `except` block: the exception's traceback holds
-        the failed attempt's frames, and with them its activations, until the block is left."""
-        B = self.batch
-        C, S = self.cfg.img_channels, self.cfg.img_size
-        self.pos.roll_over(self.steps_per_epoch)
-        start = self.pos.epoch_step * B
-        # t and noise for the whole global batch, from one generator: N processes = one process
-        t_all = torch.randint(0, self.cfg.timesteps, (B,), device=self.rt.device, generator=self.noise_gen)
-        noise_all = torch.randn((B, C, S, S), device=self.rt.device, generator=self.noise_gen)
-        while True:
-            try:
-                self._forward_backward(start, t_all, noise_all)
-                break
-            except torch.OutOfMemoryError:
-                if self.rt.distributed:  # one rank alone cannot change the batch layout of all of them
-                    raise TrainingError(f"CUDA out of memory on rank {self.rt.rank} at micro-batch {self.micro}; "
-                                        f"restart with --grad-accum {self.accum * 2}") from None
-            self._free_failed_attempt()
-            self.micro, self.accum = oom_split(self.micro, self.accum)
-            log(f"note: CUDA out of memory; retrying with micro-batch {self.micro} x {self.accum} accumulation "
-                f"steps (effective batch unchanged: {B})")
-        self._update()
-
-    def _free_failed_attempt(self) -> None:
-        """Drop what a failed forward/backward left: gradients, the partial loss, cached blocks."""
-        self.opt.zero_grad(set_to_none=True)
-        self.step_loss = None
-        gc.collect()
-        if self.rt.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    def _forward_backward(self, start: int, t_all: torch.Tensor, noise_all: torch.Tensor) -> None:
-        rt = self.rt
-        share = self.micro * self.accum
-        self.step_loss = torch.zeros((), device=rt.device)
-        for k in range(self.accum):
-            off = rt.rank * share + k * self.micro
-            x = self.batches.get(self.pos.epoch, start + off, self.micro)
-            t, noise = t_all[off:off + self.micro], noise_all[off:off + self.micro]
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-                noise = noise.contiguous(memory_format=torch.channels_last)
-            sync = self.train_model.no_sync() if rt.distributed and k < self.accum - 1 else contextlib.nullcontext()
-            with sync:
-                with rt.autocast():
-                    loss = self.compiled_model(x, t, noise, loss_weights(self.model, t, self.tc))
-                self.scaler.scale(loss / self.accum).backward()
-            self.step_loss += loss.detach().float() / self.accum
-
-    def lr_at(self, step: int, images_seen: int) -> float:
-        """--lr with linear warm-up over --warmup-steps, then constant (the original) or a cosine decay
-        to zero at the end of the run's last epoch (--lr-schedule cosine), counted in images, so that a
-        run resumed with another batch size follows the same curve; --max-steps does not move it, so a
-        run stopped early and resumed follows the same schedule."""
-        tc = self.tc
-        lr = tc.lr * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps else tc.lr
-        if tc.lr_schedule == "cosine":
-            total = self.pos.end_epoch * self.steps_per_epoch * self.batch
-            lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, images_seen / max(1, total))))
-        return lr
-
-    def _update(self) -> None:
-        """One optimizer step, skipped on the device (no host sync) when the loss or the gradients
-        are not finite; the skip is counted, and the loss of a skipped step is left out of the logs."""
-        lr = self.lr_at(self.pos.step, self.pos.images_seen)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        if self.rt.distributed:  # the global batch's loss on every rank: logged, and the same skip decision
-            dist.all_reduce(self.step_loss)
-            self.step_loss /= self.rt.world
-        if self.scaler.is_enabled():  # fp16: the scaler skips overflowing steps itself (routine, not counted)
-            bad = (~torch.isfinite(self.step_loss)).float()
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            total = torch.stack(torch._foreach_norm(grads)).sum() + self.step_loss
-            bad = (~torch.isfinite(total)).float()
-            if self.fused:
-                self.opt.found_inf = bad  # the fused kernel skips the update on the device, no sync
-                self.opt.step()
-            elif bad.item() == 0:
-                self.opt.step()
-        self.stats.add(self.step_loss, bad)
-        self.opt.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.pos.step)
-        self.pos.step += 1
-        self.pos.epoch_step += 1
-        self.pos.images_seen += self.batch
-
-    def weights_finite(self) -> bool:
-        """Host sync: whether every weight is finite (and their norm does not overflow)."""
-        return bool(torch.isfinite(torch.stack(torch._foreach_norm(list(self.model.parameters())))).all())
-
-    def check_health(self) -> None:
-        """Host sync: stop after --max-nonfinite non-finite updates in a row, or at once if the weights
-        stop being finite. Nothing is saved then: the last checkpoint, written while the run was
-        healthy, is kept."""
-        n, stats = self.tc.max_nonfinite, self.stats
-        if stats.bad_run_max.item() >= n:
-            raise TrainingError(f"{n} non-finite losses or gradients in a row at step {self.pos.step} "
-                                f"({int(stats.bad_total.item())} in all); lower --lr. The last checkpoint is kept")
-        stats.bad_run_max.zero_()
-        if not self.weights_finite():
-            raise TrainingError(f"the weights stopped being finite at step {self.pos.step}; lower --lr. "
-                                f"The last checkpoint is kept")
-
-    # -- the loop -------------------------------------------------------------------------------
-    def fit(self, ckpt_dir: Path, deadline: Optional[float] = None, pictures: Optional[RunPictures] = None) -> Stop:
-        """Train until the epochs, --max-steps, the time budget or a signal end it, drawing the run's
-        `pictures`; returns why it stopped. An error on the way (a preview or log that cannot be
-        written, memory running out) saves the last good state first, then raises its one-line error:
-        no trained step is thrown away."""
-        tc, pos = self.tc, self.pos
-        if pos.step >= (tc.max_steps or float("inf")) or pos.epoch >= pos.end_epoch:
-            self._say_nothing_to_do()
-            return Stop.NOTHING
-        if pictures is not None:
-            pictures.before(self)
-        metrics = MetricsLog(ckpt_dir, pos.step, is_rank0(), tc.tensorboard)
-        self.first_step = pos.step
-        self.model.train()  # run-before.png (rank 0 only) left it in eval mode: dropout must be on, on every rank
-        self.clock.restart(pos.step)
-        try:
-            with StopRequest() as self.stop, make_progress() as progress:
-                stop = self._loop(ckpt_dir, metrics, pictures, progress, deadline)
-        finally:
-            metrics.close()
-            self.stop = None
-        if pos.step == self.first_step and stop == Stop.DONE:
-            self._say_nothing_to_do()
-        elif stop != Stop.DONE:
-            log(f"stopped ({stop.value}) at step {pos.step}, epoch {pos.epoch}; checkpoint saved in {ckpt_dir}; "
-                + ("mend the cause, then " if self.failure else "") + "continue with --resume")
-        if self.failure is not None:
-            raise self.failure
-        if pictures is not None:
-            pictures.after(self, ckpt_dir, stop)
-        return stop
-
-    def _say_nothing_to_do(self) -> None:
-        tc, pos = self.tc, self.pos
-        log(f"nothing to do: the run is at step {pos.step}, epoch {pos.epoch} of {pos.end_epoch}"
-            + (f", --max-steps {tc.max_steps}" if tc.max_steps else "") + "; raise --epochs or --max-steps")
-
-    def _loop(self, ckpt_dir: Path, metrics: MetricsLog, pictures: Optional[RunPictures], progress,
-              deadline: Optional[float]) -> Stop:
-        """The steps, each followed by its health check, log row, preview and stop check; a checkpoint at
-        each epoch end and wherever the run stops."""
-        tc, pos, stop = self.tc, self.pos, Stop.DONE
-        bars = (progress.add_task("Epochs", total=pos.end_epoch, completed=pos.epoch, info=""),
-                progress.add_task("Batches", total=self.steps_per_epoch * self.batch,
-                                  completed=pos.epoch_step * self.batch, info=""))
-        while stop == Stop.DONE and pos.epoch < pos.end_epoch:
-            if pos.roll_over(self.steps_per_epoch):
-                continue
-            if not self._step_or_fail():
-                self.save(checkpoint_path(ckpt_dir, pos.epoch), metrics)
-                return Stop.ERROR
-            if self.rt.compile and pos.step == self.first_step + 1:
-                self._after_compile()
-            progress.advance(bars[1], self.batch)
-            if pos.step % self.sync_every == 0:
-                self.check_health()
-            if pos.step % tc.log_every == 0:
-                self._output(self._log_interval, metrics, progress, bars[1], deadline)
-            if pictures is not None and tc.sample_every and pos.step % tc.sample_every == 0 and is_rank0():
-                self._output(pictures.preview, self, metrics)
-            stop = self._stop_reason(deadline)
-            if pos.epoch_step >= self.steps_per_epoch:
-                self._end_epoch(ckpt_dir, metrics, progress, bars)
-            elif stop != Stop.DONE:
-                self.save(checkpoint_path(ckpt_dir, pos.epoch), metrics)
-        return stop
-
-    def _step_or_fail(self) -> bool:
-        """One training step; False (with self.failure set) where memory ran out on the CPU or, under
-        torchrun, on the GPU: the weights are still those of the last update."""
-        try:
-            self.train_step()
-            return True
-        except (MemoryError, RuntimeError) as e:
-            if not is_out_of_memory(e):
-                raise
-            self._free_failed_attempt()
-            self.failure = DDPMError(f"out of memory on the {self.rt.device.type} at micro-batch {self.micro} "
-                                     f"({first_line(e, 60)}); lower --batch-size or raise --grad-accum")
-            return False
-
-    def _output(self, write: Callable, *args) -> None:
-        """A write of rank 0 during training (a log row, a preview): if it fails, the run stops at the
-        end of this step with a checkpoint, and then reports the failure."""
-        if self.failure is None:
-            try:
-                write(*args)
-            except (DDPMError, OSError) as e:
-                self.failure = e if isinstance(e, DDPMError) else DDPMError(f"a write failed ({first_line(e)})")
-
-    def _after_compile(self) -> None:
-        """The first step compiled the model: say how long it took, and time from here on."""
-        if self.rt.device.type == "cuda":
-            torch.cuda.synchronize(self.rt.device)
-        log(f"compile: first step took {time.time() - self.clock.t_log:.1f} s (torch.compile included)")
-        self.clock.restart(self.pos.step)
-
-    def _log_interval(self, metrics: MetricsLog, progress, task, deadline: Optional[float]) -> None:
-        """Every --log-every steps (host sync): the mean loss of the steps that were not skipped, img/s,
-        one row of metrics.csv and the progress bar's text."""
-        pos, stats, clock = self.pos, self.stats, self.clock
-        n, good = pos.step - clock.step_log, int(stats.good_steps.item())
-        loss = stats.loss_sum.item() / good if good else None
-        stats.loss_sum.zero_()
-        stats.good_steps.zero_()
-        now = time.time()
-        ips = n * self.batch / max(now - clock.t_log, 1e-9)
-        clock.t_log, clock.step_log = now, pos.step
-        if not is_rank0():
-            return
-        if loss is not None:
-            self.last_loss = loss
-        text = f"loss {loss:.4f}" if loss is not None else "loss: every step skipped (non-finite)"
-        text += f" | {n - good} skipped" if 0 < n - good < n else ""
-        left = f" | time left {format_duration(deadline - now)}" if deadline else ""
-        progress.update(task, info=f"{text} | {ips:,.0f} img/s{left}")
-        metrics.metric(step=pos.step, epoch=pos.epoch, images_seen=pos.images_seen,
-                       loss=round(loss, 6) if loss is not None else "", skipped=n - good,
-                       lr=self.opt.param_groups[0]["lr"], img_per_s=round(ips, 1), wall_time=round(now, 3))
-
-    def _stop_reason(self, deadline: Optional[float]) -> Stop:
-        """Stop.DONE to go on, else why to stop. --max-steps is the same step on every rank; clocks,
-        signals and errors differ between ranks, so those are agreed at sync points."""
-        if self.tc.max_steps and self.pos.step >= self.tc.max_steps:
-            return Stop.MAX_STEPS
-        local = (Stop.ERROR if self.failure is not None else
-                 Stop.TIME_BUDGET if deadline and time.time() >= deadline else
-                 Stop(self.stop.reason) if self.stop is not None and self.stop.reason else None)
-        if not self.rt.distributed:
-            return local or Stop.DONE
-        if self.pos.step % self.sync_every == 0 and any_rank(local is not None, self.rt):
-            return local or Stop.ELSEWHERE
-        return Stop.DONE
-
-    def _end_epoch(self, ckpt_dir: Path, metrics: MetricsLog, progress, bars) -> None:
-        """The epoch line (mean loss over its good steps), then the epoch's rotating checkpoint."""
-        pos, stats, clock = self.pos, self.stats, self.clock
-        n, good = pos.step - clock.step_epoch, int(stats.epoch_good.item())
-        mean = f"{stats.epoch_loss_sum.item() / good:.6f}" if good else "nan (every step skipped)"
-        dt = time.time() - clock.t_epoch
-        progress.print(f"[Epoch {pos.epoch}] Loss: {mean} Elapsed: {dt / 60:.2f} min "
-                       f"({n * self.batch / max(dt, 1e-9):,.0f} img/s, step {pos.step})"
-                       + (f"; {n - good} steps skipped (non-finite)" if 0 < n - good < n else ""))
-        stats.epoch_loss_sum.zero_()
-        stats.epoch_good.zero_()
-        pos.roll_over(self.steps_per_epoch)
-        self.save(checkpoint_path(ckpt_dir, pos.epoch - 1), metrics)
-        clock.t_epoch, clock.step_epoch = time.time(), pos.step
-        progress.update(bars[0], completed=pos.epoch)
-        progress.reset(bars[1])
-
-
-# -- training from Python ------------------------------------------------------------------------
-
-def train(cfg: ModelConfig, tc: TrainConfig, data: torch.Tensor, ckpt_dir="ckpt", save_dir="output",
-          device: Optional[str] = None, seed: int = 0, pictures: bool = True, final: int = 64) -> Trainer:
-    """Train from Python, without the command line: `data` is (N, C, S, S) uint8 at the model's size
-    (load_images, demo_faces). The same checkpoints, logs, pictures and safety as --train: the
-    folder is locked and must not hold another run, and the pictures go to save_dir (or a new
-    subfolder of it, see output_folder). pictures=False: no run-before/after.png or final grid (the
-    previews every tc.sample_every steps and loss.png are still drawn). Returns the trainer (.model,
-    .ema.model, .sampling_view())."""
-    cfg = cfg.validate()
-    tc = tc.validate()
-    ckpt_dir, save_dir = Path(ckpt_dir), Path(save_dir)
-    rt = setup_runtime(device, tc.precision, None, training=True)
-    lock = FolderLock(ckpt_dir)
-    lock.acquire()
-    try:
-        guard_run_folder(ckpt_dir, None, False, False)
-        trainer = Trainer(tc, rt, cfg, Batches(data, rt.device, seed), seed, data={"images": len(data)})
-        with writing_to(save_dir, "train", False) as folder:
-            trainer.fit(ckpt_dir, None, RunPictures(folder, final, pictures))
-        return trainer
-    finally:
-        lock.release()
+def write_quality_curve(metrics_csv: Path, out: Path, floor: Optional[float]) -> None:
+    """quality.png: the SWD of --eval-every against the images seen, with the real-vs-real floor."""
+    rows = read_metric_rows(metrics_csv, "swd")
+    if len(rows) >= 2:
+        plot_png([r[1] for r in rows], [r[2] for r in rows], out, "images seen", "SWD x1e3 (lower is better)",
+                 floor=floor, floor_label="real vs real")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3618,6 +2731,16 @@ def swd(fake: torch.Tensor, real: torch.Tensor, seed: int = 0, repeats: int = 4,
     return {"sizes": sizes, "per_level": per_level, "mean": sum(per_level) / len(per_level)}
 
 
+def colour_gap(fake: torch.Tensor, real: torch.Tensor) -> dict:
+    """What SWD cannot see (it normalises each set's patches by the set's own mean and deviation): a
+    global colour or brightness shift. The largest difference over the channels between two uint8
+    sets (N, C, H, W) of the per-channel mean, and of the per-channel standard deviation, in 8-bit levels."""
+    f, r = fake.double(), real.double()
+    dm = (f.mean((0, 2, 3)) - r.mean((0, 2, 3))).abs().max()
+    ds = (f.std((0, 2, 3)) - r.std((0, 2, 3))).abs().max()
+    return {"mean": float(dm), "std": float(ds)}
+
+
 # -- memorisation ------------------------------------------------------------------------------
 
 def pixel_features(imgs: torch.Tensor, size: int = 16) -> torch.Tensor:
@@ -3649,6 +2772,1050 @@ def copy_check(samples: torch.Tensor, train: torch.Tensor, real: torch.Tensor, r
         return [float(v.min())] + torch.quantile(v, torch.tensor([0.05, 0.5, 0.95], dtype=v.dtype)).tolist()
     return {"dist": d, "idx": idx, "real": d_real, "threshold": thr, "copies": int((d[:, 0] < thr).sum()),
             "q_samples": q(d[:, 0]), "q_real": q(d_real)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+# -- the settings --------------------------------------------------------------------------------
+
+LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOSS_WEIGHTS = ("none", "min-snr")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run reads besides the model config and the data: built once from the
+    command line (or by hand, see the README), stored in every checkpoint, restored by --resume."""
+
+    batch_size: int = 64            # global batch
+    grad_accum: int = 1             # micro-batches per update
+    auto_accum: bool = True         # on a GPU, split the micro-batch further when memory is short
+    lr: float = 1e-4
+    lr_schedule: str = "constant"   # LR_SCHEDULES: constant, or cosine to 0 at the end of the run's last epoch
+    warmup_steps: int = 0
+    epochs: int = 5                 # a fresh run's epochs; a fine-tune's extra epochs; a resume's total
+    ema_decay: float = 0.9999       # 0: no EMA
+    precision: str = "auto"         # PRECISIONS
+    holdout: float = 0.0            # fraction of the images left out, for --eval
+    max_steps: Optional[int] = None
+    max_nonfinite: int = 10         # stop after this many non-finite updates in a row
+    log_every: int = 50
+    sample_every: int = 1000        # preview grids (0: none)
+    tensorboard: bool = False
+    dropout: float = 0.1            # in the residual blocks
+    loss_weight: str = "none"       # LOSS_WEIGHTS: none, or Min-SNR-gamma (Hang et al. 2023)
+    min_snr_gamma: float = 5.0
+    eval_every: int = 0             # steps between quality evaluations (SWD against held-out images; 0: none)
+    eval_samples: Optional[int] = None  # images per evaluation; None: 256 up to 32x32, 128 above
+    preview: SampleSpec = SampleSpec()  # how the run's pictures are sampled
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> "TrainConfig":
+        """Fail with one line naming the flag on a value of the wrong type or out of its range."""
+        for name, (kinds, ok, rule) in TRAIN_RULES.items():
+            v = getattr(self, name)
+            if v is None and name in ("max_steps", "eval_samples"):
+                continue
+            kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+            typed = isinstance(v, kinds) and not (isinstance(v, bool) and bool not in kinds)
+            if not typed or not ok(v):
+                raise DDPMError(f"--{name.replace('_', '-')} must be {rule}, got {v!r}"
+                                + ("; leave it out for no limit" if name == "max_steps" else ""))
+        return self
+
+    def resumed(self, stored: dict, typed: Iterable[str]) -> "TrainConfig":
+        """These settings with the run's own (`stored`, a checkpoint's "train") in place of every
+        setting that was not typed; a typed one that differs is said in one line. The result is
+        validated: a stored value of the wrong type or range raises DDPMError."""
+        typed, changes = set(typed), {}
+        for name, flag in RESUMED_SETTINGS.items():
+            if name not in stored:
+                continue
+            mine, theirs = getattr(self, name), stored[name]
+            if name not in typed:
+                changes[name] = float(theirs) if isinstance(mine, float) and type(theirs) is int else theirs
+            elif mine != theirs:
+                log(f"resume: {flag} {mine} (the run used {theirs})")
+        if "grad_accum" in changes and "auto_accum" in stored:
+            changes["auto_accum"] = stored["auto_accum"]
+        return replace(self, **changes).validate()
+
+
+# each TrainConfig field's types, range and the rule in words (for TrainConfig.validate)
+TRAIN_RULES = {
+    "batch_size": (int, lambda v: v >= 1, "at least 1"),
+    "grad_accum": (int, lambda v: v >= 1, "at least 1"),
+    "auto_accum": (bool, lambda v: True, "true or false"),
+    "lr": ((int, float), lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
+    "lr_schedule": (str, lambda v: v in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}"),
+    "warmup_steps": (int, lambda v: v >= 0, "0 or more"),
+    "epochs": (int, lambda v: v >= 1, "at least 1"),
+    "ema_decay": ((int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
+    "precision": (str, lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    "holdout": ((int, float), lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    "max_steps": (int, lambda v: v >= 1, "at least 1"),
+    "max_nonfinite": (int, lambda v: v >= 1, "at least 1"),
+    "log_every": (int, lambda v: v >= 1, "at least 1"),
+    "sample_every": (int, lambda v: v >= 0, "0 or more"),
+    "tensorboard": (bool, lambda v: True, "true or false"),
+    "dropout": ((int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
+    "loss_weight": (str, lambda v: v in LOSS_WEIGHTS, f"one of {', '.join(LOSS_WEIGHTS)}"),
+    "min_snr_gamma": ((int, float), lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
+    "eval_every": (int, lambda v: v >= 0, "0 or more"),
+    "eval_samples": (int, lambda v: v >= 2, "at least 2"),
+}
+# the settings --resume takes from the run's checkpoint unless typed again (flag names for messages)
+RESUMED_SETTINGS = {name: "--" + name.replace("_", "-") for name in (
+    "batch_size", "grad_accum", "lr", "lr_schedule", "warmup_steps", "ema_decay", "precision", "holdout", "log_every",
+    "sample_every", "max_nonfinite", "epochs", "dropout", "loss_weight", "min_snr_gamma", "eval_every", "eval_samples")}
+# settings that checkpoints before format 4 kept in their model config ("config"), not in "train"
+MOVED_TO_TRAIN = ("dropout", "loss_weight", "min_snr_gamma")
+
+
+def stored_train_settings(obj: dict) -> dict:
+    """A checkpoint's training settings: its "train" record, with what older checkpoints kept in
+    their model config (MOVED_TO_TRAIN) read from there."""
+    cfg = obj.get("config") if isinstance(obj.get("config"), dict) else {}
+    return {**{k: cfg[k] for k in MOVED_TO_TRAIN if k in cfg}, **(obj.get("train") or {})}
+
+
+def loss_weights(model: GaussianDiffusion, t: torch.Tensor, tc: TrainConfig) -> Optional[torch.Tensor]:
+    """Each image's weight in the loss, (B,), or None for the plain mean. Min-SNR-gamma (Hang et al.
+    2023): min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v, SNR = alpha_bar / (1 -
+    alpha_bar)."""
+    if tc.loss_weight == "none":
+        return None
+    snr = model.snr(t)
+    return snr.clamp(max=tc.min_snr_gamma) / (snr if model.objective == "eps" else snr + 1)
+
+
+# -- the run's state ---------------------------------------------------------------------------
+
+class EMA:
+    """Exponential moving average of the weights, with warm-up min(decay, (1 + n) / (10 + n))."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._ema = list(self.model.parameters())
+        self._src = list(model.parameters())
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self._ema, self._src, 1.0 - d)
+
+
+class StopRequest:
+    """SIGINT / SIGTERM: the first asks training to finish its step, save and exit; the second aborts
+    at once (KeyboardInterrupt) without touching the files. SIGTERM is skipped where the platform
+    cannot install it (e.g. some Windows setups)."""
+
+    def __init__(self):
+        self.reason: Optional[str] = None
+        self.aborted = False  # the second signal came
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.reason is not None:
+            self.aborted = True
+            raise KeyboardInterrupt
+        self.reason = signal.Signals(signum).name
+        print(f"\n{self.reason}: finishing the current step, then saving (press Ctrl-C again to abort "
+              f"without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        for name in ("SIGINT", "SIGTERM"):
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except (ValueError, OSError):  # not the main thread, or unsupported here
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(sig, old)
+        return False
+
+
+class MetricsLog:
+    """metrics.csv (one row per --log-every steps) and events.csv (checkpoints, previews) in the
+    checkpoint folder; a resumed run first drops rows past its step, so no step is logged twice."""
+
+    METRICS = ["step", "epoch", "images_seen", "loss", "skipped", "lr", "img_per_s", "swd", "wall_time"]
+    EVENTS = ["step", "event", "path", "wall_time"]
+
+    def __init__(self, folder: Path, start_step: int, enabled: bool, tensorboard: bool = False):
+        self.enabled = enabled
+        self.metrics = folder / "metrics.csv"
+        self.events = folder / "events.csv"
+        self.tb = None
+        if not enabled:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        for path, cols in ((self.metrics, self.METRICS), (self.events, self.EVENTS)):
+            rows = self._rows_until(path, start_step) if start_step > 0 else []
+            text = io.StringIO(newline="")
+            w = csv.DictWriter(text, cols)
+            w.writeheader()
+            w.writerows({c: r.get(c, "") for c in cols} for r in rows)
+            atomic_write(path, lambda f: f.write(text.getvalue().encode()))  # a kill here keeps the old log
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step hides events at steps >= it: the checkpoint's own step stays, as in metrics.csv
+            self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+
+    @staticmethod
+    def _rows_until(path: Path, step: int) -> List[dict]:
+        """The rows of a log up to `step`. A log with damage (unreadable, no step column, a row whose
+        step or loss is not a number) is kept aside under a new name, never deleted, and its good rows
+        are carried into the fresh one, with one line."""
+        if not path.exists():
+            return []
+        good, bad, why = [], 0, ""
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                if not reader.fieldnames or "step" not in reader.fieldnames:
+                    raise ValueError("no header with a step column")
+                for r in reader:
+                    if MetricsLog._row_ok(r):
+                        good.append(r)
+                    else:
+                        bad, why = bad + 1, why or f"row {reader.line_num}: step {r.get('step')!r}, loss {r.get('loss')!r}"
+        except (UnicodeDecodeError, csv.Error, ValueError) as e:
+            good, bad, why = [], 1, first_line(e, 80)
+        if bad:
+            aside = unused_name(path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"))
+            os.replace(path, aside)
+            log(f"note: {path} could not be read ({why}); kept as {aside.name}, a fresh log starts"
+                + (f" with its {len(good)} good rows" if good else ""))
+        return [r for r in good if int(r["step"]) <= step]
+
+    @staticmethod
+    def _row_ok(r: dict) -> bool:
+        """A row whose step is an integer and whose loss (if any) is a number."""
+        if not (r.get("step") or "").isdigit():
+            return False
+        loss = r.get("loss")
+        if loss in (None, ""):
+            return True
+        try:
+            float(loss)
+            return True
+        except ValueError:
+            return False
+
+    def _append(self, path: Path, cols: List[str], row: dict) -> None:
+        """One row at the end of a log, never through a link planted at its name."""
+        text = io.StringIO(newline="")
+        csv.DictWriter(text, cols).writerow(row)
+        flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+        try:
+            fd = os.open(str(path), flags)
+            with os.fdopen(fd, "ab") as f:
+                f.write(text.getvalue().encode("utf-8"))
+        except OSError as e:
+            raise DDPMError(f"could not write {path} ({e.strerror or first_line(e)}); free some space, then "
+                            f"continue with --resume") from None
+
+    def metric(self, **row) -> None:
+        """One row of metrics.csv (the columns not given are left empty), and its scalars in TensorBoard."""
+        if self.enabled:
+            self._append(self.metrics, self.METRICS, {c: row.get(c, "") for c in self.METRICS})
+            if self.tb is not None:
+                for k in ("loss", "lr", "img_per_s", "swd"):
+                    if row.get(k, "") != "":
+                        self.tb.add_scalar(f"{'eval' if k == 'swd' else 'train'}/{k}", row[k], row["step"])
+
+    def event(self, step: int, event: str, path: Path, image: Optional[torch.Tensor] = None) -> None:
+        if self.enabled:
+            self._append(self.events, self.EVENTS, {"step": step, "event": event, "path": str(path),
+                                                    "wall_time": round(time.time(), 3)})
+            if self.tb is not None and image is not None:
+                self.tb.add_image(event, image, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Stop(enum.Enum):
+    """Why fit() returned."""
+
+    DONE = "done"                                  # the planned epochs are trained
+    NOTHING = "nothing to do"                      # the run was already at its end
+    MAX_STEPS = "max steps"
+    TIME_BUDGET = "time budget"
+    SIGINT = "SIGINT"
+    SIGTERM = "SIGTERM"
+    ELSEWHERE = "stop on another process"          # under torchrun: a signal or deadline on another rank
+    ERROR = "error"                                # a write or memory failed: saved, then the error is raised
+
+    @property
+    def by_signal(self) -> bool:
+        """A signal (or another process's) asked to stop: exit at once, no more pictures."""
+        return self in (Stop.SIGINT, Stop.SIGTERM, Stop.ELSEWHERE)
+
+
+@dataclass
+class Position:
+    """Where a run is: the counters saved in its checkpoints. end_epoch: the epoch it stops before."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0     # steps into the current epoch
+    images_seen: int = 0
+    end_epoch: int = 0
+
+    def roll_over(self, steps_per_epoch: int) -> bool:
+        """Start the next epoch if this one is complete; whether it did."""
+        if self.epoch_step < steps_per_epoch:
+            return False
+        self.epoch, self.epoch_step = self.epoch + 1, 0
+        return True
+
+
+class LossStats:
+    """Device-side sums of the loss and of skipped (non-finite) steps, read only at sync points, so
+    the hot path has no host sync: since the last log line, since the epoch began, and in all."""
+
+    def __init__(self, device: torch.device):
+        zero = lambda: torch.zeros((), device=device)  # noqa: E731
+        self.loss_sum, self.good_steps = zero(), zero()        # since the last log line
+        self.epoch_loss_sum, self.epoch_good = zero(), zero()  # since the epoch began
+        self.bad_total, self.bad_run, self.bad_run_max = zero(), zero(), zero()  # skipped: in all, in a row
+
+    def add(self, loss: torch.Tensor, bad: torch.Tensor) -> None:
+        """One update: its loss (not counted where bad = 1, a skipped step)."""
+        self.bad_total += bad
+        self.bad_run = (self.bad_run + 1) * bad
+        torch.maximum(self.bad_run_max, self.bad_run, out=self.bad_run_max)
+        loss = torch.where(bad > 0, torch.zeros_like(loss), loss)
+        self.loss_sum += loss
+        self.good_steps += 1 - bad
+        self.epoch_loss_sum += loss
+        self.epoch_good += 1 - bad
+
+
+@dataclass
+class Clock:
+    """Wall times and steps at the last log line and the epoch's start, for img/s."""
+
+    t_log: float = 0.0
+    step_log: int = 0
+    t_epoch: float = 0.0
+    step_epoch: int = 0
+    t_start: float = field(default_factory=time.time)  # this process's fit began
+
+    def restart(self, step: int) -> None:
+        self.t_log = self.t_epoch = time.time()
+        self.step_log = self.step_epoch = step
+
+
+KEEP_CHECKPOINTS = 5  # ckpt-{epoch % 5}.pth: the last five epochs, as the original
+
+
+def checkpoint_path(folder: Path, epoch: int) -> Path:
+    """The rotating checkpoint file of `epoch`."""
+    return Path(folder) / f"ckpt-{epoch % KEEP_CHECKPOINTS}.pth"
+
+
+def oom_split(micro: int, accum: int) -> Tuple[int, int]:
+    """After CUDA out-of-memory: half the micro-batch, twice the accumulation (same effective batch)."""
+    if micro < 2 or micro % 2:
+        raise TrainingError(f"CUDA out of memory even at micro-batch {micro}; lower --batch-size or --img-size")
+    return micro // 2, accum * 2
+
+
+# -- quality during training --------------------------------------------------------------------
+
+def eval_samples_for(tc: TrainConfig, cfg: ModelConfig) -> int:
+    """--eval-samples, or its default: 256 images up to 32x32, 128 above."""
+    return tc.eval_samples or (256 if cfg.img_size <= 32 else 128)
+
+
+class QualityProbe:
+    """--eval-every: every `every` steps, n images of a fixed seed from the EMA weights (the default
+    sampler) are compared by SWD (x1e3, lower is better) with n fixed held-out images, beside the
+    floor: n other held-out images against the same n. The best so far is kept as best.pth. On rank
+    0 only; `seconds` counts the time spent."""
+
+    def __init__(self, held: torch.Tensor, n: int, every: int, seed: int, what: str):
+        if len(held) < 2 * n:
+            if len(held) < 4:
+                raise DDPMError(f"--eval-every needs at least 4 held-out images, {what} holds {len(held)}")
+            log(f"note: {what} holds {len(held)} images; --eval-every compares {len(held) // 2} samples with "
+                f"{len(held) // 2} of them (--eval-samples {n} asks for {2 * n})")
+            n = len(held) // 2
+        perm = torch.randperm(len(held), generator=torch.Generator().manual_seed(mix_seed(seed, 11)))
+        self.real, other = held[perm[:n]], held[perm[n:2 * n]]
+        self.floor = swd(other, self.real, seed)["mean"]
+        self.n, self.every, self.seed, self.what = n, every, seed, what
+        self.spec = SampleSpec()  # the default sampler: what users sample with
+        self.best_step: Optional[int] = None
+        self.best_swd: Optional[float] = None
+        self.seconds, self.count = 0.0, 0
+
+    def measure(self, model: GaussianDiffusion, rt: Runtime) -> float:
+        """The SWD of the model's n samples against the held-out images (host sync)."""
+        t0 = time.time()
+        fake = generate(model, rt, list(range(self.n)), self.seed, self.spec, batch_size=min(self.n, 128),
+                        show_progress=False)
+        value = swd(fake, self.real, self.seed)["mean"]
+        self.seconds, self.count = self.seconds + time.time() - t0, self.count + 1
+        return value
+
+    def estimate(self, model: GaussianDiffusion, rt: Runtime) -> float:
+        """Seconds one measurement will take: one sampling step of a batch, timed, times the steps and
+        batches (the SWD itself is a small part)."""
+        b = min(self.n, 128)
+        x = torch.zeros(b, self.real.shape[1], self.real.shape[2], self.real.shape[3], device=rt.device)
+        t = torch.full((b,), model.timesteps // 2, device=rt.device, dtype=torch.long)
+        net = sampling_net(model, rt)
+        with torch.inference_mode():
+            net(x, t)  # warm-up
+            t0 = time.time()
+            net(x, t)
+        per_step = time.time() - t0
+        return per_step * self.spec.steps_for(model.timesteps) * math.ceil(self.n / b) * 1.1
+
+    def improves(self, step: int, value: float) -> bool:
+        """Whether `value` at `step` is the best so far (then it is recorded as such)."""
+        if self.best_swd is not None and value >= self.best_swd:
+            return False
+        self.best_step, self.best_swd = step, value
+        return True
+
+    def record(self) -> dict:
+        """What checkpoints keep of it: the best step and SWD, the floor and the held-out set's size."""
+        return {"best_step": self.best_step, "best_swd": self.best_swd, "floor": self.floor, "n": self.n,
+                "every": self.every}
+
+    def restore(self, rec: Optional[dict]) -> None:
+        """A resumed run's best so far, where its checkpoint recorded one with the same held-out set."""
+        if isinstance(rec, dict) and rec.get("n") == self.n and isinstance(rec.get("best_swd"), (int, float)):
+            self.best_step, self.best_swd = rec.get("best_step"), float(rec["best_swd"])
+
+
+# -- the pictures of a run -----------------------------------------------------------------------
+
+class RunPictures:
+    """Every picture a training run draws, on rank 0, into its output folder (see output_folder):
+    run-before.png before the first step (x_T -> x_0 strips of 8 images, raw weights); a grid of
+    16 images from the same noise every --sample-every steps (preview/step-NNNNNNN.png); at the end
+    loss.png (and quality.png with --eval-every), and unless a signal stopped the run, run-after.png (the strips, EMA weights) and
+    final-grid.png (`final` images). All sampled as the run's preview SampleSpec says (the sampling
+    flags). strips=False (--no-run-pictures) leaves out run-before, run-after and the final grid."""
+
+    def __init__(self, folder: Path, final: int = 64, strips: bool = True):
+        self.folder, self.final, self.strips = Path(folder), final, strips and is_rank0()
+
+    def before(self, tr: "Trainer") -> None:
+        if self.strips:
+            save_png(upscale(reverse_strip(tr.sampling_view(ema=False), tr.rt.local(), tr.seed, 8, tr.tc.preview), 2),
+                     self.folder / "run-before.png")
+
+    def preview(self, tr: "Trainer", metrics: MetricsLog, n: int = 16) -> Path:
+        model = tr.sampling_view(ema=True)
+        was_training = model.training
+        model.eval()
+        imgs = generate(model, tr.rt.local(), list(range(n)), tr.seed, tr.tc.preview, batch_size=n, show_progress=False)
+        model.train(was_training)
+        grid = image_grid(imgs, nrow=int(math.ceil(math.sqrt(n))))
+        path = self.folder / "preview" / f"step-{tr.pos.step:07d}.png"
+        save_picture(grid, tr.cfg, path)
+        metrics.event(tr.pos.step, "preview", path, image=grid)
+        return path
+
+    def after(self, tr: "Trainer", ckpt_dir: Path, stop: Stop) -> None:
+        if not is_rank0():
+            return
+        write_loss_curve(ckpt_dir / "metrics.csv", self.folder / "loss.png")
+        if tr.probe is not None:
+            write_quality_curve(ckpt_dir / "metrics.csv", self.folder / "quality.png", tr.probe.floor)
+        if self.strips and not stop.by_signal:
+            model, spec = tr.sampling_view(ema=True), tr.tc.preview
+            save_png(upscale(reverse_strip(model, tr.rt.local(), tr.seed, 8, spec), 2), self.folder / "run-after.png")
+            grid = image_grid(generate(model, tr.rt.local(), list(range(self.final)), tr.seed, spec))
+            save_picture(grid, tr.cfg, self.folder / "final-grid.png")
+            log(f"wrote {self.folder / 'run-before.png'}, {self.folder / 'run-after.png'} and "
+                f"{self.folder / 'final-grid.png'}")
+
+
+# -- the trainer ---------------------------------------------------------------------------------
+
+class Trainer:
+    """One training run: model, EMA, optimizer, data order and RNG, all saved and restored together.
+
+    Its state: the settings (tc, cfg), the runtime (rt), the data (batches) and the seed; the modules
+    (model, ema, opt, scaler; train_model wraps model in DDP under torchrun, compiled_model compiles
+    that); the batch layout (batch, micro, accum, steps_per_epoch); where the run is (pos, a
+    Position, saved in every checkpoint); the device-side loss sums (stats) and the clocks (clock);
+    while fit runs, the signals (stop) and a deferred error (failure)."""
+
+    def __init__(self, tc: TrainConfig, rt: Runtime, cfg: ModelConfig, batches: Batches, seed: int,
+                 resume: Optional[dict] = None, init: Optional[dict] = None, run_id: Optional[str] = None,
+                 data: Optional[dict] = None):
+        """tc: the training settings; cfg: the model; batches: the data (see Batches); seed: everything
+        random; resume: a checkpoint to continue exactly; init: one to fine-tune from (weights, EMA
+        and counters, a fresh optimizer); run_id and data: recorded in every checkpoint."""
+        self.tc, self.rt, self.cfg, self.batches, self.seed = tc, rt, cfg, batches, seed
+        self.run_id = run_id or new_run_id()
+        self.data_record = data or {}
+        self._build(resume or init)
+        self._lay_out_batches()
+        self.pos = Position(end_epoch=tc.epochs)
+        self.noise_gen = torch.Generator(rt.device)
+        self._seed_noise()
+        if init is not None and not is_legacy_state_dict(init):  # fine-tune: continue the counters
+            self.pos = Position(int(init.get("step", 0)), int(init.get("epoch", 0)), 0, int(init.get("images_seen", 0)),
+                                int(init.get("epoch", 0)) + tc.epochs)
+            self._seed_noise(self.pos.step)
+        if resume is not None:
+            self._restore(resume)
+        self.stats, self.clock = LossStats(rt.device), Clock()
+        self.last_loss: Optional[float] = resume.get("last_loss") if resume else None
+        self.first_step = self.pos.step
+        self.sync_every = 1 if rt.device.type == "cpu" else max(1, min(tc.log_every, 25))
+        self.step_loss: Optional[torch.Tensor] = None  # this step's loss, on the device
+        self.stop: Optional[StopRequest] = None        # while fit runs: the signals asking it to stop
+        self.failure: Optional[DDPMError] = None       # an error that stops the run after a checkpoint
+        self.probe: Optional[QualityProbe] = None      # while fit runs with --eval-every
+        self.quality_record = (resume or {}).get("quality")  # the best so far of a resumed run
+
+    def _seed_noise(self, *at: int) -> None:
+        """Seed the two streams of training noise from (seed, *at): the diffusion noise generator
+        (t and eps, the same on every process) and the global generator (dropout, per process). A
+        fresh run seeds them with at = (), a run that cannot take its saved generator states with the
+        step it continues from. (The initial weights have a seed of their own, in _build.)"""
+        self.noise_gen.manual_seed(mix_seed(self.seed, 2, *at))
+        torch.manual_seed(mix_seed(self.seed, 3, self.rt.rank, *at))
+
+    def _build(self, source: Optional[dict]) -> None:
+        """Model (weights from `source` if given), EMA, optimizer, scaler, DDP and compile wrappers."""
+        rt, dev = self.rt, self.rt.device
+        torch.manual_seed(mix_seed(self.seed, -1))  # initial weights from the seed, the same on every rank
+        self.model = build_diffusion(self.cfg, dropout=self.tc.dropout).to(dev)
+        # channels_last pays only under torch.compile: eager GroupNorm returns the standard layout,
+        # so every convolution would convert back and forth
+        self.channels_last = dev.type == "cuda" and rt.compile
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if source is not None:
+            state = source if is_legacy_state_dict(source) else source["model"]
+            load_weights(self.model, state, Path("checkpoint"), weights_fix(source))
+        self.ema = EMA(self.model, self.tc.ema_decay) if self.tc.ema_decay > 0 else None
+        if self.ema is not None and source is not None and not is_legacy_state_dict(source) and source.get("ema"):
+            self.ema.model.load_state_dict(source["ema"])
+        self.opt = self._make_optimizer()
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=rt.precision == "fp16")
+        self.train_model = self.model
+        if rt.distributed:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        self.compiled_model = torch.compile(self.train_model) if rt.compile else self.train_model
+
+    def _lay_out_batches(self) -> None:
+        """Global batch B = world * micro * accum; on a GPU the micro-batch and the data's place follow
+        from the memory left once the model, EMA and optimizer exist."""
+        self.batch, self.accum = self.tc.batch_size, self.tc.grad_accum
+        self.micro = self.batch // self.rt.world // self.accum
+        self.memory_note = ""
+        if self.rt.device.type == "cuda":
+            plan = self._plan_memory(self.tc.auto_accum)
+            self.micro, self.accum, self.memory_note = plan.micro, plan.accum, plan.note
+            self.batches.place(plan.data_on_device)
+        elif self.rt.device.type != "cpu":
+            self.batches.place(True)
+        self.steps_per_epoch = max(1, self.batches.n // self.batch)
+
+    def _plan_memory(self, auto_accum: bool) -> MemoryPlan:
+        per_image, fixed = activation_bytes(self.model, self.rt, self.cfg)
+        n_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        free = cuda_free_bytes(self.rt.device)
+        # gradients and Adam's two moments come with the first step; every rank must keep the same
+        # layout, so under torchrun the flags decide it
+        return plan_memory(free, 3 * n_bytes, per_image, fixed, self.batch // self.rt.world, self.accum,
+                           auto_accum and not self.rt.distributed, self.batches.nbytes)
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        try:
+            opt = torch.optim.Adam(params, lr=self.tc.lr, fused=True)
+            self.fused = True
+        except (RuntimeError, TypeError, ValueError):
+            opt = torch.optim.Adam(params, lr=self.tc.lr)
+            self.fused = False
+        return opt
+
+    # -- checkpoint state -----------------------------------------------------------------------
+    def _gather_rng(self, collective: bool = True) -> dict:
+        cpu = torch.get_rng_state()
+        cuda = torch.cuda.get_rng_state(self.rt.device) if self.rt.device.type == "cuda" else None
+        states = [(cpu, cuda)]
+        if self.rt.distributed and collective:
+            states = [None] * self.rt.world
+            dist.all_gather_object(states, (cpu, cuda))
+        return {"noise": self.noise_gen.get_state(), "device": self.rt.device.type, "torch": [s[0] for s in states],
+                "cuda": [s[1] for s in states]}
+
+    def state_dict(self, collective: bool = True) -> dict:
+        """The whole run, as checkpoints hold it. collective=False (rank 0 alone, for best.pth): only
+        this process's generator states."""
+        rng, pos = self._gather_rng(collective), self.pos
+        return {
+            "format": FORMAT, "version": FORMAT_VERSION, "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "ema": self.ema.model.state_dict() if self.ema is not None else None,
+            "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "step": pos.step, "epoch": pos.epoch, "epoch_step": pos.epoch_step, "end_epoch": pos.end_epoch,
+            "images_seen": pos.images_seen, "seed": self.seed, "world_size": self.rt.world, "rng": rng,
+            "last_loss": self.last_loss, "run_id": self.run_id, "data": self.data_record,
+            "holdout": self.data_record.get("holdout"),
+            "train": {**self.tc.to_dict(), "epochs": pos.end_epoch, "data_folders": self.data_record.get("folders", []),
+                      "demo": not self.data_record.get("folders")},
+            "torch_version": str(torch.__version__),  # a plain str: TorchVersion is refused by weights_only
+            "quality": self.probe.record() if self.probe is not None else self.quality_record,
+        }
+
+    def _restore(self, obj: dict) -> None:
+        try:
+            self.opt.load_state_dict(obj["optimizer"])
+        except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:
+            raise DDPMError(f"the checkpoint's optimizer state does not fit the model ({first_line(e, 80)}); the file "
+                            f"was edited or is damaged") from None
+        # Adam's moments keep the memory layout they were saved in; a run resumed with compile on or
+        # off (channels_last or not) gets them in its parameters' layout, as fused Adam requires
+        for p in self.model.parameters():
+            state = self.opt.state.get(p, {})
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+        for g in self.opt.param_groups:
+            g["lr"] = self.tc.lr
+        if obj.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(obj["scaler"])
+        self.pos = Position(int(obj["step"]), int(obj["epoch"]), int(obj.get("epoch_step", 0)),
+                            int(obj.get("images_seen", 0)), self.pos.end_epoch)
+        self._continue_epoch(obj)
+        if obj.get("seed") != self.seed:  # a typed --seed (said in one line): the noise follows it from here
+            self._seed_noise(self.pos.step)
+        else:
+            self._restore_rng(obj.get("rng") or {})
+
+    def _continue_epoch(self, obj: dict) -> None:
+        """Where in its epoch a resumed run goes on. The same data and batch: exactly where it stopped.
+        Another batch size: at the same image of the epoch. Other data (--resume-with-new-data): an
+        epoch cut short is closed, and the next starts on the new images. Each change said in one line."""
+        pos = self.pos
+        if not pos.epoch_step:
+            return
+        rec, held = obj.get("data") or {}, obj.get("holdout") or {}
+        n_before = rec.get("images", 0) - held.get("n", 0) if rec.get("images") else None
+        b_before = (obj.get("train") or {}).get("batch_size", self.batch)
+        if n_before is not None and n_before != self.batches.n:
+            log(f"resume: the data changed ({self.batches.n} training images, the run had {n_before}); epoch "
+                f"{pos.epoch} ends here and epoch {pos.epoch + 1} starts on the new images")
+            pos.roll_over(0)
+        elif b_before != self.batch:
+            pos.epoch_step = pos.epoch_step * b_before // self.batch
+            log(f"resume: batch {self.batch} (the run used {b_before}); epoch {pos.epoch} goes on at image "
+                f"{pos.epoch_step * self.batch} of its order")
+
+    def _restore_rng(self, rng: dict) -> None:
+        """The saved generators, where this run can take them: a run on another device type (CPU and
+        CUDA generator states differ) reseeds both streams from (seed, step), one with another number
+        of processes the dropout stream alone, each with a note; the data order follows (seed, epoch)."""
+        dev, step = self.rt.device.type, self.pos.step
+        saved = rng.get("device") or ("cuda" if any(c is not None for c in rng.get("cuda", [])) else "cpu")
+        if saved != dev:
+            log(f"note: the checkpoint was written on {saved} and this run is on {dev}; the diffusion and "
+                f"dropout noise are reseeded from the step (the data order still follows)")
+            self._seed_noise(step)
+            return
+        if "noise" in rng:
+            self.noise_gen.set_state(rng["noise"])
+        if len(rng.get("torch", [])) == self.rt.world:
+            torch.set_rng_state(rng["torch"][self.rt.rank])
+            if dev == "cuda" and rng["cuda"][self.rt.rank] is not None:
+                torch.cuda.set_rng_state(rng["cuda"][self.rt.rank], self.rt.device)
+        else:
+            log(f"note: the checkpoint was written by {len(rng.get('torch', []))} processes and this run has "
+                f"{self.rt.world}; dropout noise is reseeded (data order and diffusion noise still follow)")
+            torch.manual_seed(mix_seed(self.seed, 3, self.rt.rank, step))
+
+    def save(self, path: Path, log_: Optional[MetricsLog] = None) -> None:
+        """Rank 0 writes (atomically); every rank waits for it. Weights that are not finite are never
+        written, and a write that fails (a full disk) leaves the checkpoints already there as they were."""
+        if not self.weights_finite():
+            raise TrainingError(f"the weights stopped being finite at step {self.pos.step}; not saved. Lower --lr; "
+                                f"the last checkpoint is kept")
+        state = self.state_dict()  # collective under torchrun
+        if is_rank0():
+            try:
+                save_checkpoint(path, state)
+            except (OSError, RuntimeError) as e:
+                if self.stop is not None and self.stop.aborted:  # a second Ctrl-C (torch.save reports it so)
+                    raise KeyboardInterrupt from None
+                raise DDPMError(f"could not write {path} ({first_line(e)}); the checkpoints already in {path.parent} "
+                                f"are kept; free some disk space and continue with --resume") from None
+            if log_ is not None:
+                self._output(log_.event, self.pos.step, "checkpoint", path)
+        barrier(self.rt)
+
+    def sampling_view(self, ema: bool = True) -> GaussianDiffusion:
+        """The EMA (or raw) model in eval mode, for pictures; fit() puts the raw one back in training mode."""
+        return (self.ema.model if ema and self.ema is not None else self.model).eval()
+
+    # -- one optimisation step ------------------------------------------------------------------
+    def train_step(self) -> None:
+        """Forward/backward over the accumulation micro-batches, then one (maybe skipped) update.
+
+        On CUDA out-of-memory the micro-batch is halved and the step retried with the same images,
+        t and noise. The retry happens outside the `except` block: the exception's traceback holds
+        the failed attempt's frames, and with them its activations, until the block is left."""
+        B = self.batch
+        C, S = self.cfg.img_channels, self.cfg.img_size
+        self.pos.roll_over(self.steps_per_epoch)
+        start = self.pos.epoch_step * B
+        # t and noise for the whole global batch, from one generator: N processes = one process
+        t_all = torch.randint(0, self.cfg.timesteps, (B,), device=self.rt.device, generator=self.noise_gen)
+        noise_all = torch.randn((B, C, S, S), device=self.rt.device, generator=self.noise_gen)
+        while True:
+            try:
+                self._forward_backward(start, t_all, noise_all)
+                break
+            except torch.OutOfMemoryError:
+                if self.rt.distributed:  # one rank alone cannot change the batch layout of all of them
+                    raise TrainingError(f"CUDA out of memory on rank {self.rt.rank} at micro-batch {self.micro}; "
+                                        f"restart with --grad-accum {self.accum * 2}") from None
+            self._free_failed_attempt()
+            self.micro, self.accum = oom_split(self.micro, self.accum)
+            log(f"note: CUDA out of memory; retrying with micro-batch {self.micro} x {self.accum} accumulation "
+                f"steps (effective batch unchanged: {B})")
+        self._update()
+
+    def _free_failed_attempt(self) -> None:
+        """Drop what a failed forward/backward left: gradients, the partial loss, cached blocks."""
+        self.opt.zero_grad(set_to_none=True)
+        self.step_loss = None
+        gc.collect()
+        if self.rt.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _forward_backward(self, start: int, t_all: torch.Tensor, noise_all: torch.Tensor) -> None:
+        rt = self.rt
+        share = self.micro * self.accum
+        self.step_loss = torch.zeros((), device=rt.device)
+        for k in range(self.accum):
+            off = rt.rank * share + k * self.micro
+            x = self.batches.get(self.pos.epoch, start + off, self.micro)
+            t, noise = t_all[off:off + self.micro], noise_all[off:off + self.micro]
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+                noise = noise.contiguous(memory_format=torch.channels_last)
+            sync = self.train_model.no_sync() if rt.distributed and k < self.accum - 1 else contextlib.nullcontext()
+            with sync:
+                with rt.autocast():
+                    loss = self.compiled_model(x, t, noise, loss_weights(self.model, t, self.tc))
+                self.scaler.scale(loss / self.accum).backward()
+            self.step_loss += loss.detach().float() / self.accum
+
+    def lr_at(self, step: int, images_seen: int) -> float:
+        """--lr with linear warm-up over --warmup-steps, then constant (the original) or a cosine decay
+        to zero at the end of the run's last epoch (--lr-schedule cosine), counted in images, so that a
+        run resumed with another batch size follows the same curve; --max-steps does not move it, so a
+        run stopped early and resumed follows the same schedule."""
+        tc = self.tc
+        lr = tc.lr * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps else tc.lr
+        if tc.lr_schedule == "cosine":
+            total = self.pos.end_epoch * self.steps_per_epoch * self.batch
+            lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, images_seen / max(1, total))))
+        return lr
+
+    def _update(self) -> None:
+        """One optimizer step, skipped on the device (no host sync) when the loss or the gradients
+        are not finite; the skip is counted, and the loss of a skipped step is left out of the logs."""
+        lr = self.lr_at(self.pos.step, self.pos.images_seen)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        if self.rt.distributed:  # the global batch's loss on every rank: logged, and the same skip decision
+            dist.all_reduce(self.step_loss)
+            self.step_loss /= self.rt.world
+        if self.scaler.is_enabled():  # fp16: the scaler skips overflowing steps itself (routine, not counted)
+            bad = (~torch.isfinite(self.step_loss)).float()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            total = torch.stack(torch._foreach_norm(grads)).sum() + self.step_loss
+            bad = (~torch.isfinite(total)).float()
+            if self.fused:
+                self.opt.found_inf = bad  # the fused kernel skips the update on the device, no sync
+                self.opt.step()
+            elif bad.item() == 0:
+                self.opt.step()
+        self.stats.add(self.step_loss, bad)
+        self.opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.pos.step)
+        self.pos.step += 1
+        self.pos.epoch_step += 1
+        self.pos.images_seen += self.batch
+
+    def weights_finite(self) -> bool:
+        """Host sync: whether every weight is finite (and their norm does not overflow)."""
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(list(self.model.parameters())))).all())
+
+    def check_health(self) -> None:
+        """Host sync: stop after --max-nonfinite non-finite updates in a row, or at once if the weights
+        stop being finite. Nothing is saved then: the last checkpoint, written while the run was
+        healthy, is kept."""
+        n, stats = self.tc.max_nonfinite, self.stats
+        if stats.bad_run_max.item() >= n:
+            raise TrainingError(f"{n} non-finite losses or gradients in a row at step {self.pos.step} "
+                                f"({int(stats.bad_total.item())} in all); lower --lr. The last checkpoint is kept")
+        stats.bad_run_max.zero_()
+        if not self.weights_finite():
+            raise TrainingError(f"the weights stopped being finite at step {self.pos.step}; lower --lr. "
+                                f"The last checkpoint is kept")
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self, ckpt_dir: Path, deadline: Optional[float] = None, pictures: Optional[RunPictures] = None,
+            probe: Optional[QualityProbe] = None) -> Stop:
+        """Train until the epochs, --max-steps, the time budget or a signal end it, drawing the run's
+        `pictures` and measuring its quality with `probe` (--eval-every); returns why it stopped. An
+        error on the way (a preview or log that cannot be written, memory running out) saves the last
+        good state first, then raises its one-line error: no trained step is thrown away."""
+        tc, pos = self.tc, self.pos
+        if pos.step >= (tc.max_steps or float("inf")) or pos.epoch >= pos.end_epoch:
+            self._say_nothing_to_do()
+            return Stop.NOTHING
+        if pictures is not None:
+            pictures.before(self)
+        metrics = MetricsLog(ckpt_dir, pos.step, is_rank0(), tc.tensorboard)
+        self.probe, self.clock.t_start = (probe if is_rank0() else None), time.time()
+        if self.probe is not None:
+            self._start_probe(ckpt_dir, metrics)
+        self.first_step = pos.step
+        self.model.train()  # run-before.png (rank 0 only) left it in eval mode: dropout must be on, on every rank
+        self.clock.restart(pos.step)
+        try:
+            with StopRequest() as self.stop, make_progress() as progress:
+                stop = self._loop(ckpt_dir, metrics, pictures, progress, deadline)
+        finally:
+            metrics.close()
+            self.stop = None
+        if self.probe is not None and self.probe.count:
+            p, dt = self.probe, max(time.time() - self.clock.t_start, 1e-9)
+            log(f"eval: {p.count} evaluations took {p.seconds:.0f} s, {100 * p.seconds / dt:.0f}% of the run's "
+                f"{format_duration(dt)}; best SWD {p.best_swd:.2f} at step {p.best_step} (best.pth)")
+        if pos.step == self.first_step and stop == Stop.DONE:
+            self._say_nothing_to_do()
+        elif stop != Stop.DONE:
+            log(f"stopped ({stop.value}) at step {pos.step}, epoch {pos.epoch}; checkpoint saved in {ckpt_dir}; "
+                + ("mend the cause, then " if self.failure else "") + "continue with --resume")
+        if self.failure is not None:
+            raise self.failure
+        if pictures is not None:
+            pictures.after(self, ckpt_dir, stop)
+        return stop
+
+    def _say_nothing_to_do(self) -> None:
+        tc, pos = self.tc, self.pos
+        log(f"nothing to do: the run is at step {pos.step}, epoch {pos.epoch} of {pos.end_epoch}"
+            + (f", --max-steps {tc.max_steps}" if tc.max_steps else "") + "; raise --epochs or --max-steps")
+
+    def _loop(self, ckpt_dir: Path, metrics: MetricsLog, pictures: Optional[RunPictures], progress,
+              deadline: Optional[float]) -> Stop:
+        """The steps, each followed by its health check, log row, preview and stop check; a checkpoint at
+        each epoch end and wherever the run stops."""
+        tc, pos, stop = self.tc, self.pos, Stop.DONE
+        bars = (progress.add_task("Epochs", total=pos.end_epoch, completed=pos.epoch, info=""),
+                progress.add_task("Batches", total=self.steps_per_epoch * self.batch,
+                                  completed=pos.epoch_step * self.batch, info=""))
+        while stop == Stop.DONE and pos.epoch < pos.end_epoch:
+            if pos.roll_over(self.steps_per_epoch):
+                continue
+            if not self._step_or_fail():
+                self.save(checkpoint_path(ckpt_dir, pos.epoch), metrics)
+                return Stop.ERROR
+            if self.rt.compile and pos.step == self.first_step + 1:
+                self._after_compile()
+            progress.advance(bars[1], self.batch)
+            if pos.step % self.sync_every == 0:
+                self.check_health()
+            if pos.step % tc.log_every == 0:
+                self._output(self._log_interval, metrics, progress, bars[1], deadline)
+            if pictures is not None and tc.sample_every and pos.step % tc.sample_every == 0 and is_rank0():
+                self._output(pictures.preview, self, metrics)
+            if self.probe is not None and pos.step % self.probe.every == 0:
+                self._output(self._evaluate, ckpt_dir, metrics, progress.print)
+            stop = self._stop_reason(deadline)
+            if pos.epoch_step >= self.steps_per_epoch:
+                self._end_epoch(ckpt_dir, metrics, progress, bars)
+            elif stop != Stop.DONE:
+                self.save(checkpoint_path(ckpt_dir, pos.epoch), metrics)
+        return stop
+
+    def _start_probe(self, ckpt_dir: Path, metrics: MetricsLog) -> None:
+        """Say what --eval-every measures and what one measurement costs (timed on one sampling step)."""
+        p = self.probe
+        p.restore(self.quality_record)
+        steps = p.spec.steps_for(self.cfg.timesteps)
+        log(f"eval: every {p.every} steps, {p.n} samples ({p.spec.sampler}, {steps} steps, EMA) against {p.n} held-out "
+            f"images of {p.what}; real vs real {p.floor:.2f}; about {p.estimate(self.sampling_view(), self.rt.local()):.0f} s "
+            f"per evaluation")
+        self.model.train()
+
+    def _evaluate(self, ckpt_dir: Path, metrics: MetricsLog, say: Optional[Callable]) -> float:
+        """One --eval-every measurement: a metrics.csv row (and TensorBoard), and best.pth where it is the
+        best so far (written by rank 0 alone, with this process's generator states)."""
+        p, pos = self.probe, self.pos
+        model = self.sampling_view(ema=True)
+        value = p.measure(model, self.rt.local())
+        self.model.train()  # sampling_view put it in eval mode where there is no EMA
+        metrics.metric(step=pos.step, epoch=pos.epoch, images_seen=pos.images_seen, swd=round(value, 3),
+                       wall_time=round(time.time(), 3))
+        best = p.improves(pos.step, value)
+        if best and self.weights_finite():
+            try:
+                save_checkpoint(ckpt_dir / "best.pth", self.state_dict(collective=False))
+            except (OSError, RuntimeError) as e:
+                raise DDPMError(f"could not write {ckpt_dir / 'best.pth'} ({first_line(e)}); free some disk space "
+                                f"and continue with --resume") from None
+            metrics.event(pos.step, "best", ckpt_dir / "best.pth")
+        if say is not None:
+            say(f"eval at step {pos.step}: SWD {value:.2f} (real vs real {p.floor:.2f}); "
+                + ("the best so far: best.pth" if best else f"best {p.best_swd:.2f} at step {p.best_step}"
+                   if p.best_swd is not None else ""))
+        return value
+
+    def _step_or_fail(self) -> bool:
+        """One training step; False (with self.failure set) where memory ran out on the CPU or, under
+        torchrun, on the GPU: the weights are still those of the last update."""
+        try:
+            self.train_step()
+            return True
+        except (MemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
+            self._free_failed_attempt()
+            self.failure = DDPMError(f"out of memory on the {self.rt.device.type} at micro-batch {self.micro} "
+                                     f"({first_line(e, 60)}); lower --batch-size or raise --grad-accum")
+            return False
+
+    def _output(self, write: Callable, *args) -> None:
+        """A write of rank 0 during training (a log row, a preview): if it fails, the run stops at the
+        end of this step with a checkpoint, and then reports the failure."""
+        if self.failure is None:
+            try:
+                write(*args)
+            except (DDPMError, OSError) as e:
+                self.failure = e if isinstance(e, DDPMError) else DDPMError(f"a write failed ({first_line(e)})")
+
+    def _after_compile(self) -> None:
+        """The first step compiled the model: say how long it took, and time from here on."""
+        if self.rt.device.type == "cuda":
+            torch.cuda.synchronize(self.rt.device)
+        log(f"compile: first step took {time.time() - self.clock.t_log:.1f} s (torch.compile included)")
+        self.clock.restart(self.pos.step)
+
+    def _log_interval(self, metrics: MetricsLog, progress, task, deadline: Optional[float]) -> None:
+        """Every --log-every steps (host sync): the mean loss of the steps that were not skipped, img/s,
+        one row of metrics.csv and the progress bar's text."""
+        pos, stats, clock = self.pos, self.stats, self.clock
+        n, good = pos.step - clock.step_log, int(stats.good_steps.item())
+        loss = stats.loss_sum.item() / good if good else None
+        stats.loss_sum.zero_()
+        stats.good_steps.zero_()
+        now = time.time()
+        ips = n * self.batch / max(now - clock.t_log, 1e-9)
+        clock.t_log, clock.step_log = now, pos.step
+        if not is_rank0():
+            return
+        if loss is not None:
+            self.last_loss = loss
+        text = f"loss {loss:.4f}" if loss is not None else "loss: every step skipped (non-finite)"
+        text += f" | {n - good} skipped" if 0 < n - good < n else ""
+        left = f" | time left {format_duration(deadline - now)}" if deadline else ""
+        progress.update(task, info=f"{text} | {ips:,.0f} img/s{left}")
+        metrics.metric(step=pos.step, epoch=pos.epoch, images_seen=pos.images_seen,
+                       loss=round(loss, 6) if loss is not None else "", skipped=n - good,
+                       lr=self.opt.param_groups[0]["lr"], img_per_s=round(ips, 1), wall_time=round(now, 3))
+
+    def _stop_reason(self, deadline: Optional[float]) -> Stop:
+        """Stop.DONE to go on, else why to stop. --max-steps is the same step on every rank; clocks,
+        signals and errors differ between ranks, so those are agreed at sync points."""
+        if self.tc.max_steps and self.pos.step >= self.tc.max_steps:
+            return Stop.MAX_STEPS
+        local = (Stop.ERROR if self.failure is not None else
+                 Stop.TIME_BUDGET if deadline and time.time() >= deadline else
+                 Stop(self.stop.reason) if self.stop is not None and self.stop.reason else None)
+        if not self.rt.distributed:
+            return local or Stop.DONE
+        if self.pos.step % self.sync_every == 0 and any_rank(local is not None, self.rt):
+            return local or Stop.ELSEWHERE
+        return Stop.DONE
+
+    def _end_epoch(self, ckpt_dir: Path, metrics: MetricsLog, progress, bars) -> None:
+        """The epoch line (mean loss over its good steps), then the epoch's rotating checkpoint."""
+        pos, stats, clock = self.pos, self.stats, self.clock
+        n, good = pos.step - clock.step_epoch, int(stats.epoch_good.item())
+        mean = f"{stats.epoch_loss_sum.item() / good:.6f}" if good else "nan (every step skipped)"
+        dt = time.time() - clock.t_epoch
+        progress.print(f"[Epoch {pos.epoch}] Loss: {mean} Elapsed: {dt / 60:.2f} min "
+                       f"({n * self.batch / max(dt, 1e-9):,.0f} img/s, step {pos.step})"
+                       + (f"; {n - good} steps skipped (non-finite)" if 0 < n - good < n else ""))
+        stats.epoch_loss_sum.zero_()
+        stats.epoch_good.zero_()
+        pos.roll_over(self.steps_per_epoch)
+        self.save(checkpoint_path(ckpt_dir, pos.epoch - 1), metrics)
+        clock.t_epoch, clock.step_epoch = time.time(), pos.step
+        progress.update(bars[0], completed=pos.epoch)
+        progress.reset(bars[1])
+
+
+# -- training from Python ------------------------------------------------------------------------
+
+def train(cfg: ModelConfig, tc: TrainConfig, data: torch.Tensor, ckpt_dir="ckpt", save_dir="output",
+          device: Optional[str] = None, seed: int = 0, pictures: bool = True, final: int = 64,
+          held: Optional[torch.Tensor] = None) -> Trainer:
+    """Train from Python, without the command line: `data` is (N, C, S, S) uint8 at the model's size
+    (load_images, demo_faces). The same checkpoints, logs, pictures and safety as --train: the
+    folder is locked and must not hold another run, and the pictures go to save_dir (or a new
+    subfolder of it, see output_folder). pictures=False: no run-before/after.png or final grid (the
+    previews every tc.sample_every steps and loss.png are still drawn). With tc.eval_every, `held`
+    are the held-out images (N, C, S, S) uint8 that the quality is measured against. Returns the
+    trainer (.model, .ema.model, .sampling_view())."""
+    cfg = cfg.validate()
+    tc = tc.validate()
+    ckpt_dir, save_dir = Path(ckpt_dir), Path(save_dir)
+    rt = setup_runtime(device, tc.precision, None, training=True)
+    lock = FolderLock(ckpt_dir)
+    lock.acquire()
+    try:
+        guard_run_folder(ckpt_dir, None, False, False)
+        if tc.eval_every and held is None:
+            raise DDPMError("train(): tc.eval_every needs held=... (held-out images to measure the quality on)")
+        probe = QualityProbe(held, eval_samples_for(tc, cfg), tc.eval_every, seed, f"{len(held)} held-out images") \
+            if tc.eval_every else None
+        trainer = Trainer(tc, rt, cfg, Batches(data, rt.device, seed), seed, data={"images": len(data)})
+        with writing_to(save_dir, "train", False) as folder:
+            trainer.fit(ckpt_dir, None, RunPictures(folder, final, pictures), probe)
+        return trainer
+    finally:
+        lock.release()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3801,6 +3968,8 @@ def build_parser() -> ArgParser:
 
     g = p.add_argument_group("tools")
     g.add_argument("--info", type=str, default=None, metavar="CKPT", help="describe a checkpoint and exit")
+    g.add_argument("--plot", action="store_true", help="with --info: draw the run's loss.png and quality.png "
+                   "(from its metrics.csv, also while it trains) into --save-dir")
     g.add_argument("--export", type=str, default=None, metavar="FILE.safetensors",
                    help="write --loadckpt's EMA (or --no-ema raw) weights as safetensors")
 
@@ -3813,6 +3982,12 @@ def build_parser() -> ArgParser:
                    help="held-out images (nll, nearest) or FID reference (default: the checkpoint's training data)")
     g.add_argument("--holdout", type=parse_fraction, default=0.0, metavar="FRACTION",
                    help="--train: leave this fraction (0.01 or 1%%) of the images out, recorded for --eval")
+    g.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="--train: every N steps, the SWD of --eval-samples images of a fixed seed (EMA, default "
+                        "sampler) against held-out images (--holdout, --eval-folders, or new demo faces), logged to "
+                        "metrics.csv; the best checkpoint is kept as best.pth, and quality.png drawn (0: off)")
+    g.add_argument("--eval-samples", type=int, default=None, metavar="K",
+                   help="images per --eval-every measurement (default: 256 up to 32x32, 128 above)")
     g.add_argument("--nll-timesteps", type=int, default=None, metavar="K",
                    help="nll: a stratified estimate from K of the T timesteps (default: all T)")
     g.add_argument("--fid-weights", type=str, default=None, metavar="PATH",
@@ -3875,6 +4050,10 @@ def check_command_flags(args) -> None:
         raise DDPMError(f"--eval {args.eval} evaluates a trained model: give --loadckpt CKPT, without --train")
     if args.info is None and args.export is None and not args.train and not args.loadckpt:
         raise DDPMError("nothing to do: give --train to train, or --loadckpt CKPT to sample from a checkpoint")
+    if args.plot and args.info is None:
+        raise DDPMError("--plot goes with --info RUN: it draws that run's curves")
+    if args.eval_every and not args.train:
+        raise DDPMError("--eval-every measures a training run: it goes with --train (for a checkpoint: --eval swd)")
     if args.export is not None and not args.loadckpt:
         raise DDPMError("--export needs --loadckpt CKPT to know which weights to write")
     if args.train and not (args.demo or args.data_folders or args.resume):
@@ -3960,6 +4139,7 @@ class TrainJob:
     pictures: bool = True                  # not --no-run-pictures
     final: int = 64                        # images in final-grid.png
     demo_on_folders: bool = False          # --demo with --data-folders: the preset applies to them
+    eval_folders: Tuple[str, ...] = ()     # held-out images for --eval-every
 
 
 @dataclass(frozen=True)
@@ -4027,6 +4207,8 @@ class EvalJob(ModelJob):
 @dataclass(frozen=True)
 class InfoJob:
     path: str
+    plot: bool = False                     # --plot: loss.png and quality.png of the run
+    out: Outputs = Outputs()
 
 
 @dataclass(frozen=True)
@@ -4047,7 +4229,8 @@ def train_config_from_args(args, typed: frozenset) -> TrainConfig:
         ema_decay=args.ema_decay, precision=args.precision, holdout=args.holdout, max_steps=args.max_steps,
         max_nonfinite=args.max_nonfinite, log_every=args.log_every, sample_every=args.sample_every,
         tensorboard=args.tensorboard, dropout=args.dropout, loss_weight=args.loss_weight,
-        min_snr_gamma=args.min_snr_gamma, preview=sample_spec_from_args(args))
+        min_snr_gamma=args.min_snr_gamma, eval_every=args.eval_every, eval_samples=args.eval_samples,
+        preview=sample_spec_from_args(args))
 
 
 def model_config_from_args(args) -> ModelConfig:
@@ -4059,7 +4242,7 @@ def job_from_args(args, typed: frozenset):
     model_flags = tuple((k, getattr(args, k)) for k in MODEL_FLAGS if k in typed)
     weights = Weights(args.loadckpt, not args.no_ema, model_flags) if args.loadckpt else None
     if args.info is not None:
-        return InfoJob(args.info)
+        return InfoJob(args.info, args.plot, Outputs(Path(args.save_dir), args.overwrite))
     if args.export is not None:
         return ExportJob(weights, Path(args.export), args.overwrite)
     device = Device(args.device, args.precision, args.compile)
@@ -4069,7 +4252,7 @@ def job_from_args(args, typed: frozenset):
                         DataSource(tuple(args.data_folders or ()), args.demo_images if args.demo else 0, args.background),
                         Path(args.ckpt_save_dir), out, device, typed, model_flags, args.loadckpt, args.resume,
                         args.resume_with_new_data, args.seed, args.time_budget, not args.no_run_pictures,
-                        args.num_samples or 64, bool(args.demo and args.data_folders))
+                        args.num_samples or 64, bool(args.demo and args.data_folders), tuple(args.eval_folders or ()))
     data = DataFlags(tuple(args.data_folders or ()), args.demo, args.demo_images, args.background,
                      tuple(args.eval_folders or ()))
     if args.eval:
@@ -4259,8 +4442,27 @@ def train_run(job: TrainJob, rt: Runtime, run: RunStart, save_dir: Path, started
         f"{trainer.accum} accumulation | {trainer.steps_per_epoch} steps per epoch | EMA "
         f"{tc.ema_decay if tc.ema_decay else 'off'}" + (f" | {trainer.memory_note}" if trainer.memory_note else ""))
     deadline = (started + job.time_budget) if job.time_budget else None
-    trainer.fit(job.ckpt_dir, deadline, RunPictures(save_dir, job.final, job.pictures))
+    probe = quality_probe(job, run, cfg, tc, held, seed) if tc.eval_every and is_rank0() else None
+    trainer.fit(job.ckpt_dir, deadline, RunPictures(save_dir, job.final, job.pictures), probe)
     return 0
+
+
+def quality_probe(job: TrainJob, run: RunStart, cfg: ModelConfig, tc: TrainConfig, held: torch.Tensor,
+                  seed: int) -> QualityProbe:
+    """--eval-every's held-out images: --eval-folders, else the --holdout split, else (the demo) new
+    faces past the ones it trains on; a folder of images without any is a one-line error."""
+    n = eval_samples_for(tc, cfg)
+    if job.eval_folders:
+        imgs = load_images(job.eval_folders, cfg.img_size, cfg.img_channels, run.data.background, flag="--eval-folders")
+        return QualityProbe(imgs, n, tc.eval_every, seed, "--eval-folders " + " ".join(job.eval_folders))
+    if len(held):
+        return QualityProbe(held, n, tc.eval_every, seed, f"the --holdout split ({len(held)} images)")
+    if run.data.folders:
+        raise DDPMError("--eval-every needs held-out images the run does not train on: add --holdout 5% (or a number "
+                        "that leaves 2 x --eval-samples images out), or --eval-folders DIR")
+    k = run.data.demo_images
+    faces = replace(run.data, demo_images=k + 2 * n).load(cfg, quiet=True)[k:]
+    return QualityProbe(faces, n, tc.eval_every, seed, f"{2 * n} new demo faces (never trained on)")
 
 
 def check_batch(tc: TrainConfig, rt: Runtime, n_images: int) -> None:
@@ -4285,7 +4487,9 @@ def load_for_sampling(weights: Weights, rt: Runtime) -> Tuple[GaussianDiffusion,
     path = resolve_checkpoint(weights.path)
     obj = read_checkpoint(path)
     model = load_model(path, rt.device, use_ema=weights.ema, _obj=obj, **weights.flags)
-    log(f"model: {model.source.describe()}")
+    best = Path(weights.path) / "best.pth"
+    log(f"model: {model.source.describe()}" + (f"; the newest of {weights.path} (--eval-every's best: --loadckpt {best})"
+                                               if Path(weights.path).is_dir() and best.is_file() else ""))
     return model, obj
 
 
@@ -4498,12 +4702,16 @@ def eval_swd(job: EvalJob, obj: dict, cfg: ModelConfig, samples: Callable[[int, 
         log(f"note: {what} holds {len(ref)} images; comparing {n} samples with {n} of them")
     perm = torch.randperm(len(ref), generator=torch.Generator().manual_seed(mix_seed(seed, 10)))
     real_a, real_b = ref[perm[:n]], ref[perm[n:2 * n]]
-    fake, base = swd(samples(0, n), real_a, seed), swd(real_b, real_a, seed)
 
     def levels(r: dict) -> str:
         return " | ".join(f"{sz}px {v:.2f}" for sz, v in zip(r["sizes"], r["per_level"])) + f" | mean {r['mean']:.2f}"
+    imgs = samples(0, n)
+    fake, base = swd(imgs, real_a, seed), swd(real_b, real_a, seed)
+    cf, cb = colour_gap(imgs, real_a), colour_gap(real_b, real_a)
     log(f"SWD x1e3: {levels(fake)} ({n} samples: {how}; vs {n} real images of {what})")
     log(f"  real vs real: {levels(base)} (another {n} of them against the same {n}: the floor for this n)")
+    log(f"  colour (largest per-channel gap, 8-bit levels): mean {cf['mean']:.1f}, std {cf['std']:.1f} (real vs real: "
+        f"{cb['mean']:.1f}, {cb['std']:.1f}); SWD does not see a global shift")
     return 0
 
 
@@ -4617,8 +4825,34 @@ def info_command(job: InfoJob) -> int:
           f"{obj.get('images_seen', 'unknown')} | last loss: {'unknown' if last is None else f'{last:.6f}'}\n"
           f"  EMA: {'yes' if obj.get('ema') is not None or obj.get('exported') == 'ema' else 'no'}"
           + (f" (exported {obj['exported']} weights)" if obj.get("exported") else "") + "\n"
-          f"  parameters: {n / 1e6:.2f}M | file: {size / 2**20:.1f} MiB")
+          f"  parameters: {n / 1e6:.2f}M | file: {size / 2**20:.1f} MiB" + quality_line(obj, p))
+    if job.plot:
+        plot_run(p.parent, obj, job.out)
     return 0
+
+
+def quality_line(obj: dict, path: Path) -> str:
+    """--info's line on --eval-every: the best step and its SWD, and where best.pth is."""
+    q = obj.get("quality") if isinstance(obj.get("quality"), dict) else {}
+    if q.get("best_swd") is None:
+        return ""
+    best = path.parent / "best.pth"
+    return (f"\n  quality (--eval-every {q.get('every')}): best SWD {q['best_swd']:.2f} at step {q.get('best_step')} "
+            f"(real vs real {q.get('floor', float('nan')):.2f})" + (f"; {best}" if best.is_file() else ""))
+
+
+def plot_run(folder: Path, obj: dict, out: Outputs) -> None:
+    """--info --plot: loss.png and quality.png from a run folder's metrics.csv."""
+    metrics = folder / "metrics.csv"
+    if not metrics.is_file():
+        raise DDPMError(f"--plot: {metrics} does not exist; the run has logged nothing yet")
+    check_writable(out.save_dir, "--save-dir")
+    floor = (obj.get("quality") or {}).get("floor") if isinstance(obj.get("quality"), dict) else None
+    with writing_to(out.save_dir, "plot", out.overwrite) as save_dir:
+        write_loss_curve(metrics, save_dir / "loss.png")
+        write_quality_curve(metrics, save_dir / "quality.png", floor)
+    log(f"wrote {save_dir / 'loss.png'}" + (f" and {save_dir / 'quality.png'}" if (save_dir / "quality.png").exists()
+                                              else ""))
 
 
 def check_export_target(out: Path, source: Path, overwrite: bool) -> None:
@@ -4860,6 +5094,7 @@ OUTPUTS = {
     "edit": ("edit-*.png",),
     "invert": ("edit-invert-*", "edit-grid.png"),
     "nearest": ("nearest.png",),
+    "plot": ("loss.png", "quality.png"),
 }
 
 
@@ -4939,7 +5174,7 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(3).hex()
 
 
-RUN_LOGS = ("metrics.csv", "events.csv", "tensorboard")
+RUN_LOGS = ("metrics.csv", "events.csv", "tensorboard", "best.pth")  # besides the rotating checkpoints
 
 
 def run_files(folder: Path) -> List[Path]:

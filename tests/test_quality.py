@@ -1,6 +1,7 @@
 """Quality options against closed forms: time conditioning that survives GroupNorm, norm groups,
 v-prediction, Min-SNR-gamma, the cosine schedule, the signal-left warning, old checkpoints, and the
 sliced Wasserstein distance (checked against scipy's 1-D Wasserstein distance)."""
+import csv
 import math
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import ddpm
-from conftest import MODEL, QUIET, dirs
+from conftest import MODEL, QUIET, copy_run, dirs
 
 
 def block_outputs(channels: int, time_cond: str, groups: int = 32):
@@ -195,3 +196,94 @@ def test_eval_swd_prints_samples_and_real_vs_real(tiny_run, capsys):
     line = next(ln for ln in out.splitlines() if ln.startswith("SWD x1e3:"))
     assert "8px" in line and "mean" in line and "16 new demo faces" in line
     assert "real vs real:" in out
+
+
+# -- the real-image yardstick and quality during training ------------------------------------------
+
+def test_the_yardstick_separates_real_from_untrained_and_sees_colour_shifts(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    faces = ddpm.demo_faces(64, 16, seed=3)
+    for i, img in enumerate(faces):  # a small messy folder: RGBA and palette files among RGB ones
+        im = Image.fromarray(img.permute(1, 2, 0).numpy())
+        (im.convert("RGBA") if i % 3 == 0 else im.convert("P") if i % 3 == 1 else im).save(folder / f"{i}.png")
+    real = ddpm.load_images([folder], 16)
+    a, b = real[:32], real[32:]
+    model = ddpm.build_diffusion(ddpm.ModelConfig(img_size=16, num_channels=16, channel_multiples=(1, 2),
+                                                  has_attn=(False, True), num_blocks=1, timesteps=50, norm_groups=8))
+    rt = ddpm.Runtime(torch.device("cpu"), "fp32")
+    fake = ddpm.generate(model.eval(), rt, range(32), 0, ddpm.SampleSpec(steps=5), show_progress=False)
+    floor, untrained = ddpm.swd(b, a)["mean"], ddpm.swd(fake, a)["mean"]
+    assert floor < 0.5 * untrained, (floor, untrained)
+    # SWD barely sees a brightness shift of 20 levels; the colour statistic measures it
+    shifted = (b.int() + 20).clamp(0, 255).to(torch.uint8)
+    gap = ddpm.colour_gap(shifted, b)["mean"]
+    assert gap == pytest.approx(float((shifted.double() - b.double()).mean((0, 2, 3)).abs().max()), abs=1e-9)
+    assert gap > 12 and ddpm.colour_gap(b, b) == {"mean": 0.0, "std": 0.0}
+    assert ddpm.swd(shifted, b)["mean"] < 0.5 * floor  # while SWD calls the shifted set closer than another real one
+
+
+def test_eval_every_logs_its_rows_and_keeps_the_best_checkpoint(tmp_path, monkeypatch, capsys):
+    # a run whose quality is forced to get better, then worse: best.pth stays at the best step
+    values = iter([50.0, 40.0, 30.0, 35.0, 45.0, 60.0])
+    real_measure = ddpm.QualityProbe.measure
+
+    def measure(self, model, rt):
+        real_measure(self, model, rt)  # the real sampling and SWD, then the forced figure
+        return next(values)
+    monkeypatch.setattr(ddpm.QualityProbe, "measure", measure)
+    argv = ["--train", "--demo", "--demo-images", "8", *MODEL, "--batch-size", "4", "--epochs", "3", "--seed", "0",
+            "--device", "cpu", "--no-run-pictures", "--sample-every", "0", "--log-every", "1", "--eval-every", "1",
+            "--eval-samples", "4", *dirs(tmp_path)]
+    assert ddpm.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "eval: every 1 steps, 4 samples (dpm++, 25 steps, EMA) against 4 held-out images of 8 new demo faces" in out
+    assert "s per evaluation" in out and "eval: 6 evaluations took" in out and "best SWD 30.00 at step 3" in out
+    rows = [r for r in csv.DictReader(open(tmp_path / "ckpt" / "metrics.csv")) if r["swd"]]
+    assert [(int(r["step"]), float(r["swd"])) for r in rows] == list(zip(range(1, 7), [50.0, 40.0, 30.0, 35.0, 45.0,
+                                                                                     60.0]))
+    best = ddpm.read_checkpoint(tmp_path / "ckpt" / "best.pth")
+    assert best["step"] == 3 and best["quality"]["best_swd"] == 30.0
+    newest = ddpm.read_checkpoint(ddpm.newest_checkpoint(tmp_path / "ckpt"))
+    assert newest["step"] == 6 and newest["quality"]["best_step"] == 3
+    assert (tmp_path / "out" / "quality.png").is_file()
+    assert ddpm.main(["--info", str(tmp_path / "ckpt")]) == 0
+    assert "best SWD 30.00 at step 3" in capsys.readouterr().out
+    # resumed, the best so far is remembered: a worse figure does not replace best.pth
+    values = iter([33.0, 31.0])
+    before = (tmp_path / "ckpt" / "best.pth").read_bytes()
+    assert ddpm.main(["--train", "--resume", *dirs(tmp_path), "--epochs", "4"]) == 0
+    assert (tmp_path / "ckpt" / "best.pth").read_bytes() == before
+    # a folder of images needs held-out images for it
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, img in enumerate(ddpm.demo_faces(8, 8)):
+        ddpm.save_png(img, folder / f"{i}.png")
+    assert ddpm.main(["--train", "--data-folders", str(folder), *MODEL, "--batch-size", "4", "--eval-every", "1",
+                      "--device", "cpu", "--ckpt-save-dir", str(tmp_path / "c2"), "--save-dir", str(tmp_path / "o2")]) == 2
+    assert "--eval-every needs held-out images" in capsys.readouterr().err
+
+
+def test_checkpoints_of_format_3_keep_their_training_options(tiny_run, tmp_path, capsys):
+    """Before format 4, dropout and the loss weighting were in the model config: a resume and a
+    fine-tune read them from there."""
+    ckpt = copy_run(tiny_run, tmp_path)
+    for path in ckpt.glob("ckpt-*.pth"):
+        obj = ddpm.read_checkpoint(path)
+        for k in ("dropout", "loss_weight", "min_snr_gamma"):
+            obj["config"][k] = {"dropout": 0.3, "loss_weight": "min-snr", "min_snr_gamma": 4.0}[k]
+            obj["train"].pop(k, None)
+        obj["version"] = 3
+        torch.save(obj, path)
+    capsys.readouterr()
+    assert ddpm.main(["--train", "--resume", *dirs(tmp_path), "--epochs", "3"]) == 0
+    new = ddpm.read_checkpoint(ddpm.newest_checkpoint(ckpt))
+    assert (new["train"]["dropout"], new["train"]["loss_weight"], new["train"]["min_snr_gamma"]) == (0.3, "min-snr", 4.0)
+    assert "dropout" not in new["config"] and new["version"] == ddpm.FORMAT_VERSION
+    old = tmp_path / "old.pth"
+    obj = ddpm.read_checkpoint(ckpt / "ckpt-1.pth")
+    torch.save(obj, old)
+    assert ddpm.main(["--loadckpt", str(old), "--num-samples", "2", "--steps", "3", "--device", "cpu",
+                      "--save-dir", str(tmp_path / "s")]) == 0
