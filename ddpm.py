@@ -40,7 +40,7 @@ appendices at the end, which hold plumbing and data that the sections above call
     Noise schedule                   linear and cosine betas; uniform and log-SNR timestep grids
     UNet blocks                      time embedding, residual, attention, down/up/middle blocks
     UNet                             the network
-    Gaussian diffusion and samplers  q, p, the loss; the sampler table (SAMPLERS, GRIDS)
+    Gaussian diffusion and samplers  q, p, the loss, EDM's view; the sampler table (SAMPLERS, GRIDS)
         - the samplers: one step function and one row each
     Data                             decoding image folders, the demo faces' source, batches
         - decoding image files
@@ -63,7 +63,8 @@ appendices at the end, which hold plumbing and data that the sections above call
     Training
         - the settings               TrainConfig, what --resume keeps, the loss weighting
         - the run's state            EMA, signals, metrics.csv, counters, clocks
-        - the pictures of a run      run-before/after.png, previews, final grid, loss.png
+        - quality during training    --eval-every: SWD against held-out images, best.pth
+        - the pictures of a run      run-before/after.png, previews, final grid, loss.png, quality.png
         - the trainer                Trainer: one step, the loop, checkpoints
         - training from Python       train()
     Command line
@@ -317,7 +318,7 @@ def make_progress(transient: bool = False):
 
 # the allowed values of each choice, named once (the parser, validate and the checkpoint checks read them)
 TIME_CONDS = ("scale-shift", "add")
-OBJECTIVES = ("eps", "v")
+OBJECTIVES = ("eps", "v", "edm")
 BETA_SCHEDULES = ("linear", "cosine")
 
 
@@ -339,7 +340,7 @@ class ModelConfig:
     legacy_attention: bool = False  # the original script's cross-batch attention (its old checkpoints)
     time_cond: str = "scale-shift"  # add (the original: a shift before GroupNorm) | scale-shift (adaptive norm)
     norm_groups: int = 32           # GroupNorm groups; 32 at 32 channels is instance norm
-    objective: str = "eps"          # what the network predicts: eps (the original) | v (Salimans & Ho 2022)
+    objective: str = "eps"          # eps (the original) | v (Salimans & Ho 2022) | edm (Karras et al. 2022)
     beta_schedule: str = "linear"   # linear (the original) | cosine (Nichol & Dhariwal 2021)
 
     def __post_init__(self):
@@ -472,6 +473,15 @@ def logsnr_grid(alpha_bar: torch.Tensor, steps: int) -> List[int]:
         grid[i] = min(grid[i], cap)
         cap = grid[i] - 1
     return grid
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> List[float]:
+    """n noise levels from sigma_max down to sigma_min, evenly spaced in sigma^(1/rho) (Karras et al.
+    2022, eq. 5): rho = 7 puts most steps at low noise."""
+    if n == 1:
+        return [sigma_max]
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return [(a + i / (n - 1) * (b - a)) ** rho for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -721,6 +731,8 @@ class SampleSpec:
     eta: float = 0.0              # DDIM noise
     clip: bool = True             # clamp each x_0 estimate to [-1, 1] (Ho et al.'s reference code)
     variance: str = "large"       # ddpm's sigma^2 (VARIANCES)
+    grid: Optional[str] = None    # the timestep grid (GRIDS); None: the sampler's own
+    churn: float = 0.0            # heun's S_churn (Karras et al. 2022, Alg. 2): fresh noise at each step
 
     @property
     def row(self) -> "Sampler":
@@ -732,7 +744,7 @@ class SampleSpec:
     @property
     def draws_noise(self) -> bool:
         """Whether sampling draws fresh noise at each step (so the path from x_T is not deterministic)."""
-        return self.row.stochastic or (self.row.eta and self.eta > 0)
+        return self.row.stochastic or (self.row.eta and self.eta > 0) or (self.row.churn and self.churn > 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -747,6 +759,25 @@ def q_at(x0, eps, ab):
     """sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps: a draw of q(x_t | x_0), eq. 4, at alpha_bar = ab
     (a float or a broadcastable tensor); with ab = alpha_bar_t / alpha_bar_s it is q(x_t | x_s)."""
     return _sqrt(ab) * x0 + _sqrt(1 - ab) * eps
+
+
+SIGMA_DATA = 0.5  # EDM's standard deviation of the data (images in [-1, 1])
+
+
+def edm_preconditioning(sigma):
+    """(c_skip, c_out, c_in, c_noise) of EDM (Karras et al. 2022, Table 1) at noise level sigma (a
+    float or a tensor): D(x; sigma) = c_skip x + c_out F(c_in x; c_noise), c_skip = sd^2 / (sigma^2 +
+    sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2), c_noise =
+    ln(sigma) / 4, sd = SIGMA_DATA."""
+    s2, sd2 = sigma * sigma, SIGMA_DATA * SIGMA_DATA
+    log = torch.log if isinstance(sigma, torch.Tensor) else math.log
+    return sd2 / (s2 + sd2), sigma * SIGMA_DATA / _sqrt(s2 + sd2), 1 / _sqrt(s2 + sd2), log(sigma) / 4
+
+
+def edm_loss_weight(sigma):
+    """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 (Karras et al. 2022, Table 1): 1 / c_out^2, so that
+    the loss in F is the plain MSE to the target (x_0 - c_skip x) / c_out."""
+    return (sigma * sigma + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2
 
 
 def ddpm_var(ab_t, ab_s, variance: str = "large"):
@@ -780,8 +811,10 @@ class GaussianDiffusion(nn.Module):
         alpha = 1.0 - beta
         alpha_bar = torch.cumprod(alpha, dim=0)
         alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
-        # exact values for the samplers and the bound (plain attributes, float64, on the CPU)
+        # exact values for the samplers and the bound (plain attributes, float64, on the CPU); log sigma_t,
+        # sigma = sqrt((1 - alpha_bar) / alpha_bar), increasing in t: the noise level in EDM's terms
         self.alpha_bar_f64, self.alpha_bar_prev_f64 = alpha_bar, alpha_bar_prev
+        self.log_sigma_f64 = 0.5 * torch.log((1 - alpha_bar) / alpha_bar)
         buffers = {
             "beta": beta,
             "alpha": alpha,
@@ -798,9 +831,33 @@ class GaussianDiffusion(nn.Module):
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
 
-    def ab(self, t: int) -> float:
-        """alpha_bar_t in float64 precision for an integer timestep; 1 at t = -1 (the data itself)."""
-        return float(self.alpha_bar_f64[t]) if t >= 0 else 1.0
+    def ab(self, t: float) -> float:
+        """alpha_bar_t in float64 precision; 1 at t = -1 (the data itself). A timestep between two
+        integers (the Karras grid, a guide's own timestep) has the noise level interpolated in log
+        sigma between its neighbours, as k-diffusion wraps DDPM models: alpha_bar = 1 / (1 + sigma^2)."""
+        if t < 0:
+            return 1.0
+        if float(t).is_integer():
+            return float(self.alpha_bar_f64[int(t)])
+        return 1.0 / (1.0 + self.sigma(t) ** 2)
+
+    def sigma(self, t: float) -> float:
+        """The noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), linear in log sigma between
+        integer timesteps."""
+        lo = min(int(math.floor(t)), self.timesteps - 1)
+        hi, w = min(lo + 1, self.timesteps - 1), t - lo
+        return math.exp((1 - w) * float(self.log_sigma_f64[lo]) + w * float(self.log_sigma_f64[hi]))
+
+    def t_of_sigma(self, sigma: float) -> float:
+        """The (fractional) timestep of noise level sigma, between 0 and T-1: the inverse of sigma()."""
+        ls, log_s = self.log_sigma_f64, math.log(sigma)
+        if log_s <= float(ls[0]):
+            return 0.0
+        if log_s >= float(ls[-1]):
+            return float(self.timesteps - 1)
+        hi = int(torch.searchsorted(ls, torch.tensor(log_s, dtype=torch.float64)))
+        lo = hi - 1
+        return lo + (log_s - float(ls[lo])) / (float(ls[hi]) - float(ls[lo]))
 
     # -- forward process ------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -821,17 +878,49 @@ class GaussianDiffusion(nn.Module):
         return (xt - _sqrt(1 - ab_t) * eps) / _sqrt(ab_t)
 
     def x0_and_eps(self, xt, out, ab_t):
-        """(x_0, eps) from the network's output at x_t. eps objective: out is eps. v objective (Salimans
-        & Ho 2022): out is v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0, so x_0 = sqrt(alpha_bar) x_t -
-        sqrt(1 - alpha_bar) v and eps = sqrt(1 - alpha_bar) x_t + sqrt(alpha_bar) v, without dividing by
-        sqrt(alpha_bar) (small at large t). ab_t: a float or a broadcastable tensor."""
+        """(x_0, eps) from the network's output at x_t (see network). eps objective: out is eps. v
+        objective (Salimans & Ho 2022): out is v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0, so x_0 =
+        sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v and eps = sqrt(1 - alpha_bar) x_t + sqrt(alpha_bar) v,
+        without dividing by sqrt(alpha_bar) (small at large t). edm objective: out is F of EDM's
+        preconditioning, x_0 = D = c_skip x + c_out F at x = x_t / sqrt(alpha_bar). ab_t: a float or a
+        broadcastable tensor."""
         if self.objective == "v":
             return _sqrt(ab_t) * xt - _sqrt(1 - ab_t) * out, _sqrt(1 - ab_t) * xt + _sqrt(ab_t) * out
+        if self.objective == "edm":
+            c_skip, c_out, _, _ = edm_preconditioning(_sqrt((1 - ab_t) / ab_t))
+            x0 = c_skip * (xt / _sqrt(ab_t)) + c_out * out
+            return x0, (xt - _sqrt(ab_t) * x0) / _sqrt(1 - ab_t)
         return self.predict_x0(xt, out, ab_t), out
 
+    def network(self, xt: torch.Tensor, t, ab_t, model_fn: Optional[ModelFn] = None) -> torch.Tensor:
+        """The network's output at x_t (what x0_and_eps reads), float32: model_fn(x_t, t) for eps and v,
+        t a number (integer or not) or a (B,) tensor; for edm the preconditioned call F(c_in x, c_noise)
+        at x = x_t / sqrt(alpha_bar), sigma from ab_t (a number or a broadcastable tensor)."""
+        model_fn = model_fn or (lambda x, tt: self.eps_model(x, tt).float())
+        if self.objective == "edm":
+            sigma = _sqrt((1 - ab_t) / ab_t)
+            _, _, c_in, c_noise = edm_preconditioning(sigma)
+            x = c_in * (xt / _sqrt(ab_t))
+            noise = c_noise.flatten() if isinstance(c_noise, torch.Tensor) else c_noise
+            return model_fn(x, self._time_input(noise, xt)).float()
+        return model_fn(xt, self._time_input(t, xt)).float()
+
+    @staticmethod
+    def _time_input(t, x: torch.Tensor) -> torch.Tensor:
+        """The network's time input for a batch: a (B,) tensor as given, or a number repeated (long for
+        an integer timestep, float otherwise)."""
+        if isinstance(t, torch.Tensor):
+            return t.to(x.device).expand(x.shape[0]) if t.dim() == 0 else t.to(x.device)
+        whole = isinstance(t, int)
+        return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long if whole else torch.float32)
+
     def eps_of(self, xt: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """eps from the network's output for a batch of timesteps t: (B,)."""
+        """eps from the network's output (see network) for a batch of timesteps t: (B,)."""
         return self.x0_and_eps(xt, out, extract(self.alpha_bar, t, xt.shape).to(xt.dtype))[1]
+
+    def ab_of(self, t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """alpha_bar_t (float32) for a batch of integer timesteps t: (B,), broadcastable on `shape`."""
+        return extract(self.alpha_bar, t, shape)
 
     @staticmethod
     def ancestral_mean(xt, eps, ab_t, ab_s):
@@ -857,7 +946,7 @@ class GaussianDiffusion(nn.Module):
         """One ancestral step x_t -> x_{t-1} (Algorithm 2), sigma_t^2 = beta_t; no noise where t == 0."""
         if eps is None:
             eps = torch.randn_like(xt)
-        eps_theta = self.eps_of(xt, t, self.eps_model(xt, t).float())
+        eps_theta = self.eps_of(xt, t, self.network(xt, t, self.ab_of(t, xt.shape)))
         sigma = extract(self.p_sigma, t, xt.shape) * (t > 0).float().view(-1, *([1] * (xt.dim() - 1)))
         return self.p_mean(xt, t, eps_theta) + sigma * eps
 
@@ -868,10 +957,12 @@ class GaussianDiffusion(nn.Module):
         v objective: the target is v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0. weight: (B,), each
         image's weight in the mean (the trainer's loss weighting, e.g. Min-SNR); None: all equal."""
         if t is None:
-            t = torch.randint(0, self.timesteps, x0.shape[:1], device=x0.device)
+            t = self.training_noise_levels(x0.shape[0], x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         x0, noise = x0.float(), noise.float()
+        if self.objective == "edm":
+            return self._edm_loss(x0, t, noise, weight)
         xt = self.q_sample(x0, t, eps=noise)
         out = self.eps_model(xt, t).float()
         target = noise if self.objective == "eps" else (
@@ -880,27 +971,61 @@ class GaussianDiffusion(nn.Module):
             return F.mse_loss(out, target)
         return (weight * (out - target).pow(2).flatten(1).mean(1)).mean()
 
+    def _edm_loss(self, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
+                  weight: Optional[torch.Tensor]) -> torch.Tensor:
+        """EDM's loss (Karras et al. 2022, eq. 8 with Table 1): lambda(sigma) ||D(x_0 + sigma n; sigma) - x_0||^2
+        with D = c_skip x + c_out F(c_in x; c_noise) and lambda = 1 / c_out^2: the plain MSE of F to
+        (x_0 - c_skip x) / c_out. sigma: (B,) noise levels (see training_noise_levels)."""
+        s = sigma.float().view(-1, *([1] * (x0.dim() - 1)))
+        c_skip, c_out, c_in, c_noise = edm_preconditioning(s)
+        x = x0 + s * noise
+        out = self.eps_model(c_in * x, c_noise.flatten()).float()
+        per_image = (out - (x0 - c_skip * x) / c_out).pow(2).flatten(1).mean(1)
+        return per_image.mean() if weight is None else (weight * per_image).mean()
+
+    def training_noise_levels(self, n: int, device, generator: Optional[torch.Tensor] = None,
+                              p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:
+        """What the loss draws for each image: a timestep, uniform in 0..T-1 (Ho et al.); for the edm
+        objective a noise level sigma, log-normal with ln sigma ~ N(p_mean, p_std^2) (Karras et al. 2022,
+        Table 1; -1.2 and 1.2 for 64x64 images)."""
+        if self.objective == "edm":
+            u = torch.randn((n,), device=device, generator=generator)
+            return torch.exp(p_mean + p_std * u)
+        return torch.randint(0, self.timesteps, (n,), device=device, generator=generator)
+
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """alpha_bar_t / (1 - alpha_bar_t) for a batch of timesteps t: (B,), float32."""
         ab = self.alpha_bar.gather(0, t)
         return ab / (1 - ab)
 
     # -- sampling -------------------------------------------------------------------------------
-    def grid(self, spec: SampleSpec, start: Optional[int] = None) -> List[int]:
+    def grid(self, spec: SampleSpec, start: Optional[float] = None) -> List[float]:
         """The timesteps `spec` samples at, from T-1 (or from `start`, an edit's first timestep) down to
-        0, on the sampler's grid (SAMPLERS, GRIDS)."""
-        grid = GRIDS[spec.row.grid](self, spec.steps_for(self.timesteps))
+        0, on spec's grid (GRIDS; by default the sampler's): as many as spec's model calls allow (a
+        sampler with two calls per step takes about half as many)."""
+        calls, per = spec.steps_for(self.timesteps), spec.row.calls
+        grid = GRIDS[spec.grid or spec.row.grid](self, (calls + per - 1) // per)
         return grid if start is None else [t for t in grid if t <= start]
 
-    def predict(self, x: torch.Tensor, t: int, spec: SampleSpec, model_fn: ModelFn) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(x_0, eps) of the model at (x, t); spec.clip clamps x_0 to [-1, 1] and uses the matching eps."""
+    def predict(self, x: torch.Tensor, t: float, spec: SampleSpec, model_fn: ModelFn) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x_0, eps) of the model at (x, t), t an integer timestep or between two. With a Guidance as
+        model_fn (autoguidance), x_0 = x_0 of the guide + w (x_0 of the model - x_0 of the guide), the
+        guide evaluated at the same noise level. spec.clip clamps x_0 to [-1, 1] and uses the matching eps."""
         ab_t = self.ab(t)
-        out = model_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)).float()
-        x0, eps = self.x0_and_eps(x, out, ab_t)
+        x0, eps = self.x0_and_eps(x, self.network(x, t, ab_t, model_fn), ab_t)
+        if isinstance(model_fn, Guidance) and model_fn.weight != 1:
+            g = model_fn.guide
+            tg = t if g.same_schedule(self) else g.t_of_sigma(math.sqrt((1 - ab_t) / ab_t))
+            x0_g = g.x0_and_eps(x, g.network(x, tg, ab_t, model_fn.guide_net), ab_t)[0]
+            x0 = x0_g + model_fn.weight * (x0 - x0_g)
+            eps = (x - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
         if spec.clip:
             x0 = x0.clamp(-1.0, 1.0)
             eps = (x - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
         return x0, eps
+
+    def same_schedule(self, other: "GaussianDiffusion") -> bool:
+        return self.timesteps == other.timesteps and torch.equal(self.alpha_bar_f64, other.alpha_bar_f64)
 
     def step(self, x: torch.Tensor, t: int, s: int, spec: SampleSpec, model_fn: ModelFn,
              noise_fn: Callable[[], torch.Tensor], hist: dict) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -911,9 +1036,9 @@ class GaussianDiffusion(nn.Module):
             return x0, x0
         return spec.row.step(self, x, t, s, spec, model_fn, noise_fn, hist)
 
-    def _renoise(self, x: torch.Tensor, s: int, t: int, noise_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _renoise(self, x: torch.Tensor, s: float, t: float, noise_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """x_t ~ q(x_t | x_s) for s < t: back up the chain (RePaint's resampling jump)."""
-        return q_at(x, noise_fn(), float(self.alpha_bar_f64[t] / self.alpha_bar_f64[s]))
+        return q_at(x, noise_fn(), self.ab(t) / self.ab(s))
 
     def _impose(self, x: torch.Tensor, known: torch.Tensor, mask: torch.Tensor, s: int,
                 noise_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -1004,11 +1129,35 @@ def dpmpp_step(d: GaussianDiffusion, x, t: int, s: int, spec: SampleSpec, model_
     return math.sqrt((1 - ab_s) / (1 - ab_t)) * x - math.sqrt(ab_s) * math.expm1(-h) * D, x0
 
 
+def heun_step(d: GaussianDiffusion, x, t: float, s: float, spec: SampleSpec, model_fn: ModelFn, noise_fn, hist: dict):
+    """EDM's second-order Heun step (Karras et al. 2022, Alg. 1; with spec.churn, Alg. 2 with S_tmin = 0,
+    S_tmax = inf, S_noise = 1) from noise level sigma_t down to sigma_s, on x = x_t / sqrt(alpha_bar_t)
+    = x_0 + sigma n, with the model as the denoiser D(x; sigma) = its x_0 estimate at x_t (the VP model
+    seen from EDM: x_t = x / sqrt(1 + sigma^2)). Two model calls; the grid's last step into x_0 is
+    Euler's (one call), which every sampler shares (GaussianDiffusion.step)."""
+    ab_t, ab_s = d.ab(t), d.ab(s)
+    sig_t, sig_s = math.sqrt((1 - ab_t) / ab_t), math.sqrt((1 - ab_s) / ab_s)
+    xe, t_hat, sig_hat = x / math.sqrt(ab_t), t, sig_t
+    if spec.churn > 0:  # gamma = min(S_churn / N, sqrt(2) - 1), N the number of grid steps
+        n = max(1, len(d.grid(replace(spec, churn=0.0))) - 1)
+        sig_hat = sig_t * (1 + min(spec.churn / n, math.sqrt(2) - 1))
+        t_hat = d.t_of_sigma(sig_hat)
+        sig_hat = math.sqrt((1 - d.ab(t_hat)) / d.ab(t_hat))  # the level t_hat stands for (clipped at T-1)
+        xe = xe + math.sqrt(max(sig_hat ** 2 - sig_t ** 2, 0.0)) * noise_fn()
+    x0 = d.predict(xe * math.sqrt(d.ab(t_hat)), t_hat, spec, model_fn)[0]
+    slope = (xe - x0) / sig_hat
+    xe_s = xe + (sig_s - sig_hat) * slope
+    x0_s = d.predict(xe_s * math.sqrt(ab_s), s, spec, model_fn)[0]
+    xe_s = xe + (sig_s - sig_hat) * 0.5 * (slope + (xe_s - x0_s) / sig_s)
+    return xe_s * math.sqrt(ab_s), x0
+
+
 @dataclass(frozen=True)
 class Sampler:
     """A row of SAMPLERS: the step function, its timestep grid (GRIDS), whether it draws noise at
     every step (then it has no deterministic path: inversion refuses it, interpolation takes DDIM
-    instead), whether --eta applies, its default number of model calls (None: all T) and its help."""
+    instead), whether --eta or --churn applies, its default number of model calls (None: all T),
+    its help, and its model calls per step (so that --steps counts calls)."""
 
     step: Callable[..., Tuple[torch.Tensor, torch.Tensor]]
     grid: str
@@ -1016,17 +1165,45 @@ class Sampler:
     eta: bool
     default_steps: Optional[int]
     help: str
+    calls: int = 1
+    churn: bool = False
 
 
-GRIDS: Dict[str, Callable[[GaussianDiffusion, int], List[int]]] = {
+def karras_grid(d: GaussianDiffusion, n: int) -> List[float]:
+    """n timesteps (fractional) at the noise levels of Karras et al. (rho = 7) between the model's
+    sigma at t = 0 and at T-1, the top capped where log-SNR is LAMBDA_FLOOR (as the log-SNR grid is):
+    sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), the timestep of a level interpolated in log sigma."""
+    top = min(d.sigma(d.timesteps - 1), math.exp(-LAMBDA_FLOOR))
+    return [d.t_of_sigma(sg) for sg in karras_sigmas(d.sigma(0), top, n)]
+
+
+GRIDS: Dict[str, Callable[[GaussianDiffusion, int], List[float]]] = {
     "uniform": lambda d, steps: timestep_grid(d.timesteps, steps),
     "logsnr": lambda d, steps: logsnr_grid(d.alpha_bar_f64, steps),
+    "karras": karras_grid,
 }
 SAMPLERS: Dict[str, Sampler] = {
     "ddpm": Sampler(ddpm_step, "uniform", True, False, None, "ancestral (Ho et al.; the original's 1000 steps)"),
     "ddim": Sampler(ddim_step, "logsnr", False, True, 25, "DDIM (Song et al.; --eta for noise)"),
     "dpm++": Sampler(dpmpp_step, "logsnr", False, False, 25, "DPM-Solver++(2M) (Lu et al.)"),
+    "heun": Sampler(heun_step, "karras", False, False, 25, "EDM's Heun, two model calls per step (Karras et al.; "
+                    "--churn for noise)", calls=2, churn=True),
 }
+
+
+@dataclass
+class Guidance:
+    """Autoguidance (Karras et al. 2024): sampling with D = D_guide + w (D_model - D_guide), where the
+    guide is a weaker model of the same data (an early checkpoint of the same run serves). Passed as
+    the model_fn of sampling; called plainly it is the main network."""
+
+    net: ModelFn                       # the main model's network
+    guide: GaussianDiffusion
+    guide_net: ModelFn
+    weight: float
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t)
 
 
 def sampler_row(name: str) -> Sampler:
@@ -2241,7 +2418,8 @@ def snapshot_steps(n_steps: int, count: int = 10) -> set:
     return {round(i * (n_steps - 1) / max(count - 1, 1)) for i in range(count)} | {n_steps - 1}
 
 
-def reverse_strip(model: GaussianDiffusion, rt: Runtime, seed: int, n: int, spec: SampleSpec) -> torch.Tensor:
+def reverse_strip(model: GaussianDiffusion, rt: Runtime, seed: int, n: int, spec: SampleSpec,
+                  model_fn: Optional[ModelFn] = None) -> torch.Tensor:
     """Rows: n images; columns: x_T, then snapshots of the reverse process, ending at x_0."""
     cfg = model.config
     keep = snapshot_steps(len(model.grid(spec)))
@@ -2251,12 +2429,12 @@ def reverse_strip(model: GaussianDiffusion, rt: Runtime, seed: int, n: int, spec
     def cb(i, x, x0):
         if i in keep:
             cols.append(to_uint8(x).cpu())
-    generate(model, rt, list(range(n)), seed, spec, batch_size=n, callback=cb)
+    generate(model, rt, list(range(n)), seed, spec, batch_size=n, callback=cb, model_fn=model_fn)
     return strip(cols)
 
 
 def denoise_frames(model: GaussianDiffusion, rt: Runtime, indices: Sequence[int], seed: int,
-                   spec: SampleSpec) -> List[torch.Tensor]:
+                   spec: SampleSpec, model_fn: Optional[ModelFn] = None) -> List[torch.Tensor]:
     """About 30 grids (4 per row) of images `indices` as they are denoised, for denoise.gif."""
     keep = snapshot_steps(len(model.grid(spec)), 30)
     frames: List[torch.Tensor] = []
@@ -2264,18 +2442,18 @@ def denoise_frames(model: GaussianDiffusion, rt: Runtime, indices: Sequence[int]
     def cb(i, x, x0):
         if i in keep:
             frames.append(image_grid(to_uint8(x).cpu(), nrow=4))
-    generate(model, rt, indices, seed, spec, batch_size=len(indices), callback=cb)
+    generate(model, rt, indices, seed, spec, batch_size=len(indices), callback=cb, model_fn=model_fn)
     return frames
 
 
 def interpolation_strip(model: GaussianDiffusion, rt: Runtime, za: torch.Tensor, zb: torch.Tensor, spec: SampleSpec,
-                        k: int = 8) -> torch.Tensor:
+                        k: int = 8, model_fn: Optional[ModelFn] = None) -> torch.Tensor:
     """k images along the spherical path between two x_T (C, H, W): the noise of two seeds, or two
     real images inverted by GaussianDiffusion.invert; each denoised along the same deterministic path
     (see deterministic: a sampler that draws noise is replaced by DDIM, eta 0)."""
     x = torch.stack([slerp(za.cpu(), zb.cpu(), j / (k - 1)) for j in range(k)]).to(rt.device)
     with torch.inference_mode():
-        out = model.sample(x, deterministic(spec), model_fn=sampling_net(model, rt))
+        out = model.sample(x, deterministic(spec), model_fn=model_fn or sampling_net(model, rt))
     return strip([to_uint8(out).cpu()[j:j + 1] for j in range(k)])
 
 
@@ -2491,7 +2669,6 @@ def bits_per_dim(model: GaussianDiffusion, data: torch.Tensor, timesteps: Option
         raise DDPMError(f"--nll-timesteps must be at least 2 (t=1 for the decoder, one more for the KL terms), got {K}")
     if data.dtype != torch.uint8 or data.dim() != 4 or not len(data):
         raise DDPMError("bits/dim needs a non-empty uint8 batch of images (N, C, H, W)")
-    model_fn = model_fn or (lambda x, t: model.eps_model(x, t).float())
     dev = model.beta.device
     cdev = torch.device("cpu") if dev.type == "mps" else dev  # the float64 arithmetic (MPS has none)
     sched = model if cdev == dev else copy.deepcopy(model).to(cdev)
@@ -2511,7 +2688,8 @@ def bits_per_dim(model: GaussianDiffusion, data: torch.Tensor, timesteps: Option
                 lo, hi = (0, 1) if k == 0 else (edges[k - 1], edges[k])
                 t = (lo + torch.rand(B, generator=g, dtype=torch.float64, device=cdev) * (hi - lo)).long()  # (B,)
                 xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=g, dtype=torch.float64, device=cdev))
-                out = model_fn(xt.float().to(dev), t.to(dev)).float().to(cdev).double()
+                ab_t = sched.ab_of(t, xt.shape).to(dev)
+                out = model.network(xt.float().to(dev), t.to(dev), ab_t, model_fn).float().to(cdev).double()
                 mean_p, var_p = _p_moments(sched, xt, t, out, variance)
                 if k == 0:
                     dec = -discretized_gaussian_log_likelihood(x0, mean_p, var_p.sqrt()).sum((1, 2, 3))
@@ -2808,6 +2986,9 @@ class TrainConfig:
     dropout: float = 0.1            # in the residual blocks
     loss_weight: str = "none"       # LOSS_WEIGHTS: none, or Min-SNR-gamma (Hang et al. 2023)
     min_snr_gamma: float = 5.0
+    edm_p_mean: float = -1.2        # --objective edm: ln sigma ~ N(p_mean, p_std^2) (Karras et al. 2022, 64x64)
+    edm_p_std: float = 1.2
+    guide_snapshot: float = 0.0     # save the EMA weights at this fraction of the planned steps as guide.pth (0: no)
     eval_every: int = 0             # steps between quality evaluations (SWD against held-out images; 0: none)
     eval_samples: Optional[int] = None  # images per evaluation; None: 256 up to 32x32, 128 above
     preview: SampleSpec = SampleSpec()  # how the run's pictures are sampled
@@ -2866,15 +3047,26 @@ TRAIN_RULES = {
     "dropout": ((int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
     "loss_weight": (str, lambda v: v in LOSS_WEIGHTS, f"one of {', '.join(LOSS_WEIGHTS)}"),
     "min_snr_gamma": ((int, float), lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
+    "edm_p_mean": ((int, float), lambda v: math.isfinite(v), "a finite number"),
+    "edm_p_std": ((int, float), lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
+    "guide_snapshot": ((int, float), lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     "eval_every": (int, lambda v: v >= 0, "0 or more"),
     "eval_samples": (int, lambda v: v >= 2, "at least 2"),
 }
 # the settings --resume takes from the run's checkpoint unless typed again (flag names for messages)
 RESUMED_SETTINGS = {name: "--" + name.replace("_", "-") for name in (
     "batch_size", "grad_accum", "lr", "lr_schedule", "warmup_steps", "ema_decay", "precision", "holdout", "log_every",
-    "sample_every", "max_nonfinite", "epochs", "dropout", "loss_weight", "min_snr_gamma", "eval_every", "eval_samples")}
+    "sample_every", "max_nonfinite", "epochs", "dropout", "loss_weight", "min_snr_gamma", "eval_every", "eval_samples",
+    "edm_p_mean", "edm_p_std", "guide_snapshot")}
 # settings that checkpoints before format 4 kept in their model config ("config"), not in "train"
 MOVED_TO_TRAIN = ("dropout", "loss_weight", "min_snr_gamma")
+
+
+def check_recipe(cfg: ModelConfig, tc: TrainConfig) -> None:
+    """Model and training options that do not go together: one line."""
+    if cfg.objective == "edm" and tc.loss_weight != "none":
+        raise DDPMError("--loss-weight min-snr is not defined for --objective edm (its loss has its own weight, "
+                        "Karras et al. 2022); drop one of them")
 
 
 def stored_train_settings(obj: dict) -> dict:
@@ -3489,7 +3681,7 @@ class Trainer:
         self.pos.roll_over(self.steps_per_epoch)
         start = self.pos.epoch_step * B
         # t and noise for the whole global batch, from one generator: N processes = one process
-        t_all = torch.randint(0, self.cfg.timesteps, (B,), device=self.rt.device, generator=self.noise_gen)
+        t_all = self.model.training_noise_levels(B, self.rt.device, self.noise_gen, self.tc.edm_p_mean, self.tc.edm_p_std)
         noise_all = torch.randn((B, C, S, S), device=self.rt.device, generator=self.noise_gen)
         while True:
             try:
@@ -3661,6 +3853,8 @@ class Trainer:
                 self._output(pictures.preview, self, metrics)
             if self.probe is not None and pos.step % self.probe.every == 0:
                 self._output(self._evaluate, ckpt_dir, metrics, progress.print)
+            if tc.guide_snapshot and pos.step == self.guide_step() and is_rank0():
+                self._output(self._save_guide, ckpt_dir, metrics, progress.print)
             stop = self._stop_reason(deadline)
             if pos.epoch_step >= self.steps_per_epoch:
                 self._end_epoch(ckpt_dir, metrics, progress, bars)
@@ -3700,6 +3894,27 @@ class Trainer:
                 + ("the best so far: best.pth" if best else f"best {p.best_swd:.2f} at step {p.best_step}"
                    if p.best_swd is not None else ""))
         return value
+
+    def guide_step(self) -> int:
+        """The step of --guide-snapshot: that fraction of the run's planned steps (--max-steps, or its epochs)."""
+        planned = self.pos.end_epoch * self.steps_per_epoch
+        if self.tc.max_steps:
+            planned = min(planned, self.tc.max_steps)
+        return max(1, round(self.tc.guide_snapshot * planned))
+
+    def _save_guide(self, ckpt_dir: Path, metrics: MetricsLog, say: Callable) -> None:
+        """guide.pth: this step's state (its EMA weights are what --guide uses), outside the rotation."""
+        path = ckpt_dir / "guide.pth"
+        if not self.weights_finite():
+            return
+        try:
+            save_checkpoint(path, self.state_dict(collective=False))
+        except (OSError, RuntimeError) as e:
+            raise DDPMError(f"could not write {path} ({first_line(e)}); free some disk space and continue with "
+                            f"--resume") from None
+        metrics.event(self.pos.step, "guide", path)
+        say(f"guide: the EMA weights of step {self.pos.step} ({self.tc.guide_snapshot:g} of the run) saved as {path}; "
+            f"sample with --guide {path} --guidance W")
 
     def _step_or_fail(self) -> bool:
         """One training step; False (with self.failure set) where memory ran out on the CPU or, under
@@ -3800,6 +4015,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, data: torch.Tensor, ckpt_dir="ckpt"
     trainer (.model, .ema.model, .sampling_view())."""
     cfg = cfg.validate()
     tc = tc.validate()
+    check_recipe(cfg, tc)
     ckpt_dir, save_dir = Path(ckpt_dir), Path(save_dir)
     rt = setup_runtime(device, tc.precision, None, training=True)
     lock = FolderLock(ckpt_dir)
@@ -3889,7 +4105,10 @@ def build_parser() -> ArgParser:
     g.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default="linear",
                    help="linear (the original) or cosine (Nichol & Dhariwal 2021)")
     g.add_argument("--objective", choices=OBJECTIVES, default="eps",
-                   help="the network predicts the noise eps (the original) or v (Salimans & Ho 2022)")
+                   help="the network predicts the noise eps (the original), v (Salimans & Ho 2022), or is EDM's "
+                        "preconditioned denoiser (Karras et al. 2022; trained on log-normal noise levels)")
+    g.add_argument("--edm-p-mean", type=float, default=-1.2, help="--objective edm: the mean of ln sigma in training")
+    g.add_argument("--edm-p-std", type=float, default=1.2, help="--objective edm: the deviation of ln sigma in training")
     g.add_argument("--loss-weight", choices=LOSS_WEIGHTS, default="none",
                    help="per-timestep loss weight: none, or Min-SNR-gamma (Hang et al. 2023)")
     g.add_argument("--min-snr-gamma", type=float, default=5.0, help="gamma of --loss-weight min-snr")
@@ -3920,6 +4139,8 @@ def build_parser() -> ArgParser:
     g.add_argument("--sample-every", type=int, default=1000, help="steps between preview grids (0: never)")
     g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (needs tensorboard)")
     g.add_argument("--no-run-pictures", action="store_true", help="skip run-before/after.png and the final grid")
+    g.add_argument("--guide-snapshot", type=float, default=0.0, metavar="F", help="save the EMA weights at "
+                   "fraction F of the run's planned steps as guide.pth (for --guide; 0: no)")
 
     g = p.add_argument_group("sampling")
     g.add_argument("--save-dir", type=str, default="output", help="where images are written")
@@ -3928,6 +4149,15 @@ def build_parser() -> ArgParser:
     g.add_argument("--steps", type=int, default=None, help="model calls per image (default: " + ", ".join(
         f"{row.default_steps or 'T'} for {name}" for name, row in SAMPLERS.items()) + f"; {INVERT_STEPS} for inversion)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic, 1: DDPM-like)")
+    g.add_argument("--grid", choices=list(GRIDS), default=None, help="the timesteps sampled at: uniform, logsnr "
+                   "(evenly in log-SNR) or karras (EDM's rho = 7 noise levels) (default: the sampler's own: "
+                   + ", ".join(f"{row.grid} for {name}" for name, row in SAMPLERS.items()) + ")")
+    g.add_argument("--churn", type=float, default=0.0, help="heun: EDM's S_churn, fresh noise at each step "
+                   "(0: deterministic)")
+    g.add_argument("--guide", type=str, default=None, metavar="CKPT", help="autoguidance (Karras et al. 2024): a "
+                   "weaker model of the same data, such as the run's own early guide.pth (--guide-snapshot)")
+    g.add_argument("--guidance", type=float, default=None, metavar="W", help="with --guide: D = D_guide + W "
+                   "(D_model - D_guide); 1 is the model alone (default: 2)")
     g.add_argument("--num-samples", type=int, default=None, help="images to generate (default: --batch-size)")
     g.add_argument("--index", type=int, default=None, help="generate only image INDEX of --seed")
     g.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
@@ -4025,6 +4255,17 @@ def check_flags(args, typed: frozenset) -> None:
                         f"got {args.nll_timesteps}")
     if not 0 <= args.eta <= 1:  # NaN fails every comparison
         raise DDPMError(f"--eta must be in [0, 1], got {args.eta}")
+    if not (math.isfinite(args.churn) and args.churn >= 0):
+        raise DDPMError(f"--churn must be 0 or more, got {args.churn}")
+    if args.churn > 0 and not SAMPLERS[args.sampler].churn:
+        raise DDPMError(f"--churn goes with a sampler that takes it ({', '.join(n for n, r in SAMPLERS.items() if r.churn)}), "
+                        f"not {args.sampler}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise DDPMError(f"--guidance must be 0 or more, got {args.guidance}")
+    if args.guidance is not None and not args.guide:
+        raise DDPMError("--guidance weighs a guide model: give --guide CKPT too")
+    if args.guide and args.train:
+        raise DDPMError("--guide samples with a guide model; to save one while training use --guide-snapshot F")
     if args.time_budget is not None and not args.time_budget > 0:
         raise DDPMError(f"--time-budget must be longer than 0 (leave it out for no limit), got {args.time_budget:g} s")
     if args.device is not None and not re.fullmatch(r"cpu|mps|cuda(:\d+)?", args.device):
@@ -4151,6 +4392,8 @@ class ModelJob:
     device: Device
     spec: SampleSpec
     out: Outputs
+    guide: Optional[Weights] = None        # --guide: autoguidance
+    guidance: float = 2.0                  # its weight W
 
 
 @dataclass(frozen=True)
@@ -4219,7 +4462,7 @@ class ExportJob:
 
 
 def sample_spec_from_args(args) -> SampleSpec:
-    return SampleSpec(args.sampler, args.steps, args.eta, not args.no_clip, args.ddpm_variance)
+    return SampleSpec(args.sampler, args.steps, args.eta, not args.no_clip, args.ddpm_variance, args.grid, args.churn)
 
 
 def train_config_from_args(args, typed: frozenset) -> TrainConfig:
@@ -4230,6 +4473,7 @@ def train_config_from_args(args, typed: frozenset) -> TrainConfig:
         max_nonfinite=args.max_nonfinite, log_every=args.log_every, sample_every=args.sample_every,
         tensorboard=args.tensorboard, dropout=args.dropout, loss_weight=args.loss_weight,
         min_snr_gamma=args.min_snr_gamma, eval_every=args.eval_every, eval_samples=args.eval_samples,
+        edm_p_mean=args.edm_p_mean, edm_p_std=args.edm_p_std, guide_snapshot=args.guide_snapshot,
         preview=sample_spec_from_args(args))
 
 
@@ -4247,6 +4491,8 @@ def job_from_args(args, typed: frozenset):
         return ExportJob(weights, Path(args.export), args.overwrite)
     device = Device(args.device, args.precision, args.compile)
     out, spec = Outputs(Path(args.save_dir), args.overwrite), sample_spec_from_args(args)
+    guided = dict(guide=Weights(args.guide, True), guidance=2.0 if args.guidance is None else args.guidance) \
+        if args.guide else {}
     if args.train:
         return TrainJob(model_config_from_args(args), train_config_from_args(args, typed),
                         DataSource(tuple(args.data_folders or ()), args.demo_images if args.demo else 0, args.background),
@@ -4256,17 +4502,18 @@ def job_from_args(args, typed: frozenset):
     data = DataFlags(tuple(args.data_folders or ()), args.demo, args.demo_images, args.background,
                      tuple(args.eval_folders or ()))
     if args.eval:
-        return EvalJob(weights, device, spec, out, kind=args.eval, data=data, seed=args.seed,
+        return EvalJob(weights, device, spec, out, **guided, kind=args.eval, data=data, seed=args.seed,
                        samples=args.num_samples if "num_samples" in typed else None, batch_size=args.batch_size,
                        nll_timesteps=args.nll_timesteps, fid_weights=args.fid_weights)
     if args.invert:
-        return InvertJob(weights, device, inversion_spec(spec, args.steps), out, images=tuple(args.invert),
+        return InvertJob(weights, device, inversion_spec(spec, args.steps), out, **guided, images=tuple(args.invert),
                          background=args.background)
     if args.init_images:
-        return EditJob(weights, device, spec, out, images=tuple(args.init_images), masks=tuple(args.mask or ()),
+        return EditJob(weights, device, spec, out, **guided, images=tuple(args.init_images), masks=tuple(args.mask or ()),
                        strength=args.strength, jumps=args.resample_jumps, variations=args.num_samples or 1,
                        seed=args.seed, batch_size=args.batch_size, background=args.background)
-    return SampleJob(weights, device, spec, out, data=data, seed=args.seed, count=args.num_samples or args.batch_size,
+    return SampleJob(weights, device, spec, out, **guided, data=data, seed=args.seed,
+                     count=args.num_samples or args.batch_size,
                      index=args.index, batch_size=args.batch_size, reverse=args.reverse_steps, forward=args.forward_steps,
                      gif=args.gif, interpolate=tuple(args.interpolate) if args.interpolate else None,
                      inversion_steps=args.steps)
@@ -4405,6 +4652,7 @@ def train_command(job: TrainJob, started: float) -> int:
         if first:
             lock.acquire()
         run = start_of_run(job)
+        check_recipe(run.cfg, run.train)
         if first:
             guard_run_folder(job.ckpt_dir, run.run_id, run.kind != "fresh", job.out.overwrite, run.path, run.step)
             save_dir = output_folder(save_dir, "train", job.out.overwrite)
@@ -4482,14 +4730,32 @@ def sampling_runtime(device: Device) -> Runtime:
     return setup_runtime(device.device, device.precision, device.compile, training=False)
 
 
-def load_for_sampling(weights: Weights, rt: Runtime) -> Tuple[GaussianDiffusion, dict]:
+def sampling_fn(job: ModelJob, model: GaussianDiffusion, rt: Runtime) -> ModelFn:
+    """What the job's sampling calls: the model's network (compiled with --compile), or with --guide
+    the autoguidance of it by the guide (two networks per model call)."""
+    net = sampling_net(model, rt, bool(job.device.compile))
+    if job.guide is None:
+        return net
+    guide, _ = load_for_sampling(job.guide, rt, "guide")
+    cfg, gcfg = model.config, guide.config
+    if (gcfg.img_size, gcfg.img_channels) != (cfg.img_size, cfg.img_channels):
+        raise DDPMError(f"--guide {job.guide.path} makes {gcfg.img_channels}x{gcfg.img_size}x{gcfg.img_size} images, "
+                        f"the model {cfg.img_channels}x{cfg.img_size}x{cfg.img_size}; a guide must be a model of the "
+                        f"same data")
+    log(f"guidance: weight {job.guidance:g} with the guide {guide.source.describe()}: two networks per model call "
+        f"(about twice the time)")
+    return Guidance(net, guide, sampling_net(guide, rt, bool(job.device.compile)), job.guidance)
+
+
+def load_for_sampling(weights: Weights, rt: Runtime, what: str = "model") -> Tuple[GaussianDiffusion, dict]:
     """The model to sample from (EMA or raw weights, checked) on rt's device, and the checkpoint dict."""
     path = resolve_checkpoint(weights.path)
     obj = read_checkpoint(path)
     model = load_model(path, rt.device, use_ema=weights.ema, _obj=obj, **weights.flags)
     best = Path(weights.path) / "best.pth"
-    log(f"model: {model.source.describe()}" + (f"; the newest of {weights.path} (--eval-every's best: --loadckpt {best})"
-                                               if Path(weights.path).is_dir() and best.is_file() else ""))
+    if what == "model":
+        log(f"model: {model.source.describe()}" + (f"; the newest of {weights.path} (--eval-every's best: --loadckpt "
+                                                   f"{best})" if Path(weights.path).is_dir() and best.is_file() else ""))
     return model, obj
 
 
@@ -4505,12 +4771,13 @@ def sample_command(job: SampleJob) -> int:
     n = 1 if job.index is not None else job.count
     check_sampling_memory(cfg, min(job.batch_size, n), n, rt.device)
     indices = [job.index] if job.index is not None else list(range(n))
+    fn = sampling_fn(job, model, rt)
     with writing_to(job.out.save_dir, "sample", job.out.overwrite) as save_dir:
         t0 = time.time()
-        imgs = sample_or_fail(lambda: generate(model, rt, indices, seed, spec, job.batch_size,
-                                               compile_=bool(job.device.compile)), job.batch_size, cfg)
+        imgs = sample_or_fail(lambda: generate(model, rt, indices, seed, spec, job.batch_size, model_fn=fn),
+                              job.batch_size, cfg)
         if is_rank0():
-            write_samples(job, model, rt, imgs, indices, seed, ends, data, save_dir, time.time() - t0)
+            write_samples(job, model, rt, imgs, indices, seed, ends, data, save_dir, time.time() - t0, fn)
     return 0
 
 
@@ -4526,7 +4793,7 @@ def sample_or_fail(make: Callable[[], torch.Tensor], batch: int, cfg: ModelConfi
 
 
 def write_samples(job: SampleJob, model: GaussianDiffusion, rt: Runtime, imgs: torch.Tensor, indices: List[int],
-                  seed: int, ends, data: Optional[DataSource], save_dir: Path, took: float) -> None:
+                  seed: int, ends, data: Optional[DataSource], save_dir: Path, took: float, fn: ModelFn) -> None:
     """ddpm-{i}.png, ddpm-all.png and the pictures the flags ask for."""
     cfg, spec = model.config, job.spec
     for i, img in zip(indices, imgs):
@@ -4537,13 +4804,13 @@ def write_samples(job: SampleJob, model: GaussianDiffusion, rt: Runtime, imgs: t
         f"{spec.steps_for(cfg.timesteps)} steps, seed {seed})" + (", and ddpm-all.png" if len(indices) > 1 else ""))
     local = rt.local()
     if job.reverse:
-        save_png(reverse_strip(model, local, seed, 8, spec), save_dir / "reverse.png")
+        save_png(reverse_strip(model, local, seed, 8, spec, fn), save_dir / "reverse.png")
     if job.forward:
         save_png(forward_strip(model, data.load(cfg)[:8], seed), save_dir / "forward.png")
     if job.gif:
-        save_gif(denoise_frames(model, local, indices[:16], seed, spec), save_dir / "denoise.gif")
+        save_gif(denoise_frames(model, local, indices[:16], seed, spec, fn), save_dir / "denoise.gif")
     if ends is not None:
-        save_png(interpolation_strip(model, local, *ends), save_dir / "interpolate.png")
+        save_png(interpolation_strip(model, local, *ends, model_fn=fn), save_dir / "interpolate.png")
 
 
 def interpolation_ends(job: SampleJob, model: GaussianDiffusion, rt: Runtime
@@ -4596,11 +4863,11 @@ def edit_command(job: EditJob) -> int:
     rows = [j for j in range(len(images)) for _ in range(k)]
     strength = job.strength if job.strength is not None else (1.0 if job.masks else 0.5)
     edit = Edit(images[rows], strength, None if masks is None else masks[rows], job.jumps)
+    fn = sampling_fn(job, model, rt)
     with writing_to(job.out.save_dir, "edit", job.out.overwrite) as save_dir:
         t0 = time.time()
         out = sample_or_fail(lambda: generate(model, rt, [v for _ in images for v in range(k)], seed, spec,
-                                              job.batch_size, compile_=bool(job.device.compile), edit=edit),
-                             job.batch_size, cfg)
+                                              job.batch_size, model_fn=fn, edit=edit), job.batch_size, cfg)
         if is_rank0():
             write_edits(images, masks, out, k, cfg, save_dir)
             log(f"wrote {len(out)} edits of {len(images)} images to {save_dir} in {time.time() - t0:.1f} s (strength "
@@ -4628,7 +4895,7 @@ def invert_command(job: InvertJob) -> int:
     images = load_image_files(job.images, cfg.img_size, cfg.img_channels, job.background, "--invert")
     if not is_rank0():
         return 0
-    fn = sampling_net(model, rt)
+    fn = sampling_fn(job, model, rt)
     with writing_to(job.out.save_dir, "invert", job.out.overwrite) as save_dir:
         with torch.inference_mode():
             z = sample_or_fail(lambda: model.invert(to_model_range(images).to(rt.device), spec, fn), len(images), cfg)
@@ -4677,8 +4944,10 @@ def eval_command(job: EvalJob, features: Optional[Features] = None) -> int:
     n = job.samples or {"fid": 5000, "swd": 256}.get(job.kind, 16)
     spec = job.spec
 
+    fn = sampling_fn(job, model, rt)
+
     def samples(lo: int, hi: int) -> torch.Tensor:  # (hi - lo, C, H, W) uint8
-        return generate(model, rt, list(range(lo, hi)), seed, spec, job.batch_size)
+        return generate(model, rt, list(range(lo, hi)), seed, spec, job.batch_size, model_fn=fn)
     how = f"{spec.sampler}, {spec.steps_for(model.config.timesteps)} steps, seed {seed}"
     if job.kind == "fid":
         return eval_fid(job, obj, resolve_checkpoint(job.weights.path), model.config, samples, n, how, features)
@@ -5174,7 +5443,7 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(3).hex()
 
 
-RUN_LOGS = ("metrics.csv", "events.csv", "tensorboard", "best.pth")  # besides the rotating checkpoints
+RUN_LOGS = ("metrics.csv", "events.csv", "tensorboard", "best.pth", "guide.pth")  # besides the rotating checkpoints
 
 
 def run_files(folder: Path) -> List[Path]:

@@ -83,8 +83,11 @@ def test_each_section_uses_only_the_sections_above_it():
     for name, (node, sec) in defs.items():
         if sec == "preamble":
             continue
+        local = {a.arg for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.Lambda))
+                 for a in n.args.args + n.args.kwonlyargs} | {
+            n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
         used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
-                and n.id in defs and n.id != name}
+                and n.id in defs and n.id != name and n.id not in local}
         for u in used:
             u_sec = defs[u][1]
             if u_sec in APPENDICES:
@@ -112,7 +115,7 @@ def test_the_namespace_stops_at_the_parser_and_the_job_builders():
 
 
 def test_every_sampler_is_a_row_of_the_table():
-    assert set(ddpm.SAMPLERS) == {"ddpm", "ddim", "dpm++"}
+    assert set(ddpm.SAMPLERS) == {"ddpm", "ddim", "dpm++", "heun"}
     parser = ddpm.build_parser()
     choices = next(a.choices for a in parser._actions if a.dest == "sampler")
     assert list(choices) == list(ddpm.SAMPLERS)
@@ -120,7 +123,7 @@ def test_every_sampler_is_a_row_of_the_table():
     table = SOURCE.index("SAMPLERS: Dict[str, Sampler] = {")
     code = SOURCE[:table] + SOURCE[SOURCE.index("}\n", table):]
     assert not re.findall(r"sampler\s*[!=]=\s*[\"']|[\"'](ddpm|ddim|dpm\+\+)[\"']\s*(if|else)\b", code)
-    with pytest.raises(ddpm.DDPMError, match="--sampler must be one of ddpm, ddim, dpm\\+\\+, got 'heun2'"):
+    with pytest.raises(ddpm.DDPMError, match="--sampler must be one of ddpm, ddim, dpm\\+\\+, heun, got 'heun2'"):
         ddpm.SampleSpec("heun2").steps_for(1000)
 
 
