@@ -1984,6 +1984,8 @@ class Runtime:
     world: int = 1
     compile: bool = False
     group: bool = False       # a torch.distributed process group is running (torchrun, even with 1 process)
+    compile_mode: str = "default"        # COMPILE_MODES: default, or reduce-overhead (CUDA graphs)
+    channels_last: Optional[bool] = None  # the training layout; None: channels_last under compile on CUDA
 
     @property
     def distributed(self) -> bool:
@@ -1997,6 +1999,12 @@ class Runtime:
         """The same device and precision for this process alone, uncompiled (pictures drawn by rank 0)."""
         return Runtime(self.device, self.precision)
 
+    @property
+    def graphs(self) -> bool:
+        """Training runs as CUDA graphs: compiled in reduce-overhead mode on a GPU, never under torchrun."""
+        return (self.compile and self.compile_mode == "reduce-overhead" and self.device.type == "cuda"
+                and not self.distributed)
+
     def autocast(self):
         """Autocast context for the model call; a no-op in fp32."""
         if self.amp_dtype is None:
@@ -2004,8 +2012,11 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
+COMPILE_MODES = ("default", "reduce-overhead")
+
+
 def setup_runtime(device: Optional[str], precision: str = "auto", compile_flag: Optional[bool] = None,
-                  training: bool = False) -> Runtime:
+                  training: bool = False, compile_mode: str = "default") -> Runtime:
     """Decide device, precision, processes and compile in one place, after argument parsing, and
     say so once. A torchrun launch (WORLD_SIZE > 1) starts the process group: nccl on CUDA, gloo
     otherwise."""
@@ -2040,10 +2051,17 @@ def setup_runtime(device: Optional[str], precision: str = "auto", compile_flag: 
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")  # torchrun: one code path for any N
     if compile_flag is None:
         compile_flag = training and dev.type == "cuda"
-    rt = Runtime(dev, precision, rank, world, compile=resolve_compile(compile_flag, dev), group=dist.is_initialized())
+    rt = Runtime(dev, precision, rank, world, compile=resolve_compile(compile_flag, dev), group=dist.is_initialized(),
+                 compile_mode=compile_mode)
+    if rt.compile and compile_mode == "reduce-overhead" and rt.distributed:
+        log("note: --compile-mode reduce-overhead (CUDA graphs) is not used under torchrun: DistributedDataParallel's "
+            "gradient hooks run between the backward pass's kernels and cannot be captured; compiling in the default "
+            "mode")
+        rt.compile_mode = "default"
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
     log(f"device: {dev} ({name}; {why}) | precision: {precision} ({pwhy}) | compile: "
-        f"{'on' if rt.compile else 'off'}" + (f" | processes: {world} ({dist.get_backend()})" if rt.group else ""))
+        + (f"on ({rt.compile_mode})" if rt.compile else "off")
+        + (f" | processes: {world} ({dist.get_backend()})" if rt.group else ""))
     return rt
 
 
@@ -3089,18 +3107,22 @@ def loss_weights(model: GaussianDiffusion, t: torch.Tensor, tc: TrainConfig) -> 
 # -- the run's state ---------------------------------------------------------------------------
 
 class EMA:
-    """Exponential moving average of the weights, with warm-up min(decay, (1 + n) / (10 + n))."""
+    """Exponential moving average of the weights, with warm-up min(decay, (1 + n) / (10 + n)) at update n.
+    The count n and the decay live on the device (no host value changes from step to step, so the
+    update could be captured in a CUDA graph)."""
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, step: int = 0):
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self._ema = list(self.model.parameters())
         self._src = list(model.parameters())
+        self.n = torch.full((), float(step), device=self._src[0].device)  # updates so far
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self._ema, self._src, 1.0 - d)
+    def update(self) -> None:
+        weight = 1.0 - torch.clamp((1 + self.n) / (10 + self.n), max=self.decay)
+        torch._foreach_lerp_(self._ema, self._src, weight)
+        self.n += 1
 
 
 class StopRequest:
@@ -3281,22 +3303,22 @@ class LossStats:
     """Device-side sums of the loss and of skipped (non-finite) steps, read only at sync points, so
     the hot path has no host sync: since the last log line, since the epoch began, and in all."""
 
+    NAMES = ("loss_sum", "good_steps", "epoch_loss_sum", "epoch_good", "bad_total", "bad_run", "bad_run_max")
+
     def __init__(self, device: torch.device):
-        zero = lambda: torch.zeros((), device=device)  # noqa: E731
-        self.loss_sum, self.good_steps = zero(), zero()        # since the last log line
-        self.epoch_loss_sum, self.epoch_good = zero(), zero()  # since the epoch began
-        self.bad_total, self.bad_run, self.bad_run_max = zero(), zero(), zero()  # skipped: in all, in a row
+        # one tensor, so that an update is a handful of kernels: the loss and good steps since the last
+        # log line and since the epoch began, the skipped steps in all, in a row, and the longest run
+        self.acc = torch.zeros(len(self.NAMES), device=device)
+        for i, name in enumerate(self.NAMES):
+            setattr(self, name, self.acc[i])  # views: zero_() and item() work on them
 
     def add(self, loss: torch.Tensor, bad: torch.Tensor) -> None:
         """One update: its loss (not counted where bad = 1, a skipped step)."""
-        self.bad_total += bad
-        self.bad_run = (self.bad_run + 1) * bad
-        torch.maximum(self.bad_run_max, self.bad_run, out=self.bad_run_max)
         loss = torch.where(bad > 0, torch.zeros_like(loss), loss)
-        self.loss_sum += loss
-        self.good_steps += 1 - bad
-        self.epoch_loss_sum += loss
-        self.epoch_good += 1 - bad
+        good = 1 - bad
+        self.acc[:5] += torch.stack([loss, good, loss, good, bad])
+        self.acc[5] = (self.acc[5] + 1) * bad
+        self.acc[6] = torch.maximum(self.acc[6], self.acc[5])
 
 
 @dataclass
@@ -3476,6 +3498,11 @@ class Trainer:
         if resume is not None:
             self._restore(resume)
         self.stats, self.clock = LossStats(rt.device), Clock()
+        if self.ema is not None:
+            self.ema.n.fill_(self.pos.step)  # its warm-up counts the run's updates
+        self._found_inf = torch.zeros(1, device=rt.device)  # the fused finite check's flag
+        self._one = torch.ones(1, device=rt.device)
+        self.lr = self.lr_at(self.pos.step, self.pos.images_seen)  # the last update's rate, for the logs
         self.last_loss: Optional[float] = resume.get("last_loss") if resume else None
         self.first_step = self.pos.step
         self.sync_every = 1 if rt.device.type == "cpu" else max(1, min(tc.log_every, 25))
@@ -3499,8 +3526,9 @@ class Trainer:
         torch.manual_seed(mix_seed(self.seed, -1))  # initial weights from the seed, the same on every rank
         self.model = build_diffusion(self.cfg, dropout=self.tc.dropout).to(dev)
         # channels_last pays only under torch.compile: eager GroupNorm returns the standard layout,
-        # so every convolution would convert back and forth
-        self.channels_last = dev.type == "cuda" and rt.compile
+        # so every convolution would convert back and forth (rt.channels_last overrides, for measuring)
+        self.channels_last = (dev.type == "cuda" and rt.compile) if rt.channels_last is None else rt.channels_last
+        self.graphs = rt.graphs
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if source is not None:
@@ -3515,7 +3543,19 @@ class Trainer:
         if rt.distributed:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        self.compiled_model = torch.compile(self.train_model) if rt.compile else self.train_model
+        self.compiled_model = self._compiled()
+
+    def _compiled(self):
+        """The training module, compiled as the runtime says (or itself). Under CUDA graphs the gradients
+        are allocated once and only zeroed between updates, so that accumulation adds into the same
+        memory at every step instead of taking the graph's output buffers (which the next replay reuses)."""
+        if not self.rt.compile:
+            return self.train_model
+        if self.graphs:
+            for p in self.model.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        return torch.compile(self.train_model, mode=self.rt.compile_mode if self.graphs else None)
 
     def _lay_out_batches(self) -> None:
         """Global batch B = world * micro * accum; on a GPU the micro-batch and the data's place follow
@@ -3541,9 +3581,10 @@ class Trainer:
                            auto_accum and not self.rt.distributed, self.batches.nbytes)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
+        """Adam, fused where torch has it for the device, with its rate a device tensor."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         try:
-            opt = torch.optim.Adam(params, lr=self.tc.lr, fused=True)
+            opt = torch.optim.Adam(params, lr=torch.tensor(self.tc.lr, device=self.rt.device), fused=True)
             self.fused = True
         except (RuntimeError, TypeError, ValueError):
             opt = torch.optim.Adam(params, lr=self.tc.lr)
@@ -3593,8 +3634,7 @@ class Trainer:
             for k, v in state.items():
                 if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
                     state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
-        for g in self.opt.param_groups:
-            g["lr"] = self.tc.lr
+        self._set_lr(self.tc.lr)
         if obj.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(obj["scaler"])
         self.pos = Position(int(obj["step"]), int(obj["epoch"]), int(obj.get("epoch_step", 0)),
@@ -3698,9 +3738,14 @@ class Trainer:
         self._update()
 
     def _free_failed_attempt(self) -> None:
-        """Drop what a failed forward/backward left: gradients, the partial loss, cached blocks."""
+        """Drop what a failed forward/backward left: gradients, the partial loss, cached blocks. Under
+        CUDA graphs also the graphs and their memory pool: the next micro-batch is a new shape, which
+        records new graphs."""
         self.opt.zero_grad(set_to_none=True)
         self.step_loss = None
+        if self.graphs:
+            torch._dynamo.reset()
+            self.compiled_model = self._compiled()
         gc.collect()
         if self.rt.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -3717,6 +3762,8 @@ class Trainer:
                 x = x.contiguous(memory_format=torch.channels_last)
                 noise = noise.contiguous(memory_format=torch.channels_last)
             sync = self.train_model.no_sync() if rt.distributed and k < self.accum - 1 else contextlib.nullcontext()
+            if self.graphs:  # a new replay: the previous one's outputs (loss) have been read
+                torch.compiler.cudagraph_mark_step_begin()
             with sync:
                 with rt.autocast():
                     loss = self.compiled_model(x, t, noise, loss_weights(self.model, t, self.tc))
@@ -3738,9 +3785,8 @@ class Trainer:
     def _update(self) -> None:
         """One optimizer step, skipped on the device (no host sync) when the loss or the gradients
         are not finite; the skip is counted, and the loss of a skipped step is left out of the logs."""
-        lr = self.lr_at(self.pos.step, self.pos.images_seen)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
+        self.lr = self.lr_at(self.pos.step, self.pos.images_seen)
+        self._set_lr(self.lr)
         if self.rt.distributed:  # the global batch's loss on every rank: logged, and the same skip decision
             dist.all_reduce(self.step_loss)
             self.step_loss /= self.rt.world
@@ -3749,21 +3795,34 @@ class Trainer:
             self.scaler.step(self.opt)
             self.scaler.update()
         else:
+            # one fused check of every gradient for inf and NaN into a device flag (the kernel GradScaler
+            # uses, unscaling by 1), or-ed with the loss's own check
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            total = torch.stack(torch._foreach_norm(grads)).sum() + self.step_loss
-            bad = (~torch.isfinite(total)).float()
+            self._found_inf.copy_((~torch.isfinite(self.step_loss)).float().view(1))
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found_inf, self._one)
+            bad = self._found_inf[0].clamp(max=1.0)
             if self.fused:
                 self.opt.found_inf = bad  # the fused kernel skips the update on the device, no sync
                 self.opt.step()
             elif bad.item() == 0:
                 self.opt.step()
         self.stats.add(self.step_loss, bad)
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=not self.graphs)  # under CUDA graphs the gradients keep their addresses
         if self.ema is not None:
-            self.ema.update(self.pos.step)
+            self.ema.update()
         self.pos.step += 1
         self.pos.epoch_step += 1
         self.pos.images_seen += self.batch
+
+    def _set_lr(self, lr: float) -> None:
+        """Adam's rate: fused Adam holds it on the device, filled in place (no new host value per step)."""
+        for g in self.opt.param_groups:
+            if self.fused:
+                if not isinstance(g["lr"], torch.Tensor):
+                    g["lr"] = torch.tensor(float(g["lr"]), device=self.rt.device)
+                g["lr"].fill_(lr)
+            else:
+                g["lr"] = lr
 
     def weights_finite(self) -> bool:
         """Host sync: whether every weight is finite (and their norm does not overflow)."""
@@ -3967,7 +4026,7 @@ class Trainer:
         progress.update(task, info=f"{text} | {ips:,.0f} img/s{left}")
         metrics.metric(step=pos.step, epoch=pos.epoch, images_seen=pos.images_seen,
                        loss=round(loss, 6) if loss is not None else "", skipped=n - good,
-                       lr=self.opt.param_groups[0]["lr"], img_per_s=round(ips, 1), wall_time=round(now, 3))
+                       lr=self.lr, img_per_s=round(ips, 1), wall_time=round(now, 3))
 
     def _stop_reason(self, deadline: Optional[float]) -> Stop:
         """Stop.DONE to go on, else why to stop. --max-steps is the same step on every rank; clocks,
@@ -4195,6 +4254,9 @@ def build_parser() -> ArgParser:
                    help="auto: bf16 on GPUs that have it, else fp16 with GradScaler; fp32 on CPU")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile (default: on for CUDA training, off otherwise)")
+    g.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="training under --compile: default, or reduce-overhead (CUDA graphs: fewer kernel launches "
+                        "from Python; not under torchrun)")
 
     g = p.add_argument_group("tools")
     g.add_argument("--info", type=str, default=None, metavar="CKPT", help="describe a checkpoint and exit")
@@ -4345,11 +4407,13 @@ class Weights:
 
 @dataclass(frozen=True)
 class Device:
-    """Where and how a command runs: --device, --precision, --compile (None: decided in setup_runtime)."""
+    """Where and how a command runs: --device, --precision, --compile (None: decided in setup_runtime),
+    --compile-mode."""
 
     device: Optional[str] = None
     precision: str = "auto"
     compile: Optional[bool] = None
+    compile_mode: str = "default"
 
 
 @dataclass(frozen=True)
@@ -4489,7 +4553,7 @@ def job_from_args(args, typed: frozenset):
         return InfoJob(args.info, args.plot, Outputs(Path(args.save_dir), args.overwrite))
     if args.export is not None:
         return ExportJob(weights, Path(args.export), args.overwrite)
-    device = Device(args.device, args.precision, args.compile)
+    device = Device(args.device, args.precision, args.compile, args.compile_mode)
     out, spec = Outputs(Path(args.save_dir), args.overwrite), sample_spec_from_args(args)
     guided = dict(guide=Weights(args.guide, True), guidance=2.0 if args.guidance is None else args.guidance) \
         if args.guide else {}
@@ -4656,7 +4720,8 @@ def train_command(job: TrainJob, started: float) -> int:
         if first:
             guard_run_folder(job.ckpt_dir, run.run_id, run.kind != "fresh", job.out.overwrite, run.path, run.step)
             save_dir = output_folder(save_dir, "train", job.out.overwrite)
-        rt = setup_runtime(job.device.device, run.train.precision, job.device.compile, training=True)
+        rt = setup_runtime(job.device.device, run.train.precision, job.device.compile, training=True,
+                           compile_mode=job.device.compile_mode)
         return train_run(job, rt, run, save_dir, started)
     finally:
         lock.release()

@@ -55,20 +55,42 @@ def fresh():
         torch.cuda.reset_peak_memory_stats()
 
 
-def forward_flops(cfg: ddpm.ModelConfig) -> float:
-    """FLOPs of one forward pass of the UNet on one image (torch's FLOP counter)."""
+def forward_flops(cfg: ddpm.ModelConfig) -> dict:
+    """FLOPs of one forward pass of the UNet on one image: torch's FLOP counter, plus the attention
+    products where it did not count them (its CPU path misses F.scaled_dot_product_attention): per
+    attention block over L = H*W positions of C channels, Q K^T and the weighted sum of V, 4 L^2 C."""
     from torch.utils.flop_counter import FlopCounterMode
 
     net = ddpm.UNet.from_config(cfg)
+    shapes = []
+    for m in net.modules():
+        if isinstance(m, ddpm.AttentionBlock):
+            m.register_forward_hook(lambda mod, inp, out: shapes.append(tuple(inp[0].shape)))
     x = torch.randn(1, cfg.img_channels, cfg.img_size, cfg.img_size)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         net(x, torch.zeros(1, dtype=torch.long))
-    return float(fc.get_total_flops())
+    counted = float(fc.get_total_flops())
+    ops = {str(op) for by_op in fc.get_flop_counts().values() for op in by_op}
+    attention = float(sum(4 * (h * w) ** 2 * c for _, c, h, w in shapes))
+    sdpa_counted = any("scaled_dot_product" in op for op in ops)
+    total = counted if sdpa_counted else counted + attention
+    return {"total": total, "attention": attention, "counter": counted, "sdpa_counted": sdpa_counted}
 
 
-def bench_train(cfg, device, batch, precision, compile_, steps, warmup, flops, profile=None):
+LAYOUTS = {"auto": (None, False), "channels_last": (True, False), "nchw": (False, False), "nchw-opt": (False, True)}
+
+
+def bench_train(cfg, device, batch, precision, compile_, steps, warmup, flops, profile=None, mode="default",
+                layout="auto"):
+    """Training img/s of one configuration: compile mode default or reduce-overhead (CUDA graphs), and
+    the layout: auto (channels_last under compile on CUDA), channels_last, nchw, or nchw with
+    inductor's own layout optimisation forced on (TORCHINDUCTOR_FORCE_LAYOUT_OPT=1)."""
     fresh()
-    rt = ddpm.setup_runtime(device, precision, compile_, training=True)
+    channels_last, force_opt = LAYOUTS[layout]
+    import torch._inductor.config as inductor_config
+    inductor_config.force_layout_optimization = force_opt
+    rt = ddpm.setup_runtime(device, precision, compile_, training=True, compile_mode=mode)
+    rt.channels_last = channels_last
     tc = ddpm.TrainConfig(batch_size=batch, precision=precision)
     n = batch * (warmup + steps + 2)  # one epoch covers every step: no reshuffle inside the timing
     data = torch.randint(0, 256, (n, cfg.img_channels, cfg.img_size, cfg.img_size), dtype=torch.uint8)
@@ -88,10 +110,11 @@ def bench_train(cfg, device, batch, precision, compile_, steps, warmup, flops, p
     sync()
     dt = time.perf_counter() - t0
     ips = steps * batch / dt
-    tflops = ips * 3 * flops / 1e12  # forward + backward ~ 3 forwards
+    tflops = ips * 3 * flops["total"] / 1e12  # forward + backward ~ 3 forwards
     peak = next((v for k, v in PEAK_BF16 if k in device_name()), None)
     cuda = rt.device.type == "cuda"
-    emit(what="train", batch=batch, precision=rt.precision, compile=rt.compile, micro=tr.micro, accum=tr.accum,
+    emit(what="train", batch=batch, precision=rt.precision, compile=rt.compile, mode=rt.compile_mode if rt.compile
+         else None, graphs=tr.graphs, layout=layout, channels_last=tr.channels_last, micro=tr.micro, accum=tr.accum,
          data_on_gpu=tr.batches.on_device if cuda else None, img_per_s=round(ips, 1), first_step_s=round(first, 2),
          peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
          plan=tr.memory_note or None, tflops=round(tflops, 2),
@@ -140,8 +163,11 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     p.add_argument("--precisions", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--compile-modes", nargs="+", default=None, choices=["on", "off"],
-                   help="training with and/or without torch.compile (default: on where CUDA is)")
+    p.add_argument("--compile-modes", nargs="+", default=None, choices=["on", "off", "graphs"],
+                   help="training with torch.compile (on: default mode; graphs: reduce-overhead, CUDA graphs) and/or "
+                        "without (default: on where CUDA is)")
+    p.add_argument("--layouts", nargs="+", default=["auto"], choices=list(LAYOUTS),
+                   help="training layouts to measure (auto: channels_last under compile on CUDA)")
     p.add_argument("--mem-cap-gib", type=float, default=None,
                    help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction)")
     p.add_argument("--profile", type=str, default=None, metavar="FILE",
@@ -173,15 +199,17 @@ def main():
     cfg = cfg.validate()
     flops = forward_flops(cfg)
     emit(what="model", params_m=round(sum(p.numel() for p in ddpm.UNet.from_config(cfg).parameters()) / 1e6, 2),
-         gflops_per_forward=round(flops / 1e9, 2), img_size=cfg.img_size)
+         gflops_per_forward=round(flops["total"] / 1e9, 3), attention_gflops=round(flops["attention"] / 1e9, 3),
+         counter_gflops=round(flops["counter"] / 1e9, 3), sdpa_counted=flops["sdpa_counted"], img_size=cfg.img_size)
     if a.only in (None, "train"):
-        configs = [(b, pr, m) for b in a.batches for pr in a.precisions for m in modes]
-        for k, (b, pr, m) in enumerate(configs):
+        configs = [(b, pr, m, lay) for b in a.batches for pr in a.precisions for m in modes for lay in a.layouts]
+        for k, (b, pr, m, lay) in enumerate(configs):
             try:
-                bench_train(cfg, device, b, pr, m == "on", a.steps, a.warmup, flops,
-                            a.profile if k == len(configs) - 1 else None)
+                bench_train(cfg, device, b, pr, m != "off", a.steps, a.warmup, flops,
+                            a.profile if k == len(configs) - 1 else None,
+                            mode="reduce-overhead" if m == "graphs" else "default", layout=lay)
             except (torch.OutOfMemoryError, ddpm.TrainingError) as e:
-                emit(what="train", batch=b, precision=pr, compile=m == "on", error=str(e).splitlines()[0][:200])
+                emit(what="train", batch=b, precision=pr, compile=m, layout=lay, error=str(e).splitlines()[0][:200])
     if a.only in (None, "sample"):
         fresh()
         rt = ddpm.setup_runtime(device, "auto", False)

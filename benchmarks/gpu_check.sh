@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Run every CUDA path of ddpm.py once and measure it beside the original script, in one call.
 #
-#   bash benchmarks/gpu_check.sh            # on a CUDA machine: about 7 minutes on an H100
+#   bash benchmarks/gpu_check.sh            # on a CUDA machine: at most 9 minutes (GPU_CHECK_SECONDS)
 #   bash benchmarks/gpu_check.sh --quick    # dry run on a CPU: tiny sizes, the same steps
 #
 # Every figure is a JSON line in gpu_check.jsonl (in $OUT when it is set, else a temporary folder);
-# the logs of each part sit beside it. The steps, in order:
-#   1. benchmarks/bench.py (default model: training at batch 64 and 256, every sampler, a profile)
-#      and the original's timing script (.shared/bench/seed_baseline.py, or $SEED_BASELINE);
+# the logs of each part sit beside it. The decisive figures come first, since a cold compile takes
+# 85-90 s on an H200; no part starts once GPU_CHECK_SECONDS (default 510) have passed, and each is
+# cut at what is left. The steps, in order:
+#   0. training under CUDA graphs (--compile-mode reduce-overhead) against the default compile mode,
+#      at batch 64 and 256, beside the original's timing script (.shared/bench/seed_baseline.py, or
+#      $SEED_BASELINE); then the layouts at batch 256: channels_last, NCHW, NCHW with inductor's layout
+#      optimisation forced on;
+#   1. benchmarks/bench.py (default model: every sampler, compiled sampling, a profile);
 #   2. the command line end to end: --train on a generated image folder with compile, previews and
 #      checkpoints; --loadckpt ... --num-samples 100 --compile (CUDA graphs, padded last batch);
 #      --resume (eager);
@@ -16,7 +21,7 @@
 #      compile on and off, with peak memory;
 #   5. torchrun --standalone --nproc_per_node 1 (NCCL on CUDA, gloo on a CPU);
 #   6. the out-of-memory retry: batch 256 with --grad-accum 1 under an 8 GiB cap.
-# GPU_CHECK_ONLY="memory torchrun" runs only those parts (bench cli precision memory torchrun oom);
+# GPU_CHECK_ONLY="memory torchrun" runs only those parts (graphs layout bench cli precision memory torchrun oom);
 # MEMORY_COMPILE_MODES="off" leaves out the compiled runs of part 4.
 set -u
 cd "$(dirname "$0")/.."
@@ -24,15 +29,26 @@ QUICK=0
 [ "${1:-}" = "--quick" ] && QUICK=1
 PY=${PYTHON:-python3}
 OUTDIR=${OUT:-$(mktemp -d)}
+mkdir -p "$OUTDIR"
 W=$(mktemp -d)
 LOG=$OUTDIR/gpu_check.jsonl
 CLI=$OUTDIR/cli.log
 BASELINE=${SEED_BASELINE:-.shared/bench/seed_baseline.py}
 ONLY=${GPU_CHECK_ONLY:-all}
+LIMIT=${GPU_CHECK_SECONDS:-510}
+START=$(date +%s)
 export PYTHONUNBUFFERED=1
 : > "$LOG"
 
-want() { [ "$ONLY" = all ] || [[ " $ONLY " == *" $1 "* ]]; }
+left() { echo $((LIMIT - ($(date +%s) - START))); }
+# want PART: the part was asked for, and there is time left to start it
+want() {
+  if [ "$(left)" -le 10 ]; then
+    echo "{\"what\": \"step\", \"name\": \"$1\", \"rc\": -1, \"note\": \"not started: the time is up\"}" | tee -a "$LOG"
+    return 1
+  fi
+  [ "$ONLY" = all ] || [[ " $ONLY " == *" $1 "* ]]
+}
 echo "gpu_check: figures in $LOG, work folder $W"
 
 # step NAME SECONDS LOGFILE CMD...: run CMD with a time limit, append its output to LOGFILE and
@@ -40,8 +56,11 @@ echo "gpu_check: figures in $LOG, work folder $W"
 step() {
   local name=$1 limit=$2 logf=$3
   shift 3
-  local t0
+  local t0 cap
   t0=$(date +%s.%N)
+  cap=$(left)
+  [ "$cap" -lt "$limit" ] && limit=$cap
+  [ "$limit" -lt 1 ] && limit=1
   echo "=== $name: $*" >> "$logf"
   timeout "$limit" "$@" > "$W/step.out" 2>&1
   local rc=$?
@@ -94,9 +113,20 @@ else
   BENCH=(--profile "$OUTDIR/profile.txt"); BASE=()
 fi
 
+# 0. the decisive figures: CUDA graphs in training, then the layouts
+if [ "$QUICK" = 1 ]; then
+  GRAPH_ARGS=(--quick --only train --compile-modes on graphs); LAYOUT_ARGS=(--quick --only train --compile-modes on)
+else
+  GRAPH_ARGS=(--only train --batches 64 256 --compile-modes on graphs --steps 30 --warmup 5)
+  LAYOUT_ARGS=(--only train --batches 256 --compile-modes on --steps 20 --warmup 5)
+fi
+want graphs && step graphs 260 "$OUTDIR/bench.log" "$PY" benchmarks/bench.py "${GRAPH_ARGS[@]}"
+want layout && step layout 200 "$OUTDIR/bench.log" "$PY" benchmarks/bench.py "${LAYOUT_ARGS[@]}" \
+  --layouts channels_last nchw nchw-opt
+
 # 1. speed and memory beside the original
 if want bench; then
-  step bench 300 "$OUTDIR/bench.log" "$PY" benchmarks/bench.py "${BENCH[@]}"
+  step bench 300 "$OUTDIR/bench.log" "$PY" benchmarks/bench.py "${BENCH[@]}" --only sample
   if [ "$QUICK" = 1 ]; then  # its autocast("cpu") runs bf16 emulated on a CPU: minutes per sampling step
     echo '{"what": "step", "name": "seed_baseline", "rc": -1, "note": "skipped in --quick"}' | tee -a "$LOG"
   elif [ -f "$BASELINE" ]; then

@@ -6,7 +6,6 @@ Most runs call ddpm.main(argv) in-process (one torch import for the whole file);
 need a real process (SIGKILL, SIGTERM from outside, the pickle payload through the CLI) start
 `python ddpm.py`.
 """
-import io
 import os
 import pickle
 import random

@@ -5,7 +5,6 @@ checkpoint rotation, picking the newest checkpoint, seeds, resume, fine-tune and
 The two main commands run as subprocesses in a tmp folder (relative paths, as typed); the
 variations call ddpm.main in this process, which is much cheaper on two cores.
 """
-import csv
 import os
 import shutil
 import subprocess

@@ -329,7 +329,9 @@ def test_ema_warmup_and_decay():
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(torch.randn_like(p) * 3)
-        ema.update(step)
+        ema.n.fill_(step)  # its count of updates, on the device
+        ema.update()
+        assert ema.n.item() == step + 1
         shadow = [d * e + (1 - d) * p.detach().double() for e, p in zip(shadow, model.parameters())]
         for q, e in zip(ema.model.parameters(), shadow):
             torch.testing.assert_close(q.double(), e, rtol=1e-6, atol=1e-6)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ddpm
+from conftest import MODEL as MODEL_FLAGS
 from test_checkpoints import make_trainer, one_step, train
 
 GiB = 2 ** 30
@@ -257,3 +258,80 @@ def test_resume_across_memory_layouts_gives_adam_state_in_the_parameters_layout(
         assert torch.equal(a["exp_avg"], b["exp_avg"])  # same values, new layout
     one_step(resumed)
     assert resumed.pos.step == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# training under CUDA graphs (--compile-mode reduce-overhead): the logic, on the CPU
+# ----------------------------------------------------------------------------------------------
+
+def fake_graphs(monkeypatch) -> dict:
+    """Run the CUDA-graphs code path on the CPU: the runtime says graphs, torch.compile returns the
+    module itself (what matters here is what the trainer does around it), and the calls to
+    cudagraph_mark_step_begin and to the compiler's reset are counted."""
+    calls = {"mark": 0, "reset": 0, "compile": []}
+    monkeypatch.setattr(ddpm.Runtime, "graphs", property(lambda self: self.compile and not self.distributed))
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: calls["compile"].append(kw.get("mode")) or m)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.__setitem__("mark", calls["mark"] + 1))
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: calls.__setitem__("reset", calls["reset"] + 1))
+    return calls
+
+
+def graph_trainer(accum: int = 2):
+    job = ddpm.parse_command_line(["--train", "--demo", "--demo-images", "8", *MODEL_FLAGS, "--batch-size", "4", "--dropout",
+                                   "0", "--grad-accum", str(accum), "--seed", "0"])
+    rt = ddpm.Runtime(torch.device("cpu"), "fp32", compile=True, compile_mode="reduce-overhead")
+    return ddpm.Trainer(job.train, rt, job.cfg.validate(), ddpm.Batches(ddpm.demo_faces(8, 8), rt.device, 0), 0)
+
+
+def test_cuda_graph_training_keeps_gradients_in_place_and_matches_eager(monkeypatch):
+    plain = make_trainer("--dropout", "0", "--grad-accum", "2")
+    for _ in range(3):
+        plain.train_step()
+    calls = fake_graphs(monkeypatch)
+    tr = graph_trainer(accum=2)
+    assert tr.graphs and calls["compile"] == ["reduce-overhead"]
+    assert all(p.grad is not None for p in tr.model.parameters())  # allocated before the first replay
+    where = [p.grad.data_ptr() for p in tr.model.parameters()]
+    for _ in range(3):
+        tr.train_step()
+        assert [p.grad.data_ptr() for p in tr.model.parameters()] == where  # accumulation adds in place
+    assert calls["mark"] == 3 * 2  # one replay per micro-batch
+    for k, v in plain.model.state_dict().items():  # the same updates as without graphs
+        assert torch.equal(v, tr.model.state_dict()[k]), k
+
+
+def test_cuda_graph_oom_retry_records_new_graphs_and_torchrun_stays_in_default_mode(monkeypatch, capsys):
+    calls = fake_graphs(monkeypatch)
+    tr = graph_trainer(accum=1)
+    real = tr.compiled_model
+    failed = []
+
+    def flaky(x, t, noise, w=None):
+        if not failed:
+            failed.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        return real(x, t, noise, w)
+    tr.compiled_model = flaky
+    tr.train_step()
+    assert calls["reset"] == 1 and calls["compile"] == ["reduce-overhead", "reduce-overhead"]  # the old pool freed
+    assert (tr.micro, tr.accum, tr.pos.step) == (2, 2, 1)
+    monkeypatch.undo()
+    cuda = torch.device("cuda")
+    assert ddpm.Runtime(cuda, "bf16", compile=True, compile_mode="reduce-overhead").graphs
+    assert not ddpm.Runtime(cuda, "bf16", world=2, compile=True, compile_mode="reduce-overhead").graphs  # DDP hooks
+    assert not ddpm.Runtime(cuda, "bf16", compile=True).graphs
+
+
+def test_cuda_graph_training_resumes_exactly_from_the_command_line(monkeypatch, tmp_path):
+    fake_graphs(monkeypatch)
+    base = ["--train", "--demo", "--demo-images", "8", *MODEL_FLAGS, "--batch-size", "4", "--seed", "1", "--device", "cpu",
+            "--no-run-pictures", "--sample-every", "0"]
+    graphs = [*base, "--compile", "--compile-mode", "reduce-overhead"]
+    assert ddpm.main([*graphs, "--max-steps", "5", "--ckpt-save-dir", str(tmp_path / "a"), "--save-dir", str(tmp_path / "o")]) == 0
+    assert ddpm.main([*graphs, "--max-steps", "3", "--ckpt-save-dir", str(tmp_path / "b"), "--save-dir", str(tmp_path / "o")]) == 0
+    assert ddpm.main(["--train", "--resume", "--max-steps", "5", "--compile", "--compile-mode", "reduce-overhead",
+                      "--ckpt-save-dir", str(tmp_path / "b"), "--save-dir", str(tmp_path / "o")]) == 0
+    a, b = (ddpm.read_checkpoint(ddpm.newest_checkpoint(tmp_path / r)) for r in ("a", "b"))
+    assert a["step"] == b["step"] == 5
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k

@@ -5,7 +5,6 @@ Most runs call ddpm.main in this process (cheaper than a new interpreter on two 
 absolute --ckpt-save-dir / --save-dir so the working directory does not matter; --time-budget
 goes through a subprocess because it is measured on the wall clock.
 """
-import csv
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ import pytest
 import torch
 
 import ddpm
-from conftest import DDPM, MODEL, ROOT as REPO, pixels, rows
+from conftest import MODEL, ROOT as REPO, pixels, rows
 
 TINY = [*MODEL, "--batch-size", "4", "--device", "cpu"]
 # 16 demo faces, batch 4: 4 steps per epoch
