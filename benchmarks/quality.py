@@ -30,10 +30,18 @@ and optimiser as its Trainer sets them, sampled with its DDIM at 25 and 100 step
     python benchmarks/quality.py --data $E --scale S --only "demo recipe" --seeds 1 --out s.jsonl
     python benchmarks/quality.py --table s.jsonl                   # the Markdown table of a results file
     python benchmarks/quality.py --data $E --scale S --speed       # training img/s only, ours and the peer's
+    python benchmarks/quality.py --data $E --scale S --edm --out e.jsonl        # the EDM family (below)
+
+--edm measures the EDM family on one trained model of a recipe (--recipe, default the demo recipe):
+SWD at --calls model calls (default 10 25 50) of each sampler and grid in EDM_SAMPLERS and of 100
+ancestral steps; autoguidance by EMA snapshots of the same run at --guide-fractions of it (what
+--guide-snapshot saves) at weights --guidance-weights, sampled with the default sampler; and the
+recipe with --objective edm, trained the same way, sampled with each of them at 25 calls.
 
 Prints one JSON object per line (and appends them to --out), then the table in Markdown.
 """
 import argparse
+import copy
 import json
 import math
 import shutil
@@ -67,6 +75,10 @@ SCALES = {
     "M": dict(model=dict(num_channels=64, channel_multiples=(1, 2, 2, 2), has_attn=(False, False, True, True),
                          num_blocks=2), dropout=0.1, batch=16, steps=800, lr=5e-4, peer_dim=72),
 }
+
+
+# --edm: (sampler, grid) pairs, each at every --calls
+EDM_SAMPLERS = (("heun", "karras"), ("dpm++", "logsnr"), ("dpm++", "karras"))
 
 
 def colour_gap(fake: torch.Tensor, real: torch.Tensor) -> dict:
@@ -107,6 +119,47 @@ def ours(name: str, cfg: ddpm.ModelConfig, tc: ddpm.TrainConfig, train: torch.Te
         return row
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def edm_family(name: str, cfg: ddpm.ModelConfig, tc: ddpm.TrainConfig, train: torch.Tensor, real: torch.Tensor,
+               n: int, seed: int, rt, calls, fractions, weights, emit) -> None:
+    """Train one recipe, keeping EMA snapshots at `fractions` of the run (as --guide-snapshot does), then
+    emit one row per sampler, grid and number of calls, per guide and weight (the default sampler)."""
+    tmp = Path(tempfile.mkdtemp())
+    snap_steps = {max(1, round(f * tc.max_steps)): f for f in fractions}
+    guides = {}
+    real_step = ddpm.Trainer.train_step
+
+    def train_step(self):  # the EMA weights at the snapshot steps, kept in memory
+        real_step(self)
+        if self.pos.step in snap_steps:
+            guides[snap_steps[self.pos.step]] = copy.deepcopy(self.ema.model).eval()
+    ddpm.Trainer.train_step = train_step
+    try:
+        t0 = time.time()
+        trainer = ddpm.train(cfg, tc, train, tmp / "ckpt", tmp / "out", device=str(rt.device), seed=seed)
+    finally:
+        ddpm.Trainer.train_step = real_step
+        shutil.rmtree(tmp, ignore_errors=True)
+    base = {"what": "edm", "recipe": name, "seed": seed, "steps": trainer.pos.step, "train_s": round(time.time() - t0, 1)}
+    model = trainer.sampling_view()
+    net = ddpm.sampling_net(model, rt.local(), False)
+
+    def row(spec: ddpm.SampleSpec, fn=None, **extra):
+        t1 = time.time()
+        fake = ddpm.generate(model, rt.local(), range(n), 0, spec, batch_size=128, show_progress=False, model_fn=fn)
+        r = dict(base, sampler=spec.sampler, grid=spec.grid or spec.row.grid, calls=spec.steps_for(cfg.timesteps), **extra,
+                 sample_s=round(time.time() - t1, 1))
+        emit(dict(r, **measure(fake, real, "default")))
+    for sampler, grid in EDM_SAMPLERS:
+        for k in calls:
+            row(ddpm.SampleSpec(sampler, k, grid=grid))
+    if not cfg.objective == "edm":
+        row(ddpm.SampleSpec("ddpm", 100))
+    for f, guide in sorted(guides.items()):
+        gnet = ddpm.sampling_net(guide, rt.local(), False)
+        for w in weights:
+            row(ddpm.SampleSpec(), ddpm.Guidance(net, guide, gnet, w), guide_fraction=f, guidance=w)
 
 
 def peer(scale: dict, train: torch.Tensor, real: torch.Tensor, n: int, seed: int, steps: int, speed_only=False):
@@ -178,6 +231,16 @@ def table(rows: list) -> str:
             c = r["colour_ddim25"]
             out.append(f"| {r['name']}, its DDIM 25 (100: {r['swd_ddim100']:.2f}) | {r['seed']} | {r['swd_ddim25']:.2f} "
                        f"| {c['mean']:.1f} / {c['std']:.1f} | – | {r['img_per_s']:.1f} | {r['params'] / 1e6:.2f}M |")
+    edm = [r for r in rows if r["what"] == "edm"]
+    if edm:
+        out.append("\n| recipe | seed | sampler / grid | model calls | guide (fraction, weight) | SWD | colour gap "
+                   "(mean / std) | sampling s |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        for r in edm:
+            c = r["colour_default"]
+            g = f"{r['guide_fraction']:g}, {r['guidance']:g}" if "guidance" in r else "–"
+            out.append(f"| {r['recipe']} | {r['seed']} | {r['sampler']} / {r['grid']} | {r['calls']} | {g} | "
+                       f"{r['swd_default']:.2f} | {c['mean']:.1f} / {c['std']:.1f} | {r['sample_s']:.1f} |")
     return "\n".join(out)
 
 
@@ -197,6 +260,12 @@ def main():
     p.add_argument("--table", default=None, metavar="FILE", help="print the table of a results file and exit")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a dry run")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--edm", action="store_true", help="the EDM family on one recipe (see above)")
+    p.add_argument("--recipe", default="demo recipe", help="--edm: the recipe (a name in RECIPES)")
+    p.add_argument("--calls", type=int, nargs="+", default=[10, 25, 50], help="--edm: model calls per image")
+    p.add_argument("--guide-fractions", type=float, nargs="*", default=[0.25, 0.5], help="--edm: guide snapshots")
+    p.add_argument("--guidance-weights", type=float, nargs="*", default=[1.5, 2, 2.5], help="--edm: guidance weights")
+    p.add_argument("--no-edm-objective", action="store_true", help="--edm: leave out the --objective edm recipe")
     a = p.parse_args()
     if a.table:
         print(table([json.loads(line) for line in Path(a.table).read_text().splitlines() if line.strip()]))
@@ -243,6 +312,17 @@ def main():
     tc = ddpm.TrainConfig(batch_size=batch, lr=scale["lr"], lr_schedule="cosine", warmup_steps=min(50, steps // 4),
                           ema_decay=0.999, epochs=epochs, max_steps=steps, sample_every=0, log_every=10 ** 6,
                           dropout=scale["dropout"])
+    if a.edm:
+        for seed in a.seeds:
+            cfg, tc_r = recipe_configs(scale, recipes[a.recipe], a.img_size, tc)
+            edm_family(a.recipe, cfg, tc_r, train, real_a, n, seed, rt, a.calls, a.guide_fractions,
+                       a.guidance_weights, emit)
+            if not a.no_edm_objective:
+                cfg, tc_r = recipe_configs(scale, dict(recipes[a.recipe], objective="edm"), a.img_size, tc)
+                edm_family(f"{a.recipe}, objective edm", cfg, tc_r, train, real_a, n, seed, rt, [25], [], [], emit)
+        print()
+        print(table(rows))
+        return
     for seed in a.seeds:
         for name, recipe in recipes.items():
             if a.only is not None and name not in a.only:
