@@ -40,7 +40,7 @@ def files(root: Path) -> list:
 
 def test_train_from_python_writes_what_the_command_line_writes(tmp_path):
     argv = ["--train", "--demo", "--demo-images", "8", *MODEL, "--batch-size", "4", "--max-steps", "3", "--epochs", "2",
-            "--sample-every", "2", "--log-every", "1", "--seed", "4", "--device", "cpu"]
+            "--sample-every", "2", "--log-every", "1", "--seed", "4", "--device", "cpu", "--eval-every", "0"]
     cli, api = tmp_path / "cli", tmp_path / "api"
     assert ddpm.main([*argv, "--ckpt-save-dir", str(cli / "ckpt"), "--save-dir", str(cli / "out")]) == 0
     job = ddpm.parse_command_line(argv)

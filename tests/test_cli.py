@@ -106,7 +106,9 @@ def test_sampling_from_a_checkpoint_equals_the_live_model(trained):
                         show_progress=False)
     assert (got.permute(0, 2, 3, 1).numpy() == want).all()
 
-    by_hand = ddpm.GaussianDiffusion(ddpm.UNet(3, 32, (1, 2), (False, True), 1, time_cond="scale-shift"), 50)
+    by_hand = ddpm.GaussianDiffusion(ddpm.UNet(3, 32, (1, 2), (False, True), 1, time_cond="scale-shift",
+                                               norm_groups=CFG.norm_groups),
+                                     50, config=CFG)  # the schedule and objective are the config's
     by_hand.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["ema"])
     by_hand.eval()
     by_hand.config = CFG  # generate reads the image shape from it

@@ -199,8 +199,8 @@ def predicted_output(sampler, ts, eta, variance="large"):
 
 
 def run_sampler(sampler, steps, eta, model_fn, seed=0, variance="large", objective="eps"):
-    # T = 1000, the default schedule; model_fn replaces eps_model
-    d = ddpm.GaussianDiffusion(Affine(), config=ddpm.ModelConfig(objective=objective))
+    # T = 1000, the original's linear schedule; model_fn replaces eps_model
+    d = ddpm.GaussianDiffusion(Affine(), config=ddpm.ModelConfig(objective=objective, beta_schedule="linear"))
     g = torch.Generator().manual_seed(seed)
     ts = []
 

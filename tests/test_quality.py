@@ -91,7 +91,7 @@ def test_losses_match_their_closed_forms(objective):
     snr = ab / (1 - ab)
     w = snr.clamp(max=5) / (snr if objective == "eps" else snr + 1)
     for weight, want in (("none", per.mean()), ("min-snr", (w * per).mean())):
-        d = ddpm.GaussianDiffusion(Fixed(), config=ddpm.ModelConfig(objective=objective))
+        d = ddpm.GaussianDiffusion(Fixed(), config=ddpm.ModelConfig(objective=objective, beta_schedule="linear"))
         w_got = ddpm.loss_weights(d, t, ddpm.TrainConfig(loss_weight=weight))
         torch.testing.assert_close(d(x0, t, noise, w_got), want.float(), rtol=1e-5, atol=1e-6)
 
@@ -143,6 +143,21 @@ def test_checkpoints_without_the_new_fields_load_as_the_original(tiny_run, tmp_p
     # and the model flags' defaults do not change a file of the original script either
     legacy = ddpm.config_from_checkpoint({"eps_model.x": torch.zeros(1)}, tmp_path / "old.pth", {}, ddpm.ModelConfig())
     assert legacy.time_cond == "add" and legacy.legacy_attention
+    assert (legacy.norm_groups, legacy.objective, legacy.beta_schedule) == (32, "eps", "linear")
+
+
+def test_new_models_get_the_recipe_that_won_and_the_original_flags_still_name_its_own(tmp_path):
+    """The README's first used-by command trains the measured recipe; typing the original's four
+    choices gives exactly the original's model config."""
+    job = ddpm.parse_command_line(["--train", "--data-folders", str(tmp_path)])
+    c = job.cfg
+    assert (c.time_cond, c.norm_groups, c.objective, c.beta_schedule) == ("scale-shift", 32, "v", "cosine")
+    demo = ddpm.parse_command_line(["--train", "--demo"]).cfg  # 8 groups won at the demo's 32 channels
+    assert (demo.time_cond, demo.norm_groups, demo.objective, demo.beta_schedule) == ("scale-shift", 8, "v", "cosine")
+    assert c == ddpm.ModelConfig()  # the parser and the dataclass agree
+    job = ddpm.parse_command_line(["--train", "--data-folders", str(tmp_path), "--time-cond", "add",
+                                   "--norm-groups", "32", "--objective", "eps", "--beta-schedule", "linear"])
+    assert job.cfg == ddpm.ModelConfig(**ddpm.OLD_CHECKPOINT_DEFAULTS)
 
 
 def test_new_defaults_change_the_parameter_count_only_by_the_projections():
