@@ -4302,9 +4302,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     args = parser.parse_args(argv)
     typed = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     typed = frozenset(a.dest for a in parser._actions if typed.intersection(a.option_strings))
-    if "--demo" in argv and "eval_every" not in typed and not (
-            args.train and (not args.data_folders or args.holdout or args.eval_folders)):
-        args.eval_every = 0  # the preset measures demo training, or a folder with held-out images, only
+    if "--demo" in argv and "eval_every" not in typed and not args.train:
+        args.eval_every = 0  # the preset measures training (quality_probe decides whether it can)
     check_flags(args, typed)
     return args, typed
 
@@ -4781,9 +4780,9 @@ def quality_probe(job: TrainJob, run: RunStart, cfg: ModelConfig, tc: TrainConfi
     if run.data.folders and "eval_every" in job.typed:
         raise DDPMError("--eval-every needs held-out images the run does not train on: add --holdout 5% (or a number "
                         "that leaves 2 x --eval-samples images out), or --eval-folders DIR")
-    if run.data.folders:  # kept from a demo run resumed on a folder: nothing held out to measure on
-        log("eval: off (the run's --eval-every, but these folders have no held-out images; --holdout 5% or "
-            "--eval-folders DIR turns it on)")
+    if run.data.folders:  # from --demo's preset or a resumed run, on folders with nothing held out
+        log("eval: off (--eval-every from --demo or the resumed run, but these folders have no held-out images; "
+            "--holdout 5% or --eval-folders DIR turns it on)")
         return None
     k = run.data.demo_images
     faces = replace(run.data, demo_images=k + 2 * n).load(cfg, quiet=True)[k:]
