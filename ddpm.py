@@ -4818,8 +4818,9 @@ def sampling_fn(job: ModelJob, model: GaussianDiffusion, rt: Runtime) -> ModelFn
         raise DDPMError(f"--guide {job.guide.path} makes {gcfg.img_channels}x{gcfg.img_size}x{gcfg.img_size} images, "
                         f"the model {cfg.img_channels}x{cfg.img_size}x{cfg.img_size}; a guide must be a model of the "
                         f"same data")
-    log(f"guidance: weight {job.guidance:g} with the guide {guide.source.describe()}: two networks per model call "
-        f"(about twice the time)")
+    cost = ("two networks per model call (about twice the time)" if job.guidance != 1 else
+            "weight 1 is plain sampling, so the guide is not run")
+    log(f"guidance: weight {job.guidance:g} with the guide {guide.source.describe()}: {cost}")
     return Guidance(net, guide, sampling_net(guide, rt, bool(job.device.compile)), job.guidance)
 
 

@@ -174,6 +174,9 @@ def test_guide_snapshot_and_guidance_from_the_command_line(tmp_path, capsys):
     base = ["--loadckpt", str(tmp_path / "ckpt"), "--device", "cpu", "--num-samples", "2", "--seed", "1"]
     assert ddpm.main([*base, "--guide", str(tmp_path / "ckpt" / "guide.pth"), "--guidance", "1",
                       "--save-dir", str(tmp_path / "g1")]) == 0
+    assert "weight 1 is plain sampling, so the guide is not run" in capsys.readouterr().out
+    assert ddpm.main([*base, "--guide", str(tmp_path / "ckpt" / "guide.pth"), "--guidance", "2",
+                      "--save-dir", str(tmp_path / "g2")]) == 0
     assert "two networks per model call" in capsys.readouterr().out
     assert ddpm.main([*base, "--save-dir", str(tmp_path / "plain")]) == 0
     assert (pixels(tmp_path / "g1" / "ddpm-0.png") == pixels(tmp_path / "plain" / "ddpm-0.png")).all()
