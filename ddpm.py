@@ -1013,7 +1013,7 @@ class GaussianDiffusion(nn.Module):
         guide evaluated at the same noise level. spec.clip clamps x_0 to [-1, 1] and uses the matching eps."""
         ab_t = self.ab(t)
         x0, eps = self.x0_and_eps(x, self.network(x, t, ab_t, model_fn), ab_t)
-        if isinstance(model_fn, Guidance) and model_fn.weight != 1:
+        if isinstance(model_fn, Guidance) and model_fn.runs_guide:
             g = model_fn.guide
             tg = t if g.same_schedule(self) else g.t_of_sigma(math.sqrt((1 - ab_t) / ab_t))
             x0_g = g.x0_and_eps(x, g.network(x, tg, ab_t, model_fn.guide_net), ab_t)[0]
@@ -1204,6 +1204,11 @@ class Guidance:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.net(x, t)
+
+    @property
+    def runs_guide(self) -> bool:
+        """False at weight 1, where D = D_model exactly and the guide is not evaluated."""
+        return self.weight != 1
 
 
 def sampler_row(name: str) -> Sampler:
@@ -4818,10 +4823,11 @@ def sampling_fn(job: ModelJob, model: GaussianDiffusion, rt: Runtime) -> ModelFn
         raise DDPMError(f"--guide {job.guide.path} makes {gcfg.img_channels}x{gcfg.img_size}x{gcfg.img_size} images, "
                         f"the model {cfg.img_channels}x{cfg.img_size}x{cfg.img_size}; a guide must be a model of the "
                         f"same data")
-    cost = ("two networks per model call (about twice the time)" if job.guidance != 1 else
+    fn = Guidance(net, guide, sampling_net(guide, rt, bool(job.device.compile)), job.guidance)
+    cost = ("two networks per model call (about twice the time)" if fn.runs_guide else
             "weight 1 is plain sampling, so the guide is not run")
     log(f"guidance: weight {job.guidance:g} with the guide {guide.source.describe()}: {cost}")
-    return Guidance(net, guide, sampling_net(guide, rt, bool(job.device.compile)), job.guidance)
+    return fn
 
 
 def load_for_sampling(weights: Weights, rt: Runtime, what: str = "model") -> Tuple[GaussianDiffusion, dict]:
