@@ -277,6 +277,17 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "DefaultCPUAllocator" in text)
 
 
+@contextlib.contextmanager
+def memory_or(message: str):
+    """Memory running out inside (on the GPU or the CPU) becomes one line: DDPMError(message)."""
+    try:
+        yield
+    except (MemoryError, OverflowError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not is_out_of_memory(e):
+            raise
+        raise DDPMError(f"{message} ({first_line(e, 60)})") from None
+
+
 def available_ram() -> Optional[int]:
     """Bytes of memory free for this process where the system says (POSIX sysconf), else None."""
     if hasattr(os, "sysconf"):
@@ -366,6 +377,11 @@ class ModelConfig:
         for name in ("img_size", "num_blocks"):
             if getattr(self, name) < 1:
                 raise DDPMError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name, top in (("img_size", 4096), ("num_channels", 4096), ("num_blocks", 64), ("timesteps", 100_000)):
+            if getattr(self, name) > top:
+                raise DDPMError(f"--{name.replace('_', '-')} must be at most {top:,}, got {getattr(self, name):,}")
+        if len(self.channel_multiples) > 10 or max(self.channel_multiples) > 64:
+            raise DDPMError(f"--channel-multiples takes at most 10 values of at most 64, got {list(self.channel_multiples)}")
         factor = 2 ** (len(self.channel_multiples) - 1)
         if self.img_size < factor or self.img_size % factor:
             raise DDPMError(f"--img-size {self.img_size} cannot be halved {len(self.channel_multiples) - 1} times "
@@ -398,6 +414,11 @@ class ModelConfig:
         values that reproduce what it was trained as (OLD_CHECKPOINT_DEFAULTS), not today's defaults;
         fields that have since moved to TrainConfig (dropout, the loss weighting) are left out here."""
         known = {f.name for f in fields(cls)}
+        for name, kind in (("channel_multiples", int), ("has_attn", bool)):  # before __post_init__ converts them
+            v = d.get(name, [])
+            if not (isinstance(v, (list, tuple)) and all(isinstance(x, kind) and (kind is bool or not isinstance(x, bool))
+                                                         for x in v)):
+                raise DDPMError(f"{name} must be a list of {'integers' if kind is int else 'true/false'}, got {v!r}")
         return cls(**{**OLD_CHECKPOINT_DEFAULTS, **{k: v for k, v in d.items() if k in known}})
 
 
@@ -1007,6 +1028,13 @@ class GaussianDiffusion(nn.Module):
         grid = GRIDS[spec.grid or spec.row.grid](self, (calls + per - 1) // per)
         return grid if start is None else [t for t in grid if t <= start]
 
+    def calls(self, spec: SampleSpec, start: Optional[float] = None) -> int:
+        """The model calls per image that sampling with `spec` makes (what --steps asks for, where the
+        grid allows it): one per grid step, or for a sampler with two calls per step two for each step
+        but the last into x_0, which takes one."""
+        n, per = len(self.grid(spec, start)), spec.row.calls
+        return n if per == 1 else per * (n - 1) + 1
+
     def predict(self, x: torch.Tensor, t: float, spec: SampleSpec, model_fn: ModelFn) -> Tuple[torch.Tensor, torch.Tensor]:
         """(x_0, eps) of the model at (x, t), t an integer timestep or between two. With a Guidance as
         model_fn (autoguidance), x_0 = x_0 of the guide + w (x_0 of the model - x_0 of the guide), the
@@ -1360,6 +1388,20 @@ def find_image_files(folders: Sequence, flag: str = "--data-folders") -> Tuple[L
     return images, others
 
 
+def shared_images(folders: Sequence, others: Sequence, flag: str, other_flag: str) -> Tuple[int, int]:
+    """(how many of the image files under `folders` are also under `others`, how many there are): the
+    same file, by device and inode, so links and folders given twice count too."""
+    def keys(fs, fl) -> set:
+        out = set()
+        for path in find_image_files(fs, fl)[0]:
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                out.add((st.st_dev, st.st_ino))
+        return out
+    mine = keys(folders, flag)
+    return len(mine & keys(others, other_flag)), len(mine)
+
+
 def load_images(folders: Sequence, img_size: int = 64, img_channels: int = 3,
                 background: Tuple[int, int, int] = (255, 255, 255), workers: Optional[int] = None,
                 quiet: bool = False, flag: str = "--data-folders") -> torch.Tensor:
@@ -1451,6 +1493,10 @@ def load_masks(masks: Sequence, images: Sequence, img_size: int) -> torch.Tensor
             arr = np.asarray(m.convert("RGB"), dtype=np.int16)
         if int((arr.max(2) - arr.min(2)).max()) > 48:
             raise DDPMError(f"--mask {mpath} is in colour; use black and white (white = redraw, black = keep)")
+        grey = float(((arr[:, :, 0] > 31) & (arr[:, :, 0] < 224)).mean())
+        if grey > 0.01:
+            log(f"note: {100 * grey:.0f}% of the pixels of --mask {mpath} are grey (neither black nor white); after "
+                f"resizing to the model's size, those lighter than mid-grey are redrawn and the darker ones kept")
         for ipath in (images if len(masks) == 1 else [images[k]]):
             isize = _oriented_size(Path(ipath), "--init-images")
             if isize != size:
@@ -1616,6 +1662,19 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
+def save_or_explain(path: Path, state: dict, aborted: bool = False) -> None:
+    """save_checkpoint during training; a write that fails (a full disk) is one line saying that the
+    files already there are kept and how to go on. aborted: a second Ctrl-C came (torch.save reports
+    it as a failed write), which stays an abort."""
+    try:
+        save_checkpoint(path, state)
+    except (OSError, RuntimeError) as e:
+        if aborted:
+            raise KeyboardInterrupt from None
+        raise DDPMError(f"could not write {path} ({first_line(e)}); the files already in {path.parent} are kept; "
+                        f"free some disk space and continue with --resume") from None
+
+
 def read_checkpoint(path) -> dict:
     """Load a .pth checkpoint as data only (weights_only=True), or a .safetensors export.
 
@@ -1698,16 +1757,23 @@ def is_legacy_state_dict(obj: dict) -> bool:
         isinstance(k, str) and k.startswith("eps_model.") and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def checkpoint_meta(path: Path) -> Tuple[int, Optional[str]]:
-    """(step, run id) recorded in a checkpoint, read memory-mapped (cheap); (-1, None) where there
-    is none. Checkpoints from before run ids are told apart by their seed."""
-    if not Path(path).is_file():  # a FIFO or a device would block the read
-        return -1, None
+def peek_checkpoint(path: Path) -> dict:
+    """A checkpoint read memory-mapped (cheap: the tensors are not read), or {} where the file is not a
+    readable ddpm.py checkpoint (or not a regular file: a FIFO or a device would block the read)."""
+    if not Path(path).is_file():
+        return {}
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
-        return -1, None
-    if not isinstance(obj, dict) or is_legacy_state_dict(obj):
+        return {}
+    return obj if isinstance(obj, dict) and not is_legacy_state_dict(obj) else {}
+
+
+def checkpoint_meta(path: Path) -> Tuple[int, Optional[str]]:
+    """(step, run id) recorded in a checkpoint (peek_checkpoint); (-1, None) where there is none.
+    Checkpoints from before run ids are told apart by their seed."""
+    obj = peek_checkpoint(path)
+    if not obj:
         return -1, None
     step = obj.get("step", -1)
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
@@ -1865,7 +1931,7 @@ def _check_data_record(data, holdout, bad) -> None:
     if data is not None:
         if not isinstance(data, dict):
             raise bad("data record", "is not a dict")
-        for k in ("folders", "resolved"):
+        for k in ("folders", "resolved", "eval_folders"):
             if not isinstance(data.get(k, []), list) or not all(isinstance(f, str) for f in data.get(k, [])):
                 raise bad("data record", f"has {k} that are not a list of paths")
         n = data.get("demo_images") or 0
@@ -2052,6 +2118,9 @@ def setup_runtime(device: Optional[str], precision: str = "auto", compile_flag: 
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     precision, pwhy = auto_precision(dev) if precision == "auto" else (precision, "--precision")
+    if dev.type == "cpu" and precision != "fp32":
+        warn_once(f"--precision {precision} on the CPU: autocast runs the convolutions and matrix products in "
+                  f"{precision}, which most CPUs compute no faster than fp32, and less precisely; fp32 is the CPU's default")
     if (world > 1 or os.environ.get("TORCHELASTIC_RUN_ID")) and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")  # torchrun: one code path for any N
     if compile_flag is None:
@@ -2526,18 +2595,30 @@ def save_picture(grid: torch.Tensor, cfg: ModelConfig, path: Path) -> None:
     save_png(upscale(grid, 2 if cfg.img_size <= 32 else 1), path)
 
 
-def read_metric_rows(metrics_csv: Path, column: str) -> List[Tuple[int, int, float]]:
+def read_metric_rows(metrics_csv: Path, column: str, bad: Optional[list] = None) -> List[Tuple[int, int, float]]:
     """(step, images seen, value) of the rows of metrics.csv whose `column` is a finite number (a
-    skipped step has no loss; only evaluation rows have an SWD)."""
+    skipped step has no loss; only evaluation rows have an SWD). `bad`, where given, collects the
+    steps whose `column` holds something that is not a finite number."""
     out = []
     with contextlib.suppress(OSError, UnicodeDecodeError, csv.Error):
         with open(metrics_csv, newline="", encoding="utf-8") as f:
             for r in csv.DictReader(f):
                 with contextlib.suppress(TypeError, ValueError):
-                    step, images, value = int(r.get("step")), int(r.get("images_seen") or 0), float(r.get(column))
+                    step, images = int(r.get("step")), int(r.get("images_seen") or 0)
+                    text = r.get(column)
+                    value = float("nan") if text in (None, "") else float("nan") if not _is_number(text) else float(text)
                     if math.isfinite(value):
                         out.append((step, images, value))
+                    elif text not in (None, "") and bad is not None:
+                        bad.append(step)
     return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def read_loss_rows(metrics_csv: Path) -> List[Tuple[int, float]]:
@@ -2574,19 +2655,25 @@ def plot_png(xs: Sequence[float], ys: Sequence[float], out: Path, xlabel: str, y
     return True
 
 
-def write_loss_curve(metrics_csv: Path, out: Path) -> None:
-    """loss.png: the logged loss against the step."""
-    rows = read_loss_rows(metrics_csv)
-    if len(rows) >= 2:
-        plot_png([r[0] for r in rows], [r[1] for r in rows], out, "step", "loss (MSE of the predicted eps or v)", True)
-
-
-def write_quality_curve(metrics_csv: Path, out: Path, floor: Optional[float]) -> None:
-    """quality.png: the SWD of --eval-every against the images seen, with the real-vs-real floor."""
-    rows = read_metric_rows(metrics_csv, "swd")
-    if len(rows) >= 2:
-        plot_png([r[1] for r in rows], [r[2] for r in rows], out, "images seen", "SWD x1e3 (lower is better)",
-                 floor=floor, floor_label="real vs real")
+def write_curve(metrics_csv: Path, out: Path, column: str, floor: Optional[float] = None,
+                objective: str = "v") -> str:
+    """loss.png (column "loss": the logged loss against the step) or quality.png ("swd": the SWD of
+    --eval-every against the images seen, with the real-vs-real floor) from metrics.csv. Returns what
+    happened, for the caller's line: "" when written, else why not."""
+    bad: List[int] = []
+    rows = read_metric_rows(metrics_csv, column, bad)
+    skipped = f"; {len(bad)} rows hold no number there (e.g. step {bad[0]})" if bad else ""
+    if len(rows) < 2:
+        return f"{out.name} not drawn: metrics.csv has {len(rows)} row{'s' if len(rows) != 1 else ''} with a {column} " \
+               f"(2 are needed){skipped}"
+    if column == "loss":
+        what = {"eps": "eps", "v": "v", "edm": "EDM's F"}.get(objective, "output")
+        drawn = plot_png([r[0] for r in rows], [r[2] for r in rows], out, "step", f"loss (MSE of the predicted {what})",
+                         True)
+    else:
+        drawn = plot_png([r[1] for r in rows], [r[2] for r in rows], out, "images seen", "SWD x1e3 (lower is better)",
+                         floor=floor, floor_label="real vs real")
+    return skipped[2:] if drawn and skipped else ""  # not drawn: plot_png has said why
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2633,8 +2720,18 @@ def eval_datasets(obj: dict, cfg: ModelConfig, flags: DataFlags = DataFlags(), n
                             f"so the held-out split cannot be rebuilt; give --eval-folders DIR")
     if flags.eval_folders:
         held = load_images(flags.eval_folders, cfg.img_size, cfg.img_channels, flags.background, flag="--eval-folders")
-        what = "--eval-folders " + " ".join(flags.eval_folders)
+        what = "--eval-folders " + " ".join(flags.eval_folders) + trained_on(flags.eval_folders, src)
     return data, held, what
+
+
+def trained_on(eval_folders: Sequence[str], src: DataSource) -> str:
+    """For what --eval says it compares with: a note where --eval-folders holds training images too."""
+    k, n = shared_images(eval_folders, src.folders, "--eval-folders", src.flag) if src.folders else (0, 0)
+    if k:
+        warn_once(f"{k} of the {n} images of --eval-folders are training images of the model ({src.describe()}): "
+                  f"not held out")
+        return f" ({k} of them training images)"
+    return ""
 
 
 # -- negative log-likelihood -------------------------------------------------------------------
@@ -2761,6 +2858,8 @@ def inception_features(weights: Optional[str], device: torch.device) -> Features
                         "`pip install pytorch-fid`") from None
     expected = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_NAME
     src = Path(weights) if weights else expected
+    if weights and src.is_dir():
+        raise DDPMError(f"--fid-weights {src} is a folder; name the file {FID_WEIGHTS_NAME} itself")
     if not src.is_file():
         what = f"--fid-weights {src} does not exist" if weights else "the FID Inception weights are not on disk"
         raise DDPMError(f"{what} (nothing is downloaded): get {FID_WEIGHTS_URL} and put it at {expected}, "
@@ -3055,7 +3154,7 @@ TRAIN_RULES = {
     "batch_size": (int, lambda v: v >= 1, "at least 1"),
     "grad_accum": (int, lambda v: v >= 1, "at least 1"),
     "auto_accum": (bool, lambda v: True, "true or false"),
-    "lr": ((int, float), lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
+    "lr": ((int, float), lambda v: 0 < v <= 1, "a positive number up to 1"),
     "lr_schedule": (str, lambda v: v in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}"),
     "warmup_steps": (int, lambda v: v >= 0, "0 or more"),
     "epochs": (int, lambda v: v >= 1, "at least 1"),
@@ -3069,12 +3168,12 @@ TRAIN_RULES = {
     "tensorboard": (bool, lambda v: True, "true or false"),
     "dropout": ((int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
     "loss_weight": (str, lambda v: v in LOSS_WEIGHTS, f"one of {', '.join(LOSS_WEIGHTS)}"),
-    "min_snr_gamma": ((int, float), lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
-    "edm_p_mean": ((int, float), lambda v: math.isfinite(v), "a finite number"),
-    "edm_p_std": ((int, float), lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
+    "min_snr_gamma": ((int, float), lambda v: 0 < v <= 1e6, "a positive number up to 1e6"),
+    "edm_p_mean": ((int, float), lambda v: -10 <= v <= 10, "in [-10, 10] (ln sigma: sigma from 4.5e-5 to 22,000)"),
+    "edm_p_std": ((int, float), lambda v: 0 < v <= 10, "in (0, 10]"),
     "guide_snapshot": ((int, float), lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     "eval_every": (int, lambda v: v >= 0, "0 or more"),
-    "eval_samples": (int, lambda v: v >= 2, "at least 2"),
+    "eval_samples": (int, lambda v: 2 <= v <= 65536, "from 2 to 65,536"),
 }
 # the settings --resume takes from the run's checkpoint unless typed again (flag names for messages)
 RESUMED_SETTINGS = {name: "--" + name.replace("_", "-") for name in (
@@ -3180,18 +3279,22 @@ class MetricsLog:
         self.tb = None
         if not enabled:
             return
-        folder.mkdir(parents=True, exist_ok=True)
-        for path, cols in ((self.metrics, self.METRICS), (self.events, self.EVENTS)):
-            rows = self._rows_until(path, start_step) if start_step > 0 else []
-            text = io.StringIO(newline="")
-            w = csv.DictWriter(text, cols)
-            w.writeheader()
-            w.writerows({c: r.get(c, "") for c in cols} for r in rows)
-            atomic_write(path, lambda f: f.write(text.getvalue().encode()))  # a kill here keeps the old log
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            # purge_step hides events at steps >= it: the checkpoint's own step stays, as in metrics.csv
-            self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for path, cols in ((self.metrics, self.METRICS), (self.events, self.EVENTS)):
+                rows = self._rows_until(path, start_step) if start_step > 0 else []
+                text = io.StringIO(newline="")
+                w = csv.DictWriter(text, cols)
+                w.writeheader()
+                w.writerows({c: r.get(c, "") for c in cols} for r in rows)
+                atomic_write(path, lambda f: f.write(text.getvalue().encode()))  # a failure keeps the old log
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                # purge_step hides events at steps >= it: the checkpoint's own step stays, as in metrics.csv
+                self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        except OSError as e:
+            raise DDPMError(f"could not write the run's logs in {folder} ({e.strerror or first_line(e)}); the files "
+                            f"there are kept; free some disk space and start again") from None
 
     @staticmethod
     def _rows_until(path: Path, step: int) -> List[dict]:
@@ -3381,6 +3484,12 @@ class QualityProbe:
         self.floor = swd(other, self.real, seed)["mean"]
         self.n, self.every, self.seed, self.what = n, every, seed, what
         self.spec = SampleSpec()  # the default sampler: what users sample with
+        # how it measures, in one value: the images compared against, the floor's images, the seed of the
+        # samples and the sampler; a best.pth measured otherwise is never replaced by this probe's best
+        h = hashlib.sha256(json.dumps([n, seed, self.spec.to_dict()]).encode())
+        for imgs in (self.real, other):
+            h.update(imgs.contiguous().numpy().tobytes())
+        self.key = h.hexdigest()[:16]
         self.best_step: Optional[int] = None
         self.best_swd: Optional[float] = None
         self.seconds, self.count = 0.0, 0
@@ -3406,7 +3515,7 @@ class QualityProbe:
             t0 = time.time()
             net(x, t)
         per_step = time.time() - t0
-        return per_step * self.spec.steps_for(model.timesteps) * math.ceil(self.n / b) * 1.1
+        return per_step * model.calls(self.spec) * math.ceil(self.n / b) * 1.1
 
     def improves(self, step: int, value: float) -> bool:
         """Whether `value` at `step` is the best so far (then it is recorded as such)."""
@@ -3416,14 +3525,22 @@ class QualityProbe:
         return True
 
     def record(self) -> dict:
-        """What checkpoints keep of it: the best step and SWD, the floor and the held-out set's size."""
+        """What checkpoints keep of it: the best step and SWD, the floor, the held-out set's size and
+        name, and its key (how it measures)."""
         return {"best_step": self.best_step, "best_swd": self.best_swd, "floor": self.floor, "n": self.n,
-                "every": self.every}
+                "every": self.every, "key": self.key, "what": self.what}
 
-    def restore(self, rec: Optional[dict]) -> None:
-        """A resumed run's best so far, where its checkpoint recorded one with the same held-out set."""
-        if isinstance(rec, dict) and rec.get("n") == self.n and isinstance(rec.get("best_swd"), (int, float)):
-            self.best_step, self.best_swd = rec.get("best_step"), float(rec["best_swd"])
+    def restore(self, rec: Optional[dict]) -> Optional[str]:
+        """A continued run's best so far, where its checkpoint recorded one measured the same way (the
+        same key); otherwise the best starts again and the reason is returned, for one line."""
+        if not isinstance(rec, dict) or not isinstance(rec.get("best_swd"), (int, float)):
+            return None
+        if rec.get("key") != self.key:
+            return (f"the run's best (SWD {rec['best_swd']:.2f} at step {rec.get('best_step')}) was measured with "
+                    f"{rec.get('n')} samples against {rec.get('what') or 'another held-out set'}, this run measures "
+                    f"with {self.n} against {self.what}")
+        self.best_step, self.best_swd = rec.get("best_step"), float(rec["best_swd"])
+        return None
 
 
 # -- the pictures of a run -----------------------------------------------------------------------
@@ -3439,16 +3556,24 @@ class RunPictures:
     def __init__(self, folder: Path, final: int = 64, strips: bool = True):
         self.folder, self.final, self.strips = Path(folder), final, strips and is_rank0()
 
+    @staticmethod
+    def memory(name: str):
+        return memory_or(f"out of memory drawing {name}; free memory, or leave the run's pictures out "
+                         f"(--no-run-pictures, --sample-every 0)")
+
     def before(self, tr: "Trainer") -> None:
         if self.strips:
-            save_png(upscale(reverse_strip(tr.sampling_view(ema=False), tr.rt.local(), tr.seed, 8, tr.tc.preview), 2),
-                     self.folder / "run-before.png")
+            with self.memory("run-before.png"):
+                strips = reverse_strip(tr.sampling_view(ema=False), tr.rt.local(), tr.seed, 8, tr.tc.preview)
+            save_png(upscale(strips, 2), self.folder / "run-before.png")
 
     def preview(self, tr: "Trainer", metrics: MetricsLog, n: int = 16) -> Path:
         model = tr.sampling_view(ema=True)
         was_training = model.training
         model.eval()
-        imgs = generate(model, tr.rt.local(), list(range(n)), tr.seed, tr.tc.preview, batch_size=n, show_progress=False)
+        with self.memory("a preview"):
+            imgs = generate(model, tr.rt.local(), list(range(n)), tr.seed, tr.tc.preview, batch_size=n,
+                            show_progress=False)
         model.train(was_training)
         grid = image_grid(imgs, nrow=int(math.ceil(math.sqrt(n))))
         path = self.folder / "preview" / f"step-{tr.pos.step:07d}.png"
@@ -3459,13 +3584,20 @@ class RunPictures:
     def after(self, tr: "Trainer", ckpt_dir: Path, stop: Stop) -> None:
         if not is_rank0():
             return
-        write_loss_curve(ckpt_dir / "metrics.csv", self.folder / "loss.png")
+        why = write_curve(ckpt_dir / "metrics.csv", self.folder / "loss.png", "loss", objective=tr.cfg.objective)
+        if why:
+            log(f"note: {why}")
         if tr.probe is not None:
-            write_quality_curve(ckpt_dir / "metrics.csv", self.folder / "quality.png", tr.probe.floor)
+            why = write_curve(ckpt_dir / "metrics.csv", self.folder / "quality.png", "swd", tr.probe.floor)
+            if why:
+                log(f"note: {why}")
         if self.strips and not stop.by_signal:
             model, spec = tr.sampling_view(ema=True), tr.tc.preview
-            save_png(upscale(reverse_strip(model, tr.rt.local(), tr.seed, 8, spec), 2), self.folder / "run-after.png")
-            grid = image_grid(generate(model, tr.rt.local(), list(range(self.final)), tr.seed, spec))
+            with self.memory("run-after.png"):
+                strips = reverse_strip(model, tr.rt.local(), tr.seed, 8, spec)
+            save_png(upscale(strips, 2), self.folder / "run-after.png")
+            with self.memory("final-grid.png"):
+                grid = image_grid(generate(model, tr.rt.local(), list(range(self.final)), tr.seed, spec))
             save_picture(grid, tr.cfg, self.folder / "final-grid.png")
             log(f"wrote {self.folder / 'run-before.png'}, {self.folder / 'run-after.png'} and "
                 f"{self.folder / 'final-grid.png'}")
@@ -3515,7 +3647,7 @@ class Trainer:
         self.stop: Optional[StopRequest] = None        # while fit runs: the signals asking it to stop
         self.failure: Optional[DDPMError] = None       # an error that stops the run after a checkpoint
         self.probe: Optional[QualityProbe] = None      # while fit runs with --eval-every
-        self.quality_record = (resume or {}).get("quality")  # the best so far of a resumed run
+        self.quality_record = (resume or init or {}).get("quality")  # the best so far of a continued run
 
     def _seed_noise(self, *at: int) -> None:
         """Seed the two streams of training noise from (seed, *at): the diffusion noise generator
@@ -3699,13 +3831,7 @@ class Trainer:
                                 f"the last checkpoint is kept")
         state = self.state_dict()  # collective under torchrun
         if is_rank0():
-            try:
-                save_checkpoint(path, state)
-            except (OSError, RuntimeError) as e:
-                if self.stop is not None and self.stop.aborted:  # a second Ctrl-C (torch.save reports it so)
-                    raise KeyboardInterrupt from None
-                raise DDPMError(f"could not write {path} ({first_line(e)}); the checkpoints already in {path.parent} "
-                                f"are kept; free some disk space and continue with --resume") from None
+            save_or_explain(path, state, self.stop is not None and self.stop.aborted)
             if log_ is not None:
                 self._output(log_.event, self.pos.step, "checkpoint", path)
         barrier(self.rt)
@@ -3863,6 +3989,8 @@ class Trainer:
         self.probe, self.clock.t_start = (probe if is_rank0() else None), time.time()
         if self.probe is not None:
             self._start_probe(ckpt_dir, metrics)
+        if tc.guide_snapshot and is_rank0():
+            self._plan_guide(ckpt_dir)
         self.first_step = pos.step
         self.model.train()  # run-before.png (rank 0 only) left it in eval mode: dropout must be on, on every rank
         self.clock.restart(pos.step)
@@ -3876,6 +4004,15 @@ class Trainer:
             p, dt = self.probe, max(time.time() - self.clock.t_start, 1e-9)
             log(f"eval: {p.count} evaluations took {p.seconds:.0f} s, {100 * p.seconds / dt:.0f}% of the run's "
                 f"{format_duration(dt)}; best SWD {p.best_swd:.2f} at step {p.best_step} (best.pth)")
+        done, bad = pos.step - self.first_step, int(self.stats.bad_total.item())
+        if done and bad >= done:
+            raise TrainingError(f"every one of the {done} steps was skipped (a non-finite loss or gradient), so nothing "
+                                f"was trained: the weights are those of step {self.first_step}. Lower --lr"
+                                + (" or bring --edm-p-mean/--edm-p-std nearer -1.2/1.2" if self.cfg.objective == "edm"
+                                   else ""))
+        if tc.guide_snapshot and pos.step < self.guide_step():
+            log(f"guide: not saved yet; the snapshot ({tc.guide_snapshot:g} of the run) is due at step "
+                f"{self.guide_step()}: continue with --resume to reach it")
         if pos.step == self.first_step and stop == Stop.DONE:
             self._say_nothing_to_do()
         elif stop != Stop.DONE:
@@ -3927,10 +4064,17 @@ class Trainer:
         return stop
 
     def _start_probe(self, ckpt_dir: Path, metrics: MetricsLog) -> None:
-        """Say what --eval-every measures and what one measurement costs (timed on one sampling step)."""
+        """Say what --eval-every measures and what one measurement costs (timed on one sampling step). A
+        best.pth measured otherwise than this run measures (another held-out set, --eval-samples or
+        seed) is moved aside at once, with one line: a best is only ever compared with its own kind."""
         p = self.probe
-        p.restore(self.quality_record)
-        steps = p.spec.steps_for(self.cfg.timesteps)
+        why = p.restore(self.quality_record)
+        best = ckpt_dir / "best.pth"
+        if why and os.path.lexists(best):
+            log(f"eval: {why}; {best} moved to {move_aside(ckpt_dir, [best])}, and a new best starts")
+        elif why:
+            log(f"eval: {why}; a new best starts")
+        steps = self.sampling_view().calls(p.spec)
         log(f"eval: every {p.every} steps, {p.n} samples ({p.spec.sampler}, {steps} steps, EMA) against {p.n} held-out "
             f"images of {p.what}; real vs real {p.floor:.2f}; about {p.estimate(self.sampling_view(), self.rt.local()):.0f} s "
             f"per evaluation")
@@ -3945,14 +4089,12 @@ class Trainer:
         self.model.train()  # sampling_view put it in eval mode where there is no EMA
         metrics.metric(step=pos.step, epoch=pos.epoch, images_seen=pos.images_seen, swd=round(value, 3),
                        wall_time=round(time.time(), 3))
-        best = p.improves(pos.step, value)
-        if best and self.weights_finite():
-            try:
-                save_checkpoint(ckpt_dir / "best.pth", self.state_dict(collective=False))
-            except (OSError, RuntimeError) as e:
-                raise DDPMError(f"could not write {ckpt_dir / 'best.pth'} ({first_line(e)}); free some disk space "
-                                f"and continue with --resume") from None
-            metrics.event(pos.step, "best", ckpt_dir / "best.pth")
+        best = self.weights_finite() and p.improves(pos.step, value)  # best_step only for weights that are saved
+        if best:
+            path = ckpt_dir / "best.pth"
+            stored = peek_checkpoint(path).get("quality")
+            self._save_kept(path, isinstance(stored, dict) and stored.get("key") == p.key, "best", say or log)
+            metrics.event(pos.step, "best", path)
         if say is not None:
             say(f"eval at step {pos.step}: SWD {value:.2f} (real vs real {p.floor:.2f}); "
                 + ("the best so far: best.pth" if best else f"best {p.best_swd:.2f} at step {p.best_step}"
@@ -3966,19 +4108,39 @@ class Trainer:
             planned = min(planned, self.tc.max_steps)
         return max(1, round(self.tc.guide_snapshot * planned))
 
+    def _plan_guide(self, ckpt_dir: Path) -> None:
+        """--guide-snapshot on a continued run: say what becomes of a guide.pth that is not this run's
+        snapshot at its due step (the run was given more epochs, or another fraction)."""
+        path, due = ckpt_dir / "guide.pth", self.guide_step()
+        step, run = checkpoint_meta(path)
+        if not os.path.lexists(path) or (step, run) == (due, self.run_id):
+            return
+        if self.pos.step < due:
+            log(f"guide: {path} is the snapshot of step {step}; this run's ({self.tc.guide_snapshot:g} of its planned "
+                f"steps) is due at step {due}, and the earlier one will then be moved aside")
+        else:
+            log(f"guide: {path} (step {step}) stays; this run's snapshot ({self.tc.guide_snapshot:g} of its planned "
+                f"steps) would be step {due}, which is past")
+
     def _save_guide(self, ckpt_dir: Path, metrics: MetricsLog, say: Callable) -> None:
         """guide.pth: this step's state (its EMA weights are what --guide uses), outside the rotation."""
         path = ckpt_dir / "guide.pth"
         if not self.weights_finite():
             return
-        try:
-            save_checkpoint(path, self.state_dict(collective=False))
-        except (OSError, RuntimeError) as e:
-            raise DDPMError(f"could not write {path} ({first_line(e)}); free some disk space and continue with "
-                            f"--resume") from None
+        self._save_kept(path, checkpoint_meta(path) == (self.pos.step, self.run_id), "guide", say)
         metrics.event(self.pos.step, "guide", path)
         say(f"guide: the EMA weights of step {self.pos.step} ({self.tc.guide_snapshot:g} of the run) saved as {path}; "
             f"sample with --guide {path} --guidance W")
+
+    def _save_kept(self, path: Path, same: bool, what: str, say: Callable = log) -> None:
+        """Write a file the run keeps outside the rotation (best.pth, guide.pth; rank 0 alone, with its own
+        generator states). One already there that was not made the same way (`same` False: measured on
+        other images, or a snapshot of another step) is first moved into a dated folder, with one line."""
+        if os.path.lexists(path) and not same:
+            old_step, _ = checkpoint_meta(path)
+            say(f"{what}: the earlier {path.name} (step {old_step if old_step >= 0 else 'unknown'}) was made "
+                f"otherwise; moved to {move_aside(path.parent, [path])}")
+        save_or_explain(path, self.state_dict(collective=False))
 
     def _step_or_fail(self) -> bool:
         """One training step; False (with self.failure set) where memory ran out on the CPU or, under
@@ -4117,6 +4279,7 @@ DEMO_PRESET = dict(  # a small model, a short run, the measured recipe at its wi
     demo_images=4096, time_budget=10 * 60.0, num_samples=64,
 )
 EVALS = ("nll", "fid", "swd", "nearest")
+MAX_GUIDANCE = 10.0  # --guidance above this only saturates (x_0 = guide + W (model - guide))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -4334,12 +4497,16 @@ def check_flags(args, typed: frozenset) -> None:
     if args.churn > 0 and not SAMPLERS[args.sampler].churn:
         raise DDPMError(f"--churn goes with a sampler that takes it ({', '.join(n for n, r in SAMPLERS.items() if r.churn)}), "
                         f"not {args.sampler}")
-    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
-        raise DDPMError(f"--guidance must be 0 or more, got {args.guidance}")
+    if args.guidance is not None and not 0 <= args.guidance <= MAX_GUIDANCE:
+        raise DDPMError(f"--guidance must be from 0 to {MAX_GUIDANCE:g} (1 is the model alone; 1.5 to 3 is where "
+                        f"autoguidance helps, far above it every pixel saturates), got {args.guidance}")
     if args.guidance is not None and not args.guide:
         raise DDPMError("--guidance weighs a guide model: give --guide CKPT too")
     if args.guide and args.train:
         raise DDPMError("--guide samples with a guide model; to save one while training use --guide-snapshot F")
+    if args.guide and args.eval == "nll":
+        raise DDPMError("--eval nll measures the model's own bound, which a guide does not change; drop --guide "
+                        "(--eval swd, fid and nearest sample with it)")
     if args.time_budget is not None and not args.time_budget > 0:
         raise DDPMError(f"--time-budget must be longer than 0 (leave it out for no limit), got {args.time_budget:g} s")
     if args.device is not None and not re.fullmatch(r"cpu|mps|cuda(:\d+)?", args.device):
@@ -4624,6 +4791,7 @@ class RunStart:
     run_id: str
     ckpt: Optional[dict] = None    # the checkpoint read (fine-tune, resume)
     path: Optional[Path] = None
+    eval_folders: Tuple[str, ...] = ()  # --eval-every's held-out images: typed, or (--resume) the run's own
 
     @property
     def step(self) -> Optional[int]:
@@ -4637,7 +4805,7 @@ def start_of_run(job: TrainJob) -> RunStart:
         warning = signal_left(cfg)
         if warning:
             log(f"warning: {warning}")
-        return RunStart("fresh", cfg, job.train, job.data, new_run_id())
+        return RunStart("fresh", cfg, job.train, job.data, new_run_id(), eval_folders=job.eval_folders)
     path = resolve_checkpoint(job.loadckpt) if job.loadckpt else newest_checkpoint(job.ckpt_dir)
     if path is None:
         raise DDPMError(f"--resume found no {CKPT_PATTERN} in {job.ckpt_dir}; train without --resume first")
@@ -4665,7 +4833,22 @@ def start_of_run(job: TrainJob) -> RunStart:
     if "seed" in job.typed and job.seed != obj["seed"]:
         log(f"resume: --seed {job.seed} (the run used {obj['seed']}); the data order and the noise follow the new "
             f"seed from step {obj['step']}")
-    return RunStart("resume", cfg, tc, resumed_source(job, obj), run_id_of(obj) or new_run_id(), obj, path)
+    return RunStart("resume", cfg, tc, resumed_source(job, obj), run_id_of(obj) or new_run_id(), obj, path,
+                    resumed_eval_folders(job, obj))
+
+
+def resumed_eval_folders(job: TrainJob, obj: dict) -> Tuple[str, ...]:
+    """--resume measures on the run's own --eval-folders (recorded resolved) unless others are typed,
+    which is said in one line (the best so far, measured on the others, then starts again)."""
+    stored = tuple((obj.get("data") or {}).get("eval_folders") or ())
+    if not job.eval_folders:
+        if stored:
+            log(f"resume: --eval-every measures on the run's --eval-folders {' '.join(stored)}")
+        return stored
+    if [str(Path(f).resolve()) for f in job.eval_folders] != list(stored):
+        log(f"resume: --eval-folders {' '.join(job.eval_folders)} (the run measured on "
+            f"{' '.join(stored) if stored else 'its own held-out images'})")
+    return job.eval_folders
 
 
 def fine_tune_start(job: TrainJob, obj: dict, path: Path, cfg: ModelConfig) -> RunStart:
@@ -4684,7 +4867,7 @@ def fine_tune_start(job: TrainJob, obj: dict, path: Path, cfg: ModelConfig) -> R
                             f"damaged") from None
     log(f"fine-tune: weights from {path}, lr {tc.lr}")
     run_id = None if is_legacy_state_dict(obj) else run_id_of(obj)
-    return RunStart("fine-tune", cfg, tc, job.data, run_id or new_run_id(), obj, path)
+    return RunStart("fine-tune", cfg, tc, job.data, run_id or new_run_id(), obj, path, job.eval_folders)
 
 
 def resumed_source(job: TrainJob, obj: dict) -> DataSource:
@@ -4723,21 +4906,31 @@ def train_command(job: TrainJob, started: float) -> int:
     check_writable(job.ckpt_dir, "--ckpt-save-dir")
     check_writable(job.out.save_dir, "--save-dir")
     first = int(os.environ.get("RANK", "0")) == 0
-    lock, save_dir = FolderLock(job.ckpt_dir), job.out.save_dir
+    lock, out = FolderLock(job.ckpt_dir), OutputClaim(job.out.save_dir)
     try:
         if first:
             lock.acquire()
         run = start_of_run(job)
         check_recipe(run.cfg, run.train)
+        inside = [f for f in run.data.folders if Path(f).resolve() in [job.out.save_dir.resolve(),
+                                                                        *job.out.save_dir.resolve().parents]]
+        if inside:
+            warn_once(f"--save-dir {job.out.save_dir} is inside the training folder {inside[0]}: the run's pictures "
+                      f"would be read as training images by the next run on it (and --resume would find the data "
+                      f"changed); write them elsewhere")
         if first:
-            guard_run_folder(job.ckpt_dir, run.run_id, run.kind != "fresh", job.out.overwrite, run.path, run.step)
-            save_dir = output_folder(save_dir, "train", job.out.overwrite)
+            moved = guard_run_folder(job.ckpt_dir, run.run_id, run.kind != "fresh", job.out.overwrite, run.path,
+                                     run.step)
+            out = output_folder(job.out.save_dir, "train", job.out.overwrite)
+            if moved is not None and out.moved_to is not None:  # the old run's log names its pictures' new place
+                repoint_events(moved / "events.csv", job.out.save_dir, out.moved_to)
         rt = setup_runtime(job.device.device, run.train.precision, job.device.compile, training=True,
                            compile_mode=job.device.compile_mode)
-        return train_run(job, rt, run, save_dir, started)
+        return train_run(job, rt, run, out.folder, started)
     finally:
+        out.release()
         lock.release()
-        remove_if_empty(save_dir, job.out.save_dir)
+        remove_if_empty(out.folder, job.out.save_dir)
 
 
 def train_run(job: TrainJob, rt: Runtime, run: RunStart, save_dir: Path, started: float) -> int:
@@ -4759,14 +4952,18 @@ def train_run(job: TrainJob, rt: Runtime, run: RunStart, save_dir: Path, started
             f"--eval uses them")
     check_batch(tc, rt, len(train_data))
     remove_stale_temps(job.ckpt_dir)
+    record = {**run.data.record(len(data)), "holdout": holdout}
+    if run.eval_folders and tc.eval_every:
+        record["eval_folders"] = [str(Path(f).resolve()) for f in run.eval_folders]
     trainer = Trainer(tc, rt, cfg, Batches(train_data, rt.device, seed), seed, resume=run.ckpt if resume else None,
-                      init=run.ckpt if run.kind == "fine-tune" else None, run_id=run.run_id,
-                      data={**run.data.record(len(data)), "holdout": holdout})
+                      init=run.ckpt if run.kind == "fine-tune" else None, run_id=run.run_id, data=record)
     n_params = sum(p.numel() for p in trainer.model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters | batch {tc.batch_size} = {rt.world} process(es) x {trainer.micro} x "
         f"{trainer.accum} accumulation | {trainer.steps_per_epoch} steps per epoch | EMA "
         f"{tc.ema_decay if tc.ema_decay else 'off'}" + (f" | {trainer.memory_note}" if trainer.memory_note else ""))
     deadline = (started + job.time_budget) if job.time_budget else None
+    if job.pictures or tc.sample_every:
+        say_calls(trainer.model, tc.preview)
     probe = quality_probe(job, run, cfg, tc, held, seed) if tc.eval_every and is_rank0() else None
     trainer.fit(job.ckpt_dir, deadline, RunPictures(save_dir, job.final, job.pictures), probe)
     return 0
@@ -4777,9 +4974,10 @@ def quality_probe(job: TrainJob, run: RunStart, cfg: ModelConfig, tc: TrainConfi
     """--eval-every's held-out images: --eval-folders, else the --holdout split, else (the demo) new
     faces past the ones it trains on; a folder of images without any is a one-line error."""
     n = eval_samples_for(tc, cfg)
-    if job.eval_folders:
-        imgs = load_images(job.eval_folders, cfg.img_size, cfg.img_channels, run.data.background, flag="--eval-folders")
-        return QualityProbe(imgs, n, tc.eval_every, seed, "--eval-folders " + " ".join(job.eval_folders))
+    if run.eval_folders:
+        check_held_out(run.eval_folders, run.data)
+        imgs = load_images(run.eval_folders, cfg.img_size, cfg.img_channels, run.data.background, flag="--eval-folders")
+        return QualityProbe(imgs, n, tc.eval_every, seed, "--eval-folders " + " ".join(run.eval_folders))
     if len(held):
         return QualityProbe(held, n, tc.eval_every, seed, f"the --holdout split ({len(held)} images)")
     if run.data.folders and "eval_every" in job.typed:
@@ -4792,6 +4990,17 @@ def quality_probe(job: TrainJob, run: RunStart, cfg: ModelConfig, tc: TrainConfi
     k = run.data.demo_images
     faces = replace(run.data, demo_images=k + 2 * n).load(cfg, quiet=True)[k:]
     return QualityProbe(faces, n, tc.eval_every, seed, f"{2 * n} new demo faces (never trained on)")
+
+
+def check_held_out(eval_folders: Sequence[str], data: DataSource) -> None:
+    """--eval-every's images must be held out: none of them may be a training image."""
+    if not data.folders:
+        return
+    k, n = shared_images(eval_folders, data.folders, "--eval-folders", data.flag)
+    if k:
+        raise DDPMError(f"--eval-folders {' '.join(eval_folders)} shares {k} of its {n} images with the training data "
+                        f"({data.describe()}), so they are not held out; name a folder outside the training folders, "
+                        f"or use --holdout 5%")
 
 
 def check_batch(tc: TrainConfig, rt: Runtime, n_images: int) -> None:
@@ -4815,6 +5024,7 @@ def sampling_fn(job: ModelJob, model: GaussianDiffusion, rt: Runtime) -> ModelFn
     """What the job's sampling calls: the model's network (compiled with --compile), or with --guide
     the autoguidance of it by the guide (two networks per model call)."""
     net = sampling_net(model, rt, bool(job.device.compile))
+    say_calls(model, job.spec)
     if job.guide is None:
         return net
     guide, _ = load_for_sampling(job.guide, rt, "guide")
@@ -4823,11 +5033,40 @@ def sampling_fn(job: ModelJob, model: GaussianDiffusion, rt: Runtime) -> ModelFn
         raise DDPMError(f"--guide {job.guide.path} makes {gcfg.img_channels}x{gcfg.img_size}x{gcfg.img_size} images, "
                         f"the model {cfg.img_channels}x{cfg.img_size}x{cfg.img_size}; a guide must be a model of the "
                         f"same data")
+    check_guide_levels(model, guide, job.guide.path)
     fn = Guidance(net, guide, sampling_net(guide, rt, bool(job.device.compile)), job.guidance)
     cost = ("two networks per model call (about twice the time)" if fn.runs_guide else
             "weight 1 is plain sampling, so the guide is not run")
     log(f"guidance: weight {job.guidance:g} with the guide {guide.source.describe()}: {cost}")
+    if fn.runs_guide and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), guide.state_dict().values())):
+        warn_once(f"--guide {job.guide.path} has the model's own weights (the model itself, or a snapshot at the run's "
+                  f"end): D_guide = D_model, so guidance changes nothing and costs twice the time; guide with an "
+                  f"earlier snapshot (--guide-snapshot 0.5 saves one)")
     return fn
+
+
+def say_calls(model: GaussianDiffusion, spec: SampleSpec) -> None:
+    """One line where --steps asks for more model calls than the sampler's grid has."""
+    calls = model.calls(spec)
+    if spec.steps and calls < spec.steps:
+        warn_once(f"--steps {spec.steps}: {spec.sampler} on the {spec.grid or spec.row.grid} grid of this model (T = "
+                  f"{model.timesteps}) makes {calls} model calls, its most")
+
+
+def check_guide_levels(model: GaussianDiffusion, guide: GaussianDiffusion, path: str) -> None:
+    """A guide is evaluated at the main model's noise level sigma, at its own (fractional) timestep of
+    that sigma; an eps or v guide whose schedule does not reach the model's sigma range would be
+    evaluated at a clamped, wrong level, so it is refused (an EDM-objective guide takes any sigma)."""
+    if guide.same_schedule(model) or guide.objective == "edm":
+        return
+    lo, hi = model.sigma(0), model.sigma(model.timesteps - 1)
+    glo, ghi = guide.sigma(0), guide.sigma(guide.timesteps - 1)
+    if ghi < 0.99 * hi or glo > 1.01 * lo:
+        def name(m: GaussianDiffusion) -> str:
+            return f"{m.config.beta_schedule if m.config else 'linear'} schedule, T = {m.timesteps}"
+        raise DDPMError(f"--guide {path} knows noise levels sigma {glo:.3g} to {ghi:.3g} ({name(guide)}), the model "
+                        f"samples at {lo:.3g} to {hi:.3g} ({name(model)}); a guide must cover the model's levels: use one "
+                        f"trained with the model's schedule (or with --objective edm)")
 
 
 def load_for_sampling(weights: Weights, rt: Runtime, what: str = "model") -> Tuple[GaussianDiffusion, dict]:
@@ -4866,13 +5105,9 @@ def sample_command(job: SampleJob) -> int:
 
 def sample_or_fail(make: Callable[[], torch.Tensor], batch: int, cfg: ModelConfig) -> torch.Tensor:
     """make(), with memory running out (GPU or CPU) as one line."""
-    try:
+    with memory_or(f"out of memory sampling batches of {batch} at {cfg.img_size}x{cfg.img_size}; use a smaller "
+                   f"--batch-size"):
         return make()
-    except (MemoryError, OverflowError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not is_out_of_memory(e):
-            raise
-        raise DDPMError(f"out of memory sampling batches of {batch} at {cfg.img_size}x{cfg.img_size}; use a "
-                        f"smaller --batch-size") from None
 
 
 def write_samples(job: SampleJob, model: GaussianDiffusion, rt: Runtime, imgs: torch.Tensor, indices: List[int],
@@ -4884,7 +5119,7 @@ def write_samples(job: SampleJob, model: GaussianDiffusion, rt: Runtime, imgs: t
     if len(indices) > 1:
         save_png(image_grid(imgs), save_dir / "ddpm-all.png")
     log(f"wrote {len(indices)} images to {save_dir} in {took:.1f} s ({spec.sampler}, "
-        f"{spec.steps_for(cfg.timesteps)} steps, seed {seed})" + (", and ddpm-all.png" if len(indices) > 1 else ""))
+        f"{model.calls(spec)} model calls, seed {seed})" + (", and ddpm-all.png" if len(indices) > 1 else ""))
     local = rt.local()
     if job.reverse:
         save_png(reverse_strip(model, local, seed, 8, spec, fn), save_dir / "reverse.png")
@@ -4989,7 +5224,7 @@ def invert_command(job: InvertJob) -> int:
             write_output(save_dir / f"edit-invert-{stem}.pt", buf.getvalue())
             save_png(ri, save_dir / f"edit-invert-{stem}.png")
             log(f"{path}: x_T in {save_dir / f'edit-invert-{stem}.pt'}; reconstruction PSNR {psnr(ri, im):.2f} dB "
-                f"(DDIM, eta 0, {spec.steps_for(cfg.timesteps)} steps)")
+                f"(DDIM, eta 0, {model.calls(spec)} steps)")
         grid = torch.cat([torch.stack([im, ri]) for im, ri in zip(images, rec)])
         save_picture(image_grid(grid, nrow=2), cfg, save_dir / "edit-grid.png")
     return 0
@@ -5031,7 +5266,7 @@ def eval_command(job: EvalJob, features: Optional[Features] = None) -> int:
 
     def samples(lo: int, hi: int) -> torch.Tensor:  # (hi - lo, C, H, W) uint8
         return generate(model, rt, list(range(lo, hi)), seed, spec, job.batch_size, model_fn=fn)
-    how = f"{spec.sampler}, {spec.steps_for(model.config.timesteps)} steps, seed {seed}"
+    how = f"{spec.sampler}, {model.calls(spec)} model calls, seed {seed}"
     if job.kind == "fid":
         return eval_fid(job, obj, resolve_checkpoint(job.weights.path), model.config, samples, n, how, features)
     if job.kind == "swd":
@@ -5073,7 +5308,10 @@ def eval_nll(job: EvalJob, obj: dict, model: GaussianDiffusion, seed: int) -> in
     if job.data.eval_folders:  # the training data is not needed
         held = load_images(job.data.eval_folders, cfg.img_size, cfg.img_channels, job.data.background,
                            flag="--eval-folders")
-        what = "--eval-folders " + " ".join(job.data.eval_folders)
+        src = None
+        with contextlib.suppress(DDPMError):  # where the checkpoint records its data: is any of it trained on?
+            src = training_source(obj, job.data)
+        what = "--eval-folders " + " ".join(job.data.eval_folders) + (trained_on(job.data.eval_folders, src) if src else "")
     else:
         train, held, what = eval_datasets(obj, cfg, job.data)
         if held is None:
@@ -5170,11 +5408,13 @@ def info_command(job: InfoJob) -> int:
     n = sum(v.numel() for v in obj["model"].values())
     cfg = ", ".join(f"{k}={v}" for k, v in obj["config"].items())
     last = obj.get("last_loss")
+    last = f"{last:.6f}" if isinstance(last, (int, float)) and not isinstance(last, bool) else \
+        ("unknown" if last is None else f"{str(last)[:40]!r} (not a number: the file was edited or is damaged)")
     print(f"{p}: ddpm.py checkpoint, format version {obj.get('version')}"
           + (f", run {run_id_of(obj)}" if run_id_of(obj) else "") + "\n"
           f"  config: {cfg}\n"
           f"  step: {obj.get('step', 'unknown')} | epoch: {obj.get('epoch', 'unknown')} | images seen: "
-          f"{obj.get('images_seen', 'unknown')} | last loss: {'unknown' if last is None else f'{last:.6f}'}\n"
+          f"{obj.get('images_seen', 'unknown')} | last loss: {last}\n"
           f"  EMA: {'yes' if obj.get('ema') is not None or obj.get('exported') == 'ema' else 'no'}"
           + (f" (exported {obj['exported']} weights)" if obj.get("exported") else "") + "\n"
           f"  parameters: {n / 1e6:.2f}M | file: {size / 2**20:.1f} MiB" + quality_line(obj, p))
@@ -5200,11 +5440,14 @@ def plot_run(folder: Path, obj: dict, out: Outputs) -> None:
         raise DDPMError(f"--plot: {metrics} does not exist; the run has logged nothing yet")
     check_writable(out.save_dir, "--save-dir")
     floor = (obj.get("quality") or {}).get("floor") if isinstance(obj.get("quality"), dict) else None
+    objective = (obj.get("config") or {}).get("objective", "eps")
     with writing_to(out.save_dir, "plot", out.overwrite) as save_dir:
-        write_loss_curve(metrics, save_dir / "loss.png")
-        write_quality_curve(metrics, save_dir / "quality.png", floor)
-    log(f"wrote {save_dir / 'loss.png'}" + (f" and {save_dir / 'quality.png'}" if (save_dir / "quality.png").exists()
-                                              else ""))
+        for name, column in (("loss.png", "loss"), ("quality.png", "swd")):
+            why = write_curve(metrics, save_dir / name, column, floor, objective)
+            if (save_dir / name).exists():
+                log(f"wrote {save_dir / name}" + (f" ({why})" if why else ""))
+            elif why and (column == "loss" or "0 rows" not in why or "no number" in why):  # quality: --eval-every ran
+                log(f"note: {why}")
 
 
 def check_export_target(out: Path, source: Path, overwrite: bool) -> None:
@@ -5347,14 +5590,26 @@ def _link_new(tmp: Path, path: Path) -> None:
     tmp.unlink()
 
 
-def write_output(path: Path, data: bytes) -> None:
+def write_output(path: Path, data: bytes) -> Path:
     """An output file (picture, latent, plot): written atomically, never over an existing file, and a
-    failure (a full disk, a folder in the way) is one line naming the file."""
-    try:
-        atomic_write(Path(path), lambda f: f.write(data), replace_existing=False)
-    except OSError as e:
-        raise DDPMError(f"could not write {path} ({e.strerror or first_line(e)}); free some space or write "
-                        f"elsewhere") from None
+    failure (a full disk, a folder in the way) is one line naming the file. Where the name appeared
+    while the command ran (another program writing into the folder), the finished result is kept
+    under the next free name (NAME-2.png, ...), said in one line. Returns the path written."""
+    path = Path(path)
+    for attempt in range(100):
+        target = path.with_name(f"{path.stem}-{attempt + 1}{path.suffix}") if attempt else path
+        try:
+            atomic_write(target, lambda f: f.write(data), replace_existing=False)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise DDPMError(f"could not write {target} ({e.strerror or first_line(e)}); free some space or write "
+                            f"elsewhere") from None
+        if attempt:
+            log(f"note: {path} appeared while this command ran (another program writes into {path.parent}); "
+                f"this result is kept as {target.name}")
+        return target
+    raise DDPMError(f"could not write {path}: the folder fills with that name as fast as it is written; write elsewhere")
 
 
 def pid_alive(pid: int) -> Optional[bool]:
@@ -5450,24 +5705,66 @@ OUTPUTS = {
 }
 
 
-def output_folder(save_dir: Path, kind: str, overwrite: bool) -> Path:
-    """Where a command of `kind` writes: --save-dir itself when it holds none of that kind's files
-    (OUTPUTS), else a new subfolder save-dir/KIND-2, -3, ..., said in one line. With --overwrite the
-    earlier files are moved into save-dir/old-<date>/ (nothing is deleted) and the command writes in
-    place. Call it on the writing process only, once the command's flags are checked."""
+OUTPUT_LOCK = ".output.lock"  # held in --save-dir by the command writing into it
+
+
+@dataclass
+class OutputClaim:
+    """Where a command writes (output_folder), the lock it holds on that folder until it ends, and where
+    --overwrite moved the earlier files."""
+
+    folder: Path
+    lock: Optional[object] = None
+    moved_to: Optional[Path] = None
+    made: Tuple[Path, ...] = ()    # folders made for the lock, removed again if the command leaves them empty
+
+    def release(self) -> None:
+        """Let go of the lock and remove its file (a command that finds the folder free after this finds
+        this command's files in it, and writes elsewhere)."""
+        if self.lock is not None:
+            with contextlib.suppress(OSError):
+                (self.folder / OUTPUT_LOCK).unlink()
+            self.lock.release()
+            self.lock = None
+        for folder in reversed(self.made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def output_folder(save_dir: Path, kind: str, overwrite: bool) -> OutputClaim:
+    """Where a command of `kind` writes: --save-dir itself when no other command is writing into it now
+    (an operating-system lock on save-dir/.output.lock, held until the command ends: see writing_to)
+    and it holds none of that kind's files (OUTPUTS); else a new subfolder save-dir/KIND-2, -3, ...,
+    said in one line. With --overwrite the earlier files are moved into save-dir/old-<date>/ (nothing
+    is deleted) and the command writes in place. Call it on the writing process only, once the
+    command's flags are checked."""
+    from filelock import FileLock, Timeout
+
     save_dir = Path(save_dir)
+    made = tuple(a for a in [*reversed(save_dir.absolute().parents), save_dir.absolute()] if not a.exists())
+    claim = OutputClaim(save_dir, made=made)
+    with contextlib.suppress(OSError):  # a folder that cannot be locked is written unlocked, as before
+        save_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(save_dir / OUTPUT_LOCK), timeout=0)
+        try:
+            lock.acquire()
+            claim.lock = lock
+        except Timeout:
+            sub = new_folder(save_dir, kind)
+            log(f"note: another command is writing into {save_dir} now; writing to {sub} instead")
+            return OutputClaim(sub)
     found = sorted({p for pat in OUTPUTS[kind] for p in save_dir.glob(pat)}) if save_dir.is_dir() else []
-    if not found:
-        return save_dir
-    if overwrite:
-        dest = move_aside(save_dir, found)
-        log(f"--overwrite: moved {len(found)} earlier files from {save_dir} to {dest}")
-        return save_dir
-    sub = new_folder(save_dir, kind)
-    more = f" and {len(found) - 1} more" if len(found) > 1 else ""
-    log(f"note: {save_dir} holds {found[0].name}{more} from an earlier command; writing to {sub} instead "
-        f"(--overwrite moves the earlier files aside and writes in {save_dir})")
-    return sub
+    if found and overwrite:
+        claim.moved_to = move_aside(save_dir, found)
+        log(f"--overwrite: moved {len(found)} earlier files from {save_dir} to {claim.moved_to}")
+    elif found:
+        claim.release()
+        sub = new_folder(save_dir, kind)
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        log(f"note: {save_dir} holds {found[0].name}{more} from an earlier command; writing to {sub} instead "
+            f"(--overwrite moves the earlier files aside and writes in {save_dir})")
+        return OutputClaim(sub)
+    return claim
 
 
 def unused_name(path: Path) -> Path:
@@ -5487,13 +5784,15 @@ def remove_if_empty(folder: Path, unless: Path) -> None:
 
 @contextlib.contextmanager
 def writing_to(save_dir: Path, kind: str, overwrite: bool):
-    """output_folder for the length of a command (decided on the writing process, rank 0): a subfolder
-    it made and left empty, because the command failed first, goes again."""
-    folder = output_folder(save_dir, kind, overwrite) if is_rank0() else Path(save_dir)
+    """output_folder for the length of a command (decided on the writing process, rank 0), its lock
+    released at the end: a subfolder it made and left empty, because the command failed first, goes
+    again."""
+    claim = output_folder(save_dir, kind, overwrite) if is_rank0() else OutputClaim(Path(save_dir))
     try:
-        yield folder
+        yield claim.folder
     finally:
-        remove_if_empty(folder, save_dir)
+        claim.release()
+        remove_if_empty(claim.folder, save_dir)
 
 
 def new_folder(parent: Path, stem: str) -> Path:
@@ -5526,7 +5825,9 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(3).hex()
 
 
-RUN_LOGS = ("metrics.csv", "events.csv", "tensorboard", "best.pth", "guide.pth")  # besides the rotating checkpoints
+KEPT = ("best.pth", "guide.pth")  # checkpoints a run keeps outside the rotation
+RUN_FILES = ("metrics.csv", "events.csv") + KEPT  # the run's files besides the rotation: each a regular file
+RUN_LOGS = RUN_FILES + ("tensorboard",)  # everything a run writes into its folder besides the rotating checkpoints
 
 
 def run_files(folder: Path) -> List[Path]:
@@ -5538,16 +5839,16 @@ def run_files(folder: Path) -> List[Path]:
 
 
 def guard_run_folder(folder: Path, run_id: Optional[str], continuing: bool, overwrite: bool,
-                     source: Optional[Path] = None, from_step: Optional[int] = None) -> None:
+                     source: Optional[Path] = None, from_step: Optional[int] = None) -> Optional[Path]:
     """One run per checkpoint folder. A run may write into `folder` if it holds no run files, or
     only files of this same run (`continuing`: --resume, or a staged --loadckpt of one of its
     checkpoints) and `source`, the checkpoint it continues from (at `from_step`), is the newest of
     them: a branch from an older one would overwrite newer checkpoints, so it is refused with the
     name of another folder. A folder that holds only the logs of a run that never wrote a checkpoint
     is restartable: the logs are moved aside. Otherwise refuse with one line, or with --overwrite
-    move the other run's files into a dated subfolder (never deleted)."""
+    move the other run's files into a dated subfolder (never deleted), which is returned."""
     folder = Path(folder)
-    odd = [p for p in [*folder.glob(CKPT_PATTERN), *(folder / n for n in ("metrics.csv", "events.csv"))]
+    odd = [p for p in [*folder.glob(CKPT_PATTERN), *(folder / n for n in RUN_FILES)]
            if os.path.lexists(p) and (p.is_symlink() or not p.is_file())] if folder.is_dir() else []
     if odd:
         raise DDPMError(f"{odd[0]} is not a regular file (a folder, link or device is in its place); move it away "
@@ -5555,7 +5856,7 @@ def guard_run_folder(folder: Path, run_id: Optional[str], continuing: bool, over
     files = run_files(folder)
     if not files:
         return
-    ckpts = [p for p in files if p.suffix == ".pth"]
+    ckpts = [p for p in files if p.suffix == ".pth"]  # the rotation and the kept files
     metas = [checkpoint_meta(p) for p in ckpts]
     runs = {run for step, run in metas if step >= 0}  # a damaged file (step -1) belongs to no run
     if continuing and run_id is not None and ckpts and runs <= {run_id}:
@@ -5569,12 +5870,43 @@ def guard_run_folder(folder: Path, run_id: Optional[str], continuing: bool, over
     if not ckpts:  # the logs of a run that died before its first checkpoint: nothing to continue
         dest = move_aside(folder, files)
         log(f"note: {folder} held only the logs of a run that never saved a checkpoint; moved them to {dest}")
-        return
+        return dest
     if not overwrite:
-        raise DDPMError(f"{folder} holds {len(ckpts)} checkpoints of another run; continue it with --resume, train "
-                        f"into another --ckpt-save-dir, or add --overwrite to move its files into {folder}/old-<date>/")
+        rotation = [p for p in ckpts if p.name not in KEPT]
+        kept = [p.name for p in ckpts if p.name in KEPT]
+        what = (f"{len(rotation)} checkpoint{'s' if len(rotation) != 1 else ''}" if rotation else "") + \
+            (" and " if rotation and kept else "") + " and ".join(kept)
+        others = sorted({r for _, r in metas if r is not None and r != run_id})
+        raise DDPMError(f"{folder} holds {what} of another run{f' ({others[0]})' if len(others) == 1 else ''}; "
+                        + ("continue it with --resume, " if rotation else "")
+                        + f"train into another --ckpt-save-dir, or add --overwrite to move its files into "
+                          f"{folder}/old-<date>/")
     dest = move_aside(folder, files)
     log(f"--overwrite: moved {len(files)} files of the previous run to {dest}")
+    return dest
+
+
+def repoint_events(events: Path, save_dir: Path, moved_to: Path) -> None:
+    """An earlier run's events.csv, moved aside by --overwrite, names pictures in save_dir that --overwrite
+    has moved to `moved_to`: its rows are pointed there, so that they never name the new run's files."""
+    try:
+        with open(events, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return
+    changed = 0
+    for r in rows:
+        with contextlib.suppress(ValueError, TypeError):
+            rel = Path(r.get("path") or "").relative_to(save_dir)
+            if os.path.lexists(moved_to / rel):
+                r["path"], changed = str(moved_to / rel), changed + 1
+    if changed:
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, MetricsLog.EVENTS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        with contextlib.suppress(OSError):
+            atomic_write(events, lambda f: f.write(text.getvalue().encode()))
 
 
 class FolderLock:
@@ -5638,10 +5970,11 @@ class FolderLock:
 
 
 def remove_stale_temps(folder: Path) -> None:
-    """Remove the temporary checkpoint files (.ckpt-N.pth.tmp-PID-...) of processes that no longer run:
-    a killed save; never a valid checkpoint."""
-    for tmp in Path(folder).glob(".ckpt-*.tmp-*"):
-        if is_stale_temp(tmp):
+    """Remove the temporary files of a run's checkpoints and logs (.ckpt-N.pth.tmp-PID-..., .best.pth.tmp-...,
+    .metrics.csv.tmp-...) that processes which no longer run left behind: a killed save; never a valid file."""
+    for tmp in Path(folder).glob(".*.tmp-*"):
+        name = _TEMP_NAME.sub("", tmp.name)[1:]
+        if (Path(name).match(CKPT_PATTERN) or name in RUN_FILES) and is_stale_temp(tmp):
             with contextlib.suppress(OSError):
                 tmp.unlink()
 

@@ -70,7 +70,7 @@ def test_a_sampler_is_one_function_and_one_row(tiny_run, tmp_path, monkeypatch, 
     capsys.readouterr()
     base = ["--loadckpt", str(tiny_run / "ckpt"), "--device", "cpu", "--num-samples", "4", "--seed", "2"]
     assert ddpm.main([*base, "--sampler", "euler", "--save-dir", str(tmp_path / "euler")]) == 0
-    assert "(euler, 12 steps, seed 2)" in capsys.readouterr().out  # its default steps, from the row
+    assert "(euler, 12 model calls, seed 2)" in capsys.readouterr().out  # its default steps, from the row
     assert ddpm.main([*base, "--sampler", "ddim", "--steps", "12", "--save-dir", str(tmp_path / "ddim")]) == 0
     for i in range(4):  # the same path as DDIM with eta 0, on the same grid
         a, b = (pixels(tmp_path / d / f"ddpm-{i}.png").astype(int) for d in ("euler", "ddim"))

@@ -164,7 +164,7 @@ def test_fid_pipeline_with_stand_in_features(tmp_path, capsys):
     rt = ddpm.setup_runtime("cpu")
     assert ddpm.eval_command(ddpm.parse_command_line(argv), features=STAND_IN) == 0
     out = capsys.readouterr().out
-    fid = float(re.search(r"FID: ([0-9.]+) \(10 samples: ddim, 2 steps, seed 5; vs 12 real images", out).group(1))
+    fid = float(re.search(r"FID: ([0-9.]+) \(10 samples: ddim, 2 model calls, seed 5; vs 12 real images", out).group(1))
     assert "stand-in 2x2 pooling" in out and "saved to" in out
     # independently: the same samples (per-image seeds), features, numpy/scipy statistics and distance
     imgs = ddpm.generate(ddpm.load_model(ckpt), rt, list(range(10)), 5, ddpm.SampleSpec("ddim", 2), batch_size=10,

@@ -290,7 +290,7 @@ def test_loss_png_after_training(run6):
 
 def test_loss_png_without_matplotlib_is_a_note(run6, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    ddpm.write_loss_curve(run6 / "ckpt" / "metrics.csv", tmp_path / "loss.png")
+    ddpm.write_curve(run6 / "ckpt" / "metrics.csv", tmp_path / "loss.png", "loss")
     assert not (tmp_path / "loss.png").exists()
     assert "pip install matplotlib" in capsys.readouterr().out
 
