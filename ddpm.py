@@ -1025,15 +1025,24 @@ class GaussianDiffusion(nn.Module):
         0, on spec's grid (GRIDS; by default the sampler's): as many as spec's model calls allow (a
         sampler with two calls per step takes about half as many)."""
         calls, per = spec.steps_for(self.timesteps), spec.row.calls
-        grid = GRIDS[spec.grid or spec.row.grid](self, (calls + per - 1) // per)
+        grid = GRIDS[spec.grid or spec.row.grid](self, calls if per == 1 else calls // per + 1)
+        if spec.row.capped:  # a step in sigma (Heun) from above the floor overshoots: start at the floor
+            top = self.t_of_sigma(math.exp(-LAMBDA_FLOOR))
+            grid = list(dict.fromkeys(min(t, top) for t in grid))
         return grid if start is None else [t for t in grid if t <= start]
+
+    def euler_first(self, spec: SampleSpec) -> bool:
+        """A sampler with two model calls per step asked for an even number of calls takes its first step
+        with one (Euler's, at the highest noise level, where a step's error is smallest), so that
+        --steps is what it makes."""
+        return spec.row.calls == 2 and spec.steps_for(self.timesteps) % 2 == 0
 
     def calls(self, spec: SampleSpec, start: Optional[float] = None) -> int:
         """The model calls per image that sampling with `spec` makes (what --steps asks for, where the
         grid allows it): one per grid step, or for a sampler with two calls per step two for each step
-        but the last into x_0, which takes one."""
+        but the last into x_0, which takes one (and the first, see euler_first)."""
         n, per = len(self.grid(spec, start)), spec.row.calls
-        return n if per == 1 else per * (n - 1) + 1
+        return n if per == 1 or n == 1 else per * (n - 1) + 1 - self.euler_first(spec)
 
     def predict(self, x: torch.Tensor, t: float, spec: SampleSpec, model_fn: ModelFn) -> Tuple[torch.Tensor, torch.Tensor]:
         """(x_0, eps) of the model at (x, t), t an integer timestep or between two. With a Guidance as
@@ -1044,8 +1053,7 @@ class GaussianDiffusion(nn.Module):
         if isinstance(model_fn, Guidance) and model_fn.runs_guide:
             g = model_fn.guide
             tg = t if g.same_schedule(self) else g.t_of_sigma(math.sqrt((1 - ab_t) / ab_t))
-            x0_g = g.x0_and_eps(x, g.network(x, tg, ab_t, model_fn.guide_net), ab_t)[0]
-            x0 = x0_g + model_fn.weight * (x0 - x0_g)
+            x0 = model_fn.combine(x0, g.x0_and_eps(x, g.network(x, tg, ab_t, model_fn.guide_net), ab_t)[0])
             eps = (x - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
         if spec.clip:
             x0 = x0.clamp(-1.0, 1.0)
@@ -1059,7 +1067,7 @@ class GaussianDiffusion(nn.Module):
              noise_fn: Callable[[], torch.Tensor], hist: dict) -> Tuple[torch.Tensor, torch.Tensor]:
         """One step of spec's sampler from timestep t down to s; s = -1 is the end (alpha_bar = 1),
         where every sampler's mean is the x_0 estimate. Returns (x_s, the x_0 estimate)."""
-        if s < 0:
+        if s < 0 and not (spec.row.churn and spec.churn > 0):  # churn adds noise at the last level too
             x0 = self.predict(x, t, spec, model_fn)[0]
             return x0, x0
         return spec.row.step(self, x, t, s, spec, model_fn, noise_fn, hist)
@@ -1161,22 +1169,29 @@ def heun_step(d: GaussianDiffusion, x, t: float, s: float, spec: SampleSpec, mod
     """EDM's second-order Heun step (Karras et al. 2022, Alg. 1; with spec.churn, Alg. 2 with S_tmin = 0,
     S_tmax = inf, S_noise = 1) from noise level sigma_t down to sigma_s, on x = x_t / sqrt(alpha_bar_t)
     = x_0 + sigma n, with the model as the denoiser D(x; sigma) = its x_0 estimate at x_t (the VP model
-    seen from EDM: x_t = x / sqrt(1 + sigma^2)). Two model calls; the grid's last step into x_0 is
-    Euler's (one call), which every sampler shares (GaussianDiffusion.step)."""
-    ab_t, ab_s = d.ab(t), d.ab(s)
-    sig_t, sig_s = math.sqrt((1 - ab_t) / ab_t), math.sqrt((1 - ab_s) / ab_s)
+    seen from EDM: x_t = x / sqrt(1 + sigma^2)). Two model calls; the step into x_0 (s = -1) is
+    Euler's (one call, D itself), as in Alg. 2, and so is the first where d.euler_first says so."""
+    ab_t = d.ab(t)
+    sig_t = math.sqrt((1 - ab_t) / ab_t)
     xe, t_hat, sig_hat = x / math.sqrt(ab_t), t, sig_t
-    if spec.churn > 0:  # gamma = min(S_churn / N, sqrt(2) - 1), N the number of grid steps
-        n = max(1, len(d.grid(replace(spec, churn=0.0))) - 1)
+    if spec.churn > 0:  # Alg. 2 lines 4-6: gamma = min(S_churn / N, sqrt(2) - 1), N the number of noise levels
+        n = hist.setdefault("levels", len(d.grid(spec)))
         sig_hat = sig_t * (1 + min(spec.churn / n, math.sqrt(2) - 1))
         t_hat = d.t_of_sigma(sig_hat)
         sig_hat = math.sqrt((1 - d.ab(t_hat)) / d.ab(t_hat))  # the level t_hat stands for (clipped at T-1)
         xe = xe + math.sqrt(max(sig_hat ** 2 - sig_t ** 2, 0.0)) * noise_fn()
     x0 = d.predict(xe * math.sqrt(d.ab(t_hat)), t_hat, spec, model_fn)[0]
+    if s < 0:
+        return x0, x0
+    euler = d.euler_first(spec) and not hist.get("stepped")
+    hist["stepped"] = True
+    ab_s = d.ab(s)
+    sig_s = math.sqrt((1 - ab_s) / ab_s)
     slope = (xe - x0) / sig_hat
     xe_s = xe + (sig_s - sig_hat) * slope
-    x0_s = d.predict(xe_s * math.sqrt(ab_s), s, spec, model_fn)[0]
-    xe_s = xe + (sig_s - sig_hat) * 0.5 * (slope + (xe_s - x0_s) / sig_s)
+    if not euler:
+        x0_s = d.predict(xe_s * math.sqrt(ab_s), s, spec, model_fn)[0]
+        xe_s = xe + (sig_s - sig_hat) * 0.5 * (slope + (xe_s - x0_s) / sig_s)
     return xe_s * math.sqrt(ab_s), x0
 
 
@@ -1195,6 +1210,7 @@ class Sampler:
     help: str
     calls: int = 1
     churn: bool = False
+    capped: bool = False  # steps in sigma: on every grid, its first level is capped at log-SNR LAMBDA_FLOOR
 
 
 def karras_grid(d: GaussianDiffusion, n: int) -> List[float]:
@@ -1215,7 +1231,7 @@ SAMPLERS: Dict[str, Sampler] = {
     "ddim": Sampler(ddim_step, "logsnr", False, True, 25, "DDIM (Song et al.; --eta for noise)"),
     "dpm++": Sampler(dpmpp_step, "logsnr", False, False, 25, "DPM-Solver++(2M) (Lu et al.)"),
     "heun": Sampler(heun_step, "karras", False, False, 25, "EDM's Heun, two model calls per step (Karras et al.; "
-                    "--churn for noise)", calls=2, churn=True),
+                    "--churn for noise)", calls=2, churn=True, capped=True),
 }
 
 
@@ -1232,6 +1248,11 @@ class Guidance:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.net(x, t)
+
+    def combine(self, x0: torch.Tensor, x0_guide: torch.Tensor) -> torch.Tensor:
+        """The guided denoiser's x_0 from the model's and the guide's at the same x_t (Karras et al. 2024,
+        eq. 2): D_guide + w (D_model - D_guide)."""
+        return x0_guide + self.weight * (x0 - x0_guide)
 
     @property
     def runs_guide(self) -> bool:
@@ -1259,8 +1280,9 @@ def inversion_spec(spec: SampleSpec, steps: Optional[int]) -> SampleSpec:
 
 
 def deterministic(spec: SampleSpec) -> SampleSpec:
-    """spec, with a sampler that draws noise replaced by DDIM with eta 0: the path of interpolations."""
-    return replace(spec, sampler=INVERTIBLE if spec.row.stochastic else spec.sampler, eta=0.0)
+    """spec, with a sampler that draws noise replaced by DDIM, and eta and churn 0: the path of
+    interpolations."""
+    return replace(spec, sampler=INVERTIBLE if spec.row.stochastic else spec.sampler, eta=0.0, churn=0.0)
 
 
 def signal_left(cfg: ModelConfig) -> Optional[str]:
@@ -2626,10 +2648,11 @@ def read_loss_rows(metrics_csv: Path) -> List[Tuple[int, float]]:
     return [(step, v) for step, _, v in read_metric_rows(metrics_csv, "loss")]
 
 
-def plot_png(xs: Sequence[float], ys: Sequence[float], out: Path, xlabel: str, ylabel: str, log_y: bool = False,
-             floor: Optional[float] = None, floor_label: str = "") -> bool:
-    """A line plot written as a PNG with matplotlib (a horizontal line at `floor`); False, with a
-    note, where matplotlib is not installed."""
+def plot_png(series: Dict[str, Tuple[Sequence[float], Sequence[float]]], out: Path, xlabel: str, ylabel: str,
+             log_y: bool = False, floors: Optional[Dict[str, float]] = None) -> bool:
+    """Line plots written as a PNG with matplotlib: series label -> (xs, ys), each with a dashed
+    horizontal line at floors[label] where given (in the series' colour); False, with a note, where
+    matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -2638,10 +2661,12 @@ def plot_png(xs: Sequence[float], ys: Sequence[float], out: Path, xlabel: str, y
         log(f"note: {out.name} skipped (pip install matplotlib to draw it); the numbers are in metrics.csv")
         return False
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot(xs, ys, lw=1, marker="o" if len(xs) < 40 else None, ms=3)
-    if floor is not None:
-        ax.axhline(floor, color="grey", ls="--", lw=1, label=floor_label)
-        ax.legend(loc="best")
+    for label, (xs, ys) in series.items():
+        line, = ax.plot(xs, ys, lw=1, marker="o" if len(xs) < 40 else None, ms=3, label=label)
+        if floors and floors.get(label) is not None:
+            ax.axhline(floors[label], color=line.get_color(), ls="--", lw=0.8)
+    if len(series) > 1 or floors:
+        ax.legend(loc="best", fontsize=7, title="dashed: real vs real" if floors else None, title_fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log_y:
@@ -2655,11 +2680,39 @@ def plot_png(xs: Sequence[float], ys: Sequence[float], out: Path, xlabel: str, y
     return True
 
 
-def write_curve(metrics_csv: Path, out: Path, column: str, floor: Optional[float] = None,
+def probe_floors(rec) -> Dict[str, float]:
+    """The real-vs-real floors of --eval-every's record in a checkpoint (QualityProbe.record) by
+    quality.png's series: "mean", and "32px" ... where the record has the levels."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("floor"), (int, float)):
+        return {}
+    levels = rec.get("floor_levels") if isinstance(rec.get("floor_levels"), dict) else {}
+    return {"mean": float(rec["floor"]), **{f"{k}px": float(v) for k, v in levels.items()
+                                             if isinstance(v, (int, float))}}
+
+
+def swd_level_rows(metrics_csv: Path) -> Dict[str, Tuple[List[int], List[float]]]:
+    """Per pyramid level ("32px", ...), the images seen and SWD of metrics.csv's swd_levels column."""
+    out: Dict[str, Tuple[List[int], List[float]]] = {}
+    with contextlib.suppress(OSError, UnicodeDecodeError, csv.Error):
+        with open(metrics_csv, newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                with contextlib.suppress(TypeError, ValueError):
+                    images = int(r.get("images_seen") or 0)
+                    for part in (r.get("swd_levels") or "").split():
+                        size, value = part.split(":")
+                        if math.isfinite(float(value)):
+                            xs, ys = out.setdefault(f"{int(size)}px", ([], []))
+                            xs.append(images)
+                            ys.append(float(value))
+    return out
+
+
+def write_curve(metrics_csv: Path, out: Path, column: str, floors: Optional[Dict[str, float]] = None,
                 objective: str = "v") -> str:
     """loss.png (column "loss": the logged loss against the step) or quality.png ("swd": the SWD of
-    --eval-every against the images seen, with the real-vs-real floor) from metrics.csv. Returns what
-    happened, for the caller's line: "" when written, else why not."""
+    --eval-every against the images seen, its mean and each pyramid level, with their real-vs-real
+    floors: floors["mean"], floors["32px"], ...) from metrics.csv. Returns what happened, for the
+    caller's line: "" when written, else why not."""
     bad: List[int] = []
     rows = read_metric_rows(metrics_csv, column, bad)
     skipped = f"; {len(bad)} rows hold no number there (e.g. step {bad[0]})" if bad else ""
@@ -2668,11 +2721,11 @@ def write_curve(metrics_csv: Path, out: Path, column: str, floor: Optional[float
                f"(2 are needed){skipped}"
     if column == "loss":
         what = {"eps": "eps", "v": "v", "edm": "EDM's F"}.get(objective, "output")
-        drawn = plot_png([r[0] for r in rows], [r[2] for r in rows], out, "step", f"loss (MSE of the predicted {what})",
-                         True)
+        drawn = plot_png({"loss": ([r[0] for r in rows], [r[2] for r in rows])}, out, "step",
+                         f"loss (MSE of the predicted {what})", True)
     else:
-        drawn = plot_png([r[1] for r in rows], [r[2] for r in rows], out, "images seen", "SWD x1e3 (lower is better)",
-                         floor=floor, floor_label="real vs real")
+        series = {"mean": ([r[1] for r in rows], [r[2] for r in rows]), **swd_level_rows(metrics_csv)}
+        drawn = plot_png(series, out, "images seen", "SWD x1e3 (lower is better)", floors=floors)
     return skipped[2:] if drawn and skipped else ""  # not drawn: plot_png has said why
 
 
@@ -2982,14 +3035,16 @@ def laplacian_pyramid(x: torch.Tensor, levels: int) -> List[torch.Tensor]:
     return out + [x]
 
 
-def swd_descriptors(imgs: torch.Tensor, levels: int, per_image: int = 128, seed: int = 0, size: int = 7
-                    ) -> List[torch.Tensor]:
+def swd_descriptors(imgs: torch.Tensor, levels: int, per_image: int = 128, seed: int = 0, size: int = 7,
+                    fixed: bool = False) -> List[torch.Tensor]:
     """Per pyramid level, (N * per_image, C*size*size) float32: 7x7 neighbourhoods at random places,
-    each image's places drawn from a hash of its pixels (so the set of descriptors does not depend
-    on the order of the images), normalised per channel over the whole set (Karras et al. 2018)."""
+    normalised per channel over the whole set (Karras et al. 2018). Each image's places are drawn from
+    a hash of its pixels (so the set of descriptors does not depend on the order of the images), or
+    with `fixed` the same places in every image, drawn from the seed alone (so that a set measured
+    again after a small change is read at the same places: --eval-every's probe)."""
     x = imgs.double() / 127.5 - 1
-    keys = [mix_seed(seed, int.from_bytes(hashlib.sha256(im.numpy().tobytes()).digest()[:8], "little"))
-            for im in imgs]
+    keys = [mix_seed(seed, 12) if fixed else
+            mix_seed(seed, int.from_bytes(hashlib.sha256(im.numpy().tobytes()).digest()[:8], "little")) for im in imgs]
     out = []
     for level in laplacian_pyramid(x, levels):
         n, c, h, w = level.shape
@@ -3012,17 +3067,20 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, dirs: torch.Tensor) -> 
     return float((pa - pb).abs().mean())
 
 
-def swd(fake: torch.Tensor, real: torch.Tensor, seed: int = 0, repeats: int = 4, dirs_per_repeat: int = 128) -> dict:
+def swd(fake: torch.Tensor, real: torch.Tensor, seed: int = 0, repeats: int = 4, dirs_per_repeat: int = 128,
+        fixed: bool = False) -> dict:
     """Sliced Wasserstein distance between two equally large sets of uint8 images (N, C, H, W), per
     level of the Laplacian pyramid from full size down to 16 px (one level below 32 px), x 1e3, and
-    their mean: Karras et al. 2018's multi-scale statistical similarity, with no pretrained network."""
+    their mean: Karras et al. 2018's multi-scale statistical similarity, with no pretrained network.
+    fixed: patches at the same places in every image (see swd_descriptors)."""
     if len(fake) != len(real) or len(fake) < 2:
         raise DDPMError(f"SWD needs two equally large sets of 2 or more images, got {len(fake)} and {len(real)}")
     size = fake.shape[-1]
     levels = max(1, int(math.log2(size)) - 3)
     g = torch.Generator().manual_seed(mix_seed(seed, 9))
     per_level, sizes = [], [size >> i for i in range(levels)]
-    for da, db in zip(swd_descriptors(fake, levels, seed=seed), swd_descriptors(real, levels, seed=seed)):
+    for da, db in zip(swd_descriptors(fake, levels, seed=seed, fixed=fixed),
+                      swd_descriptors(real, levels, seed=seed, fixed=fixed)):
         dists = []
         for _ in range(repeats):
             dirs = torch.randn(da.shape[1], dirs_per_repeat, generator=g)
@@ -3269,7 +3327,8 @@ class MetricsLog:
     """metrics.csv (one row per --log-every steps) and events.csv (checkpoints, previews) in the
     checkpoint folder; a resumed run first drops rows past its step, so no step is logged twice."""
 
-    METRICS = ["step", "epoch", "images_seen", "loss", "skipped", "lr", "img_per_s", "swd", "wall_time"]
+    METRICS = ["step", "epoch", "images_seen", "loss", "skipped", "lr", "img_per_s", "swd", "swd_levels", "colour_mean",
+               "colour_std", "wall_time"]
     EVENTS = ["step", "event", "path", "wall_time"]
 
     def __init__(self, folder: Path, start_step: int, enabled: bool, tensorboard: bool = False):
@@ -3351,13 +3410,18 @@ class MetricsLog:
                             f"continue with --resume") from None
 
     def metric(self, **row) -> None:
-        """One row of metrics.csv (the columns not given are left empty), and its scalars in TensorBoard."""
+        """One row of metrics.csv (the columns not given are left empty; swd_levels, a dict of size in
+        pixels -> SWD, is written as "32:41.2 16:30.1"), and its scalars in TensorBoard."""
         if self.enabled:
-            self._append(self.metrics, self.METRICS, {c: row.get(c, "") for c in self.METRICS})
+            levels = row.pop("swd_levels", {})
+            text = " ".join(f"{k}:{v:.3f}" for k, v in levels.items())
+            self._append(self.metrics, self.METRICS, {**{c: row.get(c, "") for c in self.METRICS}, "swd_levels": text})
             if self.tb is not None:
-                for k in ("loss", "lr", "img_per_s", "swd"):
-                    if row.get(k, "") != "":
-                        self.tb.add_scalar(f"{'eval' if k == 'swd' else 'train'}/{k}", row[k], row["step"])
+                scalars = {**{k: row[k] for k in ("loss", "lr", "img_per_s", "swd", "colour_mean", "colour_std")
+                              if row.get(k, "") != ""}, **{f"swd_{k}px": v for k, v in levels.items()}}
+                for k, v in scalars.items():
+                    group = "train" if k in ("loss", "lr", "img_per_s") else "eval"
+                    self.tb.add_scalar(f"{group}/{k}", v, row["step"])
 
     def event(self, step: int, event: str, path: Path, image: Optional[torch.Tensor] = None) -> None:
         if self.enabled:
@@ -3481,12 +3545,13 @@ class QualityProbe:
             n = len(held) // 2
         perm = torch.randperm(len(held), generator=torch.Generator().manual_seed(mix_seed(seed, 11)))
         self.real, other = held[perm[:n]], held[perm[n:2 * n]]
-        self.floor = swd(other, self.real, seed)["mean"]
         self.n, self.every, self.seed, self.what = n, every, seed, what
+        self.floors = self.compare(other)  # real vs real: each figure's floor for this n
+        self.floor = self.floors["swd"]
         self.spec = SampleSpec()  # the default sampler: what users sample with
         # how it measures, in one value: the images compared against, the floor's images, the seed of the
         # samples and the sampler; a best.pth measured otherwise is never replaced by this probe's best
-        h = hashlib.sha256(json.dumps([n, seed, self.spec.to_dict()]).encode())
+        h = hashlib.sha256(json.dumps([n, seed, self.spec.to_dict(), "fixed places"]).encode())
         for imgs in (self.real, other):
             h.update(imgs.contiguous().numpy().tobytes())
         self.key = h.hexdigest()[:16]
@@ -3494,14 +3559,23 @@ class QualityProbe:
         self.best_swd: Optional[float] = None
         self.seconds, self.count = 0.0, 0
 
-    def measure(self, model: GaussianDiffusion, rt: Runtime) -> float:
-        """The SWD of the model's n samples against the held-out images (host sync)."""
+    def compare(self, imgs: torch.Tensor) -> dict:
+        """imgs against the held-out images: the SWD (x1e3; "swd" the mean, "levels" per pyramid level by
+        size in pixels, finest first), its patches read at the same places every time (so that one
+        set measured twice gives the same number, and a small change a small one), and the colour gap
+        that SWD cannot see (colour_gap: "colour_mean", "colour_std", 8-bit levels)."""
+        r, c = swd(imgs, self.real, self.seed, fixed=True), colour_gap(imgs, self.real)
+        return {"swd": r["mean"], "levels": dict(zip(r["sizes"], r["per_level"])), "colour_mean": c["mean"],
+                "colour_std": c["std"]}
+
+    def measure(self, model: GaussianDiffusion, rt: Runtime) -> dict:
+        """The model's n samples against the held-out images (see compare; host sync)."""
         t0 = time.time()
         fake = generate(model, rt, list(range(self.n)), self.seed, self.spec, batch_size=min(self.n, 128),
                         show_progress=False)
-        value = swd(fake, self.real, self.seed)["mean"]
+        out = self.compare(fake)
         self.seconds, self.count = self.seconds + time.time() - t0, self.count + 1
-        return value
+        return out
 
     def estimate(self, model: GaussianDiffusion, rt: Runtime) -> float:
         """Seconds one measurement will take: one sampling step of a batch, timed, times the steps and
@@ -3528,7 +3602,8 @@ class QualityProbe:
         """What checkpoints keep of it: the best step and SWD, the floor, the held-out set's size and
         name, and its key (how it measures)."""
         return {"best_step": self.best_step, "best_swd": self.best_swd, "floor": self.floor, "n": self.n,
-                "every": self.every, "key": self.key, "what": self.what}
+                "every": self.every, "key": self.key, "what": self.what,
+                "floor_levels": {str(k): v for k, v in self.floors["levels"].items()}}
 
     def restore(self, rec: Optional[dict]) -> Optional[str]:
         """A continued run's best so far, where its checkpoint recorded one measured the same way (the
@@ -3588,7 +3663,7 @@ class RunPictures:
         if why:
             log(f"note: {why}")
         if tr.probe is not None:
-            why = write_curve(ckpt_dir / "metrics.csv", self.folder / "quality.png", "swd", tr.probe.floor)
+            why = write_curve(ckpt_dir / "metrics.csv", self.folder / "quality.png", "swd", probe_floors(tr.probe.record()))
             if why:
                 log(f"note: {why}")
         if self.strips and not stop.by_signal:
@@ -3990,7 +4065,7 @@ class Trainer:
         if self.probe is not None:
             self._start_probe(ckpt_dir, metrics)
         if tc.guide_snapshot and is_rank0():
-            self._plan_guide(ckpt_dir)
+            self._plan_guide(ckpt_dir, metrics)
         self.first_step = pos.step
         self.model.train()  # run-before.png (rank 0 only) left it in eval mode: dropout must be on, on every rank
         self.clock.restart(pos.step)
@@ -4081,22 +4156,30 @@ class Trainer:
         self.model.train()
 
     def _evaluate(self, ckpt_dir: Path, metrics: MetricsLog, say: Optional[Callable]) -> float:
-        """One --eval-every measurement: a metrics.csv row (and TensorBoard), and best.pth where it is the
-        best so far (written by rank 0 alone, with this process's generator states)."""
+        """One --eval-every measurement: a metrics.csv row (and TensorBoard) with the SWD, its levels and
+        the colour gap, and best.pth where the SWD is the lowest so far (written by rank 0 alone, with this
+        process's generator states)."""
         p, pos = self.probe, self.pos
         model = self.sampling_view(ema=True)
-        value = p.measure(model, self.rt.local())
+        m = p.measure(model, self.rt.local())
+        value = m["swd"]
         self.model.train()  # sampling_view put it in eval mode where there is no EMA
         metrics.metric(step=pos.step, epoch=pos.epoch, images_seen=pos.images_seen, swd=round(value, 3),
-                       wall_time=round(time.time(), 3))
+                       swd_levels=m["levels"], colour_mean=round(m["colour_mean"], 3),
+                       colour_std=round(m["colour_std"], 3), wall_time=round(time.time(), 3))
         best = self.weights_finite() and p.improves(pos.step, value)  # best_step only for weights that are saved
         if best:
             path = ckpt_dir / "best.pth"
             stored = peek_checkpoint(path).get("quality")
-            self._save_kept(path, isinstance(stored, dict) and stored.get("key") == p.key, "best", say or log)
+            self._save_kept(path, isinstance(stored, dict) and stored.get("key") == p.key,
+                            "was measured otherwise (other held-out images, --eval-samples or seed)", say or log)
             metrics.event(pos.step, "best", path)
         if say is not None:
-            say(f"eval at step {pos.step}: SWD {value:.2f} (real vs real {p.floor:.2f}); "
+            f = p.floors
+            levels = ", ".join(f"{k}px {v:.2f}" for k, v in m["levels"].items())
+            floors = ", ".join(f"{v:.2f}" for v in f["levels"].values())
+            say(f"eval at step {pos.step}: SWD {value:.2f} ({levels}; real vs real {p.floor:.2f}: {floors}), colour gap "
+                f"{m['colour_mean']:.1f}/{m['colour_std']:.1f} (real {f['colour_mean']:.1f}/{f['colour_std']:.1f}); "
                 + ("the best so far: best.pth" if best else f"best {p.best_swd:.2f} at step {p.best_step}"
                    if p.best_swd is not None else ""))
         return value
@@ -4108,14 +4191,19 @@ class Trainer:
             planned = min(planned, self.tc.max_steps)
         return max(1, round(self.tc.guide_snapshot * planned))
 
-    def _plan_guide(self, ckpt_dir: Path) -> None:
+    def _plan_guide(self, ckpt_dir: Path, metrics: MetricsLog) -> None:
         """--guide-snapshot on a continued run: say what becomes of a guide.pth that is not this run's
-        snapshot at its due step (the run was given more epochs, or another fraction)."""
+        snapshot at its due step (the run was given more epochs, or another fraction); where the run
+        stands at that step, the snapshot is taken now."""
         path, due = ckpt_dir / "guide.pth", self.guide_step()
         step, run = checkpoint_meta(path)
-        if not os.path.lexists(path) or (step, run) == (due, self.run_id):
+        if (step, run) == (due, self.run_id):
             return
-        if self.pos.step < due:
+        if self.pos.step == due:
+            self._save_guide(ckpt_dir, metrics, log)
+        elif not os.path.lexists(path):
+            return
+        elif self.pos.step < due:
             log(f"guide: {path} is the snapshot of step {step}; this run's ({self.tc.guide_snapshot:g} of its planned "
                 f"steps) is due at step {due}, and the earlier one will then be moved aside")
         else:
@@ -4127,7 +4215,8 @@ class Trainer:
         path = ckpt_dir / "guide.pth"
         if not self.weights_finite():
             return
-        self._save_kept(path, checkpoint_meta(path) == (self.pos.step, self.run_id), "guide", say)
+        self._save_kept(path, checkpoint_meta(path) == (self.pos.step, self.run_id),
+                        f"is not this run's snapshot (step {self.pos.step})", say)
         metrics.event(self.pos.step, "guide", path)
         say(f"guide: the EMA weights of step {self.pos.step} ({self.tc.guide_snapshot:g} of the run) saved as {path}; "
             f"sample with --guide {path} --guidance W")
@@ -4138,8 +4227,8 @@ class Trainer:
         other images, or a snapshot of another step) is first moved into a dated folder, with one line."""
         if os.path.lexists(path) and not same:
             old_step, _ = checkpoint_meta(path)
-            say(f"{what}: the earlier {path.name} (step {old_step if old_step >= 0 else 'unknown'}) was made "
-                f"otherwise; moved to {move_aside(path.parent, [path])}")
+            say(f"{path.name}: the earlier one (step {old_step if old_step >= 0 else 'unknown'}) {what}; moved to "
+                f"{move_aside(path.parent, [path])}")
         save_or_explain(path, self.state_dict(collective=False))
 
     def _step_or_fail(self) -> bool:
@@ -4384,8 +4473,9 @@ def build_parser() -> ArgParser:
     g.add_argument("--grid", choices=list(GRIDS), default=None, help="the timesteps sampled at: uniform, logsnr "
                    "(evenly in log-SNR) or karras (EDM's rho = 7 noise levels) (default: the sampler's own: "
                    + ", ".join(f"{row.grid} for {name}" for name, row in SAMPLERS.items()) + ")")
-    g.add_argument("--churn", type=float, default=0.0, help="heun: EDM's S_churn, fresh noise at each step "
-                   "(0: deterministic)")
+    g.add_argument("--churn", type=float, default=0.0, help="heun: EDM's S_churn, fresh noise at each step: each "
+                   "of the N noise levels is raised by gamma = min(S_churn / N, sqrt(2) - 1) before its step, so "
+                   "above N (sqrt(2) - 1) it changes nothing more (0: deterministic)")
     g.add_argument("--guide", type=str, default=None, metavar="CKPT", help="autoguidance (Karras et al. 2024): a "
                    "weaker model of the same data, such as the run's own early guide.pth (--guide-snapshot)")
     g.add_argument("--guidance", type=float, default=None, metavar="W", help="with --guide: D = D_guide + W "
@@ -4912,6 +5002,8 @@ def train_command(job: TrainJob, started: float) -> int:
             lock.acquire()
         run = start_of_run(job)
         check_recipe(run.cfg, run.train)
+        if run.eval_folders and run.train.eval_every:
+            check_held_out(run.eval_folders, run.data)
         inside = [f for f in run.data.folders if Path(f).resolve() in [job.out.save_dir.resolve(),
                                                                         *job.out.save_dir.resolve().parents]]
         if inside:
@@ -4963,7 +5055,7 @@ def train_run(job: TrainJob, rt: Runtime, run: RunStart, save_dir: Path, started
         f"{tc.ema_decay if tc.ema_decay else 'off'}" + (f" | {trainer.memory_note}" if trainer.memory_note else ""))
     deadline = (started + job.time_budget) if job.time_budget else None
     if job.pictures or tc.sample_every:
-        say_calls(trainer.model, tc.preview)
+        say_sampling(trainer.model, tc.preview)
     probe = quality_probe(job, run, cfg, tc, held, seed) if tc.eval_every and is_rank0() else None
     trainer.fit(job.ckpt_dir, deadline, RunPictures(save_dir, job.final, job.pictures), probe)
     return 0
@@ -4975,7 +5067,6 @@ def quality_probe(job: TrainJob, run: RunStart, cfg: ModelConfig, tc: TrainConfi
     faces past the ones it trains on; a folder of images without any is a one-line error."""
     n = eval_samples_for(tc, cfg)
     if run.eval_folders:
-        check_held_out(run.eval_folders, run.data)
         imgs = load_images(run.eval_folders, cfg.img_size, cfg.img_channels, run.data.background, flag="--eval-folders")
         return QualityProbe(imgs, n, tc.eval_every, seed, "--eval-folders " + " ".join(run.eval_folders))
     if len(held):
@@ -5024,7 +5115,7 @@ def sampling_fn(job: ModelJob, model: GaussianDiffusion, rt: Runtime) -> ModelFn
     """What the job's sampling calls: the model's network (compiled with --compile), or with --guide
     the autoguidance of it by the guide (two networks per model call)."""
     net = sampling_net(model, rt, bool(job.device.compile))
-    say_calls(model, job.spec)
+    say_sampling(model, job.spec)
     if job.guide is None:
         return net
     guide, _ = load_for_sampling(job.guide, rt, "guide")
@@ -5045,12 +5136,17 @@ def sampling_fn(job: ModelJob, model: GaussianDiffusion, rt: Runtime) -> ModelFn
     return fn
 
 
-def say_calls(model: GaussianDiffusion, spec: SampleSpec) -> None:
-    """One line where --steps asks for more model calls than the sampler's grid has."""
+def say_sampling(model: GaussianDiffusion, spec: SampleSpec) -> None:
+    """One line where a sampling flag does less than its number says: --steps beyond the model calls the
+    sampler's grid has, --churn beyond its cap."""
     calls = model.calls(spec)
     if spec.steps and calls < spec.steps:
         warn_once(f"--steps {spec.steps}: {spec.sampler} on the {spec.grid or spec.row.grid} grid of this model (T = "
                   f"{model.timesteps}) makes {calls} model calls, its most")
+    levels = len(model.grid(spec))
+    if spec.row.churn and spec.churn / levels > math.sqrt(2) - 1:
+        warn_once(f"--churn {spec.churn:g} is above its cap: each of the {levels} noise levels is raised by at most "
+                  f"sqrt(2) - 1 = 41%, which --churn {levels * (math.sqrt(2) - 1):.2f} already gives")
 
 
 def check_guide_levels(model: GaussianDiffusion, guide: GaussianDiffusion, path: str) -> None:
@@ -5439,11 +5535,11 @@ def plot_run(folder: Path, obj: dict, out: Outputs) -> None:
     if not metrics.is_file():
         raise DDPMError(f"--plot: {metrics} does not exist; the run has logged nothing yet")
     check_writable(out.save_dir, "--save-dir")
-    floor = (obj.get("quality") or {}).get("floor") if isinstance(obj.get("quality"), dict) else None
+    floors = probe_floors(obj.get("quality"))
     objective = (obj.get("config") or {}).get("objective", "eps")
     with writing_to(out.save_dir, "plot", out.overwrite) as save_dir:
         for name, column in (("loss.png", "loss"), ("quality.png", "swd")):
-            why = write_curve(metrics, save_dir / name, column, floor, objective)
+            why = write_curve(metrics, save_dir / name, column, floors, objective)
             if (save_dir / name).exists():
                 log(f"wrote {save_dir / name}" + (f" ({why})" if why else ""))
             elif why and (column == "loss" or "0 rows" not in why or "no number" in why):  # quality: --eval-every ran

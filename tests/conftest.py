@@ -2,6 +2,7 @@
 run built once per session, and small helpers. Test files import the names with
 `from conftest import ...` and state only what they test."""
 import csv
+import errno
 import os
 import shutil
 import sys
@@ -80,13 +81,64 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB")).copy()
 
 
-LOCK_FILES = (".lock", ".lock.json")  # the folder lock and its holder's note
+LOCK_FILES = (".lock", ".lock.json", ddpm.OUTPUT_LOCK)  # the folder locks and the holder's note
 
 
 def tree(root: Path) -> dict:
     """Every file under root (recursively) with its bytes; the lock files excluded."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*"))
             if p.is_file() and p.name not in LOCK_FILES}
+
+
+def assert_kept(before: dict, root: Path) -> None:
+    """Every file of `before` (a tree) is still under root, byte-identical."""
+    after = tree(root)
+    for name, data in before.items():
+        assert after.get(name) == data, f"{name} changed or vanished"
+
+
+def error_line(capsys) -> str:
+    """The one line of a refused command, on stderr."""
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("ddpm.py: error:"), line
+    return line
+
+
+def faces(folder: Path, n: int = 4, size: int = 8, seed: int = 5) -> Path:
+    """A folder of n demo faces as PNG files (seed: which faces)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(ddpm.demo_faces(n, size, seed=seed)):
+        ddpm.save_png(img, folder / f"face{i}.png")
+    return folder
+
+
+def disk_full_at(monkeypatch, where: str, step: int) -> None:
+    """From training step `step` on, every write to a path containing `where` fails as on a full disk,
+    in the operating system's own calls (os.open for appends, the atomic writer's temporary file)."""
+    import tempfile
+
+    real_open, real_mkstemp = os.open, tempfile.mkstemp
+
+    def full(path) -> bool:
+        return where in str(path) and (where.startswith("step-") or len(rows_of(path)) >= step - 1)
+
+    def rows_of(path):
+        try:
+            return Path(path).read_text().splitlines()[1:]
+        except OSError:
+            return []
+
+    def open_(path, flags, *a, **k):
+        if flags & os.O_APPEND and full(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, flags, *a, **k)
+
+    def mkstemp(*a, prefix="", dir=None, **k):
+        if full(Path(dir or ".") / prefix.lstrip(".")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_mkstemp(*a, prefix=prefix, dir=dir, **k)
+    monkeypatch.setattr(ddpm.os, "open", open_)
+    monkeypatch.setattr(ddpm.tempfile, "mkstemp", mkstemp)
 
 
 def nan_losses(monkeypatch, bad) -> list:

@@ -9,33 +9,48 @@ import torch
 from torch import nn
 
 import ddpm
-from conftest import MODEL, QUIET, dirs, pixels
+from conftest import MODEL, QUIET, dirs, one_line, pixels
 
 MU, S = 0.3, 0.5  # every pixel of x_0 is N(MU, S^2)
+# for the tests of the objectives' conversions: a deviation other than EDM's sigma_data (0.5), at which
+# c_in applied to x_t instead of x would cancel out exactly in the optimal denoiser
+MU2, S2 = 0.2, 0.3
 
 
 class GaussianNet(nn.Module):
-    """The exact eps (or v) at x_t for Gaussian data, at any timestep the sampler asks for, integer or
-    not: the noise level is the diffusion's own alpha_bar(t)."""
+    """The exact network output at x_t for Gaussian data N(mu, s^2) per pixel, as each objective
+    parametrises it, at any timestep the sampler asks for, integer or not: eps, or v, at the
+    diffusion's own alpha_bar(t); for edm, EDM's preconditioned F(c_in x; c_noise) (Karras et al. 2022,
+    Table 1, written here from the paper) with x = x_t / sqrt(alpha_bar) and D the optimal denoiser."""
 
-    def __init__(self, diffusion_ref: list, objective: str = "eps"):
+    def __init__(self, diffusion_ref: list, objective: str = "eps", mu: float = MU, s: float = S):
         super().__init__()
-        self.ref, self.objective = diffusion_ref, objective
+        self.ref, self.objective, self.mu, self.s = diffusion_ref, objective, mu, s
 
     def forward(self, x, t):
-        d = self.ref[0]
-        a = torch.tensor([d.ab(float(v)) for v in t.tolist()], dtype=torch.float64).view(-1, 1, 1, 1)
+        d, mu, s2 = self.ref[0], self.mu, self.s ** 2
         x = x.double()
-        eps = (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * S * S + 1 - a)
+        if self.objective == "edm":  # the input is (c_in x, c_noise = ln(sigma) / 4)
+            sigma = torch.exp(4 * t.double()).view(-1, 1, 1, 1)
+            xe = x * (sigma ** 2 + SD ** 2).sqrt()
+            D = mu + s2 / (s2 + sigma ** 2) * (xe - mu)
+            c_skip, c_out = SD ** 2 / (sigma ** 2 + SD ** 2), sigma * SD / (sigma ** 2 + SD ** 2).sqrt()
+            return ((D - c_skip * xe) / c_out).float()
+        a = torch.tensor([d.ab(float(v)) for v in t.tolist()], dtype=torch.float64).view(-1, 1, 1, 1)
+        eps = (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * s2 + 1 - a)
         if self.objective == "v":
             return ((eps - (1 - a).sqrt() * x) / a.sqrt()).float()
         return eps.float()
 
 
-def gaussian_diffusion(objective: str = "eps", schedule: str = "linear") -> ddpm.GaussianDiffusion:
+SD = 0.5  # EDM's sigma_data
+
+
+def gaussian_diffusion(objective: str = "eps", schedule: str = "linear", mu: float = MU,
+                       s: float = S) -> ddpm.GaussianDiffusion:
     ref = []
-    d = ddpm.GaussianDiffusion(GaussianNet(ref, objective), config=ddpm.ModelConfig(objective=objective,
-                                                                                    beta_schedule=schedule))
+    d = ddpm.GaussianDiffusion(GaussianNet(ref, objective, mu, s),
+                               config=ddpm.ModelConfig(objective=objective, beta_schedule=schedule))
     ref.append(d)
     return d
 
@@ -80,11 +95,30 @@ def test_heun_samples_the_gaussian_data_distribution(churn):
     assert spec.draws_noise == (churn > 0)
 
 
-@pytest.mark.parametrize("objective", ["eps", "v"])
+def denoiser_error(objective: str) -> float:
+    """The largest difference between the model's x_0 estimate at x_t (predict) and EDM's optimal
+    denoiser D(x; sigma) of the Gaussian data at x = x_t sqrt(1 + sigma^2), over integer and fractional
+    timesteps: 0 up to float round-off when the objective's conversions are right."""
+    d = gaussian_diffusion(objective, mu=MU2, s=S2)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
+    worst = 0.0
+    for t in (5, 250.5, 900):
+        sigma = d.sigma(t)
+        x_vp = (x / math.sqrt(1 + sigma ** 2)).float()
+        x0, eps = d.predict(x_vp, t, ddpm.SampleSpec(clip=False), d.eps_model)
+        D = MU2 + S2 * S2 / (S2 * S2 + sigma ** 2) * (x - MU2)  # the optimal denoiser, EDM's D(x; sigma)
+        ab = d.ab(t)
+        worst = max(worst, float((x0.double() - D).abs().max()),
+                    float((x_vp.double() - math.sqrt(ab) * x0.double() - math.sqrt(1 - ab) * eps.double()).abs().max()))
+    return worst
+
+
+@pytest.mark.parametrize("objective", ["eps", "v", "edm"])
 def test_the_vp_model_seen_as_edm_round_trips(objective):
     """sigma and the (fractional) timestep invert each other; at an integer timestep the interpolated
-    noise level is the schedule's own; EDM's denoiser D(x; sigma) read from the VP model's output at
-    x_t = x / sqrt(1 + sigma^2) is its x_0 estimate, and x_t = sqrt(alpha_bar) x."""
+    noise level is the schedule's own; EDM's denoiser D(x; sigma) read from the model's output at
+    x_t = x / sqrt(1 + sigma^2) is its x_0 estimate, and x_t = sqrt(alpha_bar) x (denoiser_error):
+    with every objective's conversions (catches c_in applied to x_t instead of x)."""
     d = gaussian_diffusion(objective)
     for t in (0, 1, 17, 250.5, 500, 731.25, 998.9, 999):
         sigma = d.sigma(t)
@@ -92,17 +126,7 @@ def test_the_vp_model_seen_as_edm_round_trips(objective):
         assert d.ab(t) == pytest.approx(1 / (1 + sigma ** 2), rel=1e-6)
         if float(t).is_integer():
             assert d.ab(t) == pytest.approx(float(d.alpha_bar_f64[int(t)]), rel=1e-12)
-    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
-    for t in (5, 250.5, 900):
-        ab = d.ab(t)
-        sigma = math.sqrt((1 - ab) / ab)
-        x_vp = (x / math.sqrt(1 + sigma ** 2)).float()
-        assert torch.allclose(x_vp.double(), math.sqrt(ab) * x, rtol=1e-6, atol=1e-6)
-        x0, eps = d.predict(x_vp, t, ddpm.SampleSpec(clip=False), d.eps_model)
-        D = MU + S * S / (S * S + sigma ** 2) * (x - MU)  # the optimal denoiser, EDM's D(x; sigma)
-        torch.testing.assert_close(x0.double(), D, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(x_vp.double(), math.sqrt(ab) * x0.double() + math.sqrt(1 - ab) * eps.double(),
-                                   rtol=1e-5, atol=1e-5)
+    assert denoiser_error(objective) < 2e-5
 
 
 def test_edm_preconditioning_and_loss_follow_the_paper():
@@ -188,3 +212,149 @@ def test_guide_snapshot_and_guidance_from_the_command_line(tmp_path, capsys):
     capsys.readouterr()
     assert ddpm.main([*base, "--guide", str(other / "ckpt"), "--save-dir", str(tmp_path / "bad")]) == 2
     assert "a guide must be a model of the same data" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# every sampler, grid, schedule and objective against Gaussian data
+# ----------------------------------------------------------------------------------------------
+
+def sampling_errors(objectives=("eps", "v", "edm"), schedules=("linear", "cosine")) -> list:
+    """The cases where sampling Gaussian data N(MU2, S2^2) with its exact network (GaussianNet) misses,
+    with every sampler on every grid: at 100 model calls the sample mean within 0.03 of MU2 and the
+    deviation within 5% of S2 (8% for the ancestral sampler, whose large variance is an upper bound at
+    few steps); at 25 calls, where the grids take big first steps, within 25% (the discretisation
+    error of a sound solver there is up to 16%). What a wrong formula gives is far outside: Heun started
+    from T-1 on the uniform grid of the cosine schedule has a deviation of 0.93 at 25 calls, not 0.3;
+    EDM's c_skip applied to x_t instead of x_t / sqrt(alpha_bar) takes 10% or more off the deviation
+    with the deterministic samplers at 100 calls."""
+    bad = []
+    for objective in objectives:
+        for schedule in schedules:
+            d = gaussian_diffusion(objective, schedule, MU2, S2)
+            x_T = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+            for sampler in ddpm.SAMPLERS:
+                for grid in ddpm.GRIDS:
+                    for calls, tol in ((100, 0.08 if sampler == "ddpm" else 0.05), (25, 0.25)):
+                        g = torch.Generator().manual_seed(1)
+                        out = d.sample(x_T.clone(), ddpm.SampleSpec(sampler, calls, clip=False, grid=grid),
+                                       model_fn=d.eps_model, noise_fn=lambda: torch.randn(x_T.shape, generator=g))
+                        m, s = out.mean().item(), out.std().item()
+                        if not (abs(m - MU2) < 0.03 and abs(s / S2 - 1) < tol):
+                            bad.append(f"{objective} {schedule} {sampler} {grid} {calls}: mean {m:.3f}, std {s:.3f}")
+    return bad
+
+
+@pytest.mark.parametrize("objective", ["eps", "v", "edm"])
+def test_every_sampler_on_every_grid_samples_gaussian_data(objective):
+    """Catches a first step that is not sound (Heun from T-1 on the uniform grid) and a wrong conversion
+    between an objective's output and x_0 (see sampling_errors)."""
+    assert sampling_errors([objective]) == []
+
+
+def test_autoguidance_follows_its_closed_form_with_a_guide_that_differs():
+    """D = D_guide + w (D_model - D_guide) at the same noise level, the guide a model of other Gaussian
+    data, so that its role cannot be swapped unnoticed (x_0 + w (x_0 of the guide - x_0) fails)."""
+    main, guide = gaussian_diffusion("v", "cosine"), gaussian_diffusion("edm", "cosine", mu=-0.2, s=0.3)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    spec = ddpm.SampleSpec(clip=False)
+    for w in (0.0, 1.0, 2.0, 3.5):
+        fn = ddpm.Guidance(main.eps_model, guide, guide.eps_model, w)
+        for t in (10, 400, 731.5, 990):
+            sigma = main.sigma(t)
+            xe = x.double() * math.sqrt(1 + sigma ** 2)  # EDM's x at x_t
+            d_main = MU + S * S / (S * S + sigma ** 2) * (xe - MU)
+            d_guide = -0.2 + 0.09 / (0.09 + sigma ** 2) * (xe + 0.2)
+            x0 = main.predict(x, t, spec, fn)[0]
+            torch.testing.assert_close(x0.double(), d_guide + w * (d_main - d_guide), rtol=2e-5, atol=2e-5)
+
+
+def test_the_closed_form_tests_catch_a_one_line_change(monkeypatch):
+    """The mutations the tests above name each fail them."""
+    real_x0, real_net, real_grid = ddpm.GaussianDiffusion.x0_and_eps, ddpm.GaussianDiffusion.network, \
+        ddpm.GaussianDiffusion.grid
+
+    def skip_on_xt(self, xt, out, ab_t):  # c_skip applied to x_t instead of x_t / sqrt(alpha_bar)
+        if self.objective != "edm":
+            return real_x0(self, xt, out, ab_t)
+        c_skip, c_out, _, _ = ddpm.edm_preconditioning(ddpm._sqrt((1 - ab_t) / ab_t))
+        x0 = c_skip * xt + c_out * out
+        return x0, (xt - ddpm._sqrt(ab_t) * x0) / ddpm._sqrt(1 - ab_t)
+
+    def c_in_on_xt(self, xt, t, ab_t, model_fn=None):  # c_in applied to x_t
+        if self.objective != "edm":
+            return real_net(self, xt, t, ab_t, model_fn)
+        _, _, c_in, c_noise = ddpm.edm_preconditioning(ddpm._sqrt((1 - ab_t) / ab_t))
+        return (model_fn or self.eps_model)(c_in * xt, self._time_input(c_noise, xt)).float()
+
+    def uncapped(self, spec, start=None):  # Heun started from T-1 wherever its grid starts
+        grid = real_grid(self, spec, start)
+        return [float(self.timesteps - 1)] + grid[1:] if spec.grid == "uniform" and grid else grid
+    for mutation, where in ((skip_on_xt, "x0_and_eps"), (c_in_on_xt, "network")):
+        monkeypatch.setattr(ddpm.GaussianDiffusion, where, mutation)
+        assert denoiser_error("edm") > 0.05, where
+        if where == "x0_and_eps":
+            assert len(sampling_errors(["edm"], ["cosine"])) >= 6
+        monkeypatch.undo()
+    monkeypatch.setattr(ddpm.GaussianDiffusion, "grid", uncapped)
+    assert any("cosine heun uniform" in e for e in sampling_errors(["eps"], ["cosine"]))
+    monkeypatch.undo()
+    monkeypatch.setattr(ddpm.Guidance, "combine", lambda self, x0, x0_g: x0 + self.weight * (x0_g - x0))
+    with pytest.raises(AssertionError):
+        test_autoguidance_follows_its_closed_form_with_a_guide_that_differs()
+
+
+# ----------------------------------------------------------------------------------------------
+# Heun's calls and churn, as the paper counts them
+# ----------------------------------------------------------------------------------------------
+
+def test_heun_makes_the_model_calls_asked_for_and_churns_every_level():
+    """--steps counts model calls for every sampler, even or odd (an even count takes its first step
+    with Euler's one call); with --churn, gamma = min(S_churn / N, sqrt(2) - 1) with N the number of
+    noise levels (Karras et al. 2022, Alg. 2), at every level including the last before sigma = 0."""
+    d = gaussian_diffusion(schedule="cosine")
+    x_T = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for calls in (1, 2, 9, 10, 25, 50):
+        seen = []
+        spec = ddpm.SampleSpec("heun", calls, clip=False)
+        d.sample(x_T.clone(), spec, model_fn=lambda x, t: (seen.append(float(t[0])), d.eps_model(x, t))[1])
+        assert len(seen) == calls == d.calls(spec), (calls, len(seen))
+    for churn in (2.0, 40.0):
+        spec = ddpm.SampleSpec("heun", 9, clip=False, churn=churn)
+        grid = d.grid(spec)
+        n = len(grid)
+        gamma = min(churn / n, math.sqrt(2) - 1)
+        first_calls, draws = [], []
+        calls = iter(range(1000))
+
+        def fn(x, t):
+            if next(calls) % 2 == 0:  # the first call of each level (the last level has one call only)
+                first_calls.append(float(t[0]))
+            return d.eps_model(x, t)
+        d.sample(x_T.clone(), spec, model_fn=fn, noise_fn=lambda: (draws.append(1), torch.zeros_like(x_T))[1])
+        want = [d.t_of_sigma(d.sigma(t) * (1 + gamma)) for t in grid]
+        assert len(draws) == n and first_calls == pytest.approx(want, abs=1e-3), (first_calls, want)  # float32 t
+
+
+def test_interpolation_with_a_churned_sampler_is_deterministic(tiny_run, tmp_path):
+    for k in (1, 2):
+        assert ddpm.main(["--loadckpt", str(tiny_run / "ckpt"), "--device", "cpu", "--num-samples", "1",
+                          "--sampler", "heun", "--churn", "5", "--steps", "9", "--interpolate", "1", "2",
+                          "--seed", str(k), "--save-dir", str(tmp_path / str(k))]) == 0
+    assert (pixels(tmp_path / "1" / "interpolate.png") == pixels(tmp_path / "2" / "interpolate.png")).all()
+
+
+def test_a_guide_that_cannot_cover_the_models_noise_levels_is_refused(tiny_run, tmp_path, capsys):
+    other = tmp_path / "linear"
+    assert ddpm.main(["--train", "--demo", "--demo-images", "8", *MODEL, "--beta-schedule", "linear",
+                      "--batch-size", "4", "--max-steps", "1", *QUIET, *dirs(other)]) == 0
+    capsys.readouterr()
+    base = ["--loadckpt", str(tiny_run / "ckpt"), "--device", "cpu", "--num-samples", "1", "--save-dir",
+            str(tmp_path / "o")]
+    assert ddpm.main([*base, "--guide", str(other / "ckpt")]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "(linear schedule, T = 50)" in line and "(cosine schedule, T = 50)" in line and "must cover" in line
+    assert ddpm.main([*base, "--guide", str(tiny_run / "ckpt" / "ckpt-0.pth"), "--eval", "nll"]) == 2
+    assert "--eval nll measures the model's own bound" in one_line(capsys.readouterr().err)
+    assert ddpm.main([*base, "--sampler", "heun", "--churn", "100", "--steps", "9"]) == 0
+    assert "--churn 100 is above its cap: each of the 5 noise levels" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "sample-2").exists()

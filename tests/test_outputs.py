@@ -19,31 +19,13 @@ import pytest
 import torch
 
 import ddpm
-from conftest import QUIET, TINY_RUN as TRAIN, copy_run, dirs, one_line, rows, tree
-
-
-def error_line(capsys) -> str:
-    line = one_line(capsys.readouterr().err)
-    assert line.startswith("ddpm.py: error:"), line
-    return line
-
-
-def assert_kept(before: dict, root: Path) -> None:
-    after = tree(root)
-    for name, data in before.items():
-        assert after.get(name) == data, f"{name} changed or vanished"
+from conftest import (QUIET, TINY_RUN as TRAIN, assert_kept, copy_run, dirs, disk_full_at, error_line, faces, one_line,
+                      rows, tree)
 
 
 def sample(ckpt, out: Path, *flags) -> int:
     return ddpm.main(["--loadckpt", str(ckpt), "--device", "cpu", "--seed", "1", "--steps", "4", "--save-dir", str(out),
                       *flags])
-
-
-def faces(folder: Path, n: int = 4, size: int = 8, seed: int = 5) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(ddpm.demo_faces(n, size, seed=seed)):
-        ddpm.save_png(img, folder / f"face{i}.png")
-    return folder
 
 
 def outside(tmp_path: Path) -> Path:
@@ -171,35 +153,6 @@ def test_an_error_in_mid_training_saves_the_trained_steps_first(tmp_path, capsys
     line = one_line(capsys.readouterr().err)
     assert "out of memory on the cpu" in line and "--batch-size" in line
     assert ddpm.checkpoint_meta(ddpm.newest_checkpoint(root / "ckpt"))[0] == 2
-
-
-def disk_full_at(monkeypatch, where: str, step: int) -> None:
-    """From training step `step` on, every write to a path containing `where` fails as on a full disk,
-    in the operating system's own calls (os.open for appends, the atomic writer's temporary file)."""
-    import tempfile
-
-    real_open, real_mkstemp = os.open, tempfile.mkstemp
-
-    def full(path) -> bool:
-        return where in str(path) and (where.startswith("step-") or len(rows_of(path)) >= step - 1)
-
-    def rows_of(path):
-        try:
-            return Path(path).read_text().splitlines()[1:]
-        except OSError:
-            return []
-
-    def open_(path, flags, *a, **k):
-        if flags & os.O_APPEND and full(path):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_open(path, flags, *a, **k)
-
-    def mkstemp(*a, prefix="", dir=None, **k):
-        if full(Path(dir or ".") / prefix.lstrip(".")):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_mkstemp(*a, prefix=prefix, dir=dir, **k)
-    monkeypatch.setattr(ddpm.os, "open", open_)
-    monkeypatch.setattr(ddpm.tempfile, "mkstemp", mkstemp)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,23 +20,12 @@ import pytest
 import torch
 
 import ddpm
-from conftest import DDPM, MODEL, QUIET as BASE, SUBPROCESS_ENV, TINY_RUN as TRAIN, dirs, nan_losses, one_line, tree
+from conftest import (DDPM, MODEL, QUIET as BASE, SUBPROCESS_ENV, TINY_RUN as TRAIN, assert_kept, dirs, error_line,
+                      nan_losses, one_line, tree)
 
 
 def run(root: Path, *extra) -> int:
     return ddpm.main([*TRAIN, *dirs(root), *extra])
-
-
-def assert_kept(before: dict, root: Path) -> None:
-    after = tree(root)
-    for name, data in before.items():
-        assert after.get(name) == data, f"{name} changed or vanished"
-
-
-def error_line(capsys) -> str:
-    line = one_line(capsys.readouterr().err)
-    assert line.startswith("ddpm.py: error:"), line
-    return line
 
 
 def run_ids(folder: Path) -> set:
