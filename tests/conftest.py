@@ -23,8 +23,8 @@ DDPM = str(ROOT / "ddpm.py")
 MODEL = ["--img-size", "8", "--num-channels", "32", "--channel-multiples", "1", "2", "--has-attn", "f", "t",
          "--num-blocks", "1", "--timesteps", "50"]
 TINY_CFG = ddpm.ModelConfig(3, 8, 32, (1, 2), (False, True), 1, 50)  # the same model, by hand
-# quiet CPU training: no pictures, no previews, a metrics row every step
-QUIET = ["--device", "cpu", "--no-run-pictures", "--sample-every", "0", "--log-every", "1"]
+# quiet CPU training: no pictures, no previews, no quality probe (the demo preset has one), a metrics row every step
+QUIET = ["--device", "cpu", "--no-run-pictures", "--sample-every", "0", "--log-every", "1", "--eval-every", "0"]
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 

@@ -23,7 +23,8 @@ import torch
 import ddpm
 from conftest import DDPM, LOCK_FILES, MODEL, SUBPROCESS_ENV, nan_losses, one_line, partial_save
 
-RUN = ["--batch-size", "4", "--device", "cpu", "--no-run-pictures", "--sample-every", "0", "--seed", "0"]
+RUN = ["--batch-size", "4", "--device", "cpu", "--no-run-pictures", "--sample-every", "0", "--eval-every", "0",
+       "--seed", "0"]
 # the original script's model, shrunk: --img-size 16, 32 channels, two resolutions, default T = 1000
 OLD_FLAGS = ["--num-channels", "32", "--channel-multiples", "1", "2", "--has-attn", "f", "t", "--num-blocks", "1"]
 

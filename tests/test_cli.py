@@ -231,7 +231,7 @@ def test_demo_command_shortened(tmp_path, capsys):
 def test_a_short_run_lowers_the_loss(tmp_path):
     # 320 faces, batch 8: the 40 steps are one epoch, so one checkpoint is written (they are slow here)
     assert ddpm.main(["--train", "--demo", "--demo-images", "320", *MODEL, "--batch-size", "8", "--max-steps", "40",
-                      "--lr", "1e-3", "--log-every", "5", "--seed", "0", "--device", "cpu", "--no-run-pictures",
+                      "--lr", "1e-3", "--log-every", "5", "--seed", "0", "--device", "cpu", "--no-run-pictures", "--eval-every", "0",
                       "--sample-every", "0", "--ckpt-save-dir", str(tmp_path / "ckpt"),
                       "--save-dir", str(tmp_path / "out")]) == 0
     loss = [float(r["loss"]) for r in rows(tmp_path / "ckpt" / "metrics.csv")]

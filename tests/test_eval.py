@@ -237,7 +237,8 @@ def test_holdout_is_left_out_recorded_and_rebuilt_by_eval(tmp_path, monkeypatch,
     monkeypatch.setattr(ddpm, "Batches", Spy)
     ck, out = tmp_path / "ckpt", tmp_path / "out"
     assert ddpm.main(["--train", "--demo", "--demo-images", "24", *TINY, "--max-steps", "1", "--batch-size", "8",
-                      "--holdout", "25%", "--no-run-pictures", "--sample-every", "0", "--seed", "3", "--device", "cpu",
+                      "--holdout", "25%", "--no-run-pictures", "--sample-every", "0", "--eval-every", "0", "--seed", "3",
+                      "--device", "cpu",
                       "--ckpt-save-dir", str(ck), "--save-dir", str(out)]) == 0
     obj = torch.load(next(ck.glob("ckpt-*.pth")), weights_only=True)
     assert obj["holdout"] == {"fraction": 0.25, "seed": 3, "n": 6, "total": 24}

@@ -325,7 +325,7 @@ def test_cuda_graph_oom_retry_records_new_graphs_and_torchrun_stays_in_default_m
 def test_cuda_graph_training_resumes_exactly_from_the_command_line(monkeypatch, tmp_path):
     fake_graphs(monkeypatch)
     base = ["--train", "--demo", "--demo-images", "8", *MODEL_FLAGS, "--batch-size", "4", "--seed", "1", "--device", "cpu",
-            "--no-run-pictures", "--sample-every", "0"]
+            "--no-run-pictures", "--sample-every", "0", "--eval-every", "0"]
     graphs = [*base, "--compile", "--compile-mode", "reduce-overhead"]
     assert ddpm.main([*graphs, "--max-steps", "5", "--ckpt-save-dir", str(tmp_path / "a"), "--save-dir", str(tmp_path / "o")]) == 0
     assert ddpm.main([*graphs, "--max-steps", "3", "--ckpt-save-dir", str(tmp_path / "b"), "--save-dir", str(tmp_path / "o")]) == 0

@@ -126,8 +126,8 @@ def test_a_result_whose_name_appears_meanwhile_is_kept_under_another(tiny_run, t
 
 def test_two_sampling_commands_started_together_write_into_two_folders(tiny_run, tmp_path):
     out = tmp_path / "out"
-    argv = [sys.executable, DDPM, "--loadckpt", str(tiny_run / "ckpt"), "--device", "cpu", "--steps", "25",
-            "--num-samples", "8", "--save-dir", str(out)]
+    argv = [sys.executable, DDPM, "--loadckpt", str(tiny_run / "ckpt"), "--device", "cpu", "--steps", "10",
+            "--num-samples", "4", "--save-dir", str(out)]
     procs = [subprocess.Popen([*argv, "--seed", str(k)], env=SUBPROCESS_ENV, stdout=subprocess.PIPE, text=True)
              for k in (1, 2)]
     outs = [p.communicate(timeout=120)[0] for p in procs]
@@ -136,7 +136,7 @@ def test_two_sampling_commands_started_together_write_into_two_folders(tiny_run,
                       if line.startswith("wrote ")})
     assert len(folders) == 2 and out in folders  # one wrote in place, the other in a subfolder of its own
     for f in folders:
-        assert sorted(p.name for p in f.glob("ddpm-*.png")) == sorted([f"ddpm-{i}.png" for i in range(8)] + ["ddpm-all.png"])
+        assert sorted(p.name for p in f.glob("ddpm-*.png")) == sorted([f"ddpm-{i}.png" for i in range(4)] + ["ddpm-all.png"])
 
 
 def test_plot_says_what_it_drew_and_why_not(tiny_run, tmp_path, capsys):

@@ -106,6 +106,7 @@ def test_run_pictures_and_previews_honour_the_sampling_flags(tmp_path):
         root = tmp_path / name
         assert ddpm.main(["--train", "--demo", "--demo-images", "8", *MODEL, "--batch-size", "4", "--max-steps", "2",
                           "--seed", "0", "--device", "cpu", "--sample-every", "2", "--steps", "6", "--num-samples", "4",
+                          "--eval-every", "0",
                           *dirs(root), *flags]) == 0
         out = root / "out"
         got[name] = {p: (out / p).read_bytes() for p in ("run-before.png", "run-after.png", "final-grid.png",

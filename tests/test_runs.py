@@ -23,7 +23,7 @@ TINY = [*MODEL, "--batch-size", "4", "--device", "cpu"]
 # 16 demo faces, batch 4: 4 steps per epoch
 TRAIN = ["--train", "--demo", "--demo-images", "16", *TINY, "--warmup-steps", "0", "--lr-schedule", "constant",
          "--sampler", "dpm++", "--steps", "10"]
-QUIET = ["--no-run-pictures", "--sample-every", "0"]
+QUIET = ["--no-run-pictures", "--sample-every", "0", "--eval-every", "0"]
 
 
 def dirs(root: Path):
@@ -59,7 +59,7 @@ def test_resume_continues_metrics_without_duplicate_steps(run6, tmp_path):
     assert train(tmp_path, "--resume", "--max-steps", "10", "--log-every", "1", *QUIET) == 0
     metrics = rows(tmp_path / "ckpt" / "metrics.csv")
     assert list(metrics[0].keys()) == ["step", "epoch", "images_seen", "loss", "skipped", "lr", "img_per_s", "swd",
-                                       "wall_time"]
+                                       "swd_levels", "colour_mean", "colour_std", "wall_time"]
     steps = [int(r["step"]) for r in metrics]
     assert steps == list(range(1, 11))
     assert metrics[:6] == first  # continued, not rewritten
