@@ -122,9 +122,10 @@ def ours(name: str, cfg: ddpm.ModelConfig, tc: ddpm.TrainConfig, train: torch.Te
 
 
 def edm_family(name: str, cfg: ddpm.ModelConfig, tc: ddpm.TrainConfig, train: torch.Tensor, real: torch.Tensor,
-               n: int, seed: int, rt, calls, fractions, weights, emit) -> None:
+               n: int, seed: int, rt, calls, fractions, weights, emit, samplers=EDM_SAMPLERS, churns=()) -> None:
     """Train one recipe, keeping EMA snapshots at `fractions` of the run (as --guide-snapshot does), then
-    emit one row per sampler, grid and number of calls, per guide and weight (the default sampler)."""
+    emit one row per sampler, grid and number of calls (and for Heun at 25 calls, per S_churn in
+    `churns`), per guide and weight (the default sampler)."""
     tmp = Path(tempfile.mkdtemp())
     snap_steps = {max(1, round(f * tc.max_steps)): f for f in fractions}
     guides = {}
@@ -148,13 +149,15 @@ def edm_family(name: str, cfg: ddpm.ModelConfig, tc: ddpm.TrainConfig, train: to
     def row(spec: ddpm.SampleSpec, fn=None, **extra):
         t1 = time.time()
         fake = ddpm.generate(model, rt.local(), range(n), 0, spec, batch_size=128, show_progress=False, model_fn=fn)
-        r = dict(base, sampler=spec.sampler, grid=spec.grid or spec.row.grid, calls=spec.steps_for(cfg.timesteps), **extra,
+        r = dict(base, sampler=spec.sampler, grid=spec.grid or spec.row.grid, calls=model.calls(spec), **extra,
                  sample_s=round(time.time() - t1, 1))
         emit(dict(r, **measure(fake, real, "default")))
-    for sampler, grid in EDM_SAMPLERS:
+    for sampler, grid in samplers:
         for k in calls:
             row(ddpm.SampleSpec(sampler, k, grid=grid))
-    if not cfg.objective == "edm":
+        for churn in churns if sampler == "heun" else ():
+            row(ddpm.SampleSpec(sampler, 25, grid=grid, churn=churn), churn=churn)
+    if not cfg.objective == "edm" and samplers == EDM_SAMPLERS:
         row(ddpm.SampleSpec("ddpm", 100))
     for f, guide in sorted(guides.items()):
         gnet = ddpm.sampling_net(guide, rt.local(), False)
@@ -239,7 +242,8 @@ def table(rows: list) -> str:
         for r in edm:
             c = r["colour_default"]
             g = f"{r['guide_fraction']:g}, {r['guidance']:g}" if "guidance" in r else "–"
-            out.append(f"| {r['recipe']} | {r['seed']} | {r['sampler']} / {r['grid']} | {r['calls']} | {g} | "
+            churn = f", churn {r['churn']:g}" if r.get("churn") else ""
+            out.append(f"| {r['recipe']} | {r['seed']} | {r['sampler']} / {r['grid']}{churn} | {r['calls']} | {g} | "
                        f"{r['swd_default']:.2f} | {c['mean']:.1f} / {c['std']:.1f} | {r['sample_s']:.1f} |")
     return "\n".join(out)
 
@@ -266,6 +270,9 @@ def main():
     p.add_argument("--guide-fractions", type=float, nargs="*", default=[0.25, 0.5], help="--edm: guide snapshots")
     p.add_argument("--guidance-weights", type=float, nargs="*", default=[1.5, 2, 2.5], help="--edm: guidance weights")
     p.add_argument("--no-edm-objective", action="store_true", help="--edm: leave out the --objective edm recipe")
+    p.add_argument("--samplers", nargs="+", default=None, metavar="SAMPLER/GRID",
+                   help="--edm: only these rows of EDM_SAMPLERS (e.g. heun/karras; default: all, and ddpm 100)")
+    p.add_argument("--churns", type=float, nargs="*", default=[], help="--edm: Heun at 25 calls with each S_churn")
     a = p.parse_args()
     if a.table:
         print(table([json.loads(line) for line in Path(a.table).read_text().splitlines() if line.strip()]))
@@ -315,8 +322,9 @@ def main():
     if a.edm:
         for seed in a.seeds:
             cfg, tc_r = recipe_configs(scale, recipes[a.recipe], a.img_size, tc)
+            samplers = tuple(tuple(s.split("/")) for s in a.samplers) if a.samplers else EDM_SAMPLERS
             edm_family(a.recipe, cfg, tc_r, train, real_a, n, seed, rt, a.calls, a.guide_fractions,
-                       a.guidance_weights, emit)
+                       a.guidance_weights, emit, samplers, a.churns)
             if not a.no_edm_objective:
                 cfg, tc_r = recipe_configs(scale, dict(recipes[a.recipe], objective="edm"), a.img_size, tc)
                 edm_family(f"{a.recipe}, objective edm", cfg, tc_r, train, real_a, n, seed, rt, [25], [], [], emit)
