@@ -1,11 +1,13 @@
 """ddpm.py: a DDPM trainer and sampler in one readable file.
 
-A hand-written UNet and Gaussian diffusion (Ho et al. 2020: linear betas, T=1000, epsilon
-prediction), trained on a folder of images and sampled with DDPM, DDIM or DPM-Solver++(2M).
+A hand-written UNet and Gaussian diffusion (Ho et al. 2020; for new models a cosine schedule and v
+prediction, the original's linear betas and epsilon prediction or EDM's preconditioning on request),
+trained on a folder of images and sampled with DDPM, DDIM, DPM-Solver++(2M) or EDM's Heun, with
+autoguidance.
 
 Runbook
 -------
-CPU, no data needed (a built-in generator of anime-style faces, small preset, about 10 min):
+CPU, no data needed (a built-in generator of anime-style faces, small preset, about 4 min on 2 cores):
     python ddpm.py --train --demo
     python ddpm.py --loadckpt ckpt --num-samples 16             # newest checkpoint in ckpt/
 
@@ -36,6 +38,7 @@ load_model, load_images, UNet and GaussianDiffusion, and the typed jobs of the c
 Contents. Sections under banners; each name is defined before it is used, except in the two
 appendices at the end, which hold plumbing and data that the sections above call.
     Helpers                          errors, logging, seeds, flag parsers, progress bars
+    Settings                         each setting declared once: flag, help, range, resume rule (setting)
     Model configuration              ModelConfig and the allowed values of its choices
     Noise schedule                   linear and cosine betas; uniform and log-SNR timestep grids
     UNet blocks                      time embedding, residual, attention, down/up/middle blocks
@@ -68,8 +71,9 @@ appendices at the end, which hold plumbing and data that the sections above call
         - the trainer                Trainer: one step, the loop, checkpoints
         - training from Python       train()
     Command line
-        - the parser                 build_parser, every flag's range (check_flags)
-        - typed jobs: the Namespace stops here
+        - typed jobs: each declares its own options
+        - the parser and the checks: from the declarations
+        - from the flags to a job
         - train
         - sample, edit, invert
         - evaluate
@@ -118,7 +122,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -324,6 +328,140 @@ def make_progress(transient: bool = False):
 
 
 # ----------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------
+# Every setting is declared once, as the field of the dataclass that holds it (ModelConfig, SampleSpec,
+# DataFlags, TrainConfig and the jobs of the command line), with `setting(...)`: its flag, help and
+# --help group, its type and range, the --demo preset's value, the commands (and samplers) it acts
+# in, and what --resume does with it. The parser, the range checks, the resume rules, the job builders,
+# the demo preset and the README's flag table are all read from these declarations.
+
+RUN = "kept from the run"       # --resume: stored in the checkpoint; the run's value unless typed, a typed change said
+MODEL = "the checkpoint's"      # the model's shape and schedule: a typed value must agree with the checkpoint
+NOW = "this invocation's"       # where and how long it runs, where it writes: not stored, never carried over
+COMMAND_NAMES = ("train", "sample", "edit", "invert", "eval", "info", "export")
+EVERY = frozenset(COMMAND_NAMES)
+SAMPLING = frozenset({"sample", "edit", "invert", "eval"})   # the commands that sample from --loadckpt
+NO_DEMO = object()              # a setting the --demo preset leaves alone
+GROUPS = {"data": "data", "model": "model (stored in checkpoints; not needed when sampling)", "diffusion": "diffusion",
+          "training": "training", "sampling": "sampling",
+          "editing": "editing real images (sampling mode; output/edit-*.png and edit-grid.png)", "run": "run",
+          "tools": "tools", "evaluation": "evaluation"}
+DECLARED: List["Setting"] = []  # every setting, in the order declared (the parser's order within a --help group)
+
+
+@dataclass(eq=False)
+class Setting:
+    """One setting's declaration (see setting)."""
+
+    flag: str                             # --lr
+    help: str
+    group: str                            # a key of GROUPS
+    default: object = None
+    kind: Optional[Callable] = None       # what converts the typed text (default: the default's type)
+    nargs: Optional[str] = None
+    choices: Optional[Sequence] = None
+    metavar: object = None
+    switch: str = ""                      # on: a flag without value; off: --no-X turns it off; both: --X / --no-X
+    check: Optional[Callable[[object], bool]] = None
+    rule: str = ""                        # the check in words: "{flag} must be {rule}"
+    resume: str = NOW                     # RUN, MODEL or NOW
+    demo: object = NO_DEMO                # the --demo preset's value
+    commands: frozenset = EVERY           # where it acts; typed elsewhere it is refused
+    needs: Optional[Callable] = None      # (flags) -> None where it acts, else the one line that refuses it
+    text: Optional[str] = None            # the default as typed, where argparse converts it (a colour name)
+    name: str = ""                        # the field that declares it: the parsed flags' attribute
+
+    def parser_kwargs(self, default) -> dict:
+        kw = dict(dest=self.name, help=self.help() if callable(self.help) else self.help)
+        if self.switch:
+            return {**kw, "action": {"on": "store_true", "off": "store_false",
+                                     "both": argparse.BooleanOptionalAction}[self.switch], "default": default}
+        kind = self.kind or (type(default) if default is not None and not isinstance(default, (list, tuple)) else
+                             type(default[0]) if default else None)
+        return {**kw, "default": self.text if self.text is not None else default, "type": kind, "nargs": self.nargs,
+                "choices": self.options(), "metavar": self.metavar}
+
+    def options(self) -> Optional[list]:
+        """The allowed values (choices may be a function, for tables that grow: SAMPLERS, GRIDS)."""
+        return list(self.choices()) if callable(self.choices) else self.choices
+
+    def out_of_range(self, value) -> Optional[str]:
+        """The one line for a value out of the setting's range (or not among its choices), else None."""
+        if value is None or (self.check is None and self.choices is None):
+            return None
+        try:
+            ok = self.check(value) if self.check is not None else value in self.options()
+        except (TypeError, ValueError):
+            ok = False
+        return None if ok else f"{self.flag} must be {self.rule or 'one of ' + ', '.join(self.options())}, got {value!r}"
+
+
+def setting(default, flag: str, help: str, group: str, **kw):
+    """A dataclass field declared as a setting: its default, its flag, its help and --help group, and
+    (kw) the rest of Setting: kind, nargs, choices, metavar, switch, check and rule, resume, demo,
+    commands, needs."""
+    s = Setting(flag, help, group, default, **kw)
+    DECLARED.append(s)
+    return field(default=default, metadata={"setting": s})
+
+
+def same(home: type, name: str, default=MISSING):
+    """A field that takes the value of a setting declared in another class (home.name)."""
+    s = settings_of(home)[name]
+    return field(default=s.default if default is MISSING else default, metadata={"setting": s})
+
+
+def derived(why: str, default=MISSING):
+    """A field that no flag sets directly (the job builders fill it in); `why` says where it comes from."""
+    return field(default=default, metadata={"derived": why})
+
+
+def declares(cls):
+    """Class decorator, above @dataclass: each setting declared in the class is named after its field."""
+    for f in fields(cls):
+        s = f.metadata.get("setting")
+        if s is not None and not s.name:
+            s.name = f.name
+    return cls
+
+
+def settings_of(cls) -> Dict[str, Setting]:
+    """The settings a dataclass's fields declare or take, by field name."""
+    return {f.name: f.metadata["setting"] for f in fields(cls) if "setting" in f.metadata}
+
+
+def check_settings(obj) -> None:
+    """Every setting field of a dataclass instance (a config built by hand, or read from a checkpoint):
+    of the setting's type, and in its range; one line naming the flag otherwise."""
+    for name, s in settings_of(type(obj)).items():
+        v = getattr(obj, name)
+        if v is None and s.default is None:
+            continue
+        kind = s.kind if s.kind in (int, float, str) else type(s.default) if s.default is not None else None
+        kinds = None if s.nargs else (int, float) if kind is float else (kind,) if kind in (int, str, bool) else None
+        if kinds and (not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds)):
+            what = {int: "an integer", float: "a number", str: "text", bool: "true or false"}[kind]
+            raise DDPMError(f"{s.flag} must be {what}, got {v!r}")
+        why = s.out_of_range(v)
+        if why:
+            raise DDPMError(why)
+
+
+def at_least(lo: float) -> dict:
+    return dict(check=lambda v: v >= lo, rule=f"at least {lo:,g}" if lo != 0 else "0 or more")
+
+
+def within(lo: float, hi: float, rule: str = "") -> dict:
+    return dict(check=lambda v: lo <= v <= hi, rule=rule or f"from {lo:,g} to {hi:,g}")
+
+
+def fraction(rule: str = "a fraction in [0, 1)") -> dict:
+    return dict(check=lambda v: 0 <= v < 1, rule=rule)
+
+
+
+# ----------------------------------------------------------------------------------------------
 # Model configuration
 # ----------------------------------------------------------------------------------------------
 
@@ -333,71 +471,73 @@ OBJECTIVES = ("eps", "v", "edm")
 BETA_SCHEDULES = ("linear", "cosine")
 
 
+MODEL_COMMANDS = EVERY - {"info"}  # a typed model flag builds the model, or must agree with the checkpoint's
+
+
+@declares
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild the model (its shape, and the schedule and objective its weights
     were trained for); stored in every checkpoint. What only training reads (dropout, the loss
     weighting) is in TrainConfig."""
 
-    img_channels: int = 3
-    img_size: int = 64
-    num_channels: int = 64
-    channel_multiples: Tuple[int, ...] = (1, 2, 4, 8)
-    has_attn: Tuple[bool, ...] = (False, False, True, True)
-    num_blocks: int = 2
-    timesteps: int = 1000
-    beta_min: float = 0.0001
-    beta_max: float = 0.02
-    legacy_attention: bool = False  # the original script's cross-batch attention (its old checkpoints)
-    time_cond: str = "scale-shift"  # add (the original: a shift before GroupNorm) | scale-shift (adaptive norm)
-    norm_groups: int = 32           # GroupNorm groups; 32 at 32 channels is instance norm (the demo: 8)
-    objective: str = "v"            # eps (the original) | v (Salimans & Ho 2022) | edm (Karras et al. 2022)
-    beta_schedule: str = "cosine"   # linear (the original) | cosine (Nichol & Dhariwal 2021)
+    img_channels: int = setting(3, "--img-channels", "3 for RGB, 1 for grayscale", "data", resume=MODEL,
+                                commands=MODEL_COMMANDS, check=lambda v: v in (1, 3), rule="1 (grayscale) or 3 (RGB)")
+    img_size: int = setting(64, "--img-size", "images are resized (shorter side) and centre-cropped", "data",
+                            resume=MODEL, commands=MODEL_COMMANDS, demo=32, **within(1, 4096))
+    num_channels: int = setting(64, "--num-channels", "channels of the first feature map", "model", resume=MODEL,
+                                commands=MODEL_COMMANDS, demo=32, **within(4, 4096))
+    channel_multiples: Tuple[int, ...] = setting(
+        (1, 2, 4, 8), "--channel-multiples", "per resolution", "model", kind=int, nargs="+", resume=MODEL,
+        commands=MODEL_COMMANDS, demo=(1, 2, 2, 2), check=lambda v: 0 < len(v) <= 10 and 1 <= min(v) <= max(v) <= 64,
+        rule="1 to 10 values from 1 to 64")
+    has_attn: Tuple[bool, ...] = setting((False, False, True, True), "--has-attn",
+                                         "attention per resolution: t/f (or true/false)", "model", kind=parse_bool,
+                                         nargs="+", resume=MODEL, commands=MODEL_COMMANDS)
+    num_blocks: int = setting(2, "--num-blocks", "residual blocks per resolution", "model", resume=MODEL,
+                              commands=MODEL_COMMANDS, demo=1, **within(1, 64))
+    timesteps: int = setting(1000, "--timesteps", "T", "diffusion", resume=MODEL, commands=MODEL_COMMANDS,
+                             **within(2, 100_000))
+    beta_min: float = setting(0.0001, "--beta-min", "beta_1 of the linear schedule", "diffusion", resume=MODEL,
+                              commands=MODEL_COMMANDS, check=math.isfinite, rule="a finite number")
+    beta_max: float = setting(0.02, "--beta-max", "beta_T of the linear schedule", "diffusion", resume=MODEL,
+                              commands=MODEL_COMMANDS, check=math.isfinite, rule="a finite number")
+    legacy_attention: bool = derived("the loader sets it for the original script's checkpoints (their cross-batch "
+                                     "attention)", False)
+    time_cond: str = setting("scale-shift", "--time-cond", "how blocks see t: scale-shift = GroupNorm(h) * (1 + scale) "
+                             "+ shift; add = the original's shift before GroupNorm (which cancels it); checkpoints "
+                             "without the field load as add", "model", choices=TIME_CONDS, resume=MODEL,
+                             commands=MODEL_COMMANDS)
+    norm_groups: int = setting(32, "--norm-groups", "GroupNorm groups (channels must be a multiple)", "model",
+                               resume=MODEL, commands=MODEL_COMMANDS, demo=8, **at_least(1))
+    objective: str = setting("v", "--objective", "the network predicts the noise eps (the original), v (Salimans & "
+                             "Ho 2022), or is EDM's preconditioned denoiser (Karras et al. 2022; trained on log-normal "
+                             "noise levels); checkpoints without the field load as eps", "diffusion",
+                             choices=OBJECTIVES, resume=MODEL, commands=MODEL_COMMANDS)
+    beta_schedule: str = setting("cosine", "--beta-schedule", "linear (the original) or cosine (Nichol & Dhariwal "
+                                 "2021); checkpoints without the field load as linear", "diffusion",
+                                 choices=BETA_SCHEDULES, resume=MODEL, commands=MODEL_COMMANDS)
 
     def __post_init__(self):
         self.channel_multiples = tuple(int(m) for m in self.channel_multiples)
         self.has_attn = tuple(bool(a) for a in self.has_attn)
 
     def validate(self) -> "ModelConfig":
-        """Fail with one line on values of the wrong type and combinations the UNet cannot build or run."""
-        for name in ("img_channels", "img_size", "num_channels", "num_blocks", "timesteps", "norm_groups"):
-            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
-                raise DDPMError(f"{name} must be an integer, got {getattr(self, name)!r}")
-        for name in ("beta_min", "beta_max"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                raise DDPMError(f"{name} must be a finite number, got {v!r}")
-        if self.img_channels not in (1, 3):
-            raise DDPMError(f"--img-channels must be 1 (grayscale) or 3 (RGB), got {self.img_channels}")
+        """Fail with one line on values of the wrong type or range (the declarations) and on combinations
+        the UNet cannot build or run."""
+        check_settings(self)
         if len(self.has_attn) != len(self.channel_multiples):
             raise DDPMError(f"--has-attn has {len(self.has_attn)} values but --channel-multiples has "
                             f"{len(self.channel_multiples)}; give one t/f per resolution")
-        if not self.channel_multiples or min(self.channel_multiples) < 1:
-            raise DDPMError("--channel-multiples needs one or more positive integers")
-        for name in ("img_size", "num_blocks"):
-            if getattr(self, name) < 1:
-                raise DDPMError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name, top in (("img_size", 4096), ("num_channels", 4096), ("num_blocks", 64), ("timesteps", 100_000)):
-            if getattr(self, name) > top:
-                raise DDPMError(f"--{name.replace('_', '-')} must be at most {top:,}, got {getattr(self, name):,}")
-        if len(self.channel_multiples) > 10 or max(self.channel_multiples) > 64:
-            raise DDPMError(f"--channel-multiples takes at most 10 values of at most 64, got {list(self.channel_multiples)}")
         factor = 2 ** (len(self.channel_multiples) - 1)
         if self.img_size < factor or self.img_size % factor:
             raise DDPMError(f"--img-size {self.img_size} cannot be halved {len(self.channel_multiples) - 1} times "
                             f"cleanly; use a multiple of {factor}, or fewer --channel-multiples")
-        check_choices(self, (("time_cond", TIME_CONDS), ("objective", OBJECTIVES), ("beta_schedule", BETA_SCHEDULES)))
         g = self.norm_groups
-        if g < 1:
-            raise DDPMError(f"--norm-groups must be at least 1, got {g}")
         for c in [self.num_channels] + [self.num_channels * m for m in self.channel_multiples]:
             if c % g:
                 raise DDPMError(f"GroupNorm({g}) cannot divide {c} channels; --num-channels times each of "
                                 f"--channel-multiples must be a multiple of --norm-groups {g}")
-        if self.num_channels < 4:
-            raise DDPMError("--num-channels must be at least 4")
-        if self.timesteps < 2:
-            raise DDPMError(f"--timesteps must be at least 2, got {self.timesteps}")
         if not 0 < self.beta_min <= self.beta_max < 1:
             raise DDPMError(f"need 0 < --beta-min <= --beta-max < 1, got {self.beta_min} and {self.beta_max}")
         return self
@@ -422,17 +562,9 @@ class ModelConfig:
         return cls(**{**OLD_CHECKPOINT_DEFAULTS, **{k: v for k, v in d.items() if k in known}})
 
 
-def check_choices(obj, rules: Iterable[Tuple[str, Sequence[str]]]) -> None:
-    """One line naming the flag where a field of `obj` is not one of its allowed values."""
-    for name, allowed in rules:
-        if getattr(obj, name) not in allowed:
-            raise DDPMError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(obj, name)!r}")
-
-
 # what checkpoints written before these fields existed (and the original script's) were trained as
 OLD_CHECKPOINT_DEFAULTS = dict(time_cond="add", norm_groups=32, objective="eps", beta_schedule="linear")
-# the fields a typed model flag must agree with, for a checkpoint that knows its model
-MODEL_FLAGS = [f.name for f in fields(ModelConfig) if f.name != "legacy_attention"]
+MODEL_FLAGS = list(settings_of(ModelConfig))  # the fields a typed model flag must agree with, for a checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -742,18 +874,51 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 VARIANCES = ("large", "small")  # the ddpm sampler's sigma^2: beta (the original), or the posterior's beta-tilde
 
 
+def applies_to_sampler(flag: str, knob: str, also: str = "") -> Callable:
+    """`needs` of a sampler knob: it acts with the samplers whose row (SAMPLERS) says `knob`, or (also)
+    with --eval nll."""
+    def needs(args) -> Optional[str]:
+        rows = [n for n, r in SAMPLERS.items() if getattr(r, knob)]
+        if args.sampler in rows or (also and args.eval == also):
+            return None
+        return f"{flag} goes with --sampler {' or '.join(rows)}" + (f" or --eval {also}" if also else "") + \
+            f", not {args.sampler}"
+    return needs
+
+
+PICTURES = EVERY - {"info", "export"}  # the commands that sample: the sampling commands, and training's pictures
+
+
+@declares
 @dataclass(frozen=True)
 class SampleSpec:
     """How to sample, passed whole to every sampling call (images, previews, pictures, evaluation),
     so no call can honour one of these and drop another."""
 
-    sampler: str = "dpm++"        # a name in SAMPLERS
-    steps: Optional[int] = None   # model calls per image; None: the sampler's default (SAMPLERS)
-    eta: float = 0.0              # DDIM noise
-    clip: bool = True             # clamp each x_0 estimate to [-1, 1] (Ho et al.'s reference code)
-    variance: str = "large"       # ddpm's sigma^2 (VARIANCES)
-    grid: Optional[str] = None    # the timestep grid (GRIDS); None: the sampler's own
-    churn: float = 0.0            # heun's S_churn (Karras et al. 2022, Alg. 2): fresh noise at each step
+    sampler: str = setting("dpm++", "--sampler", lambda: "; ".join(f"{n} = {r.help}" for n, r in SAMPLERS.items()),
+                           "sampling", choices=lambda: list(SAMPLERS), resume=RUN, commands=PICTURES)
+    steps: Optional[int] = setting(
+        None, "--steps", lambda: "model calls per image (default: " + ", ".join(
+            f"{r.default_steps or 'T'} for {n}" for n, r in SAMPLERS.items()) + f"; {INVERT_STEPS} for inversion)",
+        "sampling", kind=int, resume=RUN, commands=PICTURES, **at_least(1))
+    eta: float = setting(0.0, "--eta", "DDIM noise (0: deterministic, 1: DDPM-like)", "sampling", resume=RUN,
+                         commands=PICTURES, needs=applies_to_sampler("--eta", "eta"), **within(0, 1, "in [0, 1]"))
+    grid: Optional[str] = setting(
+        None, "--grid", lambda: "the timesteps sampled at: uniform, logsnr (evenly in log-SNR) or karras (EDM's rho = 7 "
+        "noise levels) (default: the sampler's own: " + ", ".join(f"{r.grid} for {n}" for n, r in SAMPLERS.items())
+        + ")", "sampling", kind=str, choices=lambda: list(GRIDS), resume=RUN, commands=PICTURES)
+    churn: float = setting(0.0, "--churn", "heun: EDM's S_churn, fresh noise at each step: each of the N noise levels "
+                           "is raised by gamma = min(S_churn / N, sqrt(2) - 1) before its step, so above N (sqrt(2) - 1) "
+                           "it changes nothing more (0: deterministic)", "sampling", resume=RUN, commands=PICTURES,
+                           needs=applies_to_sampler("--churn", "churn"),
+                           check=lambda v: math.isfinite(v) and v >= 0, rule="0 or more")
+    variance: str = setting("large", "--ddpm-variance", "the ddpm sampler's sigma^2: large = beta (the original), "
+                            "small = the posterior's beta-tilde (better for few respaced steps); also the bound of "
+                            "--eval nll", "sampling", choices=VARIANCES, resume=RUN, commands=PICTURES,
+                            needs=applies_to_sampler("--ddpm-variance", "variance", also="nll"))
+    clip: bool = setting(True, "--clip", "clamp each x_0 estimate to [-1, 1] (Ho et al.'s reference code); --no-clip: "
+                         "the original script's unclipped sampler", "sampling", switch="both", resume=RUN,
+                         commands=PICTURES)
 
     @property
     def row(self) -> "Sampler":
@@ -1208,6 +1373,7 @@ class Sampler:
     help: str
     calls: int = 1
     churn: bool = False
+    variance: bool = False  # whether --ddpm-variance (the ancestral step's sigma^2) applies
     start: Optional[float] = None  # a solver in sigma: on every grid, the highest noise level sigma it starts at
 
 
@@ -1249,7 +1415,8 @@ GRIDS: Dict[str, Callable[[GaussianDiffusion, int, Optional[float]], List[float]
     "karras": karras_grid,
 }
 SAMPLERS: Dict[str, Sampler] = {
-    "ddpm": Sampler(ddpm_step, "uniform", True, False, None, "ancestral (Ho et al.; the original's 1000 steps)"),
+    "ddpm": Sampler(ddpm_step, "uniform", True, False, None, "ancestral (Ho et al.; the original's 1000 steps)",
+                    variance=True),
     "ddim": Sampler(ddim_step, "logsnr", False, True, 25, "DDIM (Song et al.; --eta for noise)"),
     "dpm++": Sampler(dpmpp_step, "logsnr", False, False, 25, "DPM-Solver++(2M) (Lu et al.)"),
     "heun": Sampler(heun_step, "karras", False, False, 25, "EDM's Heun, two model calls per step, from sigma 80 "
@@ -1619,16 +1786,38 @@ class DataSource:
                    tuple(rec.get("background") or background))
 
 
+DATA_COMMANDS = frozenset({"train", "sample", "eval"})  # the commands that read training images
+
+
+def reads_data(flag: str) -> Callable:
+    """`needs` of a data flag: training reads the data, evaluation and --forward-steps read it again."""
+    return lambda args: None if args.train or args.eval or args.forward or not args.loadckpt else \
+        f"{flag} names training images: it goes with --train, --eval or --forward-steps"
+
+
+@declares
 @dataclass(frozen=True)
 class DataFlags:
-    """The data flags of the commands that read images besides training (evaluation, --forward-steps):
-    where they name data, it overrides what the checkpoint recorded."""
+    """The data flags: training's images, and for the commands that read images besides training
+    (evaluation, --forward-steps) the data that overrides what the checkpoint recorded."""
 
-    folders: Tuple[str, ...] = ()                     # --data-folders
-    demo: bool = False                                # --demo
-    demo_images: int = 4096                           # --demo-images
-    background: Tuple[int, int, int] = (255, 255, 255)
-    eval_folders: Tuple[str, ...] = ()                # --eval-folders: held-out images
+    folders: Tuple[str, ...] = setting((), "--data-folders", "folders of training images, read recursively", "data",
+                                       kind=str, nargs="*", resume=RUN, name="data_folders", commands=DATA_COMMANDS,
+                                       needs=reads_data("--data-folders"))
+    demo: bool = setting(False, "--demo", "train on built-in procedural anime faces with a CPU preset", "data",
+                         switch="on", resume=RUN, commands=DATA_COMMANDS, needs=reads_data("--demo"))
+    demo_images: int = setting(4096, "--demo-images", "how many demo faces to generate", "data", resume=RUN,
+                               commands=DATA_COMMANDS, needs=reads_data("--demo-images"),
+                               **within(1, MAX_DEMO_IMAGES, f"from 1 to {MAX_DEMO_IMAGES:,}"))
+    background: Tuple[int, int, int] = setting((255, 255, 255), "--background",
+                                               "colour under transparent pixels (name, #rrggbb)", "data",
+                                               kind=parse_colour, text="white", resume=RUN,
+                                               commands=EVERY - {"info", "export"})
+    eval_folders: Tuple[str, ...] = setting(
+        (), "--eval-folders", "held-out images (nll, nearest) or FID reference (default: the checkpoint's training "
+        "data)", "evaluation", kind=str, nargs="+", metavar="DIR", resume=RUN, commands={"train", "eval"},
+        needs=lambda args: None if args.eval or args.eval_every or args.resume else
+        "--eval-folders names held-out images: it goes with --eval, or --train with --eval-every N")
 
 
 # -- batches --------------------------------------------------------------------------------------
@@ -3166,101 +3355,123 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOSS_WEIGHTS = ("none", "min-snr")
 
 
+TRAINING = frozenset({"train"})
+
+
+def needs_recipe(flag: str, field_: str, value: str) -> Callable:
+    """`needs` of a setting that only acts with another's value (a run's own, on --resume or a fine-tune,
+    is checked against the checkpoint by check_recipe)."""
+    return lambda args: None if getattr(args, field_) == value or args.resume or args.loadckpt else \
+        f"{flag} goes with --{field_.replace('_', '-')} {value}"
+
+
+@declares
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run reads besides the model config and the data: built once from the
     command line (or by hand, see the README), stored in every checkpoint, restored by --resume."""
 
-    batch_size: int = 64            # global batch
-    grad_accum: int = 1             # micro-batches per update
-    auto_accum: bool = True         # on a GPU, split the micro-batch further when memory is short
-    lr: float = 1e-4
-    lr_schedule: str = "constant"   # LR_SCHEDULES: constant, or cosine to 0 at the end of the run's last epoch
-    warmup_steps: int = 0
-    epochs: int = 5                 # a fresh run's epochs; a fine-tune's extra epochs; a resume's total
-    ema_decay: float = 0.9999       # 0: no EMA
-    precision: str = "auto"         # PRECISIONS
-    holdout: float = 0.0            # fraction of the images left out, for --eval
-    max_steps: Optional[int] = None
-    max_nonfinite: int = 10         # stop after this many non-finite updates in a row
-    log_every: int = 50
-    sample_every: int = 1000        # preview grids (0: none)
-    tensorboard: bool = False
-    dropout: float = 0.1            # in the residual blocks
-    loss_weight: str = "none"       # LOSS_WEIGHTS: none, or Min-SNR-gamma (Hang et al. 2023)
-    min_snr_gamma: float = 5.0
-    edm_p_mean: float = -1.2        # --objective edm: ln sigma ~ N(p_mean, p_std^2) (Karras et al. 2022, 64x64)
-    edm_p_std: float = 1.2
-    guide_snapshot: float = 0.0     # save the EMA weights at this fraction of the planned steps as guide.pth (0: no)
-    eval_every: int = 0             # steps between quality evaluations (SWD against held-out images; 0: none)
-    eval_samples: Optional[int] = None  # images per evaluation; None: 256 up to 32x32, 128 above
-    preview: SampleSpec = SampleSpec()  # how the run's pictures are sampled
+    batch_size: int = setting(64, "--batch-size", "training batch (global) and sampling batch", "run", resume=RUN,
+                              demo=32, commands=EVERY - {"info", "export", "invert"}, **at_least(1))
+    grad_accum: int = setting(1, "--grad-accum", "micro-batches per update (same effective batch; on a GPU more are "
+                              "used where memory is short, unless this is typed)", "training", resume=RUN,
+                              commands=TRAINING, **at_least(1))
+    auto_accum: bool = derived("True unless --grad-accum is typed: on a GPU, split the micro-batch further when memory "
+                               "is short", True)
+    lr: float = setting(1e-4, "--lr", "Adam learning rate", "training", resume=RUN, demo=1e-3, commands=TRAINING,
+                        check=lambda v: 0 < v <= 1, rule="a positive number up to 1")
+    lr_schedule: str = setting("constant", "--lr-schedule", "constant (the original) or cosine decay to 0 at the end "
+                               "of --epochs", "training", choices=LR_SCHEDULES, resume=RUN, demo="cosine",
+                               commands=TRAINING)
+    warmup_steps: int = setting(0, "--warmup-steps", "linear learning-rate warm-up", "training", resume=RUN, demo=50,
+                                commands=TRAINING, **at_least(0))
+    epochs: int = setting(5, "--epochs", "epochs to train (with --resume: the run's total)", "training", resume=RUN,
+                          demo=4, commands=TRAINING, **at_least(1))
+    ema_decay: float = setting(0.9999, "--ema-decay", "EMA of the weights; 0 turns it off", "training", resume=RUN,
+                               demo=0.999, commands=TRAINING, **fraction("in [0, 1)"))
+    precision: str = setting("auto", "--precision", "auto: bf16 on GPUs that have it, else fp16 with GradScaler; fp32 "
+                             "on CPU", "run", choices=PRECISIONS, resume=RUN, commands=EVERY - {"info", "export"})
+    holdout: float = setting(0.0, "--holdout", "--train: leave this fraction (0.01 or 1%%) of the images out, recorded "
+                             "for --eval", "evaluation", kind=parse_fraction, metavar="FRACTION", resume=RUN,
+                             commands=TRAINING, **fraction())
+    max_steps: Optional[int] = setting(None, "--max-steps", "stop (and save) at this global step", "training", kind=int,
+                                       commands=TRAINING, check=lambda v: v >= 1,
+                                       rule="at least 1 (leave it out for no limit)")
+    max_nonfinite: int = setting(10, "--max-nonfinite", "stop after this many non-finite losses or gradients in a row "
+                                 "(those updates are skipped)", "training", resume=RUN, commands=TRAINING, **at_least(1))
+    log_every: int = setting(50, "--log-every", "steps between metrics.csv rows", "training", resume=RUN, demo=25,
+                             commands=TRAINING, **at_least(1))
+    sample_every: int = setting(1000, "--sample-every", "steps between preview grids (0: never)", "training",
+                                resume=RUN, demo=256, commands=TRAINING, **at_least(0))
+    tensorboard: bool = setting(False, "--tensorboard", "also log to TensorBoard (needs tensorboard)", "training",
+                                switch="both", resume=RUN, commands=TRAINING)
+    pictures: bool = setting(True, "--run-pictures", "draw run-before/after.png and the final grid (--no-run-pictures: "
+                             "skip them)", "training", switch="both", resume=RUN, commands=TRAINING)
+    guide_snapshot: float = setting(0.0, "--guide-snapshot", "save the EMA weights at fraction F of the run's planned "
+                                    "steps as guide.pth (for --guide; 0: no)", "training", metavar="F", resume=RUN,
+                                    commands=TRAINING, **fraction())
+    dropout: float = setting(0.1, "--dropout", "dropout in the residual blocks (a training setting)", "model",
+                             resume=RUN, demo=0.0, commands=TRAINING, **fraction("in [0, 1)"))
+    loss_weight: str = setting("none", "--loss-weight", "per-timestep loss weight: none, or Min-SNR-gamma (Hang et al. "
+                               "2023)", "diffusion", choices=LOSS_WEIGHTS, resume=RUN, commands=TRAINING)
+    min_snr_gamma: float = setting(5.0, "--min-snr-gamma", "gamma of --loss-weight min-snr", "diffusion", resume=RUN,
+                                   commands=TRAINING, needs=needs_recipe("--min-snr-gamma", "loss_weight", "min-snr"),
+                                   check=lambda v: 0 < v <= 1e6, rule="a positive number up to 1e6")
+    edm_p_mean: float = setting(-1.2, "--edm-p-mean", "--objective edm: the mean of ln sigma in training (Karras et al. "
+                                "2022: -1.2 at 64x64)", "diffusion", resume=RUN, commands=TRAINING,
+                                needs=needs_recipe("--edm-p-mean", "objective", "edm"),
+                                **within(-10, 10, "in [-10, 10] (ln sigma: sigma from 4.5e-5 to 22,000)"))
+    edm_p_std: float = setting(1.2, "--edm-p-std", "--objective edm: the deviation of ln sigma in training", "diffusion",
+                               resume=RUN, commands=TRAINING, needs=needs_recipe("--edm-p-std", "objective", "edm"),
+                               check=lambda v: 0 < v <= 10, rule="in (0, 10]")
+    eval_every: int = setting(0, "--eval-every", "--train: every N steps, the SWD of --eval-samples images of a fixed "
+                              "seed (EMA, default sampler) against held-out images (--holdout, --eval-folders, or new "
+                              "demo faces), logged to metrics.csv; the best checkpoint is kept as best.pth, and "
+                              "quality.png drawn (0: off)", "evaluation", metavar="N", resume=RUN, demo=256,
+                              commands=TRAINING, **at_least(0))
+    eval_samples: Optional[int] = setting(None, "--eval-samples", "images per --eval-every measurement (default: 256 up "
+                                          "to 32x32, 128 above)", "evaluation", kind=int, metavar="K", resume=RUN,
+                                          demo=64, commands=TRAINING, **within(2, 65536, "from 2 to 65,536"))
+    preview: SampleSpec = derived("the sampling flags: how the run's pictures are sampled (kept from the run, as each "
+                                  "of SampleSpec's settings says)", SampleSpec())
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def validate(self) -> "TrainConfig":
         """Fail with one line naming the flag on a value of the wrong type or out of its range."""
-        for name, (kinds, ok, rule) in TRAIN_RULES.items():
-            v = getattr(self, name)
-            if v is None and name in ("max_steps", "eval_samples"):
-                continue
-            kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-            typed = isinstance(v, kinds) and not (isinstance(v, bool) and bool not in kinds)
-            if not typed or not ok(v):
-                raise DDPMError(f"--{name.replace('_', '-')} must be {rule}, got {v!r}"
-                                + ("; leave it out for no limit" if name == "max_steps" else ""))
+        check_settings(self)
+        check_settings(self.preview)
         return self
 
     def resumed(self, stored: dict, typed: Iterable[str]) -> "TrainConfig":
         """These settings with the run's own (`stored`, a checkpoint's "train") in place of every
-        setting that was not typed; a typed one that differs is said in one line. The result is
-        validated: a stored value of the wrong type or range raises DDPMError."""
-        typed, changes = set(typed), {}
-        for name, flag in RESUMED_SETTINGS.items():
-            if name not in stored:
-                continue
-            mine, theirs = getattr(self, name), stored[name]
-            if name not in typed:
-                changes[name] = float(theirs) if isinstance(mine, float) and type(theirs) is int else theirs
-            elif mine != theirs:
-                log(f"resume: {flag} {mine} (the run used {theirs})")
+        setting the declarations keep from the run (RUN) and that was not typed; a typed one that differs
+        is said in one line. The result is validated: a stored value of the wrong type or range raises
+        DDPMError."""
+        typed = set(typed)
+
+        def keep(obj, stored: dict) -> dict:
+            changes = {}
+            for name, s in settings_of(type(obj)).items():
+                if s.resume != RUN or name not in stored:
+                    continue
+                mine, theirs = getattr(obj, name), stored[name]
+                if s.name not in typed:
+                    changes[name] = float(theirs) if isinstance(mine, float) and type(theirs) is int else theirs
+                elif mine != theirs:
+                    def shown(v):
+                        return ("on" if v == (s.switch != "off") else "off") if s.switch else v
+                    log(f"resume: {s.flag} {shown(mine)} (the run used {shown(theirs)})")
+            return changes
+        changes = keep(self, stored)
+        if isinstance(stored.get("preview"), dict):
+            changes["preview"] = replace(self.preview, **keep(self.preview, stored["preview"]))
         if "grad_accum" in changes and "auto_accum" in stored:
             changes["auto_accum"] = stored["auto_accum"]
         return replace(self, **changes).validate()
 
 
-# each TrainConfig field's types, range and the rule in words (for TrainConfig.validate)
-TRAIN_RULES = {
-    "batch_size": (int, lambda v: v >= 1, "at least 1"),
-    "grad_accum": (int, lambda v: v >= 1, "at least 1"),
-    "auto_accum": (bool, lambda v: True, "true or false"),
-    "lr": ((int, float), lambda v: 0 < v <= 1, "a positive number up to 1"),
-    "lr_schedule": (str, lambda v: v in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}"),
-    "warmup_steps": (int, lambda v: v >= 0, "0 or more"),
-    "epochs": (int, lambda v: v >= 1, "at least 1"),
-    "ema_decay": ((int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
-    "precision": (str, lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
-    "holdout": ((int, float), lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
-    "max_steps": (int, lambda v: v >= 1, "at least 1"),
-    "max_nonfinite": (int, lambda v: v >= 1, "at least 1"),
-    "log_every": (int, lambda v: v >= 1, "at least 1"),
-    "sample_every": (int, lambda v: v >= 0, "0 or more"),
-    "tensorboard": (bool, lambda v: True, "true or false"),
-    "dropout": ((int, float), lambda v: 0 <= v < 1, "in [0, 1)"),
-    "loss_weight": (str, lambda v: v in LOSS_WEIGHTS, f"one of {', '.join(LOSS_WEIGHTS)}"),
-    "min_snr_gamma": ((int, float), lambda v: 0 < v <= 1e6, "a positive number up to 1e6"),
-    "edm_p_mean": ((int, float), lambda v: -10 <= v <= 10, "in [-10, 10] (ln sigma: sigma from 4.5e-5 to 22,000)"),
-    "edm_p_std": ((int, float), lambda v: 0 < v <= 10, "in (0, 10]"),
-    "guide_snapshot": ((int, float), lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
-    "eval_every": (int, lambda v: v >= 0, "0 or more"),
-    "eval_samples": (int, lambda v: 2 <= v <= 65536, "from 2 to 65,536"),
-}
-# the settings --resume takes from the run's checkpoint unless typed again (flag names for messages)
-RESUMED_SETTINGS = {name: "--" + name.replace("_", "-") for name in (
-    "batch_size", "grad_accum", "lr", "lr_schedule", "warmup_steps", "ema_decay", "precision", "holdout", "log_every",
-    "sample_every", "max_nonfinite", "epochs", "dropout", "loss_weight", "min_snr_gamma", "eval_every", "eval_samples",
-    "edm_p_mean", "edm_p_std", "guide_snapshot")}
 # settings that checkpoints before format 4 kept in their model config ("config"), not in "train"
 MOVED_TO_TRAIN = ("dropout", "loss_weight", "min_snr_gamma")
 
@@ -4380,25 +4591,243 @@ def train(cfg: ModelConfig, tc: TrainConfig, data: torch.Tensor, ckpt_dir="ckpt"
 # TrainConfig, SampleSpec, DataSource and the set of flags the user typed), and every command takes
 # its job. Only the parser and the job builders below read `args`.
 
-# -- the parser ---------------------------------------------------------------------------------
+# -- typed jobs: each declares its own options -------------------------------------------------
+# The argparse Namespace stops in this section: main() parses the flags once into the typed job they
+# ask for (TrainJob, SampleJob, EditJob, InvertJob, EvalJob, InfoJob, ExportJob), each built from the
+# declared settings (see Settings), and every command takes its job.
 
-# --demo: a CPU-sized preset on the built-in faces; any flag typed explicitly still wins.
-DEMO_PRESET = dict(  # a small model, a short run, the measured recipe at its width (README, "Better samples")
-    img_size=32, num_channels=32, channel_multiples=[1, 2, 2, 2], has_attn=[False, False, True, True],
-    num_blocks=1, dropout=0.0, norm_groups=8, batch_size=32, lr=1e-3,
-    epochs=4, ema_decay=0.999, sample_every=256, lr_schedule="cosine", warmup_steps=50, log_every=25,
-    eval_every=256, eval_samples=64,
-    demo_images=4096, time_budget=10 * 60.0, num_samples=64,
-)
 EVALS = ("nll", "fid", "swd", "nearest")
 MAX_GUIDANCE = 10.0  # --guidance above this only saturates (x_0 = guide + W (model - guide))
+GUIDANCE = 2.0       # --guidance's default weight
+
+
+@declares
+@dataclass(frozen=True)
+class Weights:
+    """Which weights a command loads: --loadckpt (a file, or a folder meaning its newest checkpoint),
+    the EMA or the raw ones, and the model flags the user typed (they must agree with a checkpoint
+    that knows its model, and describe a file of the original script)."""
+
+    path: Optional[str] = setting(None, "--loadckpt", "checkpoint file (or folder: its newest) to sample from, "
+                                  "fine-tune (--train) or resume (--train --resume)", "run", kind=str, name="loadckpt",
+                                  commands=EVERY - {"info"})
+    ema: bool = setting(True, "--no-ema", "use the raw weights instead of the EMA", "sampling", switch="off",
+                        commands=SAMPLING | {"export"})
+    model_flags: Tuple[Tuple[str, object], ...] = derived("the model flags typed (ModelConfig's settings)", ())
+
+    @property
+    def flags(self) -> Dict[str, object]:
+        return dict(self.model_flags)
+
+
+@declares
+@dataclass(frozen=True)
+class RuntimeFlags:
+    """Where and how a command runs: --device, --precision, --compile (None: decided in setup_runtime),
+    --compile-mode."""
+
+    device: Optional[str] = setting(None, "--device", "cuda, cuda:N, mps or cpu (default: the best found)", "run",
+                                    kind=str, rule="cpu, cuda, cuda:N or mps",
+                                    check=lambda v: re.fullmatch(r"cpu|mps|cuda(:\d+)?", v) is not None)
+    precision: str = same(TrainConfig, "precision")
+    compile: Optional[bool] = setting(None, "--compile", "torch.compile (default: on for CUDA training, off otherwise)",
+                                      "run", switch="both", commands=PICTURES)
+    compile_mode: str = setting("default", "--compile-mode", "training under --compile: default, or reduce-overhead "
+                                "(CUDA graphs: fewer kernel launches from Python; not under torchrun)", "run",
+                                choices=COMPILE_MODES, commands=TRAINING)
+
+
+@declares
+@dataclass(frozen=True)
+class Outputs:
+    """Where a command's pictures go (--save-dir; see output_folder) and whether earlier ones are moved aside."""
+
+    save_dir: Path = setting(Path("output"), "--save-dir", "where images are written", "sampling", kind=str,
+                             text="output", commands=EVERY - {"export"})
+    overwrite: bool = setting(False, "--overwrite", "move earlier files aside into a dated old-* folder instead of "
+                              "refusing (--train: another run's checkpoints; outputs in --save-dir; --export's file)",
+                              "training", switch="on")
+
+
+@declares
+@dataclass(frozen=True)
+class ModelJob:
+    """What every command that samples from --loadckpt shares: the weights, where it runs, how it
+    samples and where its pictures go, the guide and the seed."""
+
+    weights: Weights = derived("--loadckpt, --no-ema and the model flags")
+    device: RuntimeFlags = derived("--device, --precision, --compile")
+    spec: SampleSpec = derived("the sampling flags")
+    out: Outputs = derived("--save-dir, --overwrite")
+    guide: Optional[Weights] = setting(None, "--guide", "autoguidance (Karras et al. 2024): a weaker model of the same "
+                                       "data, such as the run's own early guide.pth (--guide-snapshot)", "sampling",
+                                       kind=str, metavar="CKPT", commands=SAMPLING,
+                                       needs=lambda args: "--eval nll measures the model's own bound, which a guide does "
+                                       "not change; drop --guide (--eval swd, fid and nearest sample with it)"
+                                       if args.eval == "nll" else None)
+    guidance: float = setting(None, "--guidance", f"with --guide: D = D_guide + W (D_model - D_guide); 1 is the model "
+                              f"alone (default: {GUIDANCE:g})", "sampling", kind=float, metavar="W", commands=SAMPLING,
+                              needs=lambda args: None if args.guide else "--guidance weighs a guide model: give --guide CKPT "
+                              "too", **within(0, MAX_GUIDANCE, f"from 0 to {MAX_GUIDANCE:g} (1 is the model alone; 1.5 to "
+                                              f"3 is where autoguidance helps, far above it every pixel saturates)"))
+    seed: Optional[int] = setting(None, "--seed", "seed (0 is a seed); default: random, printed", "run", kind=int,
+                                  resume=RUN, commands=EVERY - {"info", "export"})
+
+
+@declares
+@dataclass(frozen=True)
+class SampleJob(ModelJob):
+    """Sampling from --loadckpt: images, and the pictures the flags ask for."""
+
+    data: DataFlags = derived("the data flags (--forward-steps reads training images)", DataFlags())
+    count: Optional[int] = setting(None, "--num-samples", "images to generate (default: --batch-size)", "sampling",
+                                   kind=int, name="num_samples", demo=64, commands=EVERY - {"info", "export", "invert"},
+                                   needs=lambda args: "--num-samples and --index: --index makes one image; give one of "
+                                   "them" if args.index is not None else None, **at_least(1))
+    index: Optional[int] = setting(None, "--index", "generate only image INDEX of --seed", "sampling", kind=int,
+                                   commands={"sample"}, **at_least(0))
+    batch_size: int = same(TrainConfig, "batch_size")
+    reverse: bool = setting(False, "--reverse-steps", "also write reverse.png: x_T ... x_0 strips", "sampling",
+                            switch="on", commands={"sample"})
+    forward: bool = setting(False, "--forward-steps", "also write forward.png: q(x_t|x_0) of data", "sampling",
+                            switch="on", commands={"sample"})
+    gif: bool = setting(False, "--gif", "also write denoise.gif of the grid being denoised", "sampling", switch="on",
+                        commands={"sample"})
+    interpolate: Optional[Tuple[str, str]] = setting(
+        None, "--interpolate", "also write interpolate.png: slerp between two seeds' noise, two --invert .pt files, or "
+        "two image files (inverted first), then a deterministic path to each", "sampling", kind=str, nargs=2,
+        metavar=("A", "B"), commands={"sample"})
+    inversion_steps: Optional[int] = derived("a typed --steps, for --interpolate between images", None)
+
+
+@declares
+@dataclass(frozen=True)
+class EditJob(ModelJob):
+    """--init-images (SDEdit), with --mask inpainting (RePaint)."""
+
+    images: Tuple[str, ...] = setting((), "--init-images", "SDEdit: noise these images to --strength, then denoise "
+                                      "(--num-samples variations each)", "editing", kind=str, nargs="+", metavar="PATH",
+                                      name="init_images", commands={"edit"})
+    strength: Optional[float] = setting(None, "--strength", "how much of the schedule to redo, in (0, 1]: small stays "
+                                        "close to the image, 1 is plain sampling (default: 0.5, or 1 with --mask)",
+                                        "editing", kind=float, commands={"edit"}, check=lambda v: 0 < v <= 1,
+                                        rule="in (0, 1]")
+    masks: Tuple[str, ...] = setting((), "--mask", "inpainting: white = regenerate, black = keep; one for all "
+                                     "--init-images or one each", "editing", kind=str, nargs="+", metavar="PATH",
+                                     name="mask", commands={"edit"})
+    jumps: int = setting(1, "--resample-jumps", "RePaint's resampling jumps per step (1 = off)", "editing",
+                         name="resample_jumps", commands={"edit"}, needs=lambda args: None if args.mask else
+                         "--resample-jumps redoes the steps of inpainting: it goes with --init-images and --mask",
+                         **at_least(1))
+    variations: int = same(SampleJob, "count", 1)
+    batch_size: int = same(TrainConfig, "batch_size")
+    background: Tuple[int, int, int] = same(DataFlags, "background")
+
+
+@declares
+@dataclass(frozen=True)
+class InvertJob(ModelJob):
+    """--invert: DDIM inversion of real images to x_T (spec: the inversion's path, inversion_spec)."""
+
+    images: Tuple[str, ...] = setting((), "--invert", f"DDIM inversion (eta 0; {INVERT_STEPS} steps unless --steps) "
+                                      "of real images to x_T: edit-invert-NAME.pt, its reconstruction "
+                                      "edit-invert-NAME.png and its PSNR", "editing", kind=str, nargs="+",
+                                      metavar="PATH", name="invert", commands={"invert"})
+    background: Tuple[int, int, int] = same(DataFlags, "background")
+
+
+@declares
+@dataclass(frozen=True)
+class EvalJob(ModelJob):
+    """--eval nll | fid | swd | nearest on --loadckpt."""
+
+    kind: Optional[str] = setting(None, "--eval", "evaluate --loadckpt: nll = bits/dim (variational bound), fid = "
+                                  "Frechet Inception Distance (pytorch-fid), swd = sliced Wasserstein distance (no "
+                                  "network, no download), nearest = nearest training images of samples (memorisation "
+                                  "check)", "evaluation", choices=EVALS, name="eval", commands={"eval"})
+    data: DataFlags = derived("the data flags: the real images compared with", DataFlags())
+    samples: Optional[int] = same(SampleJob, "count")
+    batch_size: int = same(TrainConfig, "batch_size")
+    nll_timesteps: Optional[int] = setting(None, "--nll-timesteps", "nll: a stratified estimate from K of the T "
+                                           "timesteps (default: all T)", "evaluation", kind=int, metavar="K",
+                                           commands={"eval"}, check=lambda v: v >= 2, rule="at least 2 (t=1 for the "
+                                           "decoder, one more for the KL terms)",
+                                           needs=lambda args: None if args.eval == "nll" else "--nll-timesteps goes with "
+                                           "--eval nll")
+    fid_weights: Optional[str] = setting(None, "--fid-weights", f"the {FID_WEIGHTS_NAME} file (default: torch.hub's "
+                                         "checkpoints folder; never downloaded)", "evaluation", kind=str, metavar="PATH",
+                                         commands={"eval"}, needs=lambda args: None if args.eval in ("fid", "nearest") else
+                                         "--fid-weights goes with --eval fid or --eval nearest")
+
+
+TRAIN = Setting("--train", "train (otherwise sample from --loadckpt)", "training", False, switch="on", name="train")
+DECLARED.append(TRAIN)  # the command itself: a job, not a field of one
+
+
+@declares
+@dataclass(frozen=True)
+class TrainJob:
+    """--train: a fresh run, a fine-tune of --loadckpt, or --resume."""
+
+    cfg: ModelConfig = derived("the model flags")
+    train: TrainConfig = derived("the training settings")
+    data: DataSource = derived("--data-folders, or --demo's faces")
+    ckpt_dir: Path = setting(Path("ckpt"), "--ckpt-save-dir", "checkpoints ckpt-{epoch %% 5}.pth, metrics.csv",
+                             "training", kind=str, text="ckpt", name="ckpt_save_dir", commands=TRAINING)
+    out: Outputs = derived("--save-dir, --overwrite", Outputs())
+    device: RuntimeFlags = derived("--device, --precision, --compile", RuntimeFlags())
+    typed: frozenset = derived("the flags the user typed (a resume keeps the others)", frozenset())
+    model_flags: Tuple[Tuple[str, object], ...] = derived("the model flags typed", ())
+    loadckpt: Optional[str] = same(Weights, "path")
+    resume: bool = setting(False, "--resume", "continue the run of the newest checkpoint (by step) in --ckpt-save-dir, "
+                           "or of --loadckpt, with the run's own settings and data", "training", switch="on",
+                           commands=TRAINING)
+    new_data: bool = setting(False, "--resume-with-new-data", "--resume on other data than the run's (other folders, or "
+                             "images added or removed)", "training", switch="on", name="resume_with_new_data",
+                             commands=TRAINING, needs=lambda args: None if args.resume else
+                             "--resume-with-new-data goes with --train --resume")
+    seed: Optional[int] = same(ModelJob, "seed")
+    time_budget: Optional[float] = setting(None, "--time-budget", "stop (and save) after this wall time: 2h, 90m, 45s",
+                                           "training", kind=parse_duration, demo=600.0, commands=TRAINING,
+                                           check=lambda v: v > 0, rule="longer than 0 (leave it out for no limit)")
+    final: int = same(SampleJob, "count", 64)
+    demo_on_folders: bool = derived("--demo with --data-folders: the preset applies to them", False)
+    eval_folders: Tuple[str, ...] = same(DataFlags, "eval_folders")
+
+
+@declares
+@dataclass(frozen=True)
+class InfoJob:
+    path: str = setting(None, "--info", "describe a checkpoint and exit", "tools", kind=str, metavar="CKPT", name="info",
+                        commands={"info"})
+    plot: bool = setting(False, "--plot", "with --info: draw the run's loss.png and quality.png (from its metrics.csv, "
+                         "also while it trains) into --save-dir", "tools", switch="on", commands={"info"})
+    out: Outputs = derived("--save-dir, --overwrite", Outputs())
+
+
+@declares
+@dataclass(frozen=True)
+class ExportJob:
+    weights: Weights = derived("--loadckpt, --no-ema")
+    out: Path = setting(None, "--export", "write --loadckpt's EMA (or --no-ema raw) weights as safetensors", "tools",
+                        kind=str, metavar="FILE.safetensors", name="export", commands={"export"})
+    overwrite: bool = same(Outputs, "overwrite")
+
+
+# -- the parser and the checks: from the declarations ---------------------------------------------
+
+# --demo: a CPU-sized preset on the built-in faces (a small model, a short run, the measured recipe at
+# its width: README, "Better samples"); any flag typed explicitly still wins
+DEMO_PRESET = {s.name: s.demo for s in DECLARED if s.demo is not NO_DEMO}
+COMMAND_WORDS = {"train": "--train", "sample": "sampling", "edit": "--init-images", "invert": "--invert",
+                 "eval": "--eval", "info": "--info", "export": "--export"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show defaults, except where there is none or the help already says it."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
+        if action.default in (None, False, ()) or "default" in (action.help or "") or action.nargs == 0:
             return action.help
         return super()._get_help_string(action)
 
@@ -4411,6 +4840,7 @@ class ArgParser(argparse.ArgumentParser):
 
 
 def build_parser() -> ArgParser:
+    """The command line, from the declared settings: each in its --help group, in the order declared."""
     p = ArgParser(prog="ddpm.py", allow_abbrev=False,
                   formatter_class=HelpFormatter,
                   description="Train a DDPM on a folder of images, or sample from a checkpoint. "
@@ -4418,164 +4848,15 @@ def build_parser() -> ArgParser:
                   epilog="Examples: `ddpm.py --train --demo` (CPU, built-in faces); "
                          "`ddpm.py --train --data-folders data/faces`; `ddpm.py --loadckpt ckpt/ckpt-0.pth "
                          "--batch-size 64`. Under torchrun, --batch-size is the global batch.")
-    g = p.add_argument_group("data")
-    g.add_argument("--data-folders", type=str, nargs="*", help="folders of training images, read recursively")
-    g.add_argument("--img-channels", type=int, default=3, help="3 for RGB, 1 for grayscale")
-    g.add_argument("--img-size", type=int, default=64, help="images are resized (shorter side) and centre-cropped")
-    g.add_argument("--background", type=parse_colour, default="white", help="colour under transparent pixels (name, #rrggbb)")
-    g.add_argument("--demo", action="store_true", help="train on built-in procedural anime faces with a CPU preset")
-    g.add_argument("--demo-images", type=int, default=4096, help="how many demo faces to generate")
-
-    g = p.add_argument_group("model (stored in checkpoints; not needed when sampling)")
-    g.add_argument("--num-channels", type=int, default=64, help="channels of the first feature map")
-    g.add_argument("--channel-multiples", type=int, nargs="+", default=[1, 2, 4, 8], help="per resolution")
-    g.add_argument("--has-attn", type=parse_bool, nargs="+", default=[False, False, True, True],
-                   help="attention per resolution: t/f (or true/false)")
-    g.add_argument("--num-blocks", type=int, default=2, help="residual blocks per resolution")
-    g.add_argument("--dropout", type=float, default=0.1, help="dropout in the residual blocks (a training setting)")
-    g.add_argument("--time-cond", choices=TIME_CONDS, default="scale-shift",
-                   help="how blocks see t: scale-shift = GroupNorm(h) * (1 + scale) + shift; add = the original's "
-                        "shift before GroupNorm (which cancels it); checkpoints without the field load as add")
-    g.add_argument("--norm-groups", type=int, default=32,
-                   help="GroupNorm groups (channels must be a multiple); 8 won on the 32-channel demo model, "
-                        "32 at 64 channels")
-
-    g = p.add_argument_group("diffusion")
-    g.add_argument("--timesteps", type=int, default=1000, help="T")
-    g.add_argument("--beta-min", type=float, default=0.0001, help="beta_1 of the linear schedule")
-    g.add_argument("--beta-max", type=float, default=0.02, help="beta_T of the linear schedule")
-    g.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default="cosine",
-                   help="linear (the original) or cosine (Nichol & Dhariwal 2021); checkpoints without the field "
-                        "load as linear")
-    g.add_argument("--objective", choices=OBJECTIVES, default="v",
-                   help="the network predicts the noise eps (the original), v (Salimans & Ho 2022), or is EDM's "
-                        "preconditioned denoiser (Karras et al. 2022; trained on log-normal noise levels); "
-                        "checkpoints without the field load as eps")
-    g.add_argument("--edm-p-mean", type=float, default=-1.2, help="--objective edm: the mean of ln sigma in training")
-    g.add_argument("--edm-p-std", type=float, default=1.2, help="--objective edm: the deviation of ln sigma in training")
-    g.add_argument("--loss-weight", choices=LOSS_WEIGHTS, default="none",
-                   help="per-timestep loss weight: none, or Min-SNR-gamma (Hang et al. 2023)")
-    g.add_argument("--min-snr-gamma", type=float, default=5.0, help="gamma of --loss-weight min-snr")
-
-    g = p.add_argument_group("training")
-    g.add_argument("--train", action="store_true", help="train (otherwise sample from --loadckpt)")
-    g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
-    g.add_argument("--epochs", type=int, default=5, help="epochs to train (with --resume: the run's total)")
-    g.add_argument("--ckpt-save-dir", type=str, default="ckpt", help="checkpoints ckpt-{epoch %% 5}.pth, metrics.csv")
-    g.add_argument("--resume", action="store_true", help="continue the run of the newest checkpoint (by step) "
-                   "in --ckpt-save-dir, or of --loadckpt, with the run's own settings and data")
-    g.add_argument("--resume-with-new-data", action="store_true",
-                   help="--resume on other data than the run's (other folders, or images added or removed)")
-    g.add_argument("--overwrite", action="store_true", help="move earlier files aside into a dated old-* folder "
-                   "instead of refusing (--train: another run's checkpoints; outputs in --save-dir; --export's file)")
-    g.add_argument("--max-steps", type=int, default=None, help="stop (and save) at this global step")
-    g.add_argument("--time-budget", type=parse_duration, default=None, help="stop (and save) after this wall "
-                   "time: 2h, 90m, 45s")
-    g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of the weights; 0 turns it off")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (same effective batch; "
-                   "on a GPU more are used where memory is short, unless this is typed)")
-    g.add_argument("--max-nonfinite", type=int, default=10, help="stop after this many non-finite losses or "
-                   "gradients in a row (those updates are skipped)")
-    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
-                   help="constant (the original) or cosine decay to 0 at the end of --epochs")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
-    g.add_argument("--log-every", type=int, default=50, help="steps between metrics.csv rows")
-    g.add_argument("--sample-every", type=int, default=1000, help="steps between preview grids (0: never)")
-    g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (needs tensorboard)")
-    g.add_argument("--no-run-pictures", action="store_true", help="skip run-before/after.png and the final grid")
-    g.add_argument("--guide-snapshot", type=float, default=0.0, metavar="F", help="save the EMA weights at "
-                   "fraction F of the run's planned steps as guide.pth (for --guide; 0: no)")
-
-    g = p.add_argument_group("sampling")
-    g.add_argument("--save-dir", type=str, default="output", help="where images are written")
-    g.add_argument("--sampler", choices=list(SAMPLERS), default="dpm++",
-                   help="; ".join(f"{name} = {row.help}" for name, row in SAMPLERS.items()))
-    g.add_argument("--steps", type=int, default=None, help="model calls per image (default: " + ", ".join(
-        f"{row.default_steps or 'T'} for {name}" for name, row in SAMPLERS.items()) + f"; {INVERT_STEPS} for inversion)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic, 1: DDPM-like)")
-    g.add_argument("--grid", choices=list(GRIDS), default=None, help="the timesteps sampled at: uniform, logsnr "
-                   "(evenly in log-SNR) or karras (EDM's rho = 7 noise levels) (default: the sampler's own: "
-                   + ", ".join(f"{row.grid} for {name}" for name, row in SAMPLERS.items()) + ")")
-    g.add_argument("--churn", type=float, default=0.0, help="heun: EDM's S_churn, fresh noise at each step: each "
-                   "of the N noise levels is raised by gamma = min(S_churn / N, sqrt(2) - 1) before its step, so "
-                   "above N (sqrt(2) - 1) it changes nothing more (0: deterministic)")
-    g.add_argument("--guide", type=str, default=None, metavar="CKPT", help="autoguidance (Karras et al. 2024): a "
-                   "weaker model of the same data, such as the run's own early guide.pth (--guide-snapshot)")
-    g.add_argument("--guidance", type=float, default=None, metavar="W", help="with --guide: D = D_guide + W "
-                   "(D_model - D_guide); 1 is the model alone (default: 2)")
-    g.add_argument("--num-samples", type=int, default=None, help="images to generate (default: --batch-size)")
-    g.add_argument("--index", type=int, default=None, help="generate only image INDEX of --seed")
-    g.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    g.add_argument("--ddpm-variance", choices=VARIANCES, default="large",
-                   help="the ddpm sampler's sigma^2: large = beta (the original), small = the posterior's "
-                        "beta-tilde (better for few respaced steps); also the bound of --eval nll")
-    g.add_argument("--no-clip", action="store_true", help="do not clamp the x_0 estimates to [-1, 1] "
-                   "(the original script's unclipped sampler)")
-    g.add_argument("--reverse-steps", action="store_true", help="also write reverse.png: x_T ... x_0 strips")
-    g.add_argument("--forward-steps", action="store_true", help="also write forward.png: q(x_t|x_0) of data")
-    g.add_argument("--gif", action="store_true", help="also write denoise.gif of the grid being denoised")
-    g.add_argument("--interpolate", type=str, nargs=2, metavar=("A", "B"), default=None,
-                   help="also write interpolate.png: slerp between two seeds' noise, two --invert .pt files, or "
-                        "two image files (inverted first), then a deterministic path to each")
-
-    g = p.add_argument_group("editing real images (sampling mode; output/edit-*.png and edit-grid.png)")
-    g.add_argument("--init-images", type=str, nargs="+", default=None, metavar="PATH",
-                   help="SDEdit: noise these images to --strength, then denoise (--num-samples variations each)")
-    g.add_argument("--strength", type=float, default=None, help="how much of the schedule to redo, in (0, 1]: "
-                   "small stays close to the image, 1 is plain sampling (default: 0.5, or 1 with --mask)")
-    g.add_argument("--mask", type=str, nargs="+", default=None, metavar="PATH",
-                   help="inpainting: white = regenerate, black = keep; one for all --init-images or one each")
-    g.add_argument("--resample-jumps", type=int, default=1, help="RePaint's resampling jumps per step (1 = off)")
-    g.add_argument("--invert", type=str, nargs="+", default=None, metavar="PATH",
-                   help=f"DDIM inversion (eta 0; {INVERT_STEPS} steps unless --steps) of real images to x_T: "
-                        "edit-invert-NAME.pt, its reconstruction edit-invert-NAME.png and its PSNR")
-
-    g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=None, help="seed (0 is a seed); default: random, printed")
-    g.add_argument("--device", type=str, default=None, help="cuda, cuda:N, mps or cpu (default: the best found)")
-    g.add_argument("--loadckpt", type=str, default=None, help="checkpoint file (or folder: its newest) to "
-                   "sample from, fine-tune (--train) or resume (--train --resume)")
-    g.add_argument("--batch-size", type=int, default=64, help="training batch (global) and sampling batch")
-    g.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto: bf16 on GPUs that have it, else fp16 with GradScaler; fp32 on CPU")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile (default: on for CUDA training, off otherwise)")
-    g.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
-                   help="training under --compile: default, or reduce-overhead (CUDA graphs: fewer kernel launches "
-                        "from Python; not under torchrun)")
-
-    g = p.add_argument_group("tools")
-    g.add_argument("--info", type=str, default=None, metavar="CKPT", help="describe a checkpoint and exit")
-    g.add_argument("--plot", action="store_true", help="with --info: draw the run's loss.png and quality.png "
-                   "(from its metrics.csv, also while it trains) into --save-dir")
-    g.add_argument("--export", type=str, default=None, metavar="FILE.safetensors",
-                   help="write --loadckpt's EMA (or --no-ema raw) weights as safetensors")
-
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval", choices=EVALS, default=None,
-                   help="evaluate --loadckpt: nll = bits/dim (variational bound), fid = Frechet Inception Distance "
-                        "(pytorch-fid), swd = sliced Wasserstein distance (no network, no download), nearest = "
-                        "nearest training images of samples (memorisation check)")
-    g.add_argument("--eval-folders", type=str, nargs="+", default=None, metavar="DIR",
-                   help="held-out images (nll, nearest) or FID reference (default: the checkpoint's training data)")
-    g.add_argument("--holdout", type=parse_fraction, default=0.0, metavar="FRACTION",
-                   help="--train: leave this fraction (0.01 or 1%%) of the images out, recorded for --eval")
-    g.add_argument("--eval-every", type=int, default=0, metavar="N",
-                   help="--train: every N steps, the SWD of --eval-samples images of a fixed seed (EMA, default "
-                        "sampler) against held-out images (--holdout, --eval-folders, or new demo faces), logged to "
-                        "metrics.csv; the best checkpoint is kept as best.pth, and quality.png drawn (0: off)")
-    g.add_argument("--eval-samples", type=int, default=None, metavar="K",
-                   help="images per --eval-every measurement (default: 256 up to 32x32, 128 above)")
-    g.add_argument("--nll-timesteps", type=int, default=None, metavar="K",
-                   help="nll: a stratified estimate from K of the T timesteps (default: all T)")
-    g.add_argument("--fid-weights", type=str, default=None, metavar="PATH",
-                   help=f"the {FID_WEIGHTS_NAME} file (default: torch.hub's checkpoints folder; never downloaded)")
+    groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
+    for s in DECLARED:
+        groups[s.group].add_argument(s.flag, **s.parser_kwargs(s.default))
     return p
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, frozenset]:
     """The flags as argparse reads them (with --demo's preset as defaults) and the set of the ones
-    the user typed; every flag's own range is checked here (check_flags)."""
+    the user typed (their names), every flag checked (check_flags)."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--demo" in argv:
@@ -4589,290 +4870,105 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     return args, typed
 
 
+def command_of(args) -> str:
+    """The command the flags ask for (COMMAND_NAMES)."""
+    return ("info" if args.info is not None else "export" if args.export is not None else "train" if args.train else
+            "eval" if args.eval else "invert" if args.invert else "edit" if args.init_images else "sample")
+
+
 def check_flags(args, typed: frozenset) -> None:
-    """Every flag's own range and combination, in one place, before any work: one line naming the
-    flag. The training settings are checked by TrainConfig.validate (as stored ones are on --resume),
-    the model's by ModelConfig.validate when a command builds a model from the flags."""
-    train_config_from_args(args, typed).validate()
-    for name in ("demo_images", "steps", "num_samples"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise DDPMError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
-    if args.demo_images > MAX_DEMO_IMAGES:
-        raise DDPMError(f"--demo-images must be at most {MAX_DEMO_IMAGES:,}, got {args.demo_images:,}")
-    if args.nll_timesteps is not None and args.nll_timesteps < 2:
-        raise DDPMError(f"--nll-timesteps must be at least 2 (t=1 for the decoder, one more for the KL terms), "
-                        f"got {args.nll_timesteps}")
-    if not 0 <= args.eta <= 1:  # NaN fails every comparison
-        raise DDPMError(f"--eta must be in [0, 1], got {args.eta}")
-    if not (math.isfinite(args.churn) and args.churn >= 0):
-        raise DDPMError(f"--churn must be 0 or more, got {args.churn}")
-    if args.churn > 0 and not SAMPLERS[args.sampler].churn:
-        raise DDPMError(f"--churn goes with a sampler that takes it ({', '.join(n for n, r in SAMPLERS.items() if r.churn)}), "
-                        f"not {args.sampler}")
-    if args.guidance is not None and not 0 <= args.guidance <= MAX_GUIDANCE:
-        raise DDPMError(f"--guidance must be from 0 to {MAX_GUIDANCE:g} (1 is the model alone; 1.5 to 3 is where "
-                        f"autoguidance helps, far above it every pixel saturates), got {args.guidance}")
-    if args.guidance is not None and not args.guide:
-        raise DDPMError("--guidance weighs a guide model: give --guide CKPT too")
-    if args.guide and args.train:
-        raise DDPMError("--guide samples with a guide model; to save one while training use --guide-snapshot F")
-    if args.guide and args.eval == "nll":
-        raise DDPMError("--eval nll measures the model's own bound, which a guide does not change; drop --guide "
-                        "(--eval swd, fid and nearest sample with it)")
-    if args.time_budget is not None and not args.time_budget > 0:
-        raise DDPMError(f"--time-budget must be longer than 0 (leave it out for no limit), got {args.time_budget:g} s")
-    if args.device is not None and not re.fullmatch(r"cpu|mps|cuda(:\d+)?", args.device):
-        raise DDPMError(f"--device must be cpu, cuda, cuda:N or mps, got {args.device!r}")
-    if args.index is not None and args.index < 0:
-        raise DDPMError(f"--index must be 0 or more, got {args.index}")
-    for flag, v in (("--save-dir", args.save_dir), ("--ckpt-save-dir", args.ckpt_save_dir), ("--export", args.export),
-                    ("--loadckpt", args.loadckpt), ("--info", args.info)):
-        if v is not None and not v.strip():
-            raise DDPMError(f"{flag} is empty; name a {'file' if flag in ('--export', '--info') else 'path'}"
-                            + (" (. for the current folder)" if flag.endswith("dir") else ""))
-    check_command_flags(args)
-    check_edit_flags(args)
-
-
-def check_command_flags(args) -> None:
-    """Which command the flags ask for, and the flags that only go with another one."""
+    """Every flag, in one place, before any work: one line naming the flag. First the commands'
+    combinations; then each setting's range (its declaration); then each typed setting where it does
+    not act: in another command, or with a sampler (or recipe) it does not go with."""
     if args.resume and not args.train:
         raise DDPMError("--resume continues a training run: add --train")
-    if args.resume_with_new_data and not args.resume:
-        raise DDPMError("--resume-with-new-data goes with --train --resume")
     if args.eval and (args.train or not args.loadckpt):
         raise DDPMError(f"--eval {args.eval} evaluates a trained model: give --loadckpt CKPT, without --train")
     if args.info is None and args.export is None and not args.train and not args.loadckpt:
         raise DDPMError("nothing to do: give --train to train, or --loadckpt CKPT to sample from a checkpoint")
-    if args.plot and args.info is None:
-        raise DDPMError("--plot goes with --info RUN: it draws that run's curves")
-    if args.eval_every and not args.train:
-        raise DDPMError("--eval-every measures a training run: it goes with --train (for a checkpoint: --eval swd)")
     if args.export is not None and not args.loadckpt:
         raise DDPMError("--export needs --loadckpt CKPT to know which weights to write")
     if args.train and not (args.demo or args.data_folders or args.resume):
         raise DDPMError("--train needs --data-folders DIR [DIR ...] (or --demo for the built-in faces)")
-
-
-def check_edit_flags(args) -> None:
-    """The editing flags' own ranges and combinations."""
-    if args.strength is not None and not 0 < args.strength <= 1:
-        raise DDPMError(f"--strength must be in (0, 1], got {args.strength}")
-    if args.resample_jumps < 1:
-        raise DDPMError(f"--resample-jumps must be at least 1, got {args.resample_jumps}")
-    if args.mask and not args.init_images:
-        raise DDPMError("--mask needs --init-images: the images whose masked part is regenerated")
-    if args.mask and len(args.mask) not in (1, len(args.init_images)):
-        raise DDPMError(f"--mask: give one mask for all {len(args.init_images)} --init-images or one each, "
-                        f"not {len(args.mask)}")
-    if args.strength is not None and not args.init_images:
-        raise DDPMError("--strength goes with --init-images")
-    if args.resample_jumps > 1 and not args.mask:
-        raise DDPMError("--resample-jumps redoes the steps of inpainting: it goes with --init-images and --mask")
     if args.init_images and args.invert:
         raise DDPMError("--init-images and --invert are separate commands; give one")
     if (args.init_images or args.invert) and (args.train or args.eval):
         raise DDPMError("--init-images and --invert work in sampling mode: drop --train / --eval")
-    if args.invert and sample_spec_from_args(args).draws_noise:
+    if args.invert and args.sampler in SAMPLERS and from_flags(SampleSpec, args).draws_noise:
         raise DDPMError("--invert runs the deterministic DDIM (eta 0) backwards: use --sampler "
                         f"{' or '.join(n for n, r in SAMPLERS.items() if not r.stochastic)} with --eta 0, not a "
                         f"stochastic sampler")
+    for s in (settings_of(Outputs)["save_dir"], settings_of(TrainJob)["ckpt_dir"], TRAIN_EXPORT, LOADCKPT, INFO):
+        v = getattr(args, s.name)
+        if v is not None and not str(v).strip():
+            raise DDPMError(f"{s.flag} is empty; name a {'file' if s in (TRAIN_EXPORT, INFO) else 'path'}"
+                            + (" (. for the current folder)" if s.flag.endswith("dir") else ""))
+    for s in DECLARED:
+        why = s.out_of_range(getattr(args, s.name))
+        if why:
+            raise DDPMError(why)
+    command = command_of(args)
+    for s in DECLARED:
+        if s.name not in typed or getattr(args, s.name) == (s.kind(s.text) if s.text is not None else s.default):
+            continue
+        if command not in s.commands:
+            raise DDPMError(f"{s.flag} goes with {' or '.join(COMMAND_WORDS[c] for c in COMMAND_NAMES if c in s.commands)}"
+                            f", not with {COMMAND_WORDS[command]}")
+        why = s.needs(args) if s.needs is not None else None
+        if why:
+            raise DDPMError(why)
+    if args.mask and len(args.mask) not in (1, len(args.init_images)):
+        raise DDPMError(f"--mask: give one mask for all {len(args.init_images)} --init-images or one each, not {len(args.mask)}")
 
 
-# -- typed jobs: the Namespace stops here --------------------------------------------------------
-
-@dataclass(frozen=True)
-class Weights:
-    """Which weights a command loads: --loadckpt (a file, or a folder meaning its newest checkpoint),
-    the EMA or the raw ones, and the model flags the user typed (they must agree with a checkpoint
-    that knows its model, and describe a file of the original script)."""
-
-    path: str
-    ema: bool = True
-    model_flags: Tuple[Tuple[str, object], ...] = ()
-
-    @property
-    def flags(self) -> Dict[str, object]:
-        return dict(self.model_flags)
+TRAIN_EXPORT, LOADCKPT, INFO = settings_of(ExportJob)["out"], settings_of(Weights)["path"], settings_of(InfoJob)["path"]
 
 
-@dataclass(frozen=True)
-class Device:
-    """Where and how a command runs: --device, --precision, --compile (None: decided in setup_runtime),
-    --compile-mode."""
+# -- from the flags to a job ------------------------------------------------------------------------
 
-    device: Optional[str] = None
-    precision: str = "auto"
-    compile: Optional[bool] = None
-    compile_mode: str = "default"
-
-
-@dataclass(frozen=True)
-class Outputs:
-    """Where a command's pictures go (--save-dir; see output_folder) and whether earlier ones are moved aside."""
-
-    save_dir: Path = Path("output")
-    overwrite: bool = False
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    """--train: a fresh run, a fine-tune of --loadckpt, or --resume."""
-
-    cfg: ModelConfig
-    train: TrainConfig
-    data: DataSource
-    ckpt_dir: Path
-    out: Outputs
-    device: Device
-    typed: frozenset                       # the flags the user typed (a resume keeps the others)
-    model_flags: Tuple[Tuple[str, object], ...] = ()
-    loadckpt: Optional[str] = None
-    resume: bool = False
-    new_data: bool = False                 # --resume-with-new-data
-    seed: Optional[int] = None
-    time_budget: Optional[float] = None
-    pictures: bool = True                  # not --no-run-pictures
-    final: int = 64                        # images in final-grid.png
-    demo_on_folders: bool = False          # --demo with --data-folders: the preset applies to them
-    eval_folders: Tuple[str, ...] = ()     # held-out images for --eval-every
-
-
-@dataclass(frozen=True)
-class ModelJob:
-    """What every command that samples from --loadckpt shares: the weights, where it runs, how it
-    samples and where its pictures go."""
-
-    weights: Weights
-    device: Device
-    spec: SampleSpec
-    out: Outputs
-    guide: Optional[Weights] = None        # --guide: autoguidance
-    guidance: float = 2.0                  # its weight W
-
-
-@dataclass(frozen=True)
-class SampleJob(ModelJob):
-    """Sampling from --loadckpt: images, and the pictures the flags ask for."""
-
-    data: DataFlags = DataFlags()
-    seed: Optional[int] = None
-    count: int = 64                        # --num-samples (default: --batch-size)
-    index: Optional[int] = None
-    batch_size: int = 64
-    reverse: bool = False
-    forward: bool = False
-    gif: bool = False
-    interpolate: Optional[Tuple[str, str]] = None
-    inversion_steps: Optional[int] = None  # a typed --steps, for --interpolate between images
-
-
-@dataclass(frozen=True)
-class EditJob(ModelJob):
-    """--init-images (SDEdit), with --mask inpainting (RePaint)."""
-
-    images: Tuple[str, ...] = ()
-    masks: Tuple[str, ...] = ()
-    strength: Optional[float] = None       # None: 0.5, or 1 with masks
-    jumps: int = 1
-    variations: int = 1
-    seed: Optional[int] = None
-    batch_size: int = 64
-    background: Tuple[int, int, int] = (255, 255, 255)
-
-
-@dataclass(frozen=True)
-class InvertJob(ModelJob):
-    """--invert: DDIM inversion of real images to x_T (spec: the inversion's path, inversion_spec)."""
-
-    images: Tuple[str, ...] = ()
-    background: Tuple[int, int, int] = (255, 255, 255)
-
-
-@dataclass(frozen=True)
-class EvalJob(ModelJob):
-    """--eval nll | fid | swd | nearest on --loadckpt."""
-
-    kind: str = "swd"                      # EVALS
-    data: DataFlags = DataFlags()
-    seed: Optional[int] = None
-    samples: Optional[int] = None          # a typed --num-samples (default: per kind)
-    batch_size: int = 64
-    nll_timesteps: Optional[int] = None
-    fid_weights: Optional[str] = None
-
-
-@dataclass(frozen=True)
-class InfoJob:
-    path: str
-    plot: bool = False                     # --plot: loss.png and quality.png of the run
-    out: Outputs = Outputs()
-
-
-@dataclass(frozen=True)
-class ExportJob:
-    weights: Weights
-    out: Path
-    overwrite: bool = False
-
-
-def sample_spec_from_args(args) -> SampleSpec:
-    return SampleSpec(args.sampler, args.steps, args.eta, not args.no_clip, args.ddpm_variance, args.grid, args.churn)
-
-
-def train_config_from_args(args, typed: frozenset) -> TrainConfig:
-    return TrainConfig(
-        batch_size=args.batch_size, grad_accum=args.grad_accum, auto_accum="grad_accum" not in typed,
-        lr=args.lr, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, epochs=args.epochs,
-        ema_decay=args.ema_decay, precision=args.precision, holdout=args.holdout, max_steps=args.max_steps,
-        max_nonfinite=args.max_nonfinite, log_every=args.log_every, sample_every=args.sample_every,
-        tensorboard=args.tensorboard, dropout=args.dropout, loss_weight=args.loss_weight,
-        min_snr_gamma=args.min_snr_gamma, eval_every=args.eval_every, eval_samples=args.eval_samples,
-        edm_p_mean=args.edm_p_mean, edm_p_std=args.edm_p_std, guide_snapshot=args.guide_snapshot,
-        preview=sample_spec_from_args(args))
-
-
-def model_config_from_args(args) -> ModelConfig:
-    return ModelConfig(**{f.name: getattr(args, f.name) for f in fields(ModelConfig) if f.name != "legacy_attention"})
+def from_flags(cls, args, **given):
+    """An instance of cls from the parsed flags: each field that declares or takes a setting gets its
+    flag's value (a list as a tuple, a path as a Path); `given` fills in the others."""
+    values = {}
+    for f in fields(cls):
+        s = f.metadata.get("setting")
+        if f.name in given or s is None:
+            if f.name in given:
+                values[f.name] = given[f.name]
+            continue
+        v = getattr(args, s.name)
+        values[f.name] = tuple(v) if isinstance(v, list) else Path(v) if "Path" in str(f.type) and v is not None else v
+    return cls(**values)
 
 
 def job_from_args(args, typed: frozenset):
     """The typed job the flags ask for (one of the *Job classes)."""
-    model_flags = tuple((k, getattr(args, k)) for k in MODEL_FLAGS if k in typed)
-    weights = Weights(args.loadckpt, not args.no_ema, model_flags) if args.loadckpt else None
-    if args.info is not None:
-        return InfoJob(args.info, args.plot, Outputs(Path(args.save_dir), args.overwrite))
-    if args.export is not None:
-        return ExportJob(weights, Path(args.export), args.overwrite)
-    device = Device(args.device, args.precision, args.compile, args.compile_mode)
-    out, spec = Outputs(Path(args.save_dir), args.overwrite), sample_spec_from_args(args)
-    guided = dict(guide=Weights(args.guide, True), guidance=2.0 if args.guidance is None else args.guidance) \
-        if args.guide else {}
-    if args.train:
-        return TrainJob(model_config_from_args(args), train_config_from_args(args, typed),
-                        DataSource(tuple(args.data_folders or ()), args.demo_images if args.demo else 0, args.background),
-                        Path(args.ckpt_save_dir), out, device, typed, model_flags, args.loadckpt, args.resume,
-                        args.resume_with_new_data, args.seed, args.time_budget, not args.no_run_pictures,
-                        args.num_samples or 64, bool(args.demo and args.data_folders), tuple(args.eval_folders or ()))
-    data = DataFlags(tuple(args.data_folders or ()), args.demo, args.demo_images, args.background,
-                     tuple(args.eval_folders or ()))
-    if args.eval:
-        return EvalJob(weights, device, spec, out, **guided, kind=args.eval, data=data, seed=args.seed,
-                       samples=args.num_samples if "num_samples" in typed else None, batch_size=args.batch_size,
-                       nll_timesteps=args.nll_timesteps, fid_weights=args.fid_weights)
-    if args.invert:
-        return InvertJob(weights, device, inversion_spec(spec, args.steps), out, **guided, images=tuple(args.invert),
-                         background=args.background)
-    if args.init_images:
-        return EditJob(weights, device, spec, out, **guided, images=tuple(args.init_images), masks=tuple(args.mask or ()),
-                       strength=args.strength, jumps=args.resample_jumps, variations=args.num_samples or 1,
-                       seed=args.seed, batch_size=args.batch_size, background=args.background)
-    return SampleJob(weights, device, spec, out, **guided, data=data, seed=args.seed,
-                     count=args.num_samples or args.batch_size,
-                     index=args.index, batch_size=args.batch_size, reverse=args.reverse_steps, forward=args.forward_steps,
-                     gif=args.gif, interpolate=tuple(args.interpolate) if args.interpolate else None,
-                     inversion_steps=args.steps)
+    model_flags = tuple((k, tuple(v) if isinstance(v, list) else v) for k in MODEL_FLAGS if k in typed
+                        for v in [getattr(args, k)])
+    weights = from_flags(Weights, args, model_flags=model_flags) if args.loadckpt else None
+    command, out = command_of(args), from_flags(Outputs, args)
+    if command == "info":
+        return from_flags(InfoJob, args, out=out)
+    if command == "export":
+        return from_flags(ExportJob, args, weights=weights)
+    device, spec = from_flags(RuntimeFlags, args), from_flags(SampleSpec, args)
+    if command == "train":
+        tc = from_flags(TrainConfig, args, auto_accum="grad_accum" not in typed, preview=spec)
+        data = DataSource(tuple(args.data_folders or ()), args.demo_images if args.demo else 0, args.background)
+        return from_flags(TrainJob, args, cfg=from_flags(ModelConfig, args), train=tc, data=data, out=out, device=device,
+                          typed=typed, model_flags=model_flags, final=args.num_samples or 64,
+                          demo_on_folders=bool(args.demo and args.data_folders))
+    shared = dict(weights=weights, device=device, spec=spec, out=out, guide=Weights(args.guide) if args.guide else None,
+                  guidance=GUIDANCE if args.guidance is None else args.guidance)
+    if command == "eval":
+        return from_flags(EvalJob, args, **shared, data=from_flags(DataFlags, args),
+                          samples=args.num_samples if "num_samples" in typed else None)
+    if command == "invert":
+        return from_flags(InvertJob, args, **dict(shared, spec=inversion_spec(spec, args.steps)))
+    if command == "edit":
+        return from_flags(EditJob, args, **shared, variations=args.num_samples or 1)
+    return from_flags(SampleJob, args, **shared, data=from_flags(DataFlags, args), count=args.num_samples or args.batch_size,
+                      inversion_steps=args.steps)
 
 
 def parse_command_line(argv: Optional[Sequence[str]] = None):
@@ -5077,10 +5173,10 @@ def train_run(job: TrainJob, rt: Runtime, run: RunStart, save_dir: Path, started
         f"{trainer.accum} accumulation | {trainer.steps_per_epoch} steps per epoch | EMA "
         f"{tc.ema_decay if tc.ema_decay else 'off'}" + (f" | {trainer.memory_note}" if trainer.memory_note else ""))
     deadline = (started + job.time_budget) if job.time_budget else None
-    if job.pictures or tc.sample_every:
+    if tc.pictures or tc.sample_every:
         say_sampling(trainer.model, tc.preview)
     probe = quality_probe(job, run, cfg, tc, held, seed) if tc.eval_every and is_rank0() else None
-    trainer.fit(job.ckpt_dir, deadline, RunPictures(save_dir, job.final, job.pictures), probe)
+    trainer.fit(job.ckpt_dir, deadline, RunPictures(save_dir, job.final, tc.pictures), probe)
     return 0
 
 
@@ -5130,7 +5226,7 @@ def check_batch(tc: TrainConfig, rt: Runtime, n_images: int) -> None:
 
 # -- sample, edit, invert -------------------------------------------------------------------------
 
-def sampling_runtime(device: Device) -> Runtime:
+def sampling_runtime(device: RuntimeFlags) -> Runtime:
     return setup_runtime(device.device, device.precision, device.compile, training=False)
 
 

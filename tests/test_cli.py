@@ -220,7 +220,7 @@ def test_demo_command_shortened(tmp_path, capsys):
     ckpt = ddpm.newest_checkpoint(tmp_path / "ckpt")
     obj = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert obj["step"] == 4 and obj["train"]["lr"] == ddpm.DEMO_PRESET["lr"]
-    assert obj["config"]["channel_multiples"] == ddpm.DEMO_PRESET["channel_multiples"]
+    assert obj["config"]["channel_multiples"] == list(ddpm.DEMO_PRESET["channel_multiples"])
     assert ddpm.main(["--loadckpt", str(tmp_path / "ckpt"), "--num-samples", "4", "--steps", "3", "--device", "cpu",
                       "--save-dir", str(tmp_path / "samples")]) == 0
     for i in range(4):

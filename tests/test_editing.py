@@ -139,7 +139,7 @@ def test_editing_errors_are_one_line_and_write_nothing(tiny_run, faces, tmp_path
              (["--init-images", f0, f1, "--mask", mask, mask, mask], "--mask", "one mask for all 2"),
              (["--init-images", f0, "--strength", "0"], "--strength", "in (0, 1]"),
              (["--init-images", f0, "--strength", "1.5"], "--strength", "in (0, 1]"),
-             (["--mask", mask], "--mask needs --init-images", ""),
+             (["--mask", mask], "--mask goes with --init-images", ""),
              (["--invert", f0, "--sampler", "ddpm"], "--invert", "not a stochastic sampler"),
              (["--invert", f0, "--sampler", "ddim", "--eta", "0.5"], "--invert", "not a stochastic sampler"),
              (["--interpolate", f0, str(tmp_path / "none.pt")], "--interpolate", "does not exist or is not a regular file")]

@@ -260,7 +260,7 @@ def _edit(obj: dict, what: str) -> str:
         "precision": lambda: (obj["train"].__setitem__("precision", "fp64"), "--precision must be one of"),
         "batch_size": lambda: (obj["train"].__setitem__("batch_size", 0), "--batch-size must be at least 1"),
         "lr": lambda: (obj["train"].__setitem__("lr", -1.0), "--lr must be a positive number up to 1"),
-        "lr_type": lambda: (obj["train"].__setitem__("lr", "fast"), "--lr must be a positive number up to 1"),
+        "lr_type": lambda: (obj["train"].__setitem__("lr", "fast"), "--lr must be a number, got 'fast'"),
         "epoch": lambda: (obj.__setitem__("epoch", -1), "stored epoch must be an integer of 0 or more"),
         "step": lambda: (obj.__setitem__("step", 3.5), "stored step must be an integer"),
         "ema_nan": lambda: (obj["ema"][first].fill_(float("nan")), "NaN or infinite"),
@@ -394,12 +394,12 @@ def test_flags_that_were_silently_ignored_or_odd_are_one_line(tiny_run, tmp_path
              (["--loadckpt", ck, "--export", "  "], "--export is empty"),
              (["--loadckpt", ck, "--init-images", str(f / "face0.png"), "--resample-jumps", "3"],
               "--resample-jumps redoes the steps of inpainting"),
-             (["--loadckpt", ck, "--resample-jumps", "2"], "--resample-jumps redoes the steps of inpainting"),
+             (["--loadckpt", ck, "--resample-jumps", "2"], "--resample-jumps goes with --init-images"),
              (["--loadckpt", ck, "--eval", "nll", "--nll-timesteps", "0"], "--nll-timesteps must be at least 2"),
              (["--loadckpt", ck, "--eval", "nll", "--nll-timesteps", "1"], "--nll-timesteps must be at least 2"),
              (["--loadckpt", ck, "--save-dir", ""], "--save-dir is empty"),
              (["--train", "--demo", "--ckpt-save-dir", ""], "--ckpt-save-dir is empty"),
-             (["--train", "--demo", "--demo-images", str(10 ** 9)], "--demo-images must be at most 1,000,000")]
+             (["--train", "--demo", "--demo-images", str(10 ** 9)], "--demo-images must be from 1 to 1,000,000")]
     capsys.readouterr()
     for argv, message in cases:
         assert ddpm.main([*argv, "--device", "cpu"]) == 2, argv

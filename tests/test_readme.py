@@ -15,8 +15,10 @@ START, END = "## All flags\n", "\n## What was fixed from the original script"
 def _default(action) -> str:
     d = action.default
     if isinstance(action, argparse.BooleanOptionalAction):
-        return "–"
-    if d is None or d is False:
+        return "–" if d is None else "on" if d else "off"
+    if isinstance(action, argparse._StoreFalseAction):  # --no-X: the flag is off unless typed
+        return "off"
+    if d is None or d is False or d == ():
         return "off" if d is False else "–"
     if isinstance(d, (list, tuple)):
         return " ".join(("t" if v else "f") if isinstance(v, bool) else str(v) for v in d)
@@ -34,8 +36,8 @@ def flag_tables() -> str:
             text = (a.help or "").replace("%%", "%").replace("|", "\\|")
             out.append(f"| {names} | {_default(a)} | {text}{choices} |")
         out.append("")
-    preset = ", ".join(f"`--{k.replace('_', '-')} {_default(argparse.Namespace(default=v))}`"
-                       for k, v in ddpm.DEMO_PRESET.items())
+    flags = {s.name: s.flag for s in ddpm.DECLARED}
+    preset = ", ".join(f"`{flags[k]} {_default(argparse.Namespace(default=v))}`" for k, v in ddpm.DEMO_PRESET.items())
     out.append(f"`--demo` changes these defaults (flags you type still win): {preset}.\n")
     return "\n".join(out)
 

@@ -395,7 +395,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monke
     (["--lr", "inf"], "--lr must be"), (["--lr=-1e-4"], "--lr must be"),
     (["--warmup-steps", "-5"], "--warmup-steps must be 0 or more"),
     (["--eta", "1.5"], "--eta must be in [0, 1]"), (["--eta", "nan"], "--eta must be in [0, 1]"),
-    (["--max-steps", "0"], "--max-steps must be at least 1, got 0; leave it out for no limit"),
+    (["--max-steps", "0"], "--max-steps must be at least 1 (leave it out for no limit), got 0"),
     (["--time-budget", "0"], "--time-budget must be longer than 0"),
     (["--time-budget", "0s"], "--time-budget must be longer than 0"),
     (["--device", "gpu"], "--device must be cpu, cuda, cuda:N or mps, got 'gpu'"),
@@ -448,7 +448,7 @@ def test_edited_checkpoint_contents_are_one_line_errors(done, tmp_path, capsys):
     def config_shapes(o): o["config"]["num_channels"] = 64
     def model_not_tensors(o): o["model"] = {"eps_model.x": "text"}
     cases = [(drop_model, "not a ddpm.py checkpoint"), (config_list, "stored model config is invalid"),
-             (config_string, "img_size must be an integer"), (config_invalid, "--img-size 7 cannot be halved"),
+             (config_string, "--img-size must be an integer"), (config_invalid, "--img-size 7 cannot be halved"),
              (config_shapes, "the stored config does not match the weights"),
              (model_not_tensors, "weights are not a dict of tensors")]
     capsys.readouterr()
