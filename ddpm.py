@@ -69,12 +69,11 @@ appendices at the end, which hold plumbing and data that the sections above call
         - quality during training    --eval-every: SWD against held-out images, best.pth
         - the pictures of a run      run-before/after.png, previews, final grid, loss.png, quality.png
         - the trainer                Trainer: one step, the loop, checkpoints
-        - training from Python       train()
     Command line
         - typed jobs: each declares its own options
         - the parser and the checks: from the declarations
         - from the flags to a job
-        - train
+        - train                      --train, and train() for Python: one path
         - sample, edit, invert
         - evaluate
         - inspect and export
@@ -960,12 +959,6 @@ def edm_preconditioning(sigma):
     return sd2 / (s2 + sd2), sigma * SIGMA_DATA / _sqrt(s2 + sd2), 1 / _sqrt(s2 + sd2), log(sigma) / 4
 
 
-def edm_loss_weight(sigma):
-    """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 (Karras et al. 2022, Table 1): 1 / c_out^2, so that
-    the loss in F is the plain MSE to the target (x_0 - c_skip x) / c_out."""
-    return (sigma * sigma + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2
-
-
 def ddpm_var(ab_t, ab_s, variance: str = "large"):
     """sigma^2 of the ancestral step from t down to s < t (Ho et al. Sec. 3.2, on the respaced chain):
     large = beta = 1 - alpha_bar_t / alpha_bar_s, small = beta-tilde, the posterior's variance
@@ -1003,9 +996,7 @@ class GaussianDiffusion(nn.Module):
         self.log_sigma_f64 = 0.5 * torch.log((1 - alpha_bar) / alpha_bar)
         buffers = {
             "beta": beta,
-            "alpha": alpha,
             "alpha_bar": alpha_bar,
-            "alpha_bar_prev": alpha_bar_prev,
             "sqrt_alpha_bar": alpha_bar.sqrt(),                     # mean coefficient of q(x_t | x_0), eq. 4
             "sqrt_one_minus_alpha_bar": (1 - alpha_bar).sqrt(),     # std of q(x_t | x_0), eq. 4
             "p_sigma": beta.sqrt(),                                 # sigma_t^2 = beta_t (Sec. 3.2)
@@ -1057,39 +1048,31 @@ class GaussianDiffusion(nn.Module):
         mean = extract(self.posterior_mean_coef1, t, xt.shape) * x0 + extract(self.posterior_mean_coef2, t, xt.shape) * xt
         return mean, extract(self.posterior_variance, t, xt.shape)
 
-    # -- reverse process: the one step every sampler and the bound use ----------------------------
-    @staticmethod
-    def predict_x0(xt, eps, ab_t):
-        """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), inverting eq. 4."""
-        return (xt - _sqrt(1 - ab_t) * eps) / _sqrt(ab_t)
-
-    def x0_and_eps(self, xt, out, ab_t):
-        """(x_0, eps) from the network's output at x_t (see network). eps objective: out is eps. v
-        objective (Salimans & Ho 2022): out is v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0, so x_0 =
-        sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v and eps = sqrt(1 - alpha_bar) x_t + sqrt(alpha_bar) v,
-        without dividing by sqrt(alpha_bar) (small at large t). edm objective: out is F of EDM's
-        preconditioning, x_0 = D = c_skip x + c_out F at x = x_t / sqrt(alpha_bar). ab_t: a float or a
-        broadcastable tensor."""
-        if self.objective == "v":
-            return _sqrt(ab_t) * xt - _sqrt(1 - ab_t) * out, _sqrt(1 - ab_t) * xt + _sqrt(ab_t) * out
-        if self.objective == "edm":
-            c_skip, c_out, _, _ = edm_preconditioning(_sqrt((1 - ab_t) / ab_t))
-            x0 = c_skip * (xt / _sqrt(ab_t)) + c_out * out
-            return x0, (xt - _sqrt(ab_t) * x0) / _sqrt(1 - ab_t)
-        return self.predict_x0(xt, out, ab_t), out
-
-    def network(self, xt: torch.Tensor, t, ab_t, model_fn: Optional[ModelFn] = None) -> torch.Tensor:
-        """The network's output at x_t (what x0_and_eps reads), float32: model_fn(x_t, t) for eps and v,
-        t a number (integer or not) or a (B,) tensor; for edm the preconditioned call F(c_in x, c_noise)
-        at x = x_t / sqrt(alpha_bar), sigma from ab_t (a number or a broadcastable tensor)."""
+    # -- the model's estimate: the one entry every sampler, the bound and the guide use --------------
+    def denoise(self, xt: torch.Tensor, t, ab_t=None, model_fn: Optional[ModelFn] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The model's estimate of (x_0, eps) at x_t, in float32 (or xt's dtype): the network called as
+        the objective wants, model_fn(x, t) (default: eps_model), and its output read as x_0 and eps.
+        t: a timestep (integer or not) or a (B,) tensor of them; ab_t: alpha_bar_t, a float or a
+        broadcastable tensor (default: of the integer timesteps t).
+          eps objective: out = eps, x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar), inverting eq. 4;
+          v (Salimans & Ho 2022): out = v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0, so x_0 =
+            sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v and eps = sqrt(1 - alpha_bar) x_t + sqrt(alpha_bar) v,
+            without dividing by sqrt(alpha_bar) (small at large t);
+          edm (Karras et al. 2022, Table 1): out = F(c_in x; c_noise) at x = x_t / sqrt(alpha_bar), and
+            x_0 = D = c_skip x + c_out F."""
+        ab_t = self.ab_of(t, xt.shape).to(xt.dtype) if ab_t is None else ab_t
         model_fn = model_fn or (lambda x, tt: self.eps_model(x, tt).float())
         if self.objective == "edm":
-            sigma = _sqrt((1 - ab_t) / ab_t)
-            _, _, c_in, c_noise = edm_preconditioning(sigma)
-            x = c_in * (xt / _sqrt(ab_t))
+            c_skip, c_out, c_in, c_noise = edm_preconditioning(_sqrt((1 - ab_t) / ab_t))
+            x = xt / _sqrt(ab_t)
             noise = c_noise.flatten() if isinstance(c_noise, torch.Tensor) else c_noise
-            return model_fn(x, self._time_input(noise, xt)).float()
-        return model_fn(xt, self._time_input(t, xt)).float()
+            x0 = c_skip * x + c_out * model_fn(c_in * x, self._time_input(noise, xt)).to(xt.dtype)
+            return x0, (xt - _sqrt(ab_t) * x0) / _sqrt(1 - ab_t)
+        out = model_fn(xt, self._time_input(t, xt)).to(xt.dtype)
+        if self.objective == "v":
+            return _sqrt(ab_t) * xt - _sqrt(1 - ab_t) * out, _sqrt(1 - ab_t) * xt + _sqrt(ab_t) * out
+        return (xt - _sqrt(1 - ab_t) * out) / _sqrt(ab_t), out
 
     @staticmethod
     def _time_input(t, x: torch.Tensor) -> torch.Tensor:
@@ -1099,10 +1082,6 @@ class GaussianDiffusion(nn.Module):
             return t.to(x.device).expand(x.shape[0]) if t.dim() == 0 else t.to(x.device)
         whole = isinstance(t, int)
         return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long if whole else torch.float32)
-
-    def eps_of(self, xt: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """eps from the network's output (see network) for a batch of timesteps t: (B,)."""
-        return self.x0_and_eps(xt, out, extract(self.alpha_bar, t, xt.shape).to(xt.dtype))[1]
 
     def ab_of(self, t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         """alpha_bar_t (float32) for a batch of integer timesteps t: (B,), broadcastable on `shape`."""
@@ -1132,7 +1111,7 @@ class GaussianDiffusion(nn.Module):
         """One ancestral step x_t -> x_{t-1} (Algorithm 2), sigma_t^2 = beta_t; no noise where t == 0."""
         if eps is None:
             eps = torch.randn_like(xt)
-        eps_theta = self.eps_of(xt, t, self.network(xt, t, self.ab_of(t, xt.shape)))
+        eps_theta = self.denoise(xt, t)[1]
         sigma = extract(self.p_sigma, t, xt.shape) * (t > 0).float().view(-1, *([1] * (xt.dim() - 1)))
         return self.p_mean(xt, t, eps_theta) + sigma * eps
 
@@ -1179,10 +1158,16 @@ class GaussianDiffusion(nn.Module):
             return torch.exp(p_mean + p_std * u)
         return torch.randint(0, self.timesteps, (n,), device=device, generator=generator)
 
-    def snr(self, t: torch.Tensor) -> torch.Tensor:
-        """alpha_bar_t / (1 - alpha_bar_t) for a batch of timesteps t: (B,), float32."""
+    def loss_weights(self, t: torch.Tensor, kind: str = "none", gamma: float = 5.0) -> Optional[torch.Tensor]:
+        """Each image's weight in the loss (forward's `weight`), (B,), or None for the plain mean (kind
+        "none", and the edm objective, whose loss has its own weight). Min-SNR-gamma (Hang et al. 2023,
+        kind "min-snr"): min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v, with SNR =
+        alpha_bar_t / (1 - alpha_bar_t) for a batch of timesteps t: (B,)."""
+        if kind == "none" or self.objective == "edm":
+            return None
         ab = self.alpha_bar.gather(0, t)
-        return ab / (1 - ab)
+        snr = ab / (1 - ab)
+        return snr.clamp(max=gamma) / (snr if self.objective == "eps" else snr + 1)
 
     # -- sampling -------------------------------------------------------------------------------
     def grid(self, spec: SampleSpec, start: Optional[float] = None) -> List[float]:
@@ -1212,11 +1197,11 @@ class GaussianDiffusion(nn.Module):
         model_fn (autoguidance), x_0 = x_0 of the guide + w (x_0 of the model - x_0 of the guide), the
         guide evaluated at the same noise level. spec.clip clamps x_0 to [-1, 1] and uses the matching eps."""
         ab_t = self.ab(t)
-        x0, eps = self.x0_and_eps(x, self.network(x, t, ab_t, model_fn), ab_t)
+        x0, eps = self.denoise(x, t, ab_t, model_fn)
         if isinstance(model_fn, Guidance) and model_fn.runs_guide:
             g = model_fn.guide
             tg = t if g.same_schedule(self) else g.t_of_sigma(math.sqrt((1 - ab_t) / ab_t))
-            x0 = model_fn.combine(x0, g.x0_and_eps(x, g.network(x, tg, ab_t, model_fn.guide_net), ab_t)[0])
+            x0 = model_fn.combine(x0, g.denoise(x, tg, ab_t, model_fn.guide_net)[0])
             eps = (x - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
         if spec.clip:
             x0 = x0.clamp(-1.0, 1.0)
@@ -1745,7 +1730,11 @@ class DataSource:
     background: Tuple[int, int, int] = (255, 255, 255)
     flag: str = field(default="--data-folders", compare=False)  # the flag that named the folders, for errors
 
+    images: Optional[torch.Tensor] = field(default=None, compare=False)  # given in memory (ddpm.train)
+
     def describe(self) -> str:
+        if self.images is not None:
+            return f"{len(self.images)} images given in memory"
         return " ".join(self.folders) if self.folders else f"{self.demo_images} built-in demo faces"
 
     def resolved(self) -> List[str]:
@@ -1758,6 +1747,12 @@ class DataSource:
 
     def load(self, cfg: "ModelConfig", quiet: bool = False) -> torch.Tensor:
         """(N, C, S, S) uint8 images at the model's size and channels."""
+        if self.images is not None:
+            shape = (cfg.img_channels, cfg.img_size, cfg.img_size)
+            if self.images.dtype != torch.uint8 or self.images.dim() != 4 or tuple(self.images.shape[1:]) != shape:
+                raise DDPMError(f"train(): data must be (N, {', '.join(map(str, shape))}) uint8 images, got "
+                                f"{tuple(self.images.shape)} {self.images.dtype}")
+            return self.images
         if self.folders:
             return load_images(self.folders, cfg.img_size, cfg.img_channels, self.background, quiet=quiet, flag=self.flag)
         if self.demo_images < 1:
@@ -3017,16 +3012,6 @@ def discretized_gaussian_log_likelihood(x0: torch.Tensor, mean: torch.Tensor, st
     return lb + torch.log1p(-torch.exp(la - lb))
 
 
-@torch.inference_mode()
-def _p_moments(sched: GaussianDiffusion, xt: torch.Tensor, t: torch.Tensor, out: torch.Tensor,
-               variance: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance of p(x_{t-1} | x_t) from the network's output, in float64."""
-    mean = sched.p_mean(xt, t, sched.eps_of(xt, t, out))
-    if variance == "small":  # beta-tilde_t; at t = 1 (index 0), where it is 0, that of t = 2
-        t = t.clamp(min=1)
-    return mean, ddpm_var(*sched.schedule_at(t, xt.shape), variance).double()
-
-
 def bits_per_dim(model: GaussianDiffusion, data: torch.Tensor, timesteps: Optional[int] = None,
                  batch_size: int = 64, seed: int = 0, model_fn: Optional[ModelFn] = None,
                  variance: str = "large") -> dict:
@@ -3054,8 +3039,9 @@ def bits_per_dim(model: GaussianDiffusion, data: torch.Tensor, timesteps: Option
         raise DDPMError(f"--nll-timesteps must be at least 2 (t=1 for the decoder, one more for the KL terms), got {K}")
     if data.dtype != torch.uint8 or data.dim() != 4 or not len(data):
         raise DDPMError("bits/dim needs a non-empty uint8 batch of images (N, C, H, W)")
-    dev = model.beta.device
+    dev = model.alpha_bar.device
     cdev = torch.device("cpu") if dev.type == "mps" else dev  # the float64 arithmetic (MPS has none)
+    fn = model_fn or (lambda x, tt: model.eps_model(x, tt).float())
     sched = model if cdev == dev else copy.deepcopy(model).to(cdev)
     edges = torch.floor(torch.linspace(1, T, K, dtype=torch.float64) + 0.5).long().tolist()  # strata of t-1
     ab_T = float(model.alpha_bar_f64[-1])
@@ -3073,9 +3059,12 @@ def bits_per_dim(model: GaussianDiffusion, data: torch.Tensor, timesteps: Option
                 lo, hi = (0, 1) if k == 0 else (edges[k - 1], edges[k])
                 t = (lo + torch.rand(B, generator=g, dtype=torch.float64, device=cdev) * (hi - lo)).long()  # (B,)
                 xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=g, dtype=torch.float64, device=cdev))
-                ab_t = sched.ab_of(t, xt.shape).to(dev)
-                out = model.network(xt.float().to(dev), t.to(dev), ab_t, model_fn).float().to(cdev).double()
-                mean_p, var_p = _p_moments(sched, xt, t, out, variance)
+                # p(x_{t-1} | x_t), in float64: its mean from the model's eps (the network on the model's device),
+                # its variance beta_t, or beta-tilde_t (at t = 1, where that is 0, the one of t = 2)
+                eps = sched.denoise(xt, t, model_fn=lambda x, tt: fn(x.float().to(dev), tt.to(dev)).to(cdev))[1]
+                mean_p = sched.p_mean(xt, t, eps)
+                var_p = ddpm_var(*sched.schedule_at(t.clamp(min=1) if variance == "small" else t, xt.shape),
+                                 variance).double()
                 if k == 0:
                     dec = -discretized_gaussian_log_likelihood(x0, mean_p, var_p.sqrt()).sum((1, 2, 3))
                 else:
@@ -3361,8 +3350,11 @@ TRAINING = frozenset({"train"})
 def needs_recipe(flag: str, field_: str, value: str) -> Callable:
     """`needs` of a setting that only acts with another's value (a run's own, on --resume or a fine-tune,
     is checked against the checkpoint by check_recipe)."""
-    return lambda args: None if getattr(args, field_) == value or args.resume or args.loadckpt else \
-        f"{flag} goes with --{field_.replace('_', '-')} {value}"
+    def needs(args) -> Optional[str]:
+        return None if getattr(args, field_) == value or args.resume or args.loadckpt else \
+            f"{flag} goes with --{field_.replace('_', '-')} {value}"
+    needs.recipe = (field_, value)
+    return needs
 
 
 @declares
@@ -3476,11 +3468,17 @@ class TrainConfig:
 MOVED_TO_TRAIN = ("dropout", "loss_weight", "min_snr_gamma")
 
 
-def check_recipe(cfg: ModelConfig, tc: TrainConfig) -> None:
-    """Model and training options that do not go together: one line."""
+def check_recipe(cfg: ModelConfig, tc: TrainConfig, typed: Iterable[str] = ()) -> None:
+    """Model and training options that do not go together, a run's own included (on --resume and a
+    fine-tune, where the objective and the loss weighting come from the checkpoint): one line."""
     if cfg.objective == "edm" and tc.loss_weight != "none":
         raise DDPMError("--loss-weight min-snr is not defined for --objective edm (its loss has its own weight, "
                         "Karras et al. 2022); drop one of them")
+    for s in DECLARED:
+        field_, value = getattr(s.needs, "recipe", (None, None))
+        have = getattr(cfg, field_, None) if hasattr(cfg, field_ or "") else getattr(tc, field_ or "", None)
+        if s.name in typed and field_ and have != value:
+            raise DDPMError(f"{s.flag} goes with --{field_.replace('_', '-')} {value}, and the run has {have}")
 
 
 def stored_train_settings(obj: dict) -> dict:
@@ -3488,16 +3486,6 @@ def stored_train_settings(obj: dict) -> dict:
     their model config (MOVED_TO_TRAIN) read from there."""
     cfg = obj.get("config") if isinstance(obj.get("config"), dict) else {}
     return {**{k: cfg[k] for k in MOVED_TO_TRAIN if k in cfg}, **(obj.get("train") or {})}
-
-
-def loss_weights(model: GaussianDiffusion, t: torch.Tensor, tc: TrainConfig) -> Optional[torch.Tensor]:
-    """Each image's weight in the loss, (B,), or None for the plain mean. Min-SNR-gamma (Hang et al.
-    2023): min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v, SNR = alpha_bar / (1 -
-    alpha_bar)."""
-    if tc.loss_weight == "none":
-        return None
-    snr = model.snr(t)
-    return snr.clamp(max=tc.min_snr_gamma) / (snr if model.objective == "eps" else snr + 1)
 
 
 # -- the run's state ---------------------------------------------------------------------------
@@ -4206,7 +4194,8 @@ class Trainer:
                 torch.compiler.cudagraph_mark_step_begin()
             with sync:
                 with rt.autocast():
-                    loss = self.compiled_model(x, t, noise, loss_weights(self.model, t, self.tc))
+                    loss = self.compiled_model(x, t, noise, self.model.loss_weights(t, self.tc.loss_weight,
+                                                                                      self.tc.min_snr_gamma))
                 self.scaler.scale(loss / self.accum).backward()
             self.step_loss += loss.detach().float() / self.accum
 
@@ -4550,39 +4539,6 @@ class Trainer:
         progress.reset(bars[1])
 
 
-# -- training from Python ------------------------------------------------------------------------
-
-def train(cfg: ModelConfig, tc: TrainConfig, data: torch.Tensor, ckpt_dir="ckpt", save_dir="output",
-          device: Optional[str] = None, seed: int = 0, pictures: bool = True, final: int = 64,
-          held: Optional[torch.Tensor] = None) -> Trainer:
-    """Train from Python, without the command line: `data` is (N, C, S, S) uint8 at the model's size
-    (load_images, demo_faces). The same checkpoints, logs, pictures and safety as --train: the
-    folder is locked and must not hold another run, and the pictures go to save_dir (or a new
-    subfolder of it, see output_folder). pictures=False: no run-before/after.png or final grid (the
-    previews every tc.sample_every steps and loss.png are still drawn). With tc.eval_every, `held`
-    are the held-out images (N, C, S, S) uint8 that the quality is measured against. Returns the
-    trainer (.model, .ema.model, .sampling_view())."""
-    cfg = cfg.validate()
-    tc = tc.validate()
-    check_recipe(cfg, tc)
-    ckpt_dir, save_dir = Path(ckpt_dir), Path(save_dir)
-    rt = setup_runtime(device, tc.precision, None, training=True)
-    lock = FolderLock(ckpt_dir)
-    lock.acquire()
-    try:
-        guard_run_folder(ckpt_dir, None, False, False)
-        if tc.eval_every and held is None:
-            raise DDPMError("train(): tc.eval_every needs held=... (held-out images to measure the quality on)")
-        probe = QualityProbe(held, eval_samples_for(tc, cfg), tc.eval_every, seed, f"{len(held)} held-out images") \
-            if tc.eval_every else None
-        trainer = Trainer(tc, rt, cfg, Batches(data, rt.device, seed), seed, data={"images": len(data)})
-        with writing_to(save_dir, "train", False) as folder:
-            trainer.fit(ckpt_dir, None, RunPictures(folder, final, pictures), probe)
-        return trainer
-    finally:
-        lock.release()
-
-
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
@@ -4793,6 +4749,7 @@ class TrainJob:
     final: int = same(SampleJob, "count", 64)
     demo_on_folders: bool = derived("--demo with --data-folders: the preset applies to them", False)
     eval_folders: Tuple[str, ...] = same(DataFlags, "eval_folders")
+    held: Optional[torch.Tensor] = derived("ddpm.train's held-out images for --eval-every", None)
 
 
 @declares
@@ -5099,7 +5056,7 @@ def resumed_source(job: TrainJob, obj: dict) -> DataSource:
     return src
 
 
-def train_command(job: TrainJob, started: float) -> int:
+def train_command(job: TrainJob, started: float) -> "Trainer":
     """--train: fresh, fine-tuned from --loadckpt, or resumed with --resume. The checkpoint folder is
     locked for the run and must hold no other run's files; the first process of a torchrun launch
     checks both, before any work, and decides where the pictures go."""
@@ -5120,7 +5077,7 @@ def train_command(job: TrainJob, started: float) -> int:
         if first:
             lock.acquire()
         run = start_of_run(job)
-        check_recipe(run.cfg, run.train)
+        check_recipe(run.cfg, run.train, job.typed)
         if run.eval_folders and run.train.eval_every:
             check_held_out(run.eval_folders, run.data)
         inside = [f for f in run.data.folders if Path(f).resolve() in [job.out.save_dir.resolve(),
@@ -5144,7 +5101,7 @@ def train_command(job: TrainJob, started: float) -> int:
         remove_if_empty(out.folder, job.out.save_dir)
 
 
-def train_run(job: TrainJob, rt: Runtime, run: RunStart, save_dir: Path, started: float) -> int:
+def train_run(job: TrainJob, rt: Runtime, run: RunStart, save_dir: Path, started: float) -> "Trainer":
     """Load the data, build the trainer, train it with its pictures."""
     tc, cfg, resume = run.train, run.cfg, run.kind == "resume"
     seed = int(run.ckpt["seed"]) if resume and job.seed is None else pick_seed(job.seed)
@@ -5177,7 +5134,7 @@ def train_run(job: TrainJob, rt: Runtime, run: RunStart, save_dir: Path, started
         say_sampling(trainer.model, tc.preview)
     probe = quality_probe(job, run, cfg, tc, held, seed) if tc.eval_every and is_rank0() else None
     trainer.fit(job.ckpt_dir, deadline, RunPictures(save_dir, job.final, tc.pictures), probe)
-    return 0
+    return trainer
 
 
 def quality_probe(job: TrainJob, run: RunStart, cfg: ModelConfig, tc: TrainConfig, held: torch.Tensor,
@@ -5185,6 +5142,11 @@ def quality_probe(job: TrainJob, run: RunStart, cfg: ModelConfig, tc: TrainConfi
     """--eval-every's held-out images: --eval-folders, else the --holdout split, else (the demo) new
     faces past the ones it trains on; a folder of images without any is a one-line error."""
     n = eval_samples_for(tc, cfg)
+    if job.held is not None:
+        return QualityProbe(job.held, n, tc.eval_every, seed, f"{len(job.held)} held-out images")
+    if run.data.images is not None and not len(held):
+        raise DDPMError("train(): tc.eval_every needs held=... (held-out images to measure the quality on), or "
+                        "tc.holdout")
     if run.eval_folders:
         imgs = load_images(run.eval_folders, cfg.img_size, cfg.img_channels, run.data.background, flag="--eval-folders")
         return QualityProbe(imgs, n, tc.eval_every, seed, "--eval-folders " + " ".join(run.eval_folders))
@@ -5222,6 +5184,21 @@ def check_batch(tc: TrainConfig, rt: Runtime, n_images: int) -> None:
     if n_images < B:
         raise DDPMError(f"--batch-size {B} is larger than the {n_images} training images; use --batch-size "
                         f"{n_images} or fewer")
+
+
+def train(cfg: ModelConfig, tc: TrainConfig, data: torch.Tensor, ckpt_dir="ckpt", save_dir="output",
+          device: Optional[str] = None, seed: int = 0, pictures: bool = True, final: int = 64,
+          held: Optional[torch.Tensor] = None) -> "Trainer":
+    """Train from Python, without the command line: `data` is (N, C, S, S) uint8 at the model's size
+    (load_images, demo_faces). The same path as --train (train_command): the same checks, folder
+    lock and guard, cleanup of stale temporary files, signals, runtime options, checkpoints, logs and
+    pictures (in save_dir, or a new subfolder of it, see output_folder). pictures=False: no
+    run-before/after.png or final grid (the previews every tc.sample_every steps and loss.png are
+    still drawn). With tc.eval_every, `held` are the held-out images (N, C, S, S) uint8 that the
+    quality is measured against. Returns the trainer (.model, .ema.model, .sampling_view())."""
+    job = TrainJob(cfg, replace(tc, pictures=tc.pictures and pictures), DataSource(images=data), Path(ckpt_dir),
+                   Outputs(Path(save_dir)), RuntimeFlags(device, tc.precision), seed=seed, final=final, held=held)
+    return train_command(job, time.time())
 
 
 # -- sample, edit, invert -------------------------------------------------------------------------
@@ -5694,14 +5671,15 @@ def export_command(job: ExportJob) -> int:
 
 # -- main -----------------------------------------------------------------------------------------
 
-COMMANDS = {TrainJob: train_command, SampleJob: sample_command, EditJob: edit_command, InvertJob: invert_command,
-            EvalJob: eval_command, InfoJob: info_command, ExportJob: export_command}
+COMMANDS = {SampleJob: sample_command, EditJob: edit_command, InvertJob: invert_command, EvalJob: eval_command,
+            InfoJob: info_command, ExportJob: export_command}
 
 
 def run_job(job, started: Optional[float] = None) -> int:
     """Carry out a typed job (see parse_command_line); returns the exit status."""
     if isinstance(job, TrainJob):
-        return train_command(job, time.time() if started is None else started)
+        train_command(job, time.time() if started is None else started)
+        return 0
     return COMMANDS[type(job)](job)
 
 

@@ -137,7 +137,6 @@ def test_edm_preconditioning_and_loss_follow_the_paper():
         assert c_out == pytest.approx(sigma * sd / math.sqrt(sigma ** 2 + sd ** 2), rel=1e-12)
         assert c_in == pytest.approx(1 / math.sqrt(sigma ** 2 + sd ** 2), rel=1e-12)
         assert c_noise == pytest.approx(math.log(sigma) / 4, rel=1e-12)
-        assert ddpm.edm_loss_weight(sigma) == pytest.approx((sigma ** 2 + sd ** 2) / (sigma * sd) ** 2, rel=1e-12)
 
     class Fixed(nn.Module):
         def forward(self, x, c_noise):
@@ -271,29 +270,26 @@ def test_autoguidance_follows_its_closed_form_with_a_guide_that_differs():
 
 def test_the_closed_form_tests_catch_a_one_line_change(monkeypatch):
     """The mutations the tests above name each fail them."""
-    real_x0, real_net, real_grid = ddpm.GaussianDiffusion.x0_and_eps, ddpm.GaussianDiffusion.network, \
-        ddpm.GaussianDiffusion.grid
+    real_denoise, real_grid = ddpm.GaussianDiffusion.denoise, ddpm.GaussianDiffusion.grid
 
-    def skip_on_xt(self, xt, out, ab_t):  # c_skip applied to x_t instead of x_t / sqrt(alpha_bar)
-        if self.objective != "edm":
-            return real_x0(self, xt, out, ab_t)
-        c_skip, c_out, _, _ = ddpm.edm_preconditioning(ddpm._sqrt((1 - ab_t) / ab_t))
-        x0 = c_skip * xt + c_out * out
-        return x0, (xt - ddpm._sqrt(ab_t) * x0) / ddpm._sqrt(1 - ab_t)
-
-    def c_in_on_xt(self, xt, t, ab_t, model_fn=None):  # c_in applied to x_t
-        if self.objective != "edm":
-            return real_net(self, xt, t, ab_t, model_fn)
-        _, _, c_in, c_noise = ddpm.edm_preconditioning(ddpm._sqrt((1 - ab_t) / ab_t))
-        return (model_fn or self.eps_model)(c_in * xt, self._time_input(c_noise, xt)).float()
+    def mutated(skip_on_xt: bool):
+        def denoise(self, xt, t, ab_t=None, model_fn=None):  # EDM's conversion with one line changed
+            if self.objective != "edm":
+                return real_denoise(self, xt, t, ab_t, model_fn)
+            c_skip, c_out, c_in, c_noise = ddpm.edm_preconditioning(ddpm._sqrt((1 - ab_t) / ab_t))
+            x = xt / ddpm._sqrt(ab_t)
+            out = (model_fn or self.eps_model)(c_in * (x if skip_on_xt else xt), self._time_input(c_noise, xt))
+            x0 = c_skip * (xt if skip_on_xt else x) + c_out * out.to(xt.dtype)
+            return x0, (xt - ddpm._sqrt(ab_t) * x0) / ddpm._sqrt(1 - ab_t)
+        return denoise
 
     def uncapped(self, spec, start=None):  # Heun started from T-1 where the uniform grid starts
         grid = real_grid(self, spec, start)
         return [float(self.timesteps - 1)] + grid[1:] if spec.grid == "uniform" and grid else grid
-    for mutation, where in ((skip_on_xt, "x0_and_eps"), (c_in_on_xt, "network")):
-        monkeypatch.setattr(ddpm.GaussianDiffusion, where, mutation)
-        assert denoiser_error("edm") > 0.05, where
-        if where == "x0_and_eps":
+    for skip_on_xt in (True, False):  # c_skip applied to x_t instead of x; c_in applied to x_t instead of x
+        monkeypatch.setattr(ddpm.GaussianDiffusion, "denoise", mutated(skip_on_xt))
+        assert denoiser_error("edm") > 0.05, skip_on_xt
+        if skip_on_xt:
             assert len(sampling_errors(["edm"], ["cosine"])) >= 6
         monkeypatch.undo()
     monkeypatch.setattr(ddpm.GaussianDiffusion, "grid", uncapped)

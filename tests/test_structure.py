@@ -97,10 +97,11 @@ def test_each_section_uses_only_the_sections_above_it():
     assert not late, "\n".join(sorted(late))
 
 
-def test_no_function_is_longer_than_60_lines():
+def test_no_function_is_longer_than_80_lines():
+    """A smell detector, not a target: one block of straight lines under comments, as nanoGPT's loop is,
+    reads better than helpers called once each; past 80 lines a function usually does several jobs."""
     long = [f"{n.name}: {n.end_lineno - n.lineno + 1} lines" for n in ast.walk(TREE)
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name != "build_parser"
-            and n.end_lineno - n.lineno + 1 > 60]
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 80]
     assert not long, long
 
 
@@ -129,7 +130,7 @@ def test_every_sampler_is_a_row_of_the_table():
         ddpm.SampleSpec("heun2").steps_for(1000)
 
 
-@pytest.mark.parametrize("name,least", [("predict_x0", 1), ("ancestral_mean", 2), ("q_at", 5), ("ddpm_var", 4)])
+@pytest.mark.parametrize("name,least", [("denoise", 2), ("ancestral_mean", 2), ("q_at", 5), ("ddpm_var", 4)])
 def test_the_reverse_step_and_the_schedule_formulas_are_written_once_and_used(name, least):
     assert SOURCE.count(f"def {name}(") == 1
     uses = len(re.findall(rf"(?<![\w.]){name}\(|self\.{name}\(|d\.{name}\(", SOURCE)) - 1
