@@ -265,6 +265,50 @@ class PinnedStager:
         return out
 
 
+# torch's private helpers on the hot path, each behind one function with a public fallback (used where
+# torch lacks the private one, or where PRIVATE_TORCH is False: a test compares the two)
+PRIVATE_TORCH = True
+
+
+def lerp_all(dst: List[torch.Tensor], src: List[torch.Tensor], weight: torch.Tensor) -> None:
+    """dst[i] += weight * (src[i] - dst[i]) for every pair, in place (the EMA update): one fused kernel
+    (torch._foreach_lerp_), or Tensor.lerp_ per pair."""
+    if PRIVATE_TORCH and hasattr(torch, "_foreach_lerp_"):
+        torch._foreach_lerp_(dst, src, weight)
+    else:
+        for d, s in zip(dst, src):
+            d.lerp_(s, weight)
+
+
+def all_finite(tensors: List[torch.Tensor]) -> bool:
+    """Host sync: whether every tensor is finite (and their norms do not overflow): one fused norm per
+    tensor (torch._foreach_norm), or torch.linalg.vector_norm each."""
+    norms = (torch._foreach_norm(tensors) if PRIVATE_TORCH and hasattr(torch, "_foreach_norm") else
+             [torch.linalg.vector_norm(t) for t in tensors])
+    return bool(torch.isfinite(torch.stack(list(norms))).all())
+
+
+def flag_nonfinite(tensors: List[torch.Tensor], found: torch.Tensor, one: torch.Tensor) -> None:
+    """found (a 1-element float tensor on the device) set to 1 where any of the tensors holds inf or NaN,
+    without a host sync: the kernel GradScaler uses (torch._amp_foreach_non_finite_check_and_unscale_,
+    unscaling by `one`), or a check per tensor."""
+    if PRIVATE_TORCH and hasattr(torch, "_amp_foreach_non_finite_check_and_unscale_"):
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
+    elif tensors:
+        bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
+        found.copy_(torch.maximum(found, bad.float().view(1)))
+
+
+def step_unless(opt: torch.optim.Optimizer, bad: torch.Tensor, fused: bool) -> None:
+    """opt.step(), skipped where bad (a 0-dim device tensor) is 1: on the device, without a host sync,
+    by the flag fused Adam reads as GradScaler's (opt.found_inf); else with a sync, bad.item()."""
+    if fused and PRIVATE_TORCH:
+        opt.found_inf = bad
+        opt.step()
+    elif bad.item() == 0:
+        opt.step()
+
+
 def first_line(e: BaseException, limit: int = 160) -> str:
     """The first line of an exception's message (or its type), for one-line errors."""
     text = str(e).strip()
@@ -430,11 +474,11 @@ def settings_of(cls) -> Dict[str, Setting]:
     return {f.name: f.metadata["setting"] for f in fields(cls) if "setting" in f.metadata}
 
 
-def check_settings(obj) -> None:
+def check_settings(config) -> None:
     """Every setting field of a dataclass instance (a config built by hand, or read from a checkpoint):
     of the setting's type, and in its range; one line naming the flag otherwise."""
-    for name, s in settings_of(type(obj)).items():
-        v = getattr(obj, name)
+    for name, s in settings_of(type(config)).items():
+        v = getattr(config, name)
         if v is None and s.default is None:
             continue
         kind = s.kind if s.kind in (int, float, str) else type(s.default) if s.default is not None else None
@@ -935,7 +979,7 @@ class SampleSpec:
         return asdict(self)
 
 
-def _sqrt(v):
+def sqrt_of(v):
     """sqrt of a Python float (math.sqrt, correctly rounded) or of a tensor."""
     return v.sqrt() if isinstance(v, torch.Tensor) else math.sqrt(v)
 
@@ -943,7 +987,7 @@ def _sqrt(v):
 def q_at(x0, eps, ab):
     """sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps: a draw of q(x_t | x_0), eq. 4, at alpha_bar = ab
     (a float or a broadcastable tensor); with ab = alpha_bar_t / alpha_bar_s it is q(x_t | x_s)."""
-    return _sqrt(ab) * x0 + _sqrt(1 - ab) * eps
+    return sqrt_of(ab) * x0 + sqrt_of(1 - ab) * eps
 
 
 SIGMA_DATA = 0.5  # EDM's standard deviation of the data (images in [-1, 1])
@@ -956,7 +1000,7 @@ def edm_preconditioning(sigma):
     ln(sigma) / 4, sd = SIGMA_DATA."""
     s2, sd2 = sigma * sigma, SIGMA_DATA * SIGMA_DATA
     log = torch.log if isinstance(sigma, torch.Tensor) else math.log
-    return sd2 / (s2 + sd2), sigma * SIGMA_DATA / _sqrt(s2 + sd2), 1 / _sqrt(s2 + sd2), log(sigma) / 4
+    return sd2 / (s2 + sd2), sigma * SIGMA_DATA / sqrt_of(s2 + sd2), 1 / sqrt_of(s2 + sd2), log(sigma) / 4
 
 
 def ddpm_var(ab_t, ab_s, variance: str = "large"):
@@ -1064,15 +1108,15 @@ class GaussianDiffusion(nn.Module):
         ab_t = self.ab_of(t, xt.shape).to(xt.dtype) if ab_t is None else ab_t
         model_fn = model_fn or (lambda x, tt: self.eps_model(x, tt).float())
         if self.objective == "edm":
-            c_skip, c_out, c_in, c_noise = edm_preconditioning(_sqrt((1 - ab_t) / ab_t))
-            x = xt / _sqrt(ab_t)
+            c_skip, c_out, c_in, c_noise = edm_preconditioning(sqrt_of((1 - ab_t) / ab_t))
+            x = xt / sqrt_of(ab_t)
             noise = c_noise.flatten() if isinstance(c_noise, torch.Tensor) else c_noise
             x0 = c_skip * x + c_out * model_fn(c_in * x, self._time_input(noise, xt)).to(xt.dtype)
-            return x0, (xt - _sqrt(ab_t) * x0) / _sqrt(1 - ab_t)
+            return x0, (xt - sqrt_of(ab_t) * x0) / sqrt_of(1 - ab_t)
         out = model_fn(xt, self._time_input(t, xt)).to(xt.dtype)
         if self.objective == "v":
-            return _sqrt(ab_t) * xt - _sqrt(1 - ab_t) * out, _sqrt(1 - ab_t) * xt + _sqrt(ab_t) * out
-        return (xt - _sqrt(1 - ab_t) * out) / _sqrt(ab_t), out
+            return sqrt_of(ab_t) * xt - sqrt_of(1 - ab_t) * out, sqrt_of(1 - ab_t) * xt + sqrt_of(ab_t) * out
+        return (xt - sqrt_of(1 - ab_t) * out) / sqrt_of(ab_t), out
 
     @staticmethod
     def _time_input(t, x: torch.Tensor) -> torch.Tensor:
@@ -1093,7 +1137,7 @@ class GaussianDiffusion(nn.Module):
         alpha_bar_s it is (x_t - beta / sqrt(1 - alpha_bar_t) eps) / sqrt(1 - beta); for s = t - 1,
         1/sqrt(alpha_t) (x_t - beta_t/sqrt(1-alpha_bar_t) eps). ab_t, ab_s: floats or broadcastable tensors."""
         beta = 1 - ab_t / ab_s
-        return (xt - beta / _sqrt(1 - ab_t) * eps) / _sqrt(1 - beta)
+        return (xt - beta / sqrt_of(1 - ab_t) * eps) / sqrt_of(1 - beta)
 
     def schedule_at(self, t: torch.Tensor, shape: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
         """(alpha_bar_t, alpha_bar_{t-1}) for a batch of timesteps t: (B,), shaped to broadcast on
@@ -1927,7 +1971,7 @@ def read_checkpoint(path) -> dict:
         raise DDPMError(f"{path}: not a PyTorch checkpoint (the file starts like {_file_kind(head)}); name a "
                         f"checkpoint written by ddpm.py or torch.save")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
             raise DDPMError(f"{path}: refused: the file holds Python objects besides tensors (possibly code), "
@@ -1937,9 +1981,9 @@ def read_checkpoint(path) -> dict:
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, AttributeError) as e:
         raise DDPMError(f"{path}: not a readable checkpoint ({first_line(e)}); the file may be truncated or "
                         f"corrupt") from None
-    if not isinstance(obj, dict):
-        raise DDPMError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dict")
-    return obj
+    if not isinstance(ckpt, dict):
+        raise DDPMError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
 
 
 def _file_kind(head: bytes) -> str:
@@ -1980,10 +2024,10 @@ def _read_safetensors(path: Path) -> dict:
             "step": step, "exported": meta.get("weights", "ema")}
 
 
-def is_legacy_state_dict(obj: dict) -> bool:
+def is_legacy_state_dict(ckpt: dict) -> bool:
     """A bare state_dict of the original script's GaussianDiffusion (no config inside)."""
-    return bool(obj) and "format" not in obj and all(
-        isinstance(k, str) and k.startswith("eps_model.") and isinstance(v, torch.Tensor) for k, v in obj.items())
+    return bool(ckpt) and "format" not in ckpt and all(
+        isinstance(k, str) and k.startswith("eps_model.") and isinstance(v, torch.Tensor) for k, v in ckpt.items())
 
 
 def peek_checkpoint(path: Path) -> dict:
@@ -1992,29 +2036,29 @@ def peek_checkpoint(path: Path) -> dict:
     if not Path(path).is_file():
         return {}
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return {}
-    return obj if isinstance(obj, dict) and not is_legacy_state_dict(obj) else {}
+    return ckpt if isinstance(ckpt, dict) and not is_legacy_state_dict(ckpt) else {}
 
 
 def checkpoint_meta(path: Path) -> Tuple[int, Optional[str]]:
     """(step, run id) recorded in a checkpoint (peek_checkpoint); (-1, None) where there is none.
     Checkpoints from before run ids are told apart by their seed."""
-    obj = peek_checkpoint(path)
-    if not obj:
+    ckpt = peek_checkpoint(path)
+    if not ckpt:
         return -1, None
-    step = obj.get("step", -1)
+    step = ckpt.get("step", -1)
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         return -1, None
-    return step, run_id_of(obj)
+    return step, run_id_of(ckpt)
 
 
-def run_id_of(obj: dict) -> Optional[str]:
+def run_id_of(ckpt: dict) -> Optional[str]:
     """The run a checkpoint belongs to: its run_id, or for older files the seed they were trained with."""
-    if isinstance(obj.get("run_id"), str) and obj["run_id"]:
-        return obj["run_id"]
-    return f"seed-{obj['seed']}" if isinstance(obj.get("seed"), int) else None
+    if isinstance(ckpt.get("run_id"), str) and ckpt["run_id"]:
+        return ckpt["run_id"]
+    return f"seed-{ckpt['seed']}" if isinstance(ckpt.get("seed"), int) else None
 
 
 def checkpoint_files(folder: Path) -> List[Path]:
@@ -2054,67 +2098,67 @@ def resolve_checkpoint(path) -> Path:
 
 # -- validating what a checkpoint holds -----------------------------------------------------------
 
-def config_from_checkpoint(obj: dict, path: Path, explicit: Dict[str, object], fallback: ModelConfig) -> ModelConfig:
+def config_from_checkpoint(ckpt: dict, path: Path, explicit: Dict[str, object], fallback: ModelConfig) -> ModelConfig:
     """The model config of a checkpoint. `explicit` holds the model flags the user typed: they must
     agree with a self-describing checkpoint; for a legacy file they (and the defaults) define it."""
-    if is_legacy_state_dict(obj):
+    if is_legacy_state_dict(ckpt):
         cfg = ModelConfig.from_dict({**fallback.to_dict(), **OLD_CHECKPOINT_DEFAULTS, **explicit, "legacy_attention": True})
         log(f"note: {path} is a checkpoint of the original script (a bare state_dict without config); "
             f"using the model flags and the original's cross-batch attention (legacy mode)")
         return cfg.validate()
-    if obj.get("format") != FORMAT or "config" not in obj or "model" not in obj:
+    if ckpt.get("format") != FORMAT or "config" not in ckpt or "model" not in ckpt:
         raise DDPMError(f"{path}: not a ddpm.py checkpoint (no config/model inside)")
-    if not isinstance(obj["model"], dict) or not all(isinstance(v, torch.Tensor) for v in obj["model"].values()):
+    if not isinstance(ckpt["model"], dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
         raise DDPMError(f"{path}: the checkpoint's weights are not a dict of tensors; the file was edited or is damaged")
-    if int(obj.get("version", 1)) > FORMAT_VERSION:
-        raise DDPMError(f"{path}: written by a newer ddpm.py (format {obj.get('version')}, this one reads up to "
+    if int(ckpt.get("version", 1)) > FORMAT_VERSION:
+        raise DDPMError(f"{path}: written by a newer ddpm.py (format {ckpt.get('version')}, this one reads up to "
                         f"{FORMAT_VERSION}); update ddpm.py")
     try:
-        if not isinstance(obj["config"], dict):
-            raise DDPMError(f"it is a {type(obj['config']).__name__}, not a dict")
-        cfg = ModelConfig.from_dict(obj["config"]).validate()
+        if not isinstance(ckpt["config"], dict):
+            raise DDPMError(f"it is a {type(ckpt['config']).__name__}, not a dict")
+        cfg = ModelConfig.from_dict(ckpt["config"]).validate()
     except (DDPMError, TypeError, ValueError) as e:
         raise DDPMError(f"{path}: the stored model config is invalid ({e}); the file was edited or is damaged") from None
     diff = [f"{k} (checkpoint {getattr(cfg, k)!r}, flag {v!r})" for k, v in explicit.items()
-            if k in MODEL_FLAGS and _norm(getattr(cfg, k)) != _norm(v)]
+            if k in MODEL_FLAGS and as_tuple(getattr(cfg, k)) != as_tuple(v)]
     if diff:
         raise DDPMError(f"{path}: checkpoint config disagrees with the model flags: {'; '.join(diff)}; "
                         f"drop those flags (the checkpoint knows its model) or use another checkpoint")
     return cfg
 
 
-def _int(v, lo: int = 0) -> bool:
+def is_count(v, lo: int = 0) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= lo
 
 
-def check_run_state(obj: dict, path: Path, cfg: ModelConfig, resume: bool) -> None:
+def check_run_state(ckpt: dict, path: Path, cfg: ModelConfig, resume: bool) -> None:
     """The training state a fine-tune (counters, EMA) or a resume (all of it) takes from a checkpoint,
     checked before any work as the model config is: one line naming the file and the field."""
     def bad(field: str, why: str) -> DDPMError:
         return DDPMError(f"{path}: the stored {field} {why}; the file was edited or is damaged")
     for name in ("step", "epoch", "images_seen") + (("epoch_step", "end_epoch") if resume else ()):
-        if (name in obj or resume) and not _int(obj.get(name)):
-            raise bad(name, f"must be an integer of 0 or more, got {obj.get(name)!r}")
-    if resume and not _int(obj.get("seed"), lo=-(2 ** 63)):
-        raise bad("seed", f"must be an integer, got {obj.get('seed')!r}")
+        if (name in ckpt or resume) and not is_count(ckpt.get(name)):
+            raise bad(name, f"must be an integer of 0 or more, got {ckpt.get(name)!r}")
+    if resume and not is_count(ckpt.get("seed"), lo=-(2 ** 63)):
+        raise bad("seed", f"must be an integer, got {ckpt.get('seed')!r}")
     with torch.device("meta"):
         own = build_diffusion(cfg).state_dict()
-    if obj.get("ema") is not None:
-        if not isinstance(obj["ema"], dict) or not all(isinstance(v, torch.Tensor) for v in obj["ema"].values()):
+    if ckpt.get("ema") is not None:
+        if not isinstance(ckpt["ema"], dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["ema"].values()):
             raise bad("EMA weights", "are not a dict of tensors")
-        check_weights(own, obj["ema"], path, "the stored EMA does not fit the model: the file was edited or is damaged")
-        check_finite(obj["ema"], path)
+        check_weights(own, ckpt["ema"], path, "the stored EMA does not fit the model: the file was edited or is damaged")
+        check_finite(ckpt["ema"], path)
     if not resume:
         return
-    ll = obj.get("last_loss")
+    ll = ckpt.get("last_loss")
     if ll is not None and not (isinstance(ll, (int, float)) and math.isfinite(ll)):
         raise bad("last loss", f"must be a finite number, got {ll!r}")
-    if obj.get("train") is not None and not isinstance(obj["train"], dict):
+    if ckpt.get("train") is not None and not isinstance(ckpt["train"], dict):
         raise bad("training settings", "are not a dict")
-    _check_optimizer(obj.get("optimizer"), [tuple(v.shape) for v in own.values()], bad)
-    _check_rng(obj.get("rng"), bad)
-    _check_data_record(obj.get("data"), obj.get("holdout"), bad)
-    if obj.get("scaler") is not None and not isinstance(obj["scaler"], dict):
+    _check_optimizer(ckpt.get("optimizer"), [tuple(v.shape) for v in own.values()], bad)
+    _check_rng(ckpt.get("rng"), bad)
+    _check_data_record(ckpt.get("data"), ckpt.get("holdout"), bad)
+    if ckpt.get("scaler") is not None and not isinstance(ckpt["scaler"], dict):
         raise bad("GradScaler state", "is not a dict")
 
 
@@ -2127,7 +2171,7 @@ def _check_optimizer(opt, shapes: List[tuple], bad) -> None:
         raise bad("optimizer state", f"covers {len(params)} parameters in {len(opt['param_groups'])} groups, the model "
                   f"has {len(shapes)} in one")
     for i, st in opt["state"].items():
-        if not (_int(i) and i < len(shapes) and isinstance(st, dict)):
+        if not (is_count(i) and i < len(shapes) and isinstance(st, dict)):
             raise bad("optimizer state", f"has an entry for parameter {i!r}")
         for k in ("exp_avg", "exp_avg_sq"):
             v = st.get(k)
@@ -2164,23 +2208,23 @@ def _check_data_record(data, holdout, bad) -> None:
             if not isinstance(data.get(k, []), list) or not all(isinstance(f, str) for f in data.get(k, [])):
                 raise bad("data record", f"has {k} that are not a list of paths")
         n = data.get("demo_images") or 0
-        if not _int(n) or n > MAX_DEMO_IMAGES:
+        if not is_count(n) or n > MAX_DEMO_IMAGES:
             raise bad("data record", f"asks for {n!r} demo images (at most {MAX_DEMO_IMAGES:,})")
-        if not _int(data.get("images", 0)):
+        if not is_count(data.get("images", 0)):
             raise bad("data record", f"has an image count of {data.get('images')!r}")
         bg = data.get("background", [255, 255, 255])
-        if not (isinstance(bg, list) and len(bg) == 3 and all(_int(c) and c <= 255 for c in bg)):
+        if not (isinstance(bg, list) and len(bg) == 3 and all(is_count(c) and c <= 255 for c in bg)):
             raise bad("data record", f"has a background colour of {bg!r}")
     if holdout is not None:
         if not isinstance(holdout, dict):
             raise bad("holdout record", "is not a dict")
         f = holdout.get("fraction", 0.0)
-        if not (isinstance(f, (int, float)) and 0 <= f < 1 and _int(holdout.get("seed", 0), lo=-(2 ** 63))
-                and _int(holdout.get("n", 0)) and _int(holdout.get("total", 0))):
+        if not (isinstance(f, (int, float)) and 0 <= f < 1 and is_count(holdout.get("seed", 0), lo=-(2 ** 63))
+                and is_count(holdout.get("n", 0)) and is_count(holdout.get("total", 0))):
             raise bad("holdout record", f"is not a valid split ({holdout!r:.80})")
 
 
-def _norm(v):
+def as_tuple(v):
     return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
@@ -2224,9 +2268,9 @@ def check_weights(own: dict, state: dict, path: Path, fix: str) -> None:
         raise DDPMError(f"{path}: weights do not fit the model ({what}); {fix}")
 
 
-def weights_fix(obj: dict) -> str:
+def weights_fix(ckpt: dict) -> str:
     """What to do when a checkpoint's weights do not fit the model its config describes."""
-    if is_legacy_state_dict(obj):
+    if is_legacy_state_dict(ckpt):
         return "give the model flags it was trained with"
     return "the stored config does not match the weights: the file was edited or is damaged"
 
@@ -2239,23 +2283,23 @@ def check_finite(state: dict, path: Path) -> None:
                         f"earlier checkpoint, or train again with a lower --lr")
 
 
-def load_model(path, device="cpu", use_ema: bool = True, _obj: Optional[dict] = None, **overrides) -> GaussianDiffusion:
+def load_model(path, device="cpu", use_ema: bool = True, _ckpt: Optional[dict] = None, **overrides) -> GaussianDiffusion:
     """A GaussianDiffusion in eval mode, built from a checkpoint alone (EMA weights when present).
 
     `overrides` are model config values (e.g. num_channels=64); for a self-describing checkpoint
     they must agree with it, for a file of the original script they describe its model.
-    `_obj` is the checkpoint already read from `path`, if the caller has it.
+    `_ckpt` is the checkpoint already read from `path`, if the caller has it.
     """
     path = resolve_checkpoint(path)
-    obj = _obj if _obj is not None else read_checkpoint(path)
-    cfg = config_from_checkpoint(obj, path, overrides, ModelConfig())
-    legacy = is_legacy_state_dict(obj)
-    ema = not legacy and use_ema and obj.get("ema") is not None
-    state = obj if legacy else obj["ema"] if ema else obj["model"]
-    source = ModelSource(str(path), ema or obj.get("exported") == "ema",  # an export holds one set: say which
-                         None if legacy else obj.get("step"))
+    ckpt = _ckpt if _ckpt is not None else read_checkpoint(path)
+    cfg = config_from_checkpoint(ckpt, path, overrides, ModelConfig())
+    legacy = is_legacy_state_dict(ckpt)
+    ema = not legacy and use_ema and ckpt.get("ema") is not None
+    state = ckpt if legacy else ckpt["ema"] if ema else ckpt["model"]
+    source = ModelSource(str(path), ema or ckpt.get("exported") == "ema",  # an export holds one set: say which
+                         None if legacy else ckpt.get("step"))
     model = build_diffusion(cfg, source)
-    load_weights(model, state, path, weights_fix(obj))
+    load_weights(model, state, path, weights_fix(ckpt))
     check_finite(state, path)
     return model.to(device).eval()
 
@@ -2408,9 +2452,9 @@ def broadcast_int(value: int, rt: Runtime) -> int:
     """Rank 0's value, on every rank."""
     if not rt.distributed:
         return value
-    obj = [value]
-    dist.broadcast_object_list(obj, src=0)
-    return int(obj[0])
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])
 
 
 def any_rank(flag: bool, rt: Runtime) -> bool:
@@ -2943,30 +2987,30 @@ def write_curve(metrics_csv: Path, out: Path, column: str, floors: Optional[Dict
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's port of the TF Inception used for FID
 
 
-def training_source(obj: dict, flags: DataFlags = DataFlags()) -> DataSource:
+def training_source(ckpt: dict, flags: DataFlags = DataFlags()) -> DataSource:
     """Where a checkpoint's training images came from; data folders in `flags` override the record."""
     bg = flags.background
     if flags.folders:
         return DataSource(tuple(flags.folders), 0, bg)
-    if obj.get("data"):
-        return DataSource.from_record(obj["data"], bg)
-    train = obj.get("train") or {}  # checkpoints from before the data record
+    if ckpt.get("data"):
+        return DataSource.from_record(ckpt["data"], bg)
+    train = ckpt.get("train") or {}  # checkpoints from before the data record
     if flags.demo or train.get("demo"):
-        return DataSource((), int((obj.get("holdout") or {}).get("total") or flags.demo_images), bg)
+        return DataSource((), int((ckpt.get("holdout") or {}).get("total") or flags.demo_images), bg)
     if train.get("data_folders"):
         return DataSource(tuple(train["data_folders"]), 0, bg)
     raise DDPMError("the checkpoint does not record its training data (an export, or a file of the original "
                     "script); give --data-folders DIR")
 
 
-def eval_datasets(obj: dict, cfg: ModelConfig, flags: DataFlags = DataFlags(), new_faces: int = 256
+def eval_datasets(ckpt: dict, cfg: ModelConfig, flags: DataFlags = DataFlags(), new_faces: int = 256
                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor], str]:
     """(the training images the model saw, held-out images or None, what the held-out set is).
     Held out: --eval-folders, else the checkpoint's --holdout split rebuilt from its record, else for
     the demo `new_faces` faces past the ones it trained on (face i depends on i alone, so they are new)."""
-    src = training_source(obj, flags)
+    src = training_source(ckpt, flags)
     data = src.load(cfg)
-    rec, held, what = obj.get("holdout") or {}, None, ""
+    rec, held, what = ckpt.get("holdout") or {}, None, ""
     if not src.folders and not rec.get("n") and not flags.eval_folders:
         n = src.demo_images
         held = replace(src, demo_images=n + new_faces).load(cfg, quiet=True)[n:]
@@ -3443,12 +3487,12 @@ class TrainConfig:
         DDPMError."""
         typed = set(typed)
 
-        def keep(obj, stored: dict) -> dict:
+        def keep(ckpt, stored: dict) -> dict:
             changes = {}
-            for name, s in settings_of(type(obj)).items():
+            for name, s in settings_of(type(ckpt)).items():
                 if s.resume != RUN or name not in stored:
                     continue
-                mine, theirs = getattr(obj, name), stored[name]
+                mine, theirs = getattr(ckpt, name), stored[name]
                 if s.name not in typed:
                     changes[name] = float(theirs) if isinstance(mine, float) and type(theirs) is int else theirs
                 elif mine != theirs:
@@ -3481,11 +3525,11 @@ def check_recipe(cfg: ModelConfig, tc: TrainConfig, typed: Iterable[str] = ()) -
             raise DDPMError(f"{s.flag} goes with --{field_.replace('_', '-')} {value}, and the run has {have}")
 
 
-def stored_train_settings(obj: dict) -> dict:
+def stored_train_settings(ckpt: dict) -> dict:
     """A checkpoint's training settings: its "train" record, with what older checkpoints kept in
     their model config (MOVED_TO_TRAIN) read from there."""
-    cfg = obj.get("config") if isinstance(obj.get("config"), dict) else {}
-    return {**{k: cfg[k] for k in MOVED_TO_TRAIN if k in cfg}, **(obj.get("train") or {})}
+    cfg = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    return {**{k: cfg[k] for k in MOVED_TO_TRAIN if k in cfg}, **(ckpt.get("train") or {})}
 
 
 # -- the run's state ---------------------------------------------------------------------------
@@ -3505,7 +3549,7 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         weight = 1.0 - torch.clamp((1 + self.n) / (10 + self.n), max=self.decay)
-        torch._foreach_lerp_(self._ema, self._src, weight)
+        lerp_all(self._ema, self._src, weight)
         self.n += 1
 
 
@@ -4055,9 +4099,9 @@ class Trainer:
             "quality": self.probe.record() if self.probe is not None else self.quality_record,
         }
 
-    def _restore(self, obj: dict) -> None:
+    def _restore(self, ckpt: dict) -> None:
         try:
-            self.opt.load_state_dict(obj["optimizer"])
+            self.opt.load_state_dict(ckpt["optimizer"])
         except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:
             raise DDPMError(f"the checkpoint's optimizer state does not fit the model ({first_line(e, 80)}); the file "
                             f"was edited or is damaged") from None
@@ -4069,26 +4113,26 @@ class Trainer:
                 if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
                     state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
         self._set_lr(self.tc.lr)
-        if obj.get("scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(obj["scaler"])
-        self.pos = Position(int(obj["step"]), int(obj["epoch"]), int(obj.get("epoch_step", 0)),
-                            int(obj.get("images_seen", 0)), self.pos.end_epoch)
-        self._continue_epoch(obj)
-        if obj.get("seed") != self.seed:  # a typed --seed (said in one line): the noise follows it from here
+        if ckpt.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.pos = Position(int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt.get("epoch_step", 0)),
+                            int(ckpt.get("images_seen", 0)), self.pos.end_epoch)
+        self._continue_epoch(ckpt)
+        if ckpt.get("seed") != self.seed:  # a typed --seed (said in one line): the noise follows it from here
             self._seed_noise(self.pos.step)
         else:
-            self._restore_rng(obj.get("rng") or {})
+            self._restore_rng(ckpt.get("rng") or {})
 
-    def _continue_epoch(self, obj: dict) -> None:
+    def _continue_epoch(self, ckpt: dict) -> None:
         """Where in its epoch a resumed run goes on. The same data and batch: exactly where it stopped.
         Another batch size: at the same image of the epoch. Other data (--resume-with-new-data): an
         epoch cut short is closed, and the next starts on the new images. Each change said in one line."""
         pos = self.pos
         if not pos.epoch_step:
             return
-        rec, held = obj.get("data") or {}, obj.get("holdout") or {}
+        rec, held = ckpt.get("data") or {}, ckpt.get("holdout") or {}
         n_before = rec.get("images", 0) - held.get("n", 0) if rec.get("images") else None
-        b_before = (obj.get("train") or {}).get("batch_size", self.batch)
+        b_before = (ckpt.get("train") or {}).get("batch_size", self.batch)
         if n_before is not None and n_before != self.batches.n:
             log(f"resume: the data changed ({self.batches.n} training images, the run had {n_before}); epoch "
                 f"{pos.epoch} ends here and epoch {pos.epoch + 1} starts on the new images")
@@ -4130,7 +4174,7 @@ class Trainer:
         if is_rank0():
             save_or_explain(path, state, self.stop is not None and self.stop.aborted)
             if log_ is not None:
-                self._output(log_.event, self.pos.step, "checkpoint", path)
+                self._write_or_defer(log_.event, self.pos.step, "checkpoint", path)
         barrier(self.rt)
 
     def sampling_view(self, ema: bool = True) -> GaussianDiffusion:
@@ -4172,7 +4216,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.step_loss = None
         if self.graphs:
-            torch._dynamo.reset()
+            torch.compiler.reset()
             self.compiled_model = self._compiled()
         gc.collect()
         if self.rt.device.type == "cuda":
@@ -4228,13 +4272,9 @@ class Trainer:
             # uses, unscaling by 1), or-ed with the loss's own check
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             self._found_inf.copy_((~torch.isfinite(self.step_loss)).float().view(1))
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found_inf, self._one)
+            flag_nonfinite(grads, self._found_inf, self._one)
             bad = self._found_inf[0].clamp(max=1.0)
-            if self.fused:
-                self.opt.found_inf = bad  # the fused kernel skips the update on the device, no sync
-                self.opt.step()
-            elif bad.item() == 0:
-                self.opt.step()
+            step_unless(self.opt, bad, self.fused)
         self.stats.add(self.step_loss, bad)
         self.opt.zero_grad(set_to_none=not self.graphs)  # under CUDA graphs the gradients keep their addresses
         if self.ema is not None:
@@ -4255,7 +4295,7 @@ class Trainer:
 
     def weights_finite(self) -> bool:
         """Host sync: whether every weight is finite (and their norm does not overflow)."""
-        return bool(torch.isfinite(torch.stack(torch._foreach_norm(list(self.model.parameters())))).all())
+        return all_finite(list(self.model.parameters()))
 
     def check_health(self) -> None:
         """Host sync: stop after --max-nonfinite non-finite updates in a row, or at once if the weights
@@ -4347,13 +4387,13 @@ class Trainer:
             if pos.step % self.sync_every == 0:
                 self.check_health()
             if pos.step % tc.log_every == 0:
-                self._output(self._log_interval, metrics, progress, bars[1], deadline)
+                self._write_or_defer(self._log_interval, metrics, progress, bars[1], deadline)
             if pictures is not None and tc.sample_every and pos.step % tc.sample_every == 0 and is_rank0():
-                self._output(pictures.preview, self, metrics)
+                self._write_or_defer(pictures.preview, self, metrics)
             if self.probe is not None and pos.step % self.probe.every == 0:
-                self._output(self._evaluate, ckpt_dir, metrics, progress.print)
+                self._write_or_defer(self._evaluate, ckpt_dir, metrics, progress.print)
             if tc.guide_snapshot and pos.step == self.guide_step() and is_rank0():
-                self._output(self._save_guide, ckpt_dir, metrics, progress.print)
+                self._write_or_defer(self._save_guide, ckpt_dir, metrics, progress.print)
             stop = self._stop_reason(deadline)
             if pos.epoch_step >= self.steps_per_epoch:
                 self._end_epoch(ckpt_dir, metrics, progress, bars)
@@ -4468,7 +4508,7 @@ class Trainer:
                                      f"({first_line(e, 60)}); lower --batch-size or raise --grad-accum")
             return False
 
-    def _output(self, write: Callable, *args) -> None:
+    def _write_or_defer(self, write: Callable, *args) -> None:
         """A write of rank 0 during training (a log row, a preview): if it fails, the run stops at the
         end of this step with a checkpoint, and then reports the failure."""
         if self.failure is None:
@@ -4559,7 +4599,7 @@ GUIDANCE = 2.0       # --guidance's default weight
 
 @declares
 @dataclass(frozen=True)
-class Weights:
+class LoadSpec:
     """Which weights a command loads: --loadckpt (a file, or a folder meaning its newest checkpoint),
     the EMA or the raw ones, and the model flags the user typed (they must agree with a checkpoint
     that knows its model, and describe a file of the original script)."""
@@ -4611,11 +4651,11 @@ class ModelJob:
     """What every command that samples from --loadckpt shares: the weights, where it runs, how it
     samples and where its pictures go, the guide and the seed."""
 
-    weights: Weights = derived("--loadckpt, --no-ema and the model flags")
+    weights: LoadSpec = derived("--loadckpt, --no-ema and the model flags")
     device: RuntimeFlags = derived("--device, --precision, --compile")
     spec: SampleSpec = derived("the sampling flags")
     out: Outputs = derived("--save-dir, --overwrite")
-    guide: Optional[Weights] = setting(None, "--guide", "autoguidance (Karras et al. 2024): a weaker model of the same "
+    guide: Optional[LoadSpec] = setting(None, "--guide", "autoguidance (Karras et al. 2024): a weaker model of the same "
                                        "data, such as the run's own early guide.pth (--guide-snapshot)", "sampling",
                                        kind=str, metavar="CKPT", commands=SAMPLING,
                                        needs=lambda args: "--eval nll measures the model's own bound, which a guide does "
@@ -4734,7 +4774,7 @@ class TrainJob:
     device: RuntimeFlags = derived("--device, --precision, --compile", RuntimeFlags())
     typed: frozenset = derived("the flags the user typed (a resume keeps the others)", frozenset())
     model_flags: Tuple[Tuple[str, object], ...] = derived("the model flags typed", ())
-    loadckpt: Optional[str] = same(Weights, "path")
+    loadckpt: Optional[str] = same(LoadSpec, "path")
     resume: bool = setting(False, "--resume", "continue the run of the newest checkpoint (by step) in --ckpt-save-dir, "
                            "or of --loadckpt, with the run's own settings and data", "training", switch="on",
                            commands=TRAINING)
@@ -4765,7 +4805,7 @@ class InfoJob:
 @declares
 @dataclass(frozen=True)
 class ExportJob:
-    weights: Weights = derived("--loadckpt, --no-ema")
+    weights: LoadSpec = derived("--loadckpt, --no-ema")
     out: Path = setting(None, "--export", "write --loadckpt's EMA (or --no-ema raw) weights as safetensors", "tools",
                         kind=str, metavar="FILE.safetensors", name="export", commands={"export"})
     overwrite: bool = same(Outputs, "overwrite")
@@ -4878,7 +4918,7 @@ def check_flags(args, typed: frozenset) -> None:
         raise DDPMError(f"--mask: give one mask for all {len(args.init_images)} --init-images or one each, not {len(args.mask)}")
 
 
-TRAIN_EXPORT, LOADCKPT, INFO = settings_of(ExportJob)["out"], settings_of(Weights)["path"], settings_of(InfoJob)["path"]
+TRAIN_EXPORT, LOADCKPT, INFO = settings_of(ExportJob)["out"], settings_of(LoadSpec)["path"], settings_of(InfoJob)["path"]
 
 
 # -- from the flags to a job ------------------------------------------------------------------------
@@ -4902,7 +4942,7 @@ def job_from_args(args, typed: frozenset):
     """The typed job the flags ask for (one of the *Job classes)."""
     model_flags = tuple((k, tuple(v) if isinstance(v, list) else v) for k in MODEL_FLAGS if k in typed
                         for v in [getattr(args, k)])
-    weights = from_flags(Weights, args, model_flags=model_flags) if args.loadckpt else None
+    weights = from_flags(LoadSpec, args, model_flags=model_flags) if args.loadckpt else None
     command, out = command_of(args), from_flags(Outputs, args)
     if command == "info":
         return from_flags(InfoJob, args, out=out)
@@ -4915,7 +4955,7 @@ def job_from_args(args, typed: frozenset):
         return from_flags(TrainJob, args, cfg=from_flags(ModelConfig, args), train=tc, data=data, out=out, device=device,
                           typed=typed, model_flags=model_flags, final=args.num_samples or 64,
                           demo_on_folders=bool(args.demo and args.data_folders))
-    shared = dict(weights=weights, device=device, spec=spec, out=out, guide=Weights(args.guide) if args.guide else None,
+    shared = dict(weights=weights, device=device, spec=spec, out=out, guide=LoadSpec(args.guide) if args.guide else None,
                   guidance=GUIDANCE if args.guidance is None else args.guidance)
     if command == "eval":
         return from_flags(EvalJob, args, **shared, data=from_flags(DataFlags, args),
@@ -4975,38 +5015,38 @@ def start_of_run(job: TrainJob) -> RunStart:
     path = resolve_checkpoint(job.loadckpt) if job.loadckpt else newest_checkpoint(job.ckpt_dir)
     if path is None:
         raise DDPMError(f"--resume found no {CKPT_PATTERN} in {job.ckpt_dir}; train without --resume first")
-    obj = read_checkpoint(path)
-    cfg = config_from_checkpoint(obj, path, dict(job.model_flags), job.cfg)
+    ckpt = read_checkpoint(path)
+    cfg = config_from_checkpoint(ckpt, path, dict(job.model_flags), job.cfg)
     if not job.resume:
-        return fine_tune_start(job, obj, path, cfg)
-    if is_legacy_state_dict(obj):
+        return fine_tune_start(job, ckpt, path, cfg)
+    if is_legacy_state_dict(ckpt):
         raise DDPMError(f"{path} was written by the original script and has no run state to resume; "
                         f"use --loadckpt {path} --train (without --resume) to fine-tune it")
-    if obj.get("optimizer") is None or "epoch" not in obj:  # e.g. a .safetensors export
+    if ckpt.get("optimizer") is None or "epoch" not in ckpt:  # e.g. a .safetensors export
         raise DDPMError(f"{path} holds weights only (no optimizer or run state) and cannot be resumed; "
                         f"use --loadckpt {path} --train (without --resume) to fine-tune it")
-    check_run_state(obj, path, cfg, resume=True)
-    stored = stored_train_settings(obj)
-    stored.setdefault("epochs", obj.get("end_epoch"))
-    if "holdout" not in stored and obj.get("holdout"):
-        stored["holdout"] = obj["holdout"].get("fraction", 0.0)
-    log(f"resume: {path} (step {obj['step']}, epoch {obj['epoch']})")
+    check_run_state(ckpt, path, cfg, resume=True)
+    stored = stored_train_settings(ckpt)
+    stored.setdefault("epochs", ckpt.get("end_epoch"))
+    if "holdout" not in stored and ckpt.get("holdout"):
+        stored["holdout"] = ckpt["holdout"].get("fraction", 0.0)
+    log(f"resume: {path} (step {ckpt['step']}, epoch {ckpt['epoch']})")
     try:
         tc = job.train.resumed({k: v for k, v in stored.items() if v is not None}, job.typed)
     except DDPMError as e:
         raise DDPMError(f"{path}: the stored training settings are invalid ({e}); the file was edited or is "
                         f"damaged") from None
-    if "seed" in job.typed and job.seed != obj["seed"]:
-        log(f"resume: --seed {job.seed} (the run used {obj['seed']}); the data order and the noise follow the new "
-            f"seed from step {obj['step']}")
-    return RunStart("resume", cfg, tc, resumed_source(job, obj), run_id_of(obj) or new_run_id(), obj, path,
-                    resumed_eval_folders(job, obj))
+    if "seed" in job.typed and job.seed != ckpt["seed"]:
+        log(f"resume: --seed {job.seed} (the run used {ckpt['seed']}); the data order and the noise follow the new "
+            f"seed from step {ckpt['step']}")
+    return RunStart("resume", cfg, tc, resumed_source(job, ckpt), run_id_of(ckpt) or new_run_id(), ckpt, path,
+                    resumed_eval_folders(job, ckpt))
 
 
-def resumed_eval_folders(job: TrainJob, obj: dict) -> Tuple[str, ...]:
+def resumed_eval_folders(job: TrainJob, ckpt: dict) -> Tuple[str, ...]:
     """--resume measures on the run's own --eval-folders (recorded resolved) unless others are typed,
     which is said in one line (the best so far, measured on the others, then starts again)."""
-    stored = tuple((obj.get("data") or {}).get("eval_folders") or ())
+    stored = tuple((ckpt.get("data") or {}).get("eval_folders") or ())
     if not job.eval_folders:
         if stored:
             log(f"resume: --eval-every measures on the run's --eval-folders {' '.join(stored)}")
@@ -5017,14 +5057,14 @@ def resumed_eval_folders(job: TrainJob, obj: dict) -> Tuple[str, ...]:
     return job.eval_folders
 
 
-def fine_tune_start(job: TrainJob, obj: dict, path: Path, cfg: ModelConfig) -> RunStart:
+def fine_tune_start(job: TrainJob, ckpt: dict, path: Path, cfg: ModelConfig) -> RunStart:
     """--loadckpt X --train: X's weights, EMA and counters, a fresh optimizer at --lr. The settings that
     checkpoints before format 4 kept in their model config (dropout, the loss weighting) carry over
     from X unless typed, as they did then."""
     tc = job.train
-    if not is_legacy_state_dict(obj):
-        check_run_state(obj, path, cfg, resume=False)
-        stored = stored_train_settings(obj)
+    if not is_legacy_state_dict(ckpt):
+        check_run_state(ckpt, path, cfg, resume=False)
+        stored = stored_train_settings(ckpt)
         tc = replace(tc, **{k: stored[k] for k in MOVED_TO_TRAIN if k in stored and k not in job.typed})
         try:
             tc.validate()
@@ -5032,20 +5072,20 @@ def fine_tune_start(job: TrainJob, obj: dict, path: Path, cfg: ModelConfig) -> R
             raise DDPMError(f"{path}: the stored training settings are invalid ({e}); the file was edited or is "
                             f"damaged") from None
     log(f"fine-tune: weights from {path}, lr {tc.lr}")
-    run_id = None if is_legacy_state_dict(obj) else run_id_of(obj)
-    return RunStart("fine-tune", cfg, tc, job.data, run_id or new_run_id(), obj, path, job.eval_folders)
+    run_id = None if is_legacy_state_dict(ckpt) else run_id_of(ckpt)
+    return RunStart("fine-tune", cfg, tc, job.data, run_id or new_run_id(), ckpt, path, job.eval_folders)
 
 
-def resumed_source(job: TrainJob, obj: dict) -> DataSource:
+def resumed_source(job: TrainJob, ckpt: dict) -> DataSource:
     """--resume trains on the run's own data; data flags that name other data are refused unless
     --resume-with-new-data says so."""
     src = job.data
     typed = bool(src.folders) or "demo" in job.typed
-    if not obj.get("data"):  # written before the data record: its folders were kept as typed, relative to
+    if not ckpt.get("data"):  # written before the data record: its folders were kept as typed, relative to
         if typed:            # a working directory it did not record, so only the image count is checked
             return src
-        return training_source(obj, background=src.background)
-    run = DataSource.from_record(obj["data"], src.background)
+        return training_source(ckpt, background=src.background)
+    run = DataSource.from_record(ckpt["data"], src.background)
     if not typed:
         return run
     if not src.same_as(run):
@@ -5261,25 +5301,25 @@ def check_guide_levels(model: GaussianDiffusion, guide: GaussianDiffusion, path:
                         f"trained with the model's schedule (or with --objective edm)")
 
 
-def load_for_sampling(weights: Weights, rt: Runtime, what: str = "model") -> Tuple[GaussianDiffusion, dict]:
+def load_for_sampling(weights: LoadSpec, rt: Runtime, what: str = "model") -> Tuple[GaussianDiffusion, dict]:
     """The model to sample from (EMA or raw weights, checked) on rt's device, and the checkpoint dict."""
     path = resolve_checkpoint(weights.path)
-    obj = read_checkpoint(path)
-    model = load_model(path, rt.device, use_ema=weights.ema, _obj=obj, **weights.flags)
+    ckpt = read_checkpoint(path)
+    model = load_model(path, rt.device, use_ema=weights.ema, _ckpt=ckpt, **weights.flags)
     best = Path(weights.path) / "best.pth"
     if what == "model":
         log(f"model: {model.source.describe()}" + (f"; the newest of {weights.path} (--eval-every's best: --loadckpt "
                                                    f"{best})" if Path(weights.path).is_dir() and best.is_file() else ""))
-    return model, obj
+    return model, ckpt
 
 
 def sample_command(job: SampleJob) -> int:
     """Sampling from --loadckpt: ddpm-{i}.png for each index, ddpm-all.png, optional pictures."""
     check_writable(job.out.save_dir, "--save-dir")
     rt = sampling_runtime(job.device)
-    model, obj = load_for_sampling(job.weights, rt)
+    model, ckpt = load_for_sampling(job.weights, rt)
     cfg, spec = model.config, job.spec
-    data = training_source(obj, job.data) if job.forward else None  # fails here, before sampling
+    data = training_source(ckpt, job.data) if job.forward else None  # fails here, before sampling
     seed = pick_seed(job.seed)
     ends = interpolation_ends(job, model, rt.local()) if job.interpolate and is_rank0() else None
     n = 1 if job.index is not None else job.count
@@ -5447,10 +5487,10 @@ def eval_command(job: EvalJob, features: Optional[Features] = None) -> int:
     rt = sampling_runtime(job.device)
     if job.kind == "fid" and features is None:
         features = inception_features(job.fid_weights, rt.device)  # fails fast: the package, the weights
-    model, obj = load_for_sampling(job.weights, rt)
+    model, ckpt = load_for_sampling(job.weights, rt)
     seed = pick_seed(job.seed)
     if job.kind == "nll":
-        return eval_nll(job, obj, model, seed)
+        return eval_nll(job, ckpt, model, seed)
     n = job.samples or {"fid": 5000, "swd": 256}.get(job.kind, 16)
     spec = job.spec
 
@@ -5460,18 +5500,18 @@ def eval_command(job: EvalJob, features: Optional[Features] = None) -> int:
         return generate(model, rt, list(range(lo, hi)), seed, spec, job.batch_size, model_fn=fn)
     how = f"{spec.sampler}, {model.calls(spec)} model calls, seed {seed}"
     if job.kind == "fid":
-        return eval_fid(job, obj, resolve_checkpoint(job.weights.path), model.config, samples, n, how, features)
+        return eval_fid(job, ckpt, resolve_checkpoint(job.weights.path), model.config, samples, n, how, features)
     if job.kind == "swd":
-        return eval_swd(job, obj, model.config, samples, n, how, seed)
-    return eval_nearest(job, rt, obj, model.config, samples, n, how)
+        return eval_swd(job, ckpt, model.config, samples, n, how, seed)
+    return eval_nearest(job, rt, ckpt, model.config, samples, n, how)
 
 
-def eval_swd(job: EvalJob, obj: dict, cfg: ModelConfig, samples: Callable[[int, int], torch.Tensor], n: int, how: str,
+def eval_swd(job: EvalJob, ckpt: dict, cfg: ModelConfig, samples: Callable[[int, int], torch.Tensor], n: int, how: str,
              seed: int) -> int:
     """--eval swd: n samples against n real images (held out where there are: --eval-folders, the
     run's --holdout, new demo faces; else the training images), beside the figure of n other real
     images against the same n, so that a number means something."""
-    train, held, what = eval_datasets(obj, cfg, job.data, new_faces=2 * n)
+    train, held, what = eval_datasets(ckpt, cfg, job.data, new_faces=2 * n)
     ref = held if held is not None else train
     what = what if held is not None else "the training images"
     if len(ref) < 2 * n:
@@ -5494,7 +5534,7 @@ def eval_swd(job: EvalJob, obj: dict, cfg: ModelConfig, samples: Callable[[int, 
     return 0
 
 
-def eval_nll(job: EvalJob, obj: dict, model: GaussianDiffusion, seed: int) -> int:
+def eval_nll(job: EvalJob, ckpt: dict, model: GaussianDiffusion, seed: int) -> int:
     """--eval nll: the bound in bits/dim on held-out images (or, without any, the training images)."""
     cfg, variance = model.config, job.spec.variance
     if job.data.eval_folders:  # the training data is not needed
@@ -5502,10 +5542,10 @@ def eval_nll(job: EvalJob, obj: dict, model: GaussianDiffusion, seed: int) -> in
                            flag="--eval-folders")
         src = None
         with contextlib.suppress(DDPMError):  # where the checkpoint records its data: is any of it trained on?
-            src = training_source(obj, job.data)
+            src = training_source(ckpt, job.data)
         what = "--eval-folders " + " ".join(job.data.eval_folders) + (trained_on(job.data.eval_folders, src) if src else "")
     else:
-        train, held, what = eval_datasets(obj, cfg, job.data)
+        train, held, what = eval_datasets(ckpt, cfg, job.data)
         if held is None:
             held, what = train, "the training images (no held-out set: --eval-folders DIR, or train with --holdout)"
     r = bits_per_dim(model, held, job.nll_timesteps, job.batch_size, seed, variance=variance)
@@ -5518,13 +5558,13 @@ def eval_nll(job: EvalJob, obj: dict, model: GaussianDiffusion, seed: int) -> in
     return 0
 
 
-def eval_fid(job: EvalJob, obj: dict, path: Path, cfg: ModelConfig, samples: Callable[[int, int], torch.Tensor],
+def eval_fid(job: EvalJob, ckpt: dict, path: Path, cfg: ModelConfig, samples: Callable[[int, int], torch.Tensor],
              n: int, how: str, features: Features) -> int:
     """--eval fid: n samples against the real images (--eval-folders, --data-folders or the run's data),
     whose statistics are cached next to the checkpoint."""
     d = job.data
     src = (DataSource(d.eval_folders or d.folders, 0, d.background, "--eval-folders" if d.eval_folders else
-                      "--data-folders") if d.eval_folders or d.folders else training_source(obj, d))
+                      "--data-folders") if d.eval_folders or d.folders else training_source(ckpt, d))
     cache = path.parent / f"fid-stats-{fid_cache_key(src, cfg, features.tag)}.pt"
     real = real_statistics(src, cfg, features, cache, job.batch_size)
     if n < 2048 and "pt_inception" in features.tag:
@@ -5537,11 +5577,11 @@ def eval_fid(job: EvalJob, obj: dict, path: Path, cfg: ModelConfig, samples: Cal
     return 0
 
 
-def eval_nearest(job: EvalJob, rt: Runtime, obj: dict, cfg: ModelConfig, samples: Callable[[int, int], torch.Tensor],
+def eval_nearest(job: EvalJob, rt: Runtime, ckpt: dict, cfg: ModelConfig, samples: Callable[[int, int], torch.Tensor],
                  n: int, how: str) -> int:
     """--eval nearest: samples vs training images, with held-out real images vs the training images
     as the yardstick; nearest.png shows each sample beside its nearest training images."""
-    train, held, what = eval_datasets(obj, cfg, job.data)
+    train, held, what = eval_datasets(ckpt, cfg, job.data)
     bank = train
     if held is None:
         if len(train) < 2:
@@ -5578,46 +5618,46 @@ def eval_nearest(job: EvalJob, rt: Runtime, obj: dict, cfg: ModelConfig, samples
 def info_command(job: InfoJob) -> int:
     """--info: describe a checkpoint without building the model."""
     p = resolve_checkpoint(job.path)
-    obj = read_checkpoint(p)
+    ckpt = read_checkpoint(p)
     size = p.stat().st_size
-    if is_legacy_state_dict(obj):
-        n = sum(v.numel() for v in obj.values())
-        w = obj.get("eps_model.in_conv.weight")
+    if is_legacy_state_dict(ckpt):
+        n = sum(v.numel() for v in ckpt.values())
+        w = ckpt.get("eps_model.in_conv.weight")
         guess = f"img_channels={w.shape[1]}, num_channels={w.shape[0]}" if w is not None else "unknown"
         print(f"{p}: checkpoint of the original script (bare state_dict, no format version)\n"
               f"  config: unknown (from the weights: {guess}); pass the model flags it was trained with\n"
               f"  step, epoch, images seen, last loss: unknown\n  EMA: no\n"
               f"  parameters: {n / 1e6:.2f}M | file: {size / 2**20:.1f} MiB")
         return 0
-    if obj.get("format") != FORMAT:
+    if ckpt.get("format") != FORMAT:
         raise DDPMError(f"{p}: not a ddpm.py checkpoint")
-    model_cfg = config_from_checkpoint(obj, p, {}, ModelConfig())  # validated, as on every load
+    model_cfg = config_from_checkpoint(ckpt, p, {}, ModelConfig())  # validated, as on every load
     with torch.device("meta"):  # shapes only: no memory, no time
         own = build_diffusion(model_cfg).state_dict()
     for part in ("model", "ema"):
-        if obj.get(part) is not None:
-            check_weights(own, obj[part], p, weights_fix(obj))
-    n = sum(v.numel() for v in obj["model"].values())
-    cfg = ", ".join(f"{k}={v}" for k, v in obj["config"].items())
-    last = obj.get("last_loss")
+        if ckpt.get(part) is not None:
+            check_weights(own, ckpt[part], p, weights_fix(ckpt))
+    n = sum(v.numel() for v in ckpt["model"].values())
+    cfg = ", ".join(f"{k}={v}" for k, v in ckpt["config"].items())
+    last = ckpt.get("last_loss")
     last = f"{last:.6f}" if isinstance(last, (int, float)) and not isinstance(last, bool) else \
         ("unknown" if last is None else f"{str(last)[:40]!r} (not a number: the file was edited or is damaged)")
-    print(f"{p}: ddpm.py checkpoint, format version {obj.get('version')}"
-          + (f", run {run_id_of(obj)}" if run_id_of(obj) else "") + "\n"
+    print(f"{p}: ddpm.py checkpoint, format version {ckpt.get('version')}"
+          + (f", run {run_id_of(ckpt)}" if run_id_of(ckpt) else "") + "\n"
           f"  config: {cfg}\n"
-          f"  step: {obj.get('step', 'unknown')} | epoch: {obj.get('epoch', 'unknown')} | images seen: "
-          f"{obj.get('images_seen', 'unknown')} | last loss: {last}\n"
-          f"  EMA: {'yes' if obj.get('ema') is not None or obj.get('exported') == 'ema' else 'no'}"
-          + (f" (exported {obj['exported']} weights)" if obj.get("exported") else "") + "\n"
-          f"  parameters: {n / 1e6:.2f}M | file: {size / 2**20:.1f} MiB" + quality_line(obj, p))
+          f"  step: {ckpt.get('step', 'unknown')} | epoch: {ckpt.get('epoch', 'unknown')} | images seen: "
+          f"{ckpt.get('images_seen', 'unknown')} | last loss: {last}\n"
+          f"  EMA: {'yes' if ckpt.get('ema') is not None or ckpt.get('exported') == 'ema' else 'no'}"
+          + (f" (exported {ckpt['exported']} weights)" if ckpt.get("exported") else "") + "\n"
+          f"  parameters: {n / 1e6:.2f}M | file: {size / 2**20:.1f} MiB" + quality_line(ckpt, p))
     if job.plot:
-        plot_run(p.parent, obj, job.out)
+        plot_run(p.parent, ckpt, job.out)
     return 0
 
 
-def quality_line(obj: dict, path: Path) -> str:
+def quality_line(ckpt: dict, path: Path) -> str:
     """--info's line on --eval-every: the best step and its SWD, and where best.pth is."""
-    q = obj.get("quality") if isinstance(obj.get("quality"), dict) else {}
+    q = ckpt.get("quality") if isinstance(ckpt.get("quality"), dict) else {}
     if q.get("best_swd") is None:
         return ""
     best = path.parent / "best.pth"
@@ -5625,14 +5665,14 @@ def quality_line(obj: dict, path: Path) -> str:
             f"(real vs real {q.get('floor', float('nan')):.2f})" + (f"; {best}" if best.is_file() else ""))
 
 
-def plot_run(folder: Path, obj: dict, out: Outputs) -> None:
+def plot_run(folder: Path, ckpt: dict, out: Outputs) -> None:
     """--info --plot: loss.png and quality.png from a run folder's metrics.csv."""
     metrics = folder / "metrics.csv"
     if not metrics.is_file():
         raise DDPMError(f"--plot: {metrics} does not exist; the run has logged nothing yet")
     check_writable(out.save_dir, "--save-dir")
-    floors = probe_floors(obj.get("quality"))
-    objective = (obj.get("config") or {}).get("objective", "eps")
+    floors = probe_floors(ckpt.get("quality"))
+    objective = (ckpt.get("config") or {}).get("objective", "eps")
     with writing_to(out.save_dir, "plot", out.overwrite) as save_dir:
         for name, column in (("loss.png", "loss"), ("quality.png", "swd")):
             why = write_curve(metrics, save_dir / name, column, floors, objective)

@@ -276,11 +276,11 @@ def test_the_closed_form_tests_catch_a_one_line_change(monkeypatch):
         def denoise(self, xt, t, ab_t=None, model_fn=None):  # EDM's conversion with one line changed
             if self.objective != "edm":
                 return real_denoise(self, xt, t, ab_t, model_fn)
-            c_skip, c_out, c_in, c_noise = ddpm.edm_preconditioning(ddpm._sqrt((1 - ab_t) / ab_t))
-            x = xt / ddpm._sqrt(ab_t)
+            c_skip, c_out, c_in, c_noise = ddpm.edm_preconditioning(ddpm.sqrt_of((1 - ab_t) / ab_t))
+            x = xt / ddpm.sqrt_of(ab_t)
             out = (model_fn or self.eps_model)(c_in * (x if skip_on_xt else xt), self._time_input(c_noise, xt))
             x0 = c_skip * (xt if skip_on_xt else x) + c_out * out.to(xt.dtype)
-            return x0, (xt - ddpm._sqrt(ab_t) * x0) / ddpm._sqrt(1 - ab_t)
+            return x0, (xt - ddpm.sqrt_of(ab_t) * x0) / ddpm.sqrt_of(1 - ab_t)
         return denoise
 
     def uncapped(self, spec, start=None):  # Heun started from T-1 where the uniform grid starts

@@ -87,3 +87,41 @@ def test_compile_falls_back_to_eager_with_one_warning(monkeypatch, capsys):
     assert tr.compiled_model is tr.train_model  # eager
     monkeypatch.setattr(ddpm, "compile_available", lambda device: (True, ""))
     assert ddpm.resolve_compile(True, torch.device("cuda")) is True
+
+
+def test_the_private_torch_helpers_and_their_public_fallbacks_agree(tmp_path, monkeypatch):
+    """Each private torch function on the hot path sits behind one function with a public fallback
+    (ddpm.PRIVATE_TORCH = False): the same results, helper by helper and over a run with a skipped step."""
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
+    results = {}
+    for private in (True, False):
+        monkeypatch.setattr(ddpm, "PRIVATE_TORCH", private)
+        dst = [t.clone() for t in ts]
+        ddpm.lerp_all(dst, [t * 2 for t in ts], torch.tensor(0.25))
+        found = torch.zeros(1)
+        ddpm.flag_nonfinite([ts[0], ts[1] * float("nan")], found, torch.ones(1))
+        clean = torch.zeros(1)
+        ddpm.flag_nonfinite(ts, clean, torch.ones(1))
+        results[private] = (dst, ddpm.all_finite(ts), ddpm.all_finite([ts[0], ts[1] / 0]), found, clean)
+    (a, fa, ia, na, ca), (b, fb, ib, nb, cb) = results[True], results[False]
+    assert all(torch.allclose(x, y, rtol=0, atol=1e-6) for x, y in zip(a, b))
+    assert (fa, ia, float(na), float(ca)) == (fb, ib, float(nb), float(cb)) == (True, False, 1.0, 0.0)
+    # a whole tiny run, one of whose steps is skipped as non-finite: the same weights either way
+    weights, real, calls = [], ddpm.GaussianDiffusion.forward, []
+
+    def forward(self, *a, **k):
+        calls.append(1)
+        loss = real(self, *a, **k)
+        return loss * float("nan") if len(calls) % 3 == 2 else loss  # the second step of each run
+    monkeypatch.setattr(ddpm.GaussianDiffusion, "forward", forward)
+    for private in (True, False):
+        monkeypatch.setattr(ddpm, "PRIVATE_TORCH", private)
+        root = tmp_path / str(private)
+        assert ddpm.main(["--train", "--demo", "--demo-images", "8", *TINY, "--batch-size", "4", "--max-steps", "3",
+                          "--seed", "1", "--no-run-pictures", "--sample-every", "0", "--eval-every", "0",
+                          "--ckpt-save-dir", str(root / "ckpt"), "--save-dir", str(root / "out")]) == 0
+        weights.append(ddpm.read_checkpoint(ddpm.newest_checkpoint(root / "ckpt")))
+    for part in ("model", "ema"):
+        for k in weights[0][part]:
+            torch.testing.assert_close(weights[0][part][k], weights[1][part][k], rtol=0, atol=1e-6)
