@@ -850,7 +850,8 @@ UNET_FIELDS = ("img_channels", "num_channels", "channel_multiples", "has_attn", 
 
 
 class UNet(nn.Module):
-    """The network of the diffusion model: eps_theta(x_t, t), or v under --objective v.
+    """The network of the diffusion model: eps_theta(x_t, t); v under --objective v; under --objective
+    edm, EDM's F(c_in x; c_noise), its time input c_noise = ln(sigma) / 4 (see GaussianDiffusion.denoise).
 
     Same layout as the original script (module names included, so its state_dicts load): per
     resolution, num_blocks DownBlocks then a DownSample; a MiddleBlock; per resolution,
@@ -1011,12 +1012,14 @@ def ddpm_var(ab_t, ab_s, variance: str = "large"):
 
 
 class GaussianDiffusion(nn.Module):
-    """Forward process q, reverse process p and the simple loss of Ho et al. 2020.
+    """Forward process q, reverse process p and the loss: the simple loss of Ho et al. 2020 (eps, or v
+    under the v objective), or under the edm objective EDM's preconditioned denoiser and its loss
+    (Karras et al. 2022), its noise levels sigma seen as timesteps of the schedule.
 
     Buffers are named after the paper's symbols, computed in float64 and stored as float32, and
     not saved in the state_dict (which therefore holds only `eps_model.*`, as the original's did).
-    `eps_model` is the network whatever it predicts (eps, or v under the v objective): the name is
-    the original's state_dict key. `config` is the ModelConfig it was built from and `source` the
+    `eps_model` is the network whatever it predicts (eps, v or EDM's F): the name is the original's
+    state_dict key. `config` is the ModelConfig it was built from and `source` the
     checkpoint it was loaded from (build_diffusion and load_model set them; None when built by
     hand). The schedule and what the network predicts come from `config` where it is given.
     """
@@ -1779,12 +1782,15 @@ class DataSource:
     def describe(self) -> str:
         if self.images is not None:
             return f"{len(self.images)} images given in memory"
-        return " ".join(self.folders) if self.folders else f"{self.demo_images} built-in demo faces"
+        on = "" if tuple(self.background) == (255, 255, 255) else f" on background {tuple(self.background)}"
+        return (" ".join(self.folders) if self.folders else f"{self.demo_images} built-in demo faces") + on
 
     def resolved(self) -> List[str]:
         return [str(Path(f).resolve()) for f in self.folders]
 
     def same_as(self, other: "DataSource") -> bool:
+        if tuple(self.background) != tuple(other.background):
+            return False
         if self.folders or other.folders:
             return self.resolved() == other.resolved()
         return self.demo_images == other.demo_images
@@ -1812,6 +1818,11 @@ class DataSource:
         if not quiet:
             log(f"data: {len(data)} built-in demo faces ({cfg.img_size}x{cfg.img_size}, made in {time.time() - t0:.1f} s)")
         return data
+
+    def new_faces(self, cfg: "ModelConfig", count: int) -> torch.Tensor:
+        """`count` demo faces past the ones this source trains on (face i depends on i alone, so they are
+        new): held-out images for a demo run."""
+        return replace(self, demo_images=self.demo_images + count).load(cfg, quiet=True)[self.demo_images:]
 
     def record(self, n_images: int) -> dict:
         return {"folders": list(self.folders), "resolved": self.resolved(), "demo_images": self.demo_images,
@@ -1846,7 +1857,8 @@ class DataFlags:
     demo: bool = setting(False, "--demo", "train on built-in procedural anime faces with a CPU preset", "data",
                          switch="on", resume=RUN, commands=DATA_COMMANDS, needs=reads_data("--demo"))
     demo_images: int = setting(4096, "--demo-images", "how many demo faces to generate", "data", resume=RUN,
-                               commands=DATA_COMMANDS, needs=reads_data("--demo-images"),
+                               commands=DATA_COMMANDS, needs=lambda args: None if args.demo or args.resume else
+                               "--demo-images goes with --demo (the built-in faces)",
                                **within(1, MAX_DEMO_IMAGES, f"from 1 to {MAX_DEMO_IMAGES:,}"))
     background: Tuple[int, int, int] = setting((255, 255, 255), "--background",
                                                "colour under transparent pixels (name, #rrggbb)", "data",
@@ -3003,6 +3015,21 @@ def training_source(ckpt: dict, flags: DataFlags = DataFlags()) -> DataSource:
                     "script); give --data-folders DIR")
 
 
+def two_real_sets(images: torch.Tensor, n: int, seed: int, salt: int, what: str, flag: str, asks: str
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint sets of n real images each, drawn from `images` by (seed, salt): the set samples are
+    compared with, and the floor's (another n real ones against the same n). Where there are fewer than
+    2n, each set takes half of them (said in one line); fewer than 4 is an error."""
+    if len(images) < 2 * n:
+        if len(images) < 4:
+            raise DDPMError(f"{flag} needs at least 4 real images, {what} holds {len(images)}")
+        log(f"note: {what} holds {len(images)} images; {flag} compares {len(images) // 2} samples with "
+            f"{len(images) // 2} of them ({asks} {n} asks for {2 * n})")
+        n = len(images) // 2
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(mix_seed(seed, salt)))
+    return images[perm[:n]], images[perm[n:2 * n]]
+
+
 def eval_datasets(ckpt: dict, cfg: ModelConfig, flags: DataFlags = DataFlags(), new_faces: int = 256
                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor], str]:
     """(the training images the model saw, held-out images or None, what the held-out set is).
@@ -3013,7 +3040,7 @@ def eval_datasets(ckpt: dict, cfg: ModelConfig, flags: DataFlags = DataFlags(), 
     rec, held, what = ckpt.get("holdout") or {}, None, ""
     if not src.folders and not rec.get("n") and not flags.eval_folders:
         n = src.demo_images
-        held = replace(src, demo_images=n + new_faces).load(cfg, quiet=True)[n:]
+        held = src.new_faces(cfg, new_faces)
         what = f"{new_faces} new demo faces (indices {n} to {n + new_faces - 1}, never trained on)"
     if rec.get("n"):
         if rec.get("total") == len(data):
@@ -3803,14 +3830,8 @@ class QualityProbe:
     0 only; `seconds` counts the time spent."""
 
     def __init__(self, held: torch.Tensor, n: int, every: int, seed: int, what: str):
-        if len(held) < 2 * n:
-            if len(held) < 4:
-                raise DDPMError(f"--eval-every needs at least 4 held-out images, {what} holds {len(held)}")
-            log(f"note: {what} holds {len(held)} images; --eval-every compares {len(held) // 2} samples with "
-                f"{len(held) // 2} of them (--eval-samples {n} asks for {2 * n})")
-            n = len(held) // 2
-        perm = torch.randperm(len(held), generator=torch.Generator().manual_seed(mix_seed(seed, 11)))
-        self.real, other = held[perm[:n]], held[perm[n:2 * n]]
+        self.real, other = two_real_sets(held, n, seed, 11, what, "--eval-every", "--eval-samples")
+        n = len(self.real)
         self.n, self.every, self.seed, self.what = n, every, seed, what
         self.floors = self.compare(other)  # real vs real: each figure's floor for this n
         self.floor = self.floors["swd"]
@@ -4951,7 +4972,8 @@ def job_from_args(args, typed: frozenset):
     device, spec = from_flags(RuntimeFlags, args), from_flags(SampleSpec, args)
     if command == "train":
         tc = from_flags(TrainConfig, args, auto_accum="grad_accum" not in typed, preview=spec)
-        data = DataSource(tuple(args.data_folders or ()), args.demo_images if args.demo else 0, args.background)
+        data = DataSource(tuple(args.data_folders or ()), args.demo_images if args.demo or "demo_images" in typed else 0,
+                          args.background)
         return from_flags(TrainJob, args, cfg=from_flags(ModelConfig, args), train=tc, data=data, out=out, device=device,
                           typed=typed, model_flags=model_flags, final=args.num_samples or 64,
                           demo_on_folders=bool(args.demo and args.data_folders))
@@ -5077,23 +5099,25 @@ def fine_tune_start(job: TrainJob, ckpt: dict, path: Path, cfg: ModelConfig) -> 
 
 
 def resumed_source(job: TrainJob, ckpt: dict) -> DataSource:
-    """--resume trains on the run's own data; data flags that name other data are refused unless
-    --resume-with-new-data says so."""
-    src = job.data
-    typed = bool(src.folders) or "demo" in job.typed
+    """--resume trains on the run's own data (its folders or demo faces, and its --background); data
+    flags typed that name other data are refused unless --resume-with-new-data says so."""
+    src, typed = job.data, {"data_folders", "demo", "demo_images", "background"} & job.typed
     if not ckpt.get("data"):  # written before the data record: its folders were kept as typed, relative to
-        if typed:            # a working directory it did not record, so only the image count is checked
+        if src.folders:      # a working directory it did not record, so only the image count is checked
             return src
-        return training_source(ckpt, background=src.background)
+        return training_source(ckpt, DataFlags(background=src.background))
     run = DataSource.from_record(ckpt["data"], src.background)
     if not typed:
         return run
-    if not src.same_as(run):
+    want = replace(run, **({"folders": src.folders, "flag": src.flag} if src.folders else
+                           {"folders": (), "demo_images": src.demo_images} if typed & {"demo", "demo_images"} else {}),
+                   **({"background": src.background} if "background" in typed else {}))
+    if not want.same_as(run):
         if not job.new_data:
-            raise DDPMError(f"--resume: the run trained on {run.describe()}, not {src.describe()}; drop the data "
+            raise DDPMError(f"--resume: the run trained on {run.describe()}, not {want.describe()}; drop the data "
                             f"flags to use the run's data, or add --resume-with-new-data")
-        log(f"resume: on {src.describe()} (the run trained on {run.describe()}; --resume-with-new-data)")
-    return src
+        log(f"resume: on {want.describe()} (the run trained on {run.describe()}; --resume-with-new-data)")
+    return want
 
 
 def train_command(job: TrainJob, started: float) -> "Trainer":
@@ -5199,8 +5223,7 @@ def quality_probe(job: TrainJob, run: RunStart, cfg: ModelConfig, tc: TrainConfi
         log("eval: off (--eval-every from --demo or the resumed run, but these folders have no held-out images; "
             "--holdout 5% or --eval-folders DIR turns it on)")
         return None
-    k = run.data.demo_images
-    faces = replace(run.data, demo_images=k + 2 * n).load(cfg, quiet=True)[k:]
+    faces = run.data.new_faces(cfg, 2 * n)
     return QualityProbe(faces, n, tc.eval_every, seed, f"{2 * n} new demo faces (never trained on)")
 
 
@@ -5514,13 +5537,8 @@ def eval_swd(job: EvalJob, ckpt: dict, cfg: ModelConfig, samples: Callable[[int,
     train, held, what = eval_datasets(ckpt, cfg, job.data, new_faces=2 * n)
     ref = held if held is not None else train
     what = what if held is not None else "the training images"
-    if len(ref) < 2 * n:
-        if len(ref) < 4:
-            raise DDPMError(f"--eval swd needs at least 4 real images, {what} holds {len(ref)}")
-        n = len(ref) // 2
-        log(f"note: {what} holds {len(ref)} images; comparing {n} samples with {n} of them")
-    perm = torch.randperm(len(ref), generator=torch.Generator().manual_seed(mix_seed(seed, 10)))
-    real_a, real_b = ref[perm[:n]], ref[perm[n:2 * n]]
+    real_a, real_b = two_real_sets(ref, n, seed, 10, what, "--eval swd", "--num-samples")
+    n = len(real_a)
 
     def levels(r: dict) -> str:
         return " | ".join(f"{sz}px {v:.2f}" for sz, v in zip(r["sizes"], r["per_level"])) + f" | mean {r['mean']:.2f}"
@@ -5773,9 +5791,12 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-# the permissions a plain open() would give a new file (mkstemp makes its files 0600)
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+def new_file_mode() -> int:
+    """The permissions a plain open() would give a new file (mkstemp makes its files 0600): 0666 less
+    the process's umask, which can only be read by setting it (and setting it back at once)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None], replace_existing: bool = True) -> None:
@@ -5797,7 +5818,7 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None], replace
             f.flush()
             os.fsync(f.fileno())
         with contextlib.suppress(OSError):
-            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.chmod(tmp, new_file_mode())
         if replace_existing:
             os.replace(tmp, path)
         else:
@@ -6184,10 +6205,6 @@ class FolderLock:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         with contextlib.suppress(OSError):  # only for the message of a refused run: a full disk is no reason to stop
             atomic_write(self.info, lambda f: f.write(json.dumps(info).encode()))
-
-    @property
-    def held(self) -> bool:
-        return self._lock is not None
 
     def release(self) -> None:
         if self._lock is None:
