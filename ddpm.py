@@ -414,6 +414,7 @@ class Setting:
     needs: Optional[Callable] = None      # (flags) -> None where it acts, else the one line that refuses it
     text: Optional[str] = None            # the default as typed, where argparse converts it (a colour name)
     name: str = ""                        # the field that declares it: the parsed flags' attribute
+    homed: bool = False                   # named, and given its class's common values (declares)
 
     def parser_kwargs(self, default) -> dict:
         kw = dict(dest=self.name, help=self.help() if callable(self.help) else self.help)
@@ -440,11 +441,12 @@ class Setting:
         return None if ok else f"{self.flag} must be {self.rule or 'one of ' + ', '.join(self.options())}, got {value!r}"
 
 
-def setting(default, flag: str, help: str, group: str, **kw):
+def setting(default, flag: str, help: str, group: str = "", **kw):
     """A dataclass field declared as a setting: its default, its flag, its help and --help group, and
     (kw) the rest of Setting: kind, nargs, choices, metavar, switch, check and rule, resume, demo,
-    commands, needs."""
+    commands, needs. What is not given here, the class's @declares(...) gives."""
     s = Setting(flag, help, group, default, **kw)
+    s.given = ({"group"} if group else set()) | set(kw)
     DECLARED.append(s)
     return field(default=default, metadata={"setting": s})
 
@@ -460,13 +462,19 @@ def derived(why: str, default=MISSING):
     return field(default=default, metadata={"derived": why})
 
 
-def declares(cls):
-    """Class decorator, above @dataclass: each setting declared in the class is named after its field."""
-    for f in fields(cls):
-        s = f.metadata.get("setting")
-        if s is not None and not s.name:
-            s.name = f.name
-    return cls
+def declares(cls=None, **common):
+    """Class decorator, above @dataclass: each setting declared in the class is named after its field,
+    and takes the class's common values (group, resume, commands) where it does not give its own."""
+    def name_them(cls):
+        for f in fields(cls):
+            s = f.metadata.get("setting")
+            if s is not None and not s.homed:  # declared here (a field that takes another's is homed already)
+                s.name, s.homed = s.name or f.name, True
+                for k, v in common.items():
+                    if k not in s.given:
+                        setattr(s, k, v)
+        return cls
+    return name_them(cls) if cls is not None else name_them
 
 
 def settings_of(cls) -> Dict[str, Setting]:
@@ -517,49 +525,45 @@ BETA_SCHEDULES = ("linear", "cosine")
 MODEL_COMMANDS = EVERY - {"info"}  # a typed model flag builds the model, or must agree with the checkpoint's
 
 
-@declares
+@declares(resume=MODEL, commands=MODEL_COMMANDS)
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild the model (its shape, and the schedule and objective its weights
     were trained for); stored in every checkpoint. What only training reads (dropout, the loss
     weighting) is in TrainConfig."""
 
-    img_channels: int = setting(3, "--img-channels", "3 for RGB, 1 for grayscale", "data", resume=MODEL,
-                                commands=MODEL_COMMANDS, check=lambda v: v in (1, 3), rule="1 (grayscale) or 3 (RGB)")
-    img_size: int = setting(64, "--img-size", "images are resized (shorter side) and centre-cropped", "data",
-                            resume=MODEL, commands=MODEL_COMMANDS, demo=32, **within(1, 4096))
-    num_channels: int = setting(64, "--num-channels", "channels of the first feature map", "model", resume=MODEL,
-                                commands=MODEL_COMMANDS, demo=32, **within(4, 4096))
+    img_channels: int = setting(3, "--img-channels", "3 for RGB, 1 for grayscale", "data",
+                                check=lambda v: v in (1, 3), rule="1 (grayscale) or 3 (RGB)")
+    img_size: int = setting(64, "--img-size", "images are resized (shorter side) and centre-cropped", "data", demo=32,
+                            **within(1, 4096))
+    num_channels: int = setting(64, "--num-channels", "channels of the first feature map", "model", demo=32,
+                                **within(4, 4096))
     channel_multiples: Tuple[int, ...] = setting(
-        (1, 2, 4, 8), "--channel-multiples", "per resolution", "model", kind=int, nargs="+", resume=MODEL,
-        commands=MODEL_COMMANDS, demo=(1, 2, 2, 2), check=lambda v: 0 < len(v) <= 10 and 1 <= min(v) <= max(v) <= 64,
-        rule="1 to 10 values from 1 to 64")
+        (1, 2, 4, 8), "--channel-multiples", "per resolution", "model", kind=int, nargs="+", demo=(1, 2, 2, 2),
+        check=lambda v: 0 < len(v) <= 10 and 1 <= min(v) <= max(v) <= 64, rule="1 to 10 values from 1 to 64")
     has_attn: Tuple[bool, ...] = setting((False, False, True, True), "--has-attn",
                                          "attention per resolution: t/f (or true/false)", "model", kind=parse_bool,
-                                         nargs="+", resume=MODEL, commands=MODEL_COMMANDS)
-    num_blocks: int = setting(2, "--num-blocks", "residual blocks per resolution", "model", resume=MODEL,
-                              commands=MODEL_COMMANDS, demo=1, **within(1, 64))
-    timesteps: int = setting(1000, "--timesteps", "T", "diffusion", resume=MODEL, commands=MODEL_COMMANDS,
-                             **within(2, 100_000))
-    beta_min: float = setting(0.0001, "--beta-min", "beta_1 of the linear schedule", "diffusion", resume=MODEL,
-                              commands=MODEL_COMMANDS, check=math.isfinite, rule="a finite number")
-    beta_max: float = setting(0.02, "--beta-max", "beta_T of the linear schedule", "diffusion", resume=MODEL,
-                              commands=MODEL_COMMANDS, check=math.isfinite, rule="a finite number")
+                                         nargs="+")
+    num_blocks: int = setting(2, "--num-blocks", "residual blocks per resolution", "model", demo=1, **within(1, 64))
+    timesteps: int = setting(1000, "--timesteps", "T", "diffusion", **within(2, 100_000))
+    beta_min: float = setting(0.0001, "--beta-min", "beta_1 of the linear schedule", "diffusion", check=math.isfinite,
+                              rule="a finite number")
+    beta_max: float = setting(0.02, "--beta-max", "beta_T of the linear schedule", "diffusion", check=math.isfinite,
+                              rule="a finite number")
     legacy_attention: bool = derived("the loader sets it for the original script's checkpoints (their cross-batch "
                                      "attention)", False)
     time_cond: str = setting("scale-shift", "--time-cond", "how blocks see t: scale-shift = GroupNorm(h) * (1 + scale) "
                              "+ shift; add = the original's shift before GroupNorm (which cancels it); checkpoints "
-                             "without the field load as add", "model", choices=TIME_CONDS, resume=MODEL,
-                             commands=MODEL_COMMANDS)
-    norm_groups: int = setting(32, "--norm-groups", "GroupNorm groups (channels must be a multiple)", "model",
-                               resume=MODEL, commands=MODEL_COMMANDS, demo=8, **at_least(1))
+                             "without the field load as add", "model", choices=TIME_CONDS)
+    norm_groups: int = setting(32, "--norm-groups", "GroupNorm groups (channels must be a multiple)", "model", demo=8,
+                               **at_least(1))
     objective: str = setting("v", "--objective", "the network predicts the noise eps (the original), v (Salimans & "
                              "Ho 2022), or is EDM's preconditioned denoiser (Karras et al. 2022; trained on log-normal "
                              "noise levels); checkpoints without the field load as eps", "diffusion",
-                             choices=OBJECTIVES, resume=MODEL, commands=MODEL_COMMANDS)
+                             choices=OBJECTIVES)
     beta_schedule: str = setting("cosine", "--beta-schedule", "linear (the original) or cosine (Nichol & Dhariwal "
                                  "2021); checkpoints without the field load as linear", "diffusion",
-                                 choices=BETA_SCHEDULES, resume=MODEL, commands=MODEL_COMMANDS)
+                                 choices=BETA_SCHEDULES)
 
     def __post_init__(self):
         self.channel_multiples = tuple(int(m) for m in self.channel_multiples)
@@ -933,36 +937,33 @@ def applies_to_sampler(flag: str, knob: str, also: str = "") -> Callable:
 PICTURES = EVERY - {"info", "export"}  # the commands that sample: the sampling commands, and training's pictures
 
 
-@declares
+@declares(group="sampling", resume=RUN, commands=PICTURES)
 @dataclass(frozen=True)
 class SampleSpec:
     """How to sample, passed whole to every sampling call (images, previews, pictures, evaluation),
     so no call can honour one of these and drop another."""
 
     sampler: str = setting("dpm++", "--sampler", lambda: "; ".join(f"{n} = {r.help}" for n, r in SAMPLERS.items()),
-                           "sampling", choices=lambda: list(SAMPLERS), resume=RUN, commands=PICTURES)
-    steps: Optional[int] = setting(
-        None, "--steps", lambda: "model calls per image (default: " + ", ".join(
-            f"{r.default_steps or 'T'} for {n}" for n, r in SAMPLERS.items()) + f"; {INVERT_STEPS} for inversion)",
-        "sampling", kind=int, resume=RUN, commands=PICTURES, **at_least(1))
-    eta: float = setting(0.0, "--eta", "DDIM noise (0: deterministic, 1: DDPM-like)", "sampling", resume=RUN,
-                         commands=PICTURES, needs=applies_to_sampler("--eta", "eta"), **within(0, 1, "in [0, 1]"))
-    grid: Optional[str] = setting(
-        None, "--grid", lambda: "the timesteps sampled at: uniform, logsnr (evenly in log-SNR) or karras (EDM's rho = 7 "
-        "noise levels) (default: the sampler's own: " + ", ".join(f"{r.grid} for {n}" for n, r in SAMPLERS.items())
-        + ")", "sampling", kind=str, choices=lambda: list(GRIDS), resume=RUN, commands=PICTURES)
+                           choices=lambda: list(SAMPLERS))
+    steps: Optional[int] = setting(None, "--steps", lambda: "model calls per image (default: " + ", ".join(
+        f"{r.default_steps or 'T'} for {n}" for n, r in SAMPLERS.items()) + f"; {INVERT_STEPS} for inversion)",
+        kind=int, **at_least(1))
+    eta: float = setting(0.0, "--eta", "DDIM noise (0: deterministic, 1: DDPM-like)",
+                         needs=applies_to_sampler("--eta", "eta"), **within(0, 1, "in [0, 1]"))
+    grid: Optional[str] = setting(None, "--grid", lambda: "the timesteps sampled at: uniform, logsnr (evenly in "
+                                  "log-SNR) or karras (EDM's rho = 7 noise levels) (default: the sampler's own: "
+                                  + ", ".join(f"{r.grid} for {n}" for n, r in SAMPLERS.items()) + ")", kind=str,
+                                  choices=lambda: list(GRIDS))
     churn: float = setting(0.0, "--churn", "heun: EDM's S_churn, fresh noise at each step: each of the N noise levels "
                            "is raised by gamma = min(S_churn / N, sqrt(2) - 1) before its step, so above N (sqrt(2) - 1) "
-                           "it changes nothing more (0: deterministic)", "sampling", resume=RUN, commands=PICTURES,
-                           needs=applies_to_sampler("--churn", "churn"),
+                           "it changes nothing more (0: deterministic)", needs=applies_to_sampler("--churn", "churn"),
                            check=lambda v: math.isfinite(v) and v >= 0, rule="0 or more")
     variance: str = setting("large", "--ddpm-variance", "the ddpm sampler's sigma^2: large = beta (the original), "
                             "small = the posterior's beta-tilde (better for few respaced steps); also the bound of "
-                            "--eval nll", "sampling", choices=VARIANCES, resume=RUN, commands=PICTURES,
+                            "--eval nll", choices=VARIANCES,
                             needs=applies_to_sampler("--ddpm-variance", "variance", also="nll"))
     clip: bool = setting(True, "--clip", "clamp each x_0 estimate to [-1, 1] (Ho et al.'s reference code); --no-clip: "
-                         "the original script's unclipped sampler", "sampling", switch="both", resume=RUN,
-                         commands=PICTURES)
+                         "the original script's unclipped sampler", switch="both")
 
     @property
     def row(self) -> "Sampler":
@@ -1845,28 +1846,26 @@ def reads_data(flag: str) -> Callable:
         f"{flag} names training images: it goes with --train, --eval or --forward-steps"
 
 
-@declares
+@declares(group="data", resume=RUN, commands=DATA_COMMANDS)
 @dataclass(frozen=True)
 class DataFlags:
     """The data flags: training's images, and for the commands that read images besides training
     (evaluation, --forward-steps) the data that overrides what the checkpoint recorded."""
 
-    folders: Tuple[str, ...] = setting((), "--data-folders", "folders of training images, read recursively", "data",
-                                       kind=str, nargs="*", resume=RUN, name="data_folders", commands=DATA_COMMANDS,
-                                       needs=reads_data("--data-folders"))
-    demo: bool = setting(False, "--demo", "train on built-in procedural anime faces with a CPU preset", "data",
-                         switch="on", resume=RUN, commands=DATA_COMMANDS, needs=reads_data("--demo"))
-    demo_images: int = setting(4096, "--demo-images", "how many demo faces to generate", "data", resume=RUN,
-                               commands=DATA_COMMANDS, needs=lambda args: None if args.demo or args.resume else
+    folders: Tuple[str, ...] = setting((), "--data-folders", "folders of training images, read recursively", kind=str,
+                                       nargs="*", name="data_folders", needs=reads_data("--data-folders"))
+    demo: bool = setting(False, "--demo", "train on built-in procedural anime faces with a CPU preset", switch="on",
+                         needs=reads_data("--demo"))
+    demo_images: int = setting(4096, "--demo-images", "how many demo faces to generate",
+                               needs=lambda args: None if args.demo or args.resume else
                                "--demo-images goes with --demo (the built-in faces)",
                                **within(1, MAX_DEMO_IMAGES, f"from 1 to {MAX_DEMO_IMAGES:,}"))
     background: Tuple[int, int, int] = setting((255, 255, 255), "--background",
-                                               "colour under transparent pixels (name, #rrggbb)", "data",
-                                               kind=parse_colour, text="white", resume=RUN,
-                                               commands=EVERY - {"info", "export"})
+                                               "colour under transparent pixels (name, #rrggbb)", kind=parse_colour,
+                                               text="white", commands=EVERY - {"info", "export"})
     eval_folders: Tuple[str, ...] = setting(
         (), "--eval-folders", "held-out images (nll, nearest) or FID reference (default: the checkpoint's training "
-        "data)", "evaluation", kind=str, nargs="+", metavar="DIR", resume=RUN, commands={"train", "eval"},
+        "data)", "evaluation", kind=str, nargs="+", metavar="DIR", commands={"train", "eval"},
         needs=lambda args: None if args.eval or args.eval_every or args.resume else
         "--eval-folders names held-out images: it goes with --eval, or --train with --eval-every N")
 
@@ -3428,73 +3427,62 @@ def needs_recipe(flag: str, field_: str, value: str) -> Callable:
     return needs
 
 
-@declares
+@declares(group="training", resume=RUN, commands=TRAINING)
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run reads besides the model config and the data: built once from the
     command line (or by hand, see the README), stored in every checkpoint, restored by --resume."""
 
-    batch_size: int = setting(64, "--batch-size", "training batch (global) and sampling batch", "run", resume=RUN,
-                              demo=32, commands=EVERY - {"info", "export", "invert"}, **at_least(1))
+    batch_size: int = setting(64, "--batch-size", "training batch (global) and sampling batch", "run", demo=32,
+                              commands=EVERY - {"info", "export", "invert"}, **at_least(1))
     grad_accum: int = setting(1, "--grad-accum", "micro-batches per update (same effective batch; on a GPU more are "
-                              "used where memory is short, unless this is typed)", "training", resume=RUN,
-                              commands=TRAINING, **at_least(1))
+                              "used where memory is short, unless this is typed)", **at_least(1))
     auto_accum: bool = derived("True unless --grad-accum is typed: on a GPU, split the micro-batch further when memory "
                                "is short", True)
-    lr: float = setting(1e-4, "--lr", "Adam learning rate", "training", resume=RUN, demo=1e-3, commands=TRAINING,
-                        check=lambda v: 0 < v <= 1, rule="a positive number up to 1")
+    lr: float = setting(1e-4, "--lr", "Adam learning rate", demo=1e-3, check=lambda v: 0 < v <= 1,
+                        rule="a positive number up to 1")
     lr_schedule: str = setting("constant", "--lr-schedule", "constant (the original) or cosine decay to 0 at the end "
-                               "of --epochs", "training", choices=LR_SCHEDULES, resume=RUN, demo="cosine",
-                               commands=TRAINING)
-    warmup_steps: int = setting(0, "--warmup-steps", "linear learning-rate warm-up", "training", resume=RUN, demo=50,
-                                commands=TRAINING, **at_least(0))
-    epochs: int = setting(5, "--epochs", "epochs to train (with --resume: the run's total)", "training", resume=RUN,
-                          demo=4, commands=TRAINING, **at_least(1))
-    ema_decay: float = setting(0.9999, "--ema-decay", "EMA of the weights; 0 turns it off", "training", resume=RUN,
-                               demo=0.999, commands=TRAINING, **fraction("in [0, 1)"))
+                               "of --epochs", choices=LR_SCHEDULES, demo="cosine")
+    warmup_steps: int = setting(0, "--warmup-steps", "linear learning-rate warm-up", demo=50, **at_least(0))
+    epochs: int = setting(5, "--epochs", "epochs to train (with --resume: the run's total)", demo=4, **at_least(1))
+    ema_decay: float = setting(0.9999, "--ema-decay", "EMA of the weights; 0 turns it off", demo=0.999,
+                               **fraction("in [0, 1)"))
     precision: str = setting("auto", "--precision", "auto: bf16 on GPUs that have it, else fp16 with GradScaler; fp32 "
-                             "on CPU", "run", choices=PRECISIONS, resume=RUN, commands=EVERY - {"info", "export"})
+                             "on CPU", "run", choices=PRECISIONS, commands=EVERY - {"info", "export"})
     holdout: float = setting(0.0, "--holdout", "--train: leave this fraction (0.01 or 1%%) of the images out, recorded "
-                             "for --eval", "evaluation", kind=parse_fraction, metavar="FRACTION", resume=RUN,
-                             commands=TRAINING, **fraction())
-    max_steps: Optional[int] = setting(None, "--max-steps", "stop (and save) at this global step", "training", kind=int,
-                                       commands=TRAINING, check=lambda v: v >= 1,
-                                       rule="at least 1 (leave it out for no limit)")
+                             "for --eval", "evaluation", kind=parse_fraction, metavar="FRACTION", **fraction())
+    max_steps: Optional[int] = setting(None, "--max-steps", "stop (and save) at this global step", kind=int, resume=NOW,
+                                       check=lambda v: v >= 1, rule="at least 1 (leave it out for no limit)")
     max_nonfinite: int = setting(10, "--max-nonfinite", "stop after this many non-finite losses or gradients in a row "
-                                 "(those updates are skipped)", "training", resume=RUN, commands=TRAINING, **at_least(1))
-    log_every: int = setting(50, "--log-every", "steps between metrics.csv rows", "training", resume=RUN, demo=25,
-                             commands=TRAINING, **at_least(1))
-    sample_every: int = setting(1000, "--sample-every", "steps between preview grids (0: never)", "training",
-                                resume=RUN, demo=256, commands=TRAINING, **at_least(0))
-    tensorboard: bool = setting(False, "--tensorboard", "also log to TensorBoard (needs tensorboard)", "training",
-                                switch="both", resume=RUN, commands=TRAINING)
+                                 "(those updates are skipped)", **at_least(1))
+    log_every: int = setting(50, "--log-every", "steps between metrics.csv rows", demo=25, **at_least(1))
+    sample_every: int = setting(1000, "--sample-every", "steps between preview grids (0: never)", demo=256,
+                                **at_least(0))
+    tensorboard: bool = setting(False, "--tensorboard", "also log to TensorBoard (needs tensorboard)", switch="both")
     pictures: bool = setting(True, "--run-pictures", "draw run-before/after.png and the final grid (--no-run-pictures: "
-                             "skip them)", "training", switch="both", resume=RUN, commands=TRAINING)
+                             "skip them)", switch="both")
     guide_snapshot: float = setting(0.0, "--guide-snapshot", "save the EMA weights at fraction F of the run's planned "
-                                    "steps as guide.pth (for --guide; 0: no)", "training", metavar="F", resume=RUN,
-                                    commands=TRAINING, **fraction())
-    dropout: float = setting(0.1, "--dropout", "dropout in the residual blocks (a training setting)", "model",
-                             resume=RUN, demo=0.0, commands=TRAINING, **fraction("in [0, 1)"))
+                                    "steps as guide.pth (for --guide; 0: no)", metavar="F", **fraction())
+    dropout: float = setting(0.1, "--dropout", "dropout in the residual blocks (a training setting)", "model", demo=0.0,
+                             **fraction("in [0, 1)"))
     loss_weight: str = setting("none", "--loss-weight", "per-timestep loss weight: none, or Min-SNR-gamma (Hang et al. "
-                               "2023)", "diffusion", choices=LOSS_WEIGHTS, resume=RUN, commands=TRAINING)
-    min_snr_gamma: float = setting(5.0, "--min-snr-gamma", "gamma of --loss-weight min-snr", "diffusion", resume=RUN,
-                                   commands=TRAINING, needs=needs_recipe("--min-snr-gamma", "loss_weight", "min-snr"),
+                               "2023)", "diffusion", choices=LOSS_WEIGHTS)
+    min_snr_gamma: float = setting(5.0, "--min-snr-gamma", "gamma of --loss-weight min-snr", "diffusion",
+                                   needs=needs_recipe("--min-snr-gamma", "loss_weight", "min-snr"),
                                    check=lambda v: 0 < v <= 1e6, rule="a positive number up to 1e6")
     edm_p_mean: float = setting(-1.2, "--edm-p-mean", "--objective edm: the mean of ln sigma in training (Karras et al. "
-                                "2022: -1.2 at 64x64)", "diffusion", resume=RUN, commands=TRAINING,
-                                needs=needs_recipe("--edm-p-mean", "objective", "edm"),
+                                "2022: -1.2 at 64x64)", "diffusion", needs=needs_recipe("--edm-p-mean", "objective", "edm"),
                                 **within(-10, 10, "in [-10, 10] (ln sigma: sigma from 4.5e-5 to 22,000)"))
     edm_p_std: float = setting(1.2, "--edm-p-std", "--objective edm: the deviation of ln sigma in training", "diffusion",
-                               resume=RUN, commands=TRAINING, needs=needs_recipe("--edm-p-std", "objective", "edm"),
-                               check=lambda v: 0 < v <= 10, rule="in (0, 10]")
+                               needs=needs_recipe("--edm-p-std", "objective", "edm"), check=lambda v: 0 < v <= 10,
+                               rule="in (0, 10]")
     eval_every: int = setting(0, "--eval-every", "--train: every N steps, the SWD of --eval-samples images of a fixed "
                               "seed (EMA, default sampler) against held-out images (--holdout, --eval-folders, or new "
                               "demo faces), logged to metrics.csv; the best checkpoint is kept as best.pth, and "
-                              "quality.png drawn (0: off)", "evaluation", metavar="N", resume=RUN, demo=256,
-                              commands=TRAINING, **at_least(0))
+                              "quality.png drawn (0: off)", "evaluation", metavar="N", demo=256, **at_least(0))
     eval_samples: Optional[int] = setting(None, "--eval-samples", "images per --eval-every measurement (default: 256 up "
-                                          "to 32x32, 128 above)", "evaluation", kind=int, metavar="K", resume=RUN,
-                                          demo=64, commands=TRAINING, **within(2, 65536, "from 2 to 65,536"))
+                                          "to 32x32, 128 above)", "evaluation", kind=int, metavar="K", demo=64,
+                                          **within(2, 65536, "from 2 to 65,536"))
     preview: SampleSpec = derived("the sampling flags: how the run's pictures are sampled (kept from the run, as each "
                                   "of SampleSpec's settings says)", SampleSpec())
 
@@ -4684,8 +4672,8 @@ class ModelJob:
                                        if args.eval == "nll" else None)
     guidance: float = setting(None, "--guidance", f"with --guide: D = D_guide + W (D_model - D_guide); 1 is the model "
                               f"alone (default: {GUIDANCE:g})", "sampling", kind=float, metavar="W", commands=SAMPLING,
-                              needs=lambda args: None if args.guide else "--guidance weighs a guide model: give --guide CKPT "
-                              "too", **within(0, MAX_GUIDANCE, f"from 0 to {MAX_GUIDANCE:g} (1 is the model alone; 1.5 to "
+                              needs=lambda args: None if args.guide else
+                              "--guidance weighs a guide model: give --guide CKPT too", **within(0, MAX_GUIDANCE, f"from 0 to {MAX_GUIDANCE:g} (1 is the model alone; 1.5 to "
                                               f"3 is where autoguidance helps, far above it every pixel saturates)"))
     seed: Optional[int] = setting(None, "--seed", "seed (0 is a seed); default: random, printed", "run", kind=int,
                                   resume=RUN, commands=EVERY - {"info", "export"})
@@ -4777,7 +4765,8 @@ class EvalJob(ModelJob):
                                          "--fid-weights goes with --eval fid or --eval nearest")
 
 
-TRAIN = Setting("--train", "train (otherwise sample from --loadckpt)", "training", False, switch="on", name="train")
+TRAIN = Setting("--train", "train (otherwise sample from --loadckpt)", "training", False, switch="on", name="train",
+                homed=True)
 DECLARED.append(TRAIN)  # the command itself: a job, not a field of one
 
 
@@ -4936,7 +4925,8 @@ def check_flags(args, typed: frozenset) -> None:
         if why:
             raise DDPMError(why)
     if args.mask and len(args.mask) not in (1, len(args.init_images)):
-        raise DDPMError(f"--mask: give one mask for all {len(args.init_images)} --init-images or one each, not {len(args.mask)}")
+        raise DDPMError(f"--mask: give one mask for all {len(args.init_images)} --init-images or one each, "
+                        f"not {len(args.mask)}")
 
 
 TRAIN_EXPORT, LOADCKPT, INFO = settings_of(ExportJob)["out"], settings_of(LoadSpec)["path"], settings_of(InfoJob)["path"]
