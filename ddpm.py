@@ -2889,20 +2889,16 @@ def read_metric_rows(metrics_csv: Path, column: str, bad: Optional[list] = None)
             for r in csv.DictReader(f):
                 with contextlib.suppress(TypeError, ValueError):
                     step, images = int(r.get("step")), int(r.get("images_seen") or 0)
-                    text = r.get(column)
-                    value = float("nan") if text in (None, "") else float("nan") if not _is_number(text) else float(text)
+                    text = r.get(column) or ""
+                    try:
+                        value = float(text) if text else math.nan
+                    except ValueError:
+                        value = math.inf  # not a number at all
                     if math.isfinite(value):
                         out.append((step, images, value))
-                    elif text not in (None, "") and bad is not None:
+                    elif text and bad is not None:
                         bad.append(step)
     return out
-
-
-def _is_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
 
 
 def read_loss_rows(metrics_csv: Path) -> List[Tuple[int, float]]:
@@ -3470,8 +3466,8 @@ class TrainConfig:
     min_snr_gamma: float = setting(5.0, "--min-snr-gamma", "gamma of --loss-weight min-snr", "diffusion",
                                    needs=needs_recipe("--min-snr-gamma", "loss_weight", "min-snr"),
                                    check=lambda v: 0 < v <= 1e6, rule="a positive number up to 1e6")
-    edm_p_mean: float = setting(-1.2, "--edm-p-mean", "--objective edm: the mean of ln sigma in training (Karras et al. "
-                                "2022: -1.2 at 64x64)", "diffusion", needs=needs_recipe("--edm-p-mean", "objective", "edm"),
+    edm_p_mean: float = setting(-1.2, "--edm-p-mean", "--objective edm: the mean of ln sigma in training", "diffusion",
+                                needs=needs_recipe("--edm-p-mean", "objective", "edm"),
                                 **within(-10, 10, "in [-10, 10] (ln sigma: sigma from 4.5e-5 to 22,000)"))
     edm_p_std: float = setting(1.2, "--edm-p-std", "--objective edm: the deviation of ln sigma in training", "diffusion",
                                needs=needs_recipe("--edm-p-std", "objective", "edm"), check=lambda v: 0 < v <= 10,
@@ -3806,11 +3802,6 @@ def oom_split(micro: int, accum: int) -> Tuple[int, int]:
 
 # -- quality during training --------------------------------------------------------------------
 
-def eval_samples_for(tc: TrainConfig, cfg: ModelConfig) -> int:
-    """--eval-samples, or its default: 256 images up to 32x32, 128 above."""
-    return tc.eval_samples or (256 if cfg.img_size <= 32 else 128)
-
-
 class QualityProbe:
     """--eval-every: every `every` steps, n images of a fixed seed from the EMA weights (the default
     sampler) are compared by SWD (x1e3, lower is better) with n fixed held-out images, beside the
@@ -3865,13 +3856,6 @@ class QualityProbe:
             net(x, t)
         per_step = time.time() - t0
         return per_step * model.calls(self.spec) * math.ceil(self.n / b) * 1.1
-
-    def improves(self, step: int, value: float) -> bool:
-        """Whether `value` at `step` is the best so far (then it is recorded as such)."""
-        if self.best_swd is not None and value >= self.best_swd:
-            return False
-        self.best_step, self.best_swd = step, value
-        return True
 
     def record(self) -> dict:
         """What checkpoints keep of it: the best step and SWD, the floor, the held-out set's size and
@@ -4024,7 +4008,12 @@ class Trainer:
         self.ema = EMA(self.model, self.tc.ema_decay) if self.tc.ema_decay > 0 else None
         if self.ema is not None and source is not None and not is_legacy_state_dict(source) and source.get("ema"):
             self.ema.model.load_state_dict(source["ema"])
-        self.opt = self._make_optimizer()
+        # Adam, fused where torch has it for the device, with its rate a device tensor
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        try:
+            self.opt, self.fused = torch.optim.Adam(params, lr=torch.tensor(self.tc.lr, device=dev), fused=True), True
+        except (RuntimeError, TypeError, ValueError):
+            self.opt, self.fused = torch.optim.Adam(params, lr=self.tc.lr), False
         self.scaler = torch.amp.GradScaler(dev.type, enabled=rt.precision == "fp16")
         self.train_model = self.model
         if rt.distributed:
@@ -4051,48 +4040,31 @@ class Trainer:
         self.micro = self.batch // self.rt.world // self.accum
         self.memory_note = ""
         if self.rt.device.type == "cuda":
-            plan = self._plan_memory(self.tc.auto_accum)
+            per_image, fixed = activation_bytes(self.model, self.rt, self.cfg)
+            n_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+            # gradients and Adam's two moments come with the first step; every rank must keep the same
+            # layout, so under torchrun the flags decide it
+            plan = plan_memory(cuda_free_bytes(self.rt.device), 3 * n_bytes, per_image, fixed, self.batch // self.rt.world,
+                               self.accum, self.tc.auto_accum and not self.rt.distributed, self.batches.nbytes)
             self.micro, self.accum, self.memory_note = plan.micro, plan.accum, plan.note
             self.batches.place(plan.data_on_device)
         elif self.rt.device.type != "cpu":
             self.batches.place(True)
         self.steps_per_epoch = max(1, self.batches.n // self.batch)
 
-    def _plan_memory(self, auto_accum: bool) -> MemoryPlan:
-        per_image, fixed = activation_bytes(self.model, self.rt, self.cfg)
-        n_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
-        free = cuda_free_bytes(self.rt.device)
-        # gradients and Adam's two moments come with the first step; every rank must keep the same
-        # layout, so under torchrun the flags decide it
-        return plan_memory(free, 3 * n_bytes, per_image, fixed, self.batch // self.rt.world, self.accum,
-                           auto_accum and not self.rt.distributed, self.batches.nbytes)
-
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        """Adam, fused where torch has it for the device, with its rate a device tensor."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        try:
-            opt = torch.optim.Adam(params, lr=torch.tensor(self.tc.lr, device=self.rt.device), fused=True)
-            self.fused = True
-        except (RuntimeError, TypeError, ValueError):
-            opt = torch.optim.Adam(params, lr=self.tc.lr)
-            self.fused = False
-        return opt
-
     # -- checkpoint state -----------------------------------------------------------------------
-    def _gather_rng(self, collective: bool = True) -> dict:
-        cpu = torch.get_rng_state()
+    def state_dict(self, collective: bool = True) -> dict:
+        """The whole run, as checkpoints hold it. collective=False (rank 0 alone, for best.pth): only
+        this process's generator states."""
+        cpu = torch.get_rng_state()  # every process's generator states (collective under torchrun)
         cuda = torch.cuda.get_rng_state(self.rt.device) if self.rt.device.type == "cuda" else None
         states = [(cpu, cuda)]
         if self.rt.distributed and collective:
             states = [None] * self.rt.world
             dist.all_gather_object(states, (cpu, cuda))
-        return {"noise": self.noise_gen.get_state(), "device": self.rt.device.type, "torch": [s[0] for s in states],
-                "cuda": [s[1] for s in states]}
-
-    def state_dict(self, collective: bool = True) -> dict:
-        """The whole run, as checkpoints hold it. collective=False (rank 0 alone, for best.pth): only
-        this process's generator states."""
-        rng, pos = self._gather_rng(collective), self.pos
+        rng = {"noise": self.noise_gen.get_state(), "device": self.rt.device.type, "torch": [st[0] for st in states],
+               "cuda": [st[1] for st in states]}
+        pos = self.pos
         return {
             "format": FORMAT, "version": FORMAT_VERSION, "config": self.cfg.to_dict(),
             "model": self.model.state_dict(),
@@ -4390,8 +4362,11 @@ class Trainer:
             if not self._step_or_fail():
                 self.save(checkpoint_path(ckpt_dir, pos.epoch), metrics)
                 return Stop.ERROR
-            if self.rt.compile and pos.step == self.first_step + 1:
-                self._after_compile()
+            if self.rt.compile and pos.step == self.first_step + 1:  # say how long compiling took; time from here
+                if self.rt.device.type == "cuda":
+                    torch.cuda.synchronize(self.rt.device)
+                log(f"compile: first step took {time.time() - self.clock.t_log:.1f} s (torch.compile included)")
+                self.clock.restart(pos.step)
             progress.advance(bars[1], self.batch)
             if pos.step % self.sync_every == 0:
                 self.check_health()
@@ -4439,8 +4414,10 @@ class Trainer:
         metrics.metric(step=pos.step, epoch=pos.epoch, images_seen=pos.images_seen, swd=round(value, 3),
                        swd_levels=m["levels"], colour_mean=round(m["colour_mean"], 3),
                        colour_std=round(m["colour_std"], 3), wall_time=round(time.time(), 3))
-        best = self.weights_finite() and p.improves(pos.step, value)  # best_step only for weights that are saved
+        # the best so far: recorded only for weights that are saved
+        best = self.weights_finite() and (p.best_swd is None or value < p.best_swd)
         if best:
+            p.best_step, p.best_swd = pos.step, value
             path = ckpt_dir / "best.pth"
             stored = peek_checkpoint(path).get("quality")
             self._save_kept(path, isinstance(stored, dict) and stored.get("key") == p.key,
@@ -4525,13 +4502,6 @@ class Trainer:
                 write(*args)
             except (DDPMError, OSError) as e:
                 self.failure = e if isinstance(e, DDPMError) else DDPMError(f"a write failed ({first_line(e)})")
-
-    def _after_compile(self) -> None:
-        """The first step compiled the model: say how long it took, and time from here on."""
-        if self.rt.device.type == "cuda":
-            torch.cuda.synchronize(self.rt.device)
-        log(f"compile: first step took {time.time() - self.clock.t_log:.1f} s (torch.compile included)")
-        self.clock.restart(self.pos.step)
 
     def _log_interval(self, metrics: MetricsLog, progress, task, deadline: Optional[float]) -> None:
         """Every --log-every steps (host sync): the mean loss of the steps that were not skipped, img/s,
@@ -5132,8 +5102,12 @@ def train_command(job: TrainJob, started: float) -> "Trainer":
             lock.acquire()
         run = start_of_run(job)
         check_recipe(run.cfg, run.train, job.typed)
-        if run.eval_folders and run.train.eval_every:
-            check_held_out(run.eval_folders, run.data)
+        if run.eval_folders and run.train.eval_every and run.data.folders:  # held-out images must be held out
+            k, n = shared_images(run.eval_folders, run.data.folders, "--eval-folders", run.data.flag)
+            if k:
+                raise DDPMError(f"--eval-folders {' '.join(run.eval_folders)} shares {k} of its {n} images with the "
+                                f"training data ({run.data.describe()}), so they are not held out; name a folder outside "
+                                f"the training folders, or use --holdout 5%")
         inside = [f for f in run.data.folders if Path(f).resolve() in [job.out.save_dir.resolve(),
                                                                         *job.out.save_dir.resolve().parents]]
         if inside:
@@ -5172,7 +5146,13 @@ def train_run(job: TrainJob, rt: Runtime, run: RunStart, save_dir: Path, started
     if len(held):
         log(f"holdout: {len(held)} of {len(data)} images left out of training (--holdout {tc.holdout:g}); "
             f"--eval uses them")
-    check_batch(tc, rt, len(train_data))
+    B = tc.batch_size  # the global batch divides over the processes and accumulation steps, and fits the data
+    if B % (rt.world * tc.grad_accum):
+        raise DDPMError(f"--batch-size {B} is the global batch and must divide evenly over {rt.world} processes x "
+                        f"{tc.grad_accum} accumulation steps")
+    if len(train_data) < B:
+        raise DDPMError(f"--batch-size {B} is larger than the {len(train_data)} training images; use --batch-size "
+                        f"{len(train_data)} or fewer")
     remove_stale_temps(job.ckpt_dir)
     record = {**run.data.record(len(data)), "holdout": holdout}
     if run.eval_folders and tc.eval_every:
@@ -5195,7 +5175,7 @@ def quality_probe(job: TrainJob, run: RunStart, cfg: ModelConfig, tc: TrainConfi
                   seed: int) -> Optional[QualityProbe]:
     """--eval-every's held-out images: --eval-folders, else the --holdout split, else (the demo) new
     faces past the ones it trains on; a folder of images without any is a one-line error."""
-    n = eval_samples_for(tc, cfg)
+    n = tc.eval_samples or (256 if cfg.img_size <= 32 else 128)  # --eval-samples, or its default
     if job.held is not None:
         return QualityProbe(job.held, n, tc.eval_every, seed, f"{len(job.held)} held-out images")
     if run.data.images is not None and not len(held):
@@ -5215,28 +5195,6 @@ def quality_probe(job: TrainJob, run: RunStart, cfg: ModelConfig, tc: TrainConfi
         return None
     faces = run.data.new_faces(cfg, 2 * n)
     return QualityProbe(faces, n, tc.eval_every, seed, f"{2 * n} new demo faces (never trained on)")
-
-
-def check_held_out(eval_folders: Sequence[str], data: DataSource) -> None:
-    """--eval-every's images must be held out: none of them may be a training image."""
-    if not data.folders:
-        return
-    k, n = shared_images(eval_folders, data.folders, "--eval-folders", data.flag)
-    if k:
-        raise DDPMError(f"--eval-folders {' '.join(eval_folders)} shares {k} of its {n} images with the training data "
-                        f"({data.describe()}), so they are not held out; name a folder outside the training folders, "
-                        f"or use --holdout 5%")
-
-
-def check_batch(tc: TrainConfig, rt: Runtime, n_images: int) -> None:
-    """The global batch divides over the processes and accumulation steps, and fits the data."""
-    B = tc.batch_size
-    if B % (rt.world * tc.grad_accum):
-        raise DDPMError(f"--batch-size {B} is the global batch and must divide evenly over {rt.world} processes x "
-                        f"{tc.grad_accum} accumulation steps")
-    if n_images < B:
-        raise DDPMError(f"--batch-size {B} is larger than the {n_images} training images; use --batch-size "
-                        f"{n_images} or fewer")
 
 
 def train(cfg: ModelConfig, tc: TrainConfig, data: torch.Tensor, ckpt_dir="ckpt", save_dir="output",
@@ -5432,21 +5390,16 @@ def edit_command(job: EditJob) -> int:
         out = sample_or_fail(lambda: generate(model, rt, [v for _ in images for v in range(k)], seed, spec,
                                               job.batch_size, model_fn=fn, edit=edit), job.batch_size, cfg)
         if is_rank0():
-            write_edits(images, masks, out, k, cfg, save_dir)
+            for n, (j, v) in enumerate((j, v) for j in range(len(images)) for v in range(k)):
+                save_png(out[n], save_dir / f"edit-{j}-{v}.png")
+            # edit-grid.png: one row per image (the input, its mask, its k results)
+            cols = [images] + ([to_uint8(masks * 2 - 1).expand(-1, cfg.img_channels, -1, -1)] if masks is not None else [])
+            grid = torch.cat([torch.stack([c[j] for c in cols] + list(out[j * k:(j + 1) * k])) for j in range(len(images))])
+            save_picture(image_grid(grid, nrow=len(cols) + k), cfg, save_dir / "edit-grid.png")
             log(f"wrote {len(out)} edits of {len(images)} images to {save_dir} in {time.time() - t0:.1f} s (strength "
                 f"{strength:g}{', inpainting' if masks is not None else ''}; {spec.sampler}, seed {seed}) and "
                 f"edit-grid.png")
     return 0
-
-
-def write_edits(images: torch.Tensor, masks: Optional[torch.Tensor], out: torch.Tensor, k: int, cfg: ModelConfig,
-                save_dir: Path) -> None:
-    """edit-J-V.png, and edit-grid.png: one row per image (the input, its mask, its k results)."""
-    for n, (j, v) in enumerate((j, v) for j in range(len(images)) for v in range(k)):
-        save_png(out[n], save_dir / f"edit-{j}-{v}.png")
-    cols = [images] + ([to_uint8(masks * 2 - 1).expand(-1, cfg.img_channels, -1, -1)] if masks is not None else [])
-    grid = torch.cat([torch.stack([c[j] for c in cols] + list(out[j * k:(j + 1) * k])) for j in range(len(images))])
-    save_picture(image_grid(grid, nrow=len(cols) + k), cfg, save_dir / "edit-grid.png")
 
 
 def invert_command(job: InvertJob) -> int:
@@ -6167,13 +6120,6 @@ class FolderLock:
         self._lock = None
         self.created = False
 
-    def _holder(self) -> str:
-        try:
-            info = json.loads(self.info.read_text(encoding="utf-8"))
-            return f"process {info['pid']} on {info['host']}, since {info['started']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "a process that is starting"
-
     def acquire(self) -> None:
         from filelock import FileLock, Timeout
 
@@ -6187,7 +6133,11 @@ class FolderLock:
             lock = FileLock(str(self.path), timeout=0)
             lock.acquire()
         except Timeout:
-            raise DDPMError(f"{folder} is in use by another training run ({self._holder()}); wait for it to finish "
+            holder = "a process that is starting"
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                info = json.loads(self.info.read_text(encoding="utf-8"))
+                holder = f"process {info['pid']} on {info['host']}, since {info['started']}"
+            raise DDPMError(f"{folder} is in use by another training run ({holder}); wait for it to finish "
                             f"or use another --ckpt-save-dir") from None
         except OSError as e:
             raise DDPMError(f"cannot lock {self.path} ({e.strerror or first_line(e)}); check --ckpt-save-dir") from None
