@@ -52,6 +52,7 @@ appendices at the end, which hold plumbing and data that the sections above call
     Checkpoints                      reading, validating, loading and exporting
         - reading and finding checkpoints
         - validating what a checkpoint holds
+        - post-hoc EMA: any length rebuilt from the snapshots of EDM2's power-function profiles
         - building and loading models
     Runtime: device, precision, processes, compile
         - memory: what a training step and a sampling batch need
@@ -1165,27 +1166,28 @@ class GaussianDiffusion(nn.Module):
 
     # -- loss -----------------------------------------------------------------------------------
     def forward(self, x0: torch.Tensor, t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
-                weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+                weight: Optional[torch.Tensor] = None, per_image: bool = False):
         """L_simple = E ||eps - eps_theta(x_t, t)||^2 (eq. 14), in float32. x0: (B, C, H, W) in [-1, 1].
         v objective: the target is v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0. weight: (B,), each
-        image's weight in the mean (the trainer's loss weighting, e.g. Min-SNR); None: all equal."""
+        image's weight in the mean (the trainer's loss weighting, e.g. Min-SNR); None: all equal.
+        per_image: also each image's unweighted loss, (B,) (for the loss by noise level)."""
         if t is None:
             t = self.training_noise_levels(x0.shape[0], x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         x0, noise = x0.float(), noise.float()
         if self.objective == "edm":
-            return self._edm_loss(x0, t, noise, weight)
+            return self._edm_loss(x0, t, noise, weight, per_image)
         xt = self.q_sample(x0, t, eps=noise)
         out = self.eps_model(xt, t).float()
         target = noise if self.objective == "eps" else (
             extract(self.sqrt_alpha_bar, t, x0.shape) * noise - extract(self.sqrt_one_minus_alpha_bar, t, x0.shape) * x0)
-        if weight is None:
-            return F.mse_loss(out, target)
-        return (weight * (out - target).pow(2).flatten(1).mean(1)).mean()
+        per = (out - target).pow(2).flatten(1).mean(1)
+        loss = per.mean() if weight is None else (weight * per).mean()
+        return (loss, per.detach()) if per_image else loss
 
-    def _edm_loss(self, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
-                  weight: Optional[torch.Tensor]) -> torch.Tensor:
+    def _edm_loss(self, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, weight: Optional[torch.Tensor],
+                  per_image: bool = False):
         """EDM's loss (Karras et al. 2022, eq. 8 with Table 1): lambda(sigma) ||D(x_0 + sigma n; sigma) - x_0||^2
         with D = c_skip x + c_out F(c_in x; c_noise) and lambda = 1 / c_out^2: the plain MSE of F to
         (x_0 - c_skip x) / c_out. sigma: (B,) noise levels (see training_noise_levels)."""
@@ -1193,8 +1195,17 @@ class GaussianDiffusion(nn.Module):
         c_skip, c_out, c_in, c_noise = edm_preconditioning(s)
         x = x0 + s * noise
         out = self.eps_model(c_in * x, c_noise.flatten()).float()
-        per_image = (out - (x0 - c_skip * x) / c_out).pow(2).flatten(1).mean(1)
-        return per_image.mean() if weight is None else (weight * per_image).mean()
+        per = (out - (x0 - c_skip * x) / c_out).pow(2).flatten(1).mean(1)
+        loss = per.mean() if weight is None else (weight * per).mean()
+        return (loss, per.detach()) if per_image else loss
+
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma = sqrt((1 - alpha_bar) / alpha_bar) of what training_noise_levels drew: (B,) timesteps, or
+        for the edm objective the sigmas themselves."""
+        if self.objective == "edm":
+            return t.float()
+        ab = self.alpha_bar.gather(0, t)
+        return ((1 - ab) / ab).sqrt()
 
     def training_noise_levels(self, n: int, device, generator: Optional[torch.Tensor] = None,
                               p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:
@@ -2154,11 +2165,17 @@ def check_run_state(ckpt: dict, path: Path, cfg: ModelConfig, resume: bool) -> N
         raise bad("seed", f"must be an integer, got {ckpt.get('seed')!r}")
     with torch.device("meta"):
         own = build_diffusion(cfg).state_dict()
-    if ckpt.get("ema") is not None:
-        if not isinstance(ckpt["ema"], dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["ema"].values()):
-            raise bad("EMA weights", "are not a dict of tensors")
-        check_weights(own, ckpt["ema"], path, "the stored EMA does not fit the model: the file was edited or is damaged")
-        check_finite(ckpt["ema"], path)
+    stored = ckpt.get("posthoc") or {}
+    if not isinstance(stored, dict) or (stored and not (
+            isinstance(stored.get("widths"), list) and isinstance(stored.get("ema"), list)
+            and len(stored["widths"]) == len(stored["ema"]))):
+        raise bad("post-hoc EMA", "is not a record of widths and their averages")
+    for name, avg in [("EMA", ckpt.get("ema"))] + [("post-hoc EMA", a) for a in stored.get("ema", [])]:
+        if avg is not None:
+            if not isinstance(avg, dict) or not all(isinstance(v, torch.Tensor) for v in avg.values()):
+                raise bad(f"{name} weights", "are not a dict of tensors")
+            check_weights(own, avg, path, f"the stored {name} does not fit the model: the file was edited or is damaged")
+            check_finite(avg, path)
     if not resume:
         return
     ll = ckpt.get("last_loss")
@@ -2239,6 +2256,98 @@ def as_tuple(v):
     return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
+# -- post-hoc EMA: any length rebuilt from the snapshots of EDM2's power-function profiles -------
+
+POSTHOC_WIDTHS = (0.05, 0.10)  # the relative widths sigma_rel of the two profiles --posthoc-ema tracks
+POSTHOC_DIR = "posthoc"        # their snapshots, ckpt/posthoc/phema-STEP.pth
+POSTHOC_FIT = 0.05             # the largest relative L2 error of a rebuilt profile (--ema-length refuses beyond)
+
+
+def power_gamma(sigma_rel: float) -> float:
+    """The exponent gamma of EDM2's power-function EMA profile of relative width sigma_rel (Karras et al.
+    2024, Sec. 3 and Appendix C): the average weighs theta(tau) by tau^gamma over [0, t], whose standard
+    deviation over t is sigma_rel = sqrt(gamma + 1) / ((gamma + 2) sqrt(gamma + 3)), decreasing in gamma;
+    solved by bisection."""
+    def width(g: float) -> float:
+        return math.sqrt(g + 1) / ((g + 2) * math.sqrt(g + 3))
+    widest = (math.sqrt(5) - 3) / 2  # where width is largest, 0.30: the narrower profiles lie above it
+    if not 0 < sigma_rel < width(widest):
+        raise DDPMError(f"--ema-length must be in (0, {width(widest):.3f}), got {sigma_rel}")
+    lo, hi = widest, 1e7
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if width(mid) > sigma_rel else (lo, mid)
+    return (lo + hi) / 2
+
+
+def profile_dot(t1: float, g1: float, t2: float, g2: float) -> float:
+    """The L2 inner product over tau of two power-function profiles p(tau) = (g + 1) tau^g / t^(g + 1)
+    on [0, t] (EDM2's p_dot_p), in log space so that large exponents do not overflow."""
+    m = min(t1, t2)
+    return math.exp(math.log(g1 + 1) + math.log(g2 + 1) - (g1 + 1) * math.log(t1) - (g2 + 1) * math.log(t2)
+                    + (g1 + g2 + 1) * math.log(m) - math.log(g1 + g2 + 1))
+
+
+def posthoc_fit(sources: Sequence[Tuple[float, float]], target: Tuple[float, float]) -> Tuple[List[float], float]:
+    """The coefficients x of the average of snapshots (t_i, gamma_i) closest in L2 to the profile
+    `target` (t, gamma) (EDM2's solve_posthoc_coefficients: the normal equations A x = b of the profiles'
+    inner products), and the fit's relative error ||sum_i x_i p_i - p|| / ||p||. Times in steps."""
+    scale = target[0]  # times relative to the target's: the same solution, no overflow
+    src = [(t / scale, g) for t, g in sources]
+    tgt = (1.0, target[1])
+    A = torch.tensor([[profile_dot(*a, *b) for b in src] for a in src], dtype=torch.float64)
+    b = torch.tensor([profile_dot(*a, *tgt) for a in src], dtype=torch.float64)
+    x = torch.linalg.lstsq(A, b[:, None], rcond=1e-12).solution[:, 0]
+    pp = profile_dot(*tgt, *tgt)
+    err2 = max(pp - 2 * float(x @ b) + float(x @ A @ x), 0.0)
+    return x.tolist(), math.sqrt(err2 / pp)
+
+
+def posthoc_snapshots(folder: Path, run: Optional[str], step: int) -> List[Tuple[Path, int, List[float]]]:
+    """The snapshots (path, step, widths) of run `run` in folder/posthoc/ up to `step`, by step."""
+    out = []
+    for path in sorted((Path(folder) / POSTHOC_DIR).glob("phema-*.pth")):
+        meta = peek_checkpoint(path)
+        s, widths = meta.get("step"), meta.get("widths")
+        if meta.get("kind") == "posthoc-ema" and run_id_of(meta) == run and is_count(s, lo=1) and s <= step \
+                and isinstance(widths, list) and all(isinstance(w, float) for w in widths):
+            out.append((path, s, widths))
+    return out
+
+
+def posthoc_state(path: Path, ckpt: dict, sigma_rel: float) -> Tuple[dict, str]:
+    """--ema-length: the EMA weights of relative width sigma_rel at the checkpoint's step, rebuilt by
+    least squares from the run's post-hoc snapshots (posthoc_fit), with what it is for the start-up
+    line. One line where there are none, or the fit is off by more than POSTHOC_FIT (the width is
+    outside what the snapshots can rebuild; the line says which widths they can)."""
+    step, run = ckpt.get("step"), run_id_of(ckpt)
+    snaps = posthoc_snapshots(path.parent, run, step if is_count(step) else 0)
+    if not snaps:
+        raise DDPMError(f"--ema-length: {path.parent / POSTHOC_DIR} holds no post-hoc snapshots of this run up to step "
+                        f"{step}; train with --posthoc-ema to keep them")
+    sources = [(s, power_gamma(w)) for _, s, widths in snaps for w in widths]
+
+    def fit(width: float) -> Tuple[List[float], float]:
+        return posthoc_fit(sources, (float(step), power_gamma(width)))
+    x, err = fit(sigma_rel)
+    if err > POSTHOC_FIT:
+        ok = [w for w in (0.01 * k for k in range(1, 29)) if fit(w)[1] <= POSTHOC_FIT]
+        can = f"{min(ok):.2f} to {max(ok):.2f}" if ok else "none"
+        raise DDPMError(f"--ema-length {sigma_rel:g}: the {len(snaps)} post-hoc snapshots of this run up to step {step} "
+                        f"rebuild it only to {100 * err:.0f}% (widths they rebuild within {100 * POSTHOC_FIT:.0f}%: "
+                        f"{can}); choose one of those")
+    state: Dict[str, torch.Tensor] = {}
+    k = 0
+    for snap_path, _, widths in snaps:
+        for avg in read_checkpoint(snap_path)["ema"][:len(widths)]:
+            for name, v in avg.items():
+                state[name] = state.get(name, 0) + x[k] * v.double()
+            k += 1
+    return ({n: v.float() for n, v in state.items()},
+            f"post-hoc EMA of relative width {sigma_rel:g} at step {step}, from {len(snaps)} snapshots "
+            f"(fit within {100 * err:.1f}%)")
+
+
 # -- building and loading models ------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -2248,10 +2357,11 @@ class ModelSource:
     path: str
     ema: bool                      # the EMA weights (or an export of them)
     step: Optional[int]            # None for the original script's files
+    posthoc: str = ""              # --ema-length: what the rebuilt post-hoc EMA is
 
     def describe(self) -> str:
         return (f"{self.path} (step {self.step if self.step is not None else 'unknown'}, "
-                f"{'EMA' if self.ema else 'raw'} weights)")
+                f"{self.posthoc or ('EMA' if self.ema else 'raw') + ' weights'})")
 
 
 def build_diffusion(cfg: ModelConfig, source: Optional[ModelSource] = None, dropout: float = 0.0) -> GaussianDiffusion:
@@ -2294,8 +2404,10 @@ def check_finite(state: dict, path: Path) -> None:
                         f"earlier checkpoint, or train again with a lower --lr")
 
 
-def load_model(path, device="cpu", use_ema: bool = True, _ckpt: Optional[dict] = None, **overrides) -> GaussianDiffusion:
-    """A GaussianDiffusion in eval mode, built from a checkpoint alone (EMA weights when present).
+def load_model(path, device="cpu", use_ema: bool = True, _ckpt: Optional[dict] = None,
+               ema_length: Optional[float] = None, **overrides) -> GaussianDiffusion:
+    """A GaussianDiffusion in eval mode, built from a checkpoint alone (EMA weights when present; with
+    ema_length, the post-hoc EMA of that relative width rebuilt from the run's snapshots).
 
     `overrides` are model config values (e.g. num_channels=64); for a self-describing checkpoint
     they must agree with it, for a file of the original script they describe its model.
@@ -2307,8 +2419,11 @@ def load_model(path, device="cpu", use_ema: bool = True, _ckpt: Optional[dict] =
     legacy = is_legacy_state_dict(ckpt)
     ema = not legacy and use_ema and ckpt.get("ema") is not None
     state = ckpt if legacy else ckpt["ema"] if ema else ckpt["model"]
+    posthoc = ""
+    if ema_length is not None:
+        state, posthoc = posthoc_state(path, ckpt, ema_length)
     source = ModelSource(str(path), ema or ckpt.get("exported") == "ema",  # an export holds one set: say which
-                         None if legacy else ckpt.get("step"))
+                         None if legacy else ckpt.get("step"), posthoc)
     model = build_diffusion(cfg, source)
     load_weights(model, state, path, weights_fix(ckpt))
     check_finite(state, path)
@@ -3472,6 +3587,14 @@ class TrainConfig:
     edm_p_std: float = setting(1.2, "--edm-p-std", "--objective edm: the deviation of ln sigma in training", "diffusion",
                                needs=needs_recipe("--edm-p-std", "objective", "edm"), check=lambda v: 0 < v <= 10,
                                rule="in (0, 10]")
+    posthoc_ema: bool = setting(False, "--posthoc-ema", "keep EDM2's post-hoc EMA: two power-function profiles "
+                                "(relative widths 0.05 and 0.10) and --posthoc-snapshots snapshots of both over the "
+                                "run in ckpt/posthoc/, from which --ema-length rebuilds an EMA of any length after "
+                                "training", switch="both")
+    posthoc_snapshots: int = setting(32, "--posthoc-snapshots", "post-hoc EMA: snapshots over the run's planned steps "
+                                     "(the disk they take is said at the start)", needs=lambda args: None if
+                                     args.posthoc_ema or args.resume else "--posthoc-snapshots goes with --posthoc-ema",
+                                     **within(2, 1000))
     eval_every: int = setting(0, "--eval-every", "--train: every N steps, the SWD of --eval-samples images of a fixed "
                               "seed (EMA, default sampler) against held-out images (--holdout, --eval-folders, or new "
                               "demo faces), logged to metrics.csv; the best checkpoint is kept as best.pth, and "
@@ -3564,6 +3687,37 @@ class EMA:
         self.n += 1
 
 
+class PowerEMA:
+    """--posthoc-ema: EDM2's power-function EMA (Karras et al. 2024, Sec. 3) of the weights for each of
+    POSTHOC_WIDTHS: at update n (1, 2, ...), avg = beta avg + (1 - beta) theta with beta = (1 - 1/n)^(gamma
+    + 1), which weighs theta(tau) by tau^gamma over the whole run (no warm-up needed). The count lives on
+    the device, as EMA's does. Every snapshot of both, kept outside the rotation, lets --ema-length
+    rebuild an EMA of any width after training (posthoc_state)."""
+
+    def __init__(self, model: nn.Module, step: int = 0, widths: Sequence[float] = POSTHOC_WIDTHS):
+        self.widths, self.gammas = tuple(widths), [power_gamma(w) for w in widths]
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self._src = [p for p in model.parameters() if p.requires_grad]
+        self.avgs = [[p.detach().clone() for p in self._src] for _ in self.widths]
+        self.n = torch.full((), float(step), device=self._src[0].device)  # updates so far
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.n += 1
+        for gamma, avg in zip(self.gammas, self.avgs):
+            lerp_all(avg, self._src, 1 - (1 - 1 / self.n) ** (gamma + 1))
+
+    def state(self) -> dict:
+        """What checkpoints and snapshots keep: the widths and each profile's average, by parameter name."""
+        return {"widths": list(self.widths), "ema": [{n: a.detach().cpu().clone() for n, a in zip(self.names, avg)}
+                                                     for avg in self.avgs]}
+
+    def load(self, state: dict) -> None:
+        for avg, stored in zip(self.avgs, state["ema"]):
+            for a, n in zip(avg, self.names):
+                a.copy_(stored[n])
+
+
 class StopRequest:
     """SIGINT / SIGTERM: the first asks training to finish its step, save and exit; the second aborts
     at once (KeyboardInterrupt) without touching the files. SIGTERM is skipped where the platform
@@ -3600,12 +3754,17 @@ class StopRequest:
         return False
 
 
+# the loss by noise level in metrics.csv: the images' sigma below 0.1 (fine detail, where speckle is made),
+# 0.1 to 1, 1 to 10, and above 10 (the coarse layout)
+NOISE_BANDS = {"loss_fine": 0.1, "loss_detail": 1.0, "loss_shape": 10.0, "loss_coarse": math.inf}
+
+
 class MetricsLog:
     """metrics.csv (one row per --log-every steps) and events.csv (checkpoints, previews) in the
     checkpoint folder; a resumed run first drops rows past its step, so no step is logged twice."""
 
-    METRICS = ["step", "epoch", "images_seen", "loss", "skipped", "lr", "img_per_s", "swd", "swd_levels", "colour_mean",
-               "colour_std", "wall_time"]
+    METRICS = ["step", "epoch", "images_seen", "loss", "skipped", *NOISE_BANDS, "lr", "img_per_s", "swd", "swd_levels",
+               "colour_mean", "colour_std", "wall_time"]
     EVENTS = ["step", "event", "path", "wall_time"]
 
     def __init__(self, folder: Path, start_step: int, enabled: bool, tensorboard: bool = False):
@@ -3694,10 +3853,11 @@ class MetricsLog:
             text = " ".join(f"{k}:{v:.3f}" for k, v in levels.items())
             self._append(self.metrics, self.METRICS, {**{c: row.get(c, "") for c in self.METRICS}, "swd_levels": text})
             if self.tb is not None:
-                scalars = {**{k: row[k] for k in ("loss", "lr", "img_per_s", "swd", "colour_mean", "colour_std")
-                              if row.get(k, "") != ""}, **{f"swd_{k}px": v for k, v in levels.items()}}
+                scalars = {**{k: row[k] for k in ("loss", *NOISE_BANDS, "lr", "img_per_s", "swd", "colour_mean",
+                                                  "colour_std") if row.get(k, "") != ""},
+                           **{f"swd_{k}px": v for k, v in levels.items()}}
                 for k, v in scalars.items():
-                    group = "train" if k in ("loss", "lr", "img_per_s") else "eval"
+                    group = "eval" if k.startswith(("swd", "colour")) else "train"
                     self.tb.add_scalar(f"{group}/{k}", v, row["step"])
 
     def event(self, step: int, event: str, path: Path, image: Optional[torch.Tensor] = None) -> None:
@@ -3750,7 +3910,8 @@ class Position:
 
 class LossStats:
     """Device-side sums of the loss and of skipped (non-finite) steps, read only at sync points, so
-    the hot path has no host sync: since the last log line, since the epoch began, and in all."""
+    the hot path has no host sync: since the last log line, since the epoch began, and in all; and
+    since the last log line, this process's per-image losses and counts by noise level (NOISE_BANDS)."""
 
     NAMES = ("loss_sum", "good_steps", "epoch_loss_sum", "epoch_good", "bad_total", "bad_run", "bad_run_max")
 
@@ -3760,9 +3921,25 @@ class LossStats:
         self.acc = torch.zeros(len(self.NAMES), device=device)
         for i, name in enumerate(self.NAMES):
             setattr(self, name, self.acc[i])  # views: zero_() and item() work on them
+        self.bands = torch.zeros(2, len(NOISE_BANDS), device=device)  # sums, counts
+        self.edges = torch.tensor(list(NOISE_BANDS.values())[:-1], device=device)
 
-    def add(self, loss: torch.Tensor, bad: torch.Tensor) -> None:
-        """One update: its loss (not counted where bad = 1, a skipped step)."""
+    def add_bands(self, sigma: torch.Tensor, per_image: torch.Tensor, bands: torch.Tensor) -> None:
+        """A micro-batch's per-image losses into `bands` (2, n_bands), by their noise levels sigma: (B,)."""
+        k = torch.bucketize(sigma.float(), self.edges, right=True)
+        bands[0].index_add_(0, k, per_image.float())
+        bands[1].index_add_(0, k, torch.ones_like(per_image, dtype=torch.float32))
+
+    def band_means(self) -> dict:
+        """Host sync: the mean loss per noise level since the last call ("" where no image fell in one)."""
+        sums, counts = self.bands.tolist()
+        self.bands.zero_()
+        return {name: round(s / c, 6) if c else "" for name, s, c in zip(NOISE_BANDS, sums, counts)}
+
+    def add(self, loss: torch.Tensor, bad: torch.Tensor, bands: Optional[torch.Tensor] = None) -> None:
+        """One update: its loss (not counted where bad = 1, a skipped step), and its losses by noise level."""
+        if bands is not None:
+            self.bands += bands * (1 - bad)
         loss = torch.where(bad > 0, torch.zeros_like(loss), loss)
         good = 1 - bad
         self.acc[:5] += torch.stack([loss, good, loss, good, bad])
@@ -3969,8 +4146,9 @@ class Trainer:
         if resume is not None:
             self._restore(resume)
         self.stats, self.clock = LossStats(rt.device), Clock()
-        if self.ema is not None:
-            self.ema.n.fill_(self.pos.step)  # its warm-up counts the run's updates
+        for avg in (self.ema, self.posthoc):
+            if avg is not None:
+                avg.n.fill_(self.pos.step)  # its warm-up (or profile) counts the run's updates
         self._found_inf = torch.zeros(1, device=rt.device)  # the fused finite check's flag
         self._one = torch.ones(1, device=rt.device)
         self.lr = self.lr_at(self.pos.step, self.pos.images_seen)  # the last update's rate, for the logs
@@ -4008,6 +4186,10 @@ class Trainer:
         self.ema = EMA(self.model, self.tc.ema_decay) if self.tc.ema_decay > 0 else None
         if self.ema is not None and source is not None and not is_legacy_state_dict(source) and source.get("ema"):
             self.ema.model.load_state_dict(source["ema"])
+        self.posthoc = PowerEMA(self.model) if self.tc.posthoc_ema else None
+        stored = source.get("posthoc") if source is not None and not is_legacy_state_dict(source) else None
+        if self.posthoc is not None and isinstance(stored, dict) and stored.get("widths") == list(self.posthoc.widths):
+            self.posthoc.load(stored)  # the run's own profiles go on; a run that starts them starts from its weights
         # Adam, fused where torch has it for the device, with its rate a device tensor
         params = [p for p in self.model.parameters() if p.requires_grad]
         try:
@@ -4078,6 +4260,7 @@ class Trainer:
                       "demo": not self.data_record.get("folders")},
             "torch_version": str(torch.__version__),  # a plain str: TorchVersion is refused by weights_only
             "quality": self.probe.record() if self.probe is not None else self.quality_record,
+            "posthoc": self.posthoc.state() if self.posthoc is not None else None,
         }
 
     def _restore(self, ckpt: dict) -> None:
@@ -4207,6 +4390,7 @@ class Trainer:
         rt = self.rt
         share = self.micro * self.accum
         self.step_loss = torch.zeros((), device=rt.device)
+        self.step_bands = torch.zeros(2, len(NOISE_BANDS), device=rt.device)
         for k in range(self.accum):
             off = rt.rank * share + k * self.micro
             x = self.batches.get(self.pos.epoch, start + off, self.micro)
@@ -4219,10 +4403,12 @@ class Trainer:
                 torch.compiler.cudagraph_mark_step_begin()
             with sync:
                 with rt.autocast():
-                    loss = self.compiled_model(x, t, noise, self.model.loss_weights(t, self.tc.loss_weight,
-                                                                                      self.tc.min_snr_gamma))
+                    loss, per = self.compiled_model(x, t, noise, self.model.loss_weights(t, self.tc.loss_weight,
+                                                                                           self.tc.min_snr_gamma),
+                                                    per_image=True)
                 self.scaler.scale(loss / self.accum).backward()
             self.step_loss += loss.detach().float() / self.accum
+            self.stats.add_bands(self.model.noise_level(t), per, self.step_bands)
 
     def lr_at(self, step: int, images_seen: int) -> float:
         """--lr with linear warm-up over --warmup-steps, then constant (the original) or a cosine decay
@@ -4256,10 +4442,12 @@ class Trainer:
             flag_nonfinite(grads, self._found_inf, self._one)
             bad = self._found_inf[0].clamp(max=1.0)
             step_unless(self.opt, bad, self.fused)
-        self.stats.add(self.step_loss, bad)
+        self.stats.add(self.step_loss, bad, self.step_bands)
         self.opt.zero_grad(set_to_none=not self.graphs)  # under CUDA graphs the gradients keep their addresses
         if self.ema is not None:
             self.ema.update()
+        if self.posthoc is not None:
+            self.posthoc.update()
         self.pos.step += 1
         self.pos.epoch_step += 1
         self.pos.images_seen += self.batch
@@ -4310,6 +4498,11 @@ class Trainer:
             self._start_probe(ckpt_dir, metrics)
         if tc.guide_snapshot and is_rank0():
             self._plan_guide(ckpt_dir, metrics)
+        if self.posthoc is not None:
+            n = sum(p.numel() for p in self.posthoc._src)
+            log(f"post-hoc EMA: widths {' and '.join(f'{w:g}' for w in self.posthoc.widths)}, a snapshot of both every "
+                f"{self.posthoc_every()} steps ({tc.posthoc_snapshots} over the run, about "
+                f"{tc.posthoc_snapshots * len(self.posthoc.widths) * 4 * n / 2**20:,.0f} MiB in {ckpt_dir / POSTHOC_DIR})")
         self.first_step = pos.step
         self.model.train()  # run-before.png (rank 0 only) left it in eval mode: dropout must be on, on every rank
         self.clock.restart(pos.step)
@@ -4323,6 +4516,8 @@ class Trainer:
             p, dt = self.probe, max(time.time() - self.clock.t_start, 1e-9)
             log(f"eval: {p.count} evaluations took {p.seconds:.0f} s, {100 * p.seconds / dt:.0f}% of the run's "
                 f"{format_duration(dt)}; best SWD {p.best_swd:.2f} at step {p.best_step} (best.pth)")
+        if self.posthoc is not None and is_rank0() and pos.step > self.first_step and stop != Stop.ERROR:
+            self._write_or_defer(self._save_posthoc, ckpt_dir)  # the run's last step, where it stopped
         done, bad = pos.step - self.first_step, int(self.stats.bad_total.item())
         if done and bad >= done:
             raise TrainingError(f"every one of the {done} steps was skipped (a non-finite loss or gradient), so nothing "
@@ -4378,6 +4573,8 @@ class Trainer:
                 self._write_or_defer(self._evaluate, ckpt_dir, metrics, progress.print)
             if tc.guide_snapshot and pos.step == self.guide_step() and is_rank0():
                 self._write_or_defer(self._save_guide, ckpt_dir, metrics, progress.print)
+            if self.posthoc is not None and pos.step % self.posthoc_every() == 0 and is_rank0():
+                self._write_or_defer(self._save_posthoc, ckpt_dir)
             stop = self._stop_reason(deadline)
             if pos.epoch_step >= self.steps_per_epoch:
                 self._end_epoch(ckpt_dir, metrics, progress, bars)
@@ -4433,12 +4630,27 @@ class Trainer:
                    if p.best_swd is not None else ""))
         return value
 
-    def guide_step(self) -> int:
-        """The step of --guide-snapshot: that fraction of the run's planned steps (--max-steps, or its epochs)."""
+    def planned_steps(self) -> int:
+        """The run's planned steps: its epochs', or --max-steps where that is fewer."""
         planned = self.pos.end_epoch * self.steps_per_epoch
-        if self.tc.max_steps:
-            planned = min(planned, self.tc.max_steps)
-        return max(1, round(self.tc.guide_snapshot * planned))
+        return min(planned, self.tc.max_steps) if self.tc.max_steps else planned
+
+    def guide_step(self) -> int:
+        """The step of --guide-snapshot: that fraction of the run's planned steps."""
+        return max(1, round(self.tc.guide_snapshot * self.planned_steps()))
+
+    def posthoc_every(self) -> int:
+        """Steps between the post-hoc EMA's snapshots: --posthoc-snapshots over the run's epochs (not a
+        --max-steps, which is one invocation's, so that a run stopped and resumed keeps its cadence)."""
+        return max(1, math.ceil(self.pos.end_epoch * self.steps_per_epoch / self.tc.posthoc_snapshots))
+
+    def _save_posthoc(self, ckpt_dir: Path) -> None:
+        """A snapshot of the post-hoc EMA's profiles at this step, ckpt/posthoc/phema-STEP.pth (rank 0), never
+        over one that is there: a snapshot of a step is the same whenever the run reaches it."""
+        path = ckpt_dir / POSTHOC_DIR / f"phema-{self.pos.step:07d}.pth"
+        if not os.path.lexists(path):
+            save_or_explain(path, {"format": FORMAT, "version": FORMAT_VERSION, "kind": "posthoc-ema",
+                                   "run_id": self.run_id, "step": self.pos.step, **self.posthoc.state()})
 
     def _plan_guide(self, ckpt_dir: Path, metrics: MetricsLog) -> None:
         """--guide-snapshot on a continued run: say what becomes of a guide.pth that is not this run's
@@ -4509,6 +4721,7 @@ class Trainer:
         pos, stats, clock = self.pos, self.stats, self.clock
         n, good = pos.step - clock.step_log, int(stats.good_steps.item())
         loss = stats.loss_sum.item() / good if good else None
+        bands = stats.band_means()
         stats.loss_sum.zero_()
         stats.good_steps.zero_()
         now = time.time()
@@ -4523,7 +4736,7 @@ class Trainer:
         left = f" | time left {format_duration(deadline - now)}" if deadline else ""
         progress.update(task, info=f"{text} | {ips:,.0f} img/s{left}")
         metrics.metric(step=pos.step, epoch=pos.epoch, images_seen=pos.images_seen,
-                       loss=round(loss, 6) if loss is not None else "", skipped=n - good,
+                       loss=round(loss, 6) if loss is not None else "", skipped=n - good, **bands,
                        lr=self.lr, img_per_s=round(ips, 1), wall_time=round(now, 3))
 
     def _stop_reason(self, deadline: Optional[float]) -> Stop:
@@ -4588,11 +4801,24 @@ class LoadSpec:
                                   commands=EVERY - {"info"})
     ema: bool = setting(True, "--no-ema", "use the raw weights instead of the EMA", "sampling", switch="off",
                         commands=SAMPLING | {"export"})
+    ema_length: Tuple[float, ...] = setting(
+        (), "--ema-length", "a run trained with --posthoc-ema: the EMA of this relative width (sigma_rel, such as 0.05), "
+        "rebuilt from the run's post-hoc snapshots at the checkpoint's step; --eval swd takes several and says which is "
+        "best", "sampling", kind=float, nargs="+", metavar="SIGMA_REL", commands=SAMPLING | {"export"},
+        check=lambda v: all(0 < x < 0.3 for x in v), rule="relative widths in (0, 0.3)",
+        needs=lambda args: "--ema-length rebuilds an EMA: drop --no-ema" if not args.ema else
+        None if len(args.ema_length) <= 1 or args.eval == "swd" else
+        "several --ema-length values go with --eval swd (which says the best); give one")
     model_flags: Tuple[Tuple[str, object], ...] = derived("the model flags typed (ModelConfig's settings)", ())
 
     @property
     def flags(self) -> Dict[str, object]:
         return dict(self.model_flags)
+
+    @property
+    def length(self) -> Optional[float]:
+        """The one --ema-length to load with, or None."""
+        return self.ema_length[0] if self.ema_length else None
 
 
 @declares
@@ -5276,7 +5502,7 @@ def load_for_sampling(weights: LoadSpec, rt: Runtime, what: str = "model") -> Tu
     """The model to sample from (EMA or raw weights, checked) on rt's device, and the checkpoint dict."""
     path = resolve_checkpoint(weights.path)
     ckpt = read_checkpoint(path)
-    model = load_model(path, rt.device, use_ema=weights.ema, _ckpt=ckpt, **weights.flags)
+    model = load_model(path, rt.device, use_ema=weights.ema, _ckpt=ckpt, ema_length=weights.length, **weights.flags)
     best = Path(weights.path) / "best.pth"
     if what == "model":
         log(f"model: {model.source.describe()}" + (f"; the newest of {weights.path} (--eval-every's best: --loadckpt "
@@ -5451,6 +5677,22 @@ def eval_command(job: EvalJob, features: Optional[Features] = None) -> int:
     if job.kind == "nearest":
         check_writable(job.out.save_dir, "--save-dir")
     rt = sampling_runtime(job.device)
+    job = replace(job, seed=pick_seed(job.seed))  # the same samples' noise for every set of weights
+    if len(job.weights.ema_length) > 1:  # --eval swd of several post-hoc EMA lengths: each, then the best
+        found = {}
+        for width in job.weights.ema_length:
+            log(f"--ema-length {width:g}:")
+            found[width] = evaluate(replace(job, weights=replace(job.weights, ema_length=(width,))), rt, features)
+        best = min(found, key=found.get)
+        log("post-hoc EMA, SWD x1e3 by --ema-length: " + ", ".join(f"{w:g}: {v:.2f}" for w, v in found.items())
+            + f"; the best: --ema-length {best:g}")
+    else:
+        evaluate(job, rt, features)
+    return 0
+
+
+def evaluate(job: EvalJob, rt: Runtime, features: Optional[Features]) -> Optional[float]:
+    """One --eval of one set of weights; --eval swd returns its mean (the others, None)."""
     if job.kind == "fid" and features is None:
         features = inception_features(job.fid_weights, rt.device)  # fails fast: the package, the weights
     model, ckpt = load_for_sampling(job.weights, rt)
@@ -5473,7 +5715,7 @@ def eval_command(job: EvalJob, features: Optional[Features] = None) -> int:
 
 
 def eval_swd(job: EvalJob, ckpt: dict, cfg: ModelConfig, samples: Callable[[int, int], torch.Tensor], n: int, how: str,
-             seed: int) -> int:
+             seed: int) -> float:
     """--eval swd: n samples against n real images (held out where there are: --eval-folders, the
     run's --holdout, new demo faces; else the training images), beside the figure of n other real
     images against the same n, so that a number means something."""
@@ -5492,7 +5734,7 @@ def eval_swd(job: EvalJob, ckpt: dict, cfg: ModelConfig, samples: Callable[[int,
     log(f"  real vs real: {levels(base)} (another {n} of them against the same {n}: the floor for this n)")
     log(f"  colour (largest per-channel gap, 8-bit levels): mean {cf['mean']:.1f}, std {cf['std']:.1f} (real vs real: "
         f"{cb['mean']:.1f}, {cb['std']:.1f}); SWD does not see a global shift")
-    return 0
+    return fake["mean"]
 
 
 def eval_nll(job: EvalJob, ckpt: dict, model: GaussianDiffusion, seed: int) -> int:
@@ -5659,8 +5901,8 @@ def check_export_target(out: Path, source: Path, overwrite: bool) -> None:
 def export_command(job: ExportJob) -> int:
     source = resolve_checkpoint(job.weights.path)
     check_export_target(job.out, source, job.overwrite)
-    model = load_model(source, "cpu", use_ema=job.weights.ema, **job.weights.flags)
-    weights = "ema" if model.source.ema else "raw"
+    model = load_model(source, "cpu", use_ema=job.weights.ema, ema_length=job.weights.length, **job.weights.flags)
+    weights = f"post-hoc ema {job.weights.length:g}" if job.weights.length else "ema" if model.source.ema else "raw"
     if os.path.lexists(job.out):  # --overwrite (check_export_target): the old file is kept under another name
         aside = unused_name(job.out.with_name(f"{job.out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
         os.replace(job.out, aside)
@@ -6024,7 +6266,7 @@ def new_run_id() -> str:
 
 KEPT = ("best.pth", "guide.pth")  # checkpoints a run keeps outside the rotation
 RUN_FILES = ("metrics.csv", "events.csv") + KEPT  # the run's files besides the rotation: each a regular file
-RUN_LOGS = RUN_FILES + ("tensorboard",)  # everything a run writes into its folder besides the rotating checkpoints
+RUN_LOGS = RUN_FILES + ("tensorboard", POSTHOC_DIR)  # all a run writes into its folder besides the rotation
 
 
 def run_files(folder: Path) -> List[Path]:
@@ -6160,11 +6402,12 @@ class FolderLock:
 
 
 def remove_stale_temps(folder: Path) -> None:
-    """Remove the temporary files of a run's checkpoints and logs (.ckpt-N.pth.tmp-PID-..., .best.pth.tmp-...,
-    .metrics.csv.tmp-...) that processes which no longer run left behind: a killed save; never a valid file."""
-    for tmp in Path(folder).glob(".*.tmp-*"):
+    """Remove the temporary files of a run's checkpoints, logs and post-hoc snapshots (.ckpt-N.pth.tmp-PID-...,
+    .best.pth.tmp-..., .metrics.csv.tmp-..., posthoc/.phema-*.tmp-...) that processes which no longer run left
+    behind: a killed save; never a valid file."""
+    for tmp in [*Path(folder).glob(".*.tmp-*"), *(Path(folder) / POSTHOC_DIR).glob(".phema-*.tmp-*")]:
         name = _TEMP_NAME.sub("", tmp.name)[1:]
-        if (Path(name).match(CKPT_PATTERN) or name in RUN_FILES) and is_stale_temp(tmp):
+        if (Path(name).match(CKPT_PATTERN) or name in RUN_FILES or name.startswith("phema-")) and is_stale_temp(tmp):
             with contextlib.suppress(OSError):
                 tmp.unlink()
 

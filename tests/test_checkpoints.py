@@ -507,11 +507,11 @@ def test_oom_retry_halves_the_micro_batch_with_the_same_update(monkeypatch):
     real = tr.compiled_model
     sizes = []
 
-    def flaky(x, t, noise, w=None):
+    def flaky(x, t, noise, w=None, **kw):
         sizes.append(x.shape[0])
         if len(sizes) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory (fake)")
-        return real(x, t, noise, w)
+        return real(x, t, noise, w, **kw)
 
     grads = {}
     for name, trainer in (("tr", tr), ("ref", ref)):
@@ -535,7 +535,7 @@ def test_oom_retry_halves_the_micro_batch_with_the_same_update(monkeypatch):
     assert sizes == [4, 2, 2, 2, 2] and tr.pos.step == 2
 
     always = make_trainer()
-    monkeypatch.setattr(always, "compiled_model", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("fake")))
+    monkeypatch.setattr(always, "compiled_model", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("fake")))
     with pytest.raises(ddpm.TrainingError, match="micro-batch 1"):
         always.train_step()
 
@@ -549,9 +549,9 @@ def test_non_finite_updates_are_skipped_counted_and_stop_training(monkeypatch, f
     real = tr.compiled_model
     mode = {"nan": False}
 
-    def loss_fn(x, t, noise, w=None):
-        loss = real(x, t, noise, w)
-        return loss * float("nan") if mode["nan"] else loss
+    def loss_fn(x, t, noise, w=None, **kw):
+        loss, per = real(x, t, noise, w, **kw)
+        return (loss * float("nan") if mode["nan"] else loss), per
 
     monkeypatch.setattr(tr, "compiled_model", loss_fn)
     one_step(tr)  # one good step, so the optimizer has state
@@ -573,7 +573,8 @@ def test_non_finite_updates_are_skipped_counted_and_stop_training(monkeypatch, f
     # a good step in between resets the count
     tr2 = make_trainer()
     real2 = tr2.compiled_model
-    monkeypatch.setattr(tr2, "compiled_model", lambda x, t, n, w=None: real2(x, t, n, w) * (float("nan") if tr2.pos.step != 6 else 1.0))
+    monkeypatch.setattr(tr2, "compiled_model", lambda x, t, n, w=None, **kw: (
+        real2(x, t, n, w, **kw)[0] * (float("nan") if tr2.pos.step != 6 else 1.0), real2(x, t, n, w, **kw)[1]))
     for _ in range(12):
         one_step(tr2)
         tr2.check_health()

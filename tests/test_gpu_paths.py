@@ -25,7 +25,7 @@ def test_oom_retry_runs_after_the_failed_attempt_is_freed(monkeypatch):
     failed = []  # weak references to the failed attempt's tensors
     alive_at_retry = []
 
-    def flaky(x, t, noise, w=None):
+    def flaky(x, t, noise, w=None, **kw):
         if not failed:
             loss = real(x, t, noise, w)  # a graph with its saved activations, held by this frame
             big = torch.empty(1 << 20)
@@ -33,7 +33,7 @@ def test_oom_retry_runs_after_the_failed_attempt_is_freed(monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory (fake)")
         gc.collect()  # what is still alive now is held by something real, not by collectable garbage
         alive_at_retry.append([r() is not None for r in failed])
-        return real(x, t, noise, w)
+        return real(x, t, noise, w, **kw)
 
     monkeypatch.setattr(tr, "compiled_model", flaky)
     tr.train_step()
@@ -43,7 +43,7 @@ def test_oom_retry_runs_after_the_failed_attempt_is_freed(monkeypatch):
 
 def test_oom_at_micro_batch_one_is_a_one_line_training_error(monkeypatch):
     tr = make_trainer()
-    monkeypatch.setattr(tr, "compiled_model", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("fake")))
+    monkeypatch.setattr(tr, "compiled_model", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("fake")))
     with pytest.raises(ddpm.TrainingError, match="even at micro-batch 1"):
         tr.train_step()
     assert tr.pos.step == 0
@@ -306,11 +306,11 @@ def test_cuda_graph_oom_retry_records_new_graphs_and_torchrun_stays_in_default_m
     real = tr.compiled_model
     failed = []
 
-    def flaky(x, t, noise, w=None):
+    def flaky(x, t, noise, w=None, **kw):
         if not failed:
             failed.append(1)
             raise torch.OutOfMemoryError("CUDA out of memory (fake)")
-        return real(x, t, noise, w)
+        return real(x, t, noise, w, **kw)
     tr.compiled_model = flaky
     tr.train_step()
     assert calls["reset"] == 1 and calls["compile"] == ["reduce-overhead", "reduce-overhead"]  # the old pool freed

@@ -58,8 +58,9 @@ def test_resume_continues_metrics_without_duplicate_steps(run6, tmp_path):
         f.write("8,checkpoint,stale.pth,1.0\n")
     assert train(tmp_path, "--resume", "--max-steps", "10", "--log-every", "1", *QUIET) == 0
     metrics = rows(tmp_path / "ckpt" / "metrics.csv")
-    assert list(metrics[0].keys()) == ["step", "epoch", "images_seen", "loss", "skipped", "lr", "img_per_s", "swd",
-                                       "swd_levels", "colour_mean", "colour_std", "wall_time"]
+    assert list(metrics[0].keys()) == ["step", "epoch", "images_seen", "loss", "skipped", "loss_fine", "loss_detail",
+                                       "loss_shape", "loss_coarse", "lr", "img_per_s", "swd", "swd_levels",
+                                       "colour_mean", "colour_std", "wall_time"]
     steps = [int(r["step"]) for r in metrics]
     assert steps == list(range(1, 11))
     assert metrics[:6] == first  # continued, not rewritten

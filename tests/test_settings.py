@@ -44,7 +44,8 @@ CHANGED = {
     "max_nonfinite": ["--max-nonfinite", "5"], "log_every": ["--log-every", "2"], "sample_every": ["--sample-every", "5"],
     "tensorboard": ["--tensorboard"], "pictures": ["--run-pictures"], "guide_snapshot": ["--guide-snapshot", "0.9"],
     "dropout": ["--dropout", "0.2"], "loss_weight": ["--loss-weight", "min-snr"], "min_snr_gamma": ["--min-snr-gamma", "3"],
-    "eval_every": ["--eval-every", "3"], "eval_samples": ["--eval-samples", "2"],
+    "eval_every": ["--eval-every", "3"], "eval_samples": ["--eval-samples", "2"], "posthoc_ema": ["--posthoc-ema"],
+    "posthoc_snapshots": ["--posthoc-snapshots", "4"],
     "sampler": ["--sampler", "ddim"], "steps": ["--steps", "4"], "eta": ["--eta", "0.5"], "grid": ["--grid", "uniform"],
     "clip": ["--no-clip"],
 }
