@@ -65,6 +65,15 @@ RECIPES = {
     **{f"demo - {label}": dict(PARTS, **{k: WITHOUT[k]}) for k, label in
        (("time_cond", "scale-shift"), ("norm_groups", "8 groups"), ("objective", "v"), ("beta_schedule", "cosine"))},
 }
+# where the speckle comes from (--only with these names, on either data): one change at a time from the demo
+# recipe: the loss over noise levels, the learning rate's end, dropout, capacity at the highest resolution
+SPECKLE = {
+    "demo + min-snr": dict(PARTS, loss_weight="min-snr"),
+    "demo + constant lr": dict(PARTS, lr_schedule="constant"),
+    "demo + dropout 0.1": dict(PARTS, dropout=0.1),
+    "demo + wide top": dict(PARTS, channel_multiples=(2, 2, 2, 2)),
+    "demo + 2 blocks": dict(PARTS, num_blocks=2),
+}
 # the README's first table: one change at a time from the original, on the demo faces
 FACE_VARIANTS = {"original": {}, "scale-shift": {"time_cond": "scale-shift"}, "8 groups": {"norm_groups": 8},
                  "v objective": {"objective": "v"}, "min-snr": {"loss_weight": "min-snr"},
@@ -87,6 +96,8 @@ def colour_gap(fake: torch.Tensor, real: torch.Tensor) -> dict:
 
 
 def measure(fake: torch.Tensor, real: torch.Tensor, tag: str) -> dict:
+    """SWD x1e3 (mean, and each pyramid level finest first: the finest is the speckle's measure) and the
+    colour gap of samples against the real images."""
     r = ddpm.swd(fake, real, 0)
     return {f"swd_{tag}": round(r["mean"], 2), f"swd_{tag}_levels": [round(v, 2) for v in r["per_level"]],
             f"colour_{tag}": colour_gap(fake, real)}
@@ -99,12 +110,14 @@ def split(data: torch.Tensor, n: int):
 
 
 def ours(name: str, cfg: ddpm.ModelConfig, tc: ddpm.TrainConfig, train: torch.Tensor, real: torch.Tensor,
-         n: int, seed: int, rt, ddpm100: bool, held=None) -> dict:
+         n: int, seed: int, rt, ddpm100: bool, held=None, posthoc=()) -> dict:
     """Train a recipe with ddpm.train, then SWD and colour of n samples against `real`; with `held`,
-    also the bound in bits/dim (50 timesteps) on those images."""
+    also the bound in bits/dim (50 timesteps) on those images; with `posthoc` (relative widths), the
+    run keeps the post-hoc EMA and each width's rebuilt EMA is measured too (swd_ema<width>)."""
     tmp = Path(tempfile.mkdtemp())
     try:
         t0 = time.time()
+        tc = replace(tc, posthoc_ema=bool(posthoc), posthoc_snapshots=16)
         trainer = ddpm.train(cfg, tc, train, tmp / "ckpt", tmp / "out", device=str(rt.device), seed=seed)
         row = {"what": "ours", "name": name, "seed": seed, "steps": trainer.pos.step,
                "params": sum(p.numel() for p in trainer.model.parameters()), "train_s": round(time.time() - t0, 1),
@@ -116,6 +129,10 @@ def ours(name: str, cfg: ddpm.ModelConfig, tc: ddpm.TrainConfig, train: torch.Te
             row.update(measure(fake, real, tag))
         if held is not None:
             row["nll_bpd"] = round(ddpm.bits_per_dim(model, held, 50, 128, 0)["bpd"], 4)
+        for width in posthoc:
+            rebuilt = ddpm.load_model(tmp / "ckpt", rt.device, ema_length=width)
+            fake = ddpm.generate(rebuilt, rt.local(), range(n), 0, ddpm.SampleSpec(), batch_size=128, show_progress=False)
+            row.update(measure(fake, real, f"ema{width:g}"))
         return row
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -218,18 +235,25 @@ def peer(scale: dict, train: torch.Tensor, real: torch.Tensor, n: int, seed: int
 def table(rows: list) -> str:
     floor = next((r for r in rows if r["what"] == "floor"), None)
     out = []
+    def levels(r: dict, tag: str) -> str:
+        return " / ".join(f"{v:.2f}" for v in r.get(f"swd_{tag}_levels", []))
     if floor:
-        out.append(f"Real vs real (the floor): SWD {floor['swd']:.2f}; colour gap mean {floor['colour']['mean']:.2f}, "
-                   f"std {floor['colour']['std']:.2f} levels; {floor['n']} images each.\n")
-    out.append("| recipe | seed | SWD, DPM-Solver++ 25 | colour gap (mean / std) | SWD, ddpm 100 | train img/s | "
-               "params |")
-    out.append("|---|---|---|---|---|---|---|")
+        out.append(f"Real vs real (the floor): SWD {floor['swd']:.2f} (by level, finest first: "
+                   f"{' / '.join(f'{v:.2f}' for v in floor.get('levels', []))}); colour gap mean "
+                   f"{floor['colour']['mean']:.2f}, std {floor['colour']['std']:.2f} levels; {floor['n']} images each.\n")
+    out.append("| recipe | seed | SWD, DPM-Solver++ 25 | by level, finest first | colour gap (mean / std) | SWD, ddpm 100 "
+               "| train img/s | params |")
+    out.append("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["what"] == "ours":
             d100 = f"{r['swd_ddpm100']:.2f}" if "swd_ddpm100" in r else "–"
             c = r["colour_default"]
-            out.append(f"| {r['name']} | {r['seed']} | {r['swd_default']:.2f} | {c['mean']:.1f} / {c['std']:.1f} | "
-                       f"{d100} | {r['img_per_s']:.1f} | {r['params'] / 1e6:.2f}M |")
+            out.append(f"| {r['name']} | {r['seed']} | {r['swd_default']:.2f} | {levels(r, 'default')} | "
+                       f"{c['mean']:.1f} / {c['std']:.1f} | {d100} | {r['img_per_s']:.1f} | {r['params'] / 1e6:.2f}M |")
+            for tag in (k[4:] for k in r if k.startswith("swd_ema") and not k.endswith("_levels")):
+                c = r[f"colour_{tag}"]
+                out.append(f"| {r['name']}, post-hoc EMA {tag[3:]} | {r['seed']} | {r[f'swd_{tag}']:.2f} | "
+                           f"{levels(r, tag)} | {c['mean']:.1f} / {c['std']:.1f} | – | – | – |")
         elif r["what"] == "peer" and "swd_ddim25" in r:
             c = r["colour_ddim25"]
             out.append(f"| {r['name']}, its DDIM 25 (100: {r['swd_ddim100']:.2f}) | {r['seed']} | {r['swd_ddim25']:.2f} "
@@ -273,6 +297,8 @@ def main():
     p.add_argument("--samplers", nargs="+", default=None, metavar="SAMPLER/GRID",
                    help="--edm: only these rows of EDM_SAMPLERS (e.g. heun/karras; default: all, and ddpm 100)")
     p.add_argument("--churns", type=float, nargs="*", default=[], help="--edm: Heun at 25 calls with each S_churn")
+    p.add_argument("--posthoc", type=float, nargs="*", default=[], metavar="SIGMA_REL",
+                   help="keep the post-hoc EMA and measure each of these rebuilt EMA lengths too")
     a = p.parse_args()
     if a.table:
         print(table([json.loads(line) for line in Path(a.table).read_text().splitlines() if line.strip()]))
@@ -283,7 +309,7 @@ def main():
     n = a.samples if not a.quick else 16
     if a.data:
         data = ddpm.load_images([a.data], a.img_size, 3)
-        scale, recipes = dict(SCALES[a.scale]), RECIPES
+        scale, recipes = dict(SCALES[a.scale]), {**RECIPES, **SPECKLE}
         train, real_a, real_b = split(data, n)
         held = None
     else:  # as the README's first table was made: 4096 faces to train on, then new ones
@@ -291,7 +317,10 @@ def main():
         faces = ddpm.demo_faces(n_train + 3 * n, a.img_size)
         train, real_a, held, real_b = faces[:n_train], faces[n_train:n_train + n], faces[-2 * n:-n], faces[-n:]
         scale, recipes = dict(SCALES["S"], steps=400), {k: dict(WITHOUT, **v) for k, v in FACE_VARIANTS.items()}
-        a.ddpm100 = True
+        if a.only and set(a.only) <= set(RECIPES) | set(SPECKLE):  # the demo preset's recipe and its variants
+            recipes = {**RECIPES, **SPECKLE}
+        else:
+            a.ddpm100 = True
     if a.steps or a.quick:
         scale["steps"] = a.steps or 6
     if a.quick:
@@ -336,7 +365,7 @@ def main():
             if a.only is not None and name not in a.only:
                 continue
             cfg, tc_r = recipe_configs(scale, recipe, a.img_size, tc)
-            emit(ours(name, cfg, tc_r, train, real_a, n, seed, rt, a.ddpm100, held))
+            emit(ours(name, cfg, tc_r, train, real_a, n, seed, rt, a.ddpm100, held, a.posthoc))
         if a.peer and (a.only is None or "peer" in a.only):
             row = peer(scale, train, real_a, n, seed, steps)
             if row is not None:
@@ -348,9 +377,9 @@ def main():
 def recipe_configs(scale: dict, recipe: dict, size: int, tc: ddpm.TrainConfig):
     """The ModelConfig and TrainConfig of a recipe (its training settings, such as the loss weight, go
     to the TrainConfig)."""
-    train = {k: v for k, v in recipe.items() if k in ddpm.TRAIN_RULES}
-    model = {k: v for k, v in recipe.items() if k not in train}
-    return ddpm.ModelConfig(img_size=size, **scale["model"], **model).validate(), replace(tc, **train)
+    train = {k: v for k, v in recipe.items() if k in ddpm.settings_of(ddpm.TrainConfig)}
+    model = {**scale["model"], **{k: v for k, v in recipe.items() if k not in train}}
+    return ddpm.ModelConfig(img_size=size, **model).validate(), replace(tc, **train)
 
 
 def speed_row(scale: dict, recipe: dict, train: torch.Tensor, size: int, seed: int, rt) -> dict:
