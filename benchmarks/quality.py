@@ -109,8 +109,18 @@ def split(data: torch.Tensor, n: int):
     return data[perm[2 * n:].sort().values], data[perm[:n]], data[perm[n:2 * n]]
 
 
+def stopped_at(sigma_min: float):
+    """A log-SNR grid that stops at noise level sigma_min (its last model call there gives x_0), where
+    the default one goes down to t = 0 (sigma 0.006 on the cosine schedule): how much of the speckle
+    the last, lowest-noise steps add."""
+    def grid(d: ddpm.GaussianDiffusion, n: int, top=None):
+        lams = torch.linspace(max(float(-d.log_sigma_f64[-1]), ddpm.LAMBDA_FLOOR), -math.log(sigma_min), n).tolist()
+        return [float(d.timesteps - 1)] + [d.t_of_sigma(math.exp(-lam)) for lam in lams[1:]]
+    return grid
+
+
 def ours(name: str, cfg: ddpm.ModelConfig, tc: ddpm.TrainConfig, train: torch.Tensor, real: torch.Tensor,
-         n: int, seed: int, rt, ddpm100: bool, held=None, posthoc=()) -> dict:
+         n: int, seed: int, rt, ddpm100: bool, held=None, posthoc=(), ends=()) -> dict:
     """Train a recipe with ddpm.train, then SWD and colour of n samples against `real`; with `held`,
     also the bound in bits/dim (50 timesteps) on those images; with `posthoc` (relative widths), the
     run keeps the post-hoc EMA and each width's rebuilt EMA is measured too (swd_ema<width>)."""
@@ -129,6 +139,14 @@ def ours(name: str, cfg: ddpm.ModelConfig, tc: ddpm.TrainConfig, train: torch.Te
             row.update(measure(fake, real, tag))
         if held is not None:
             row["nll_bpd"] = round(ddpm.bits_per_dim(model, held, 50, 128, 0)["bpd"], 4)
+        for sigma_min in ends:  # the default sampler stopped at a higher noise level
+            ddpm.GRIDS["stop"] = stopped_at(sigma_min)
+            try:
+                fake = ddpm.generate(model, rt.local(), range(n), 0, ddpm.SampleSpec(grid="stop"), batch_size=128,
+                                     show_progress=False)
+            finally:
+                del ddpm.GRIDS["stop"]
+            row.update(measure(fake, real, f"end{sigma_min:g}"))
         for width in posthoc:
             rebuilt = ddpm.load_model(tmp / "ckpt", rt.device, ema_length=width)
             fake = ddpm.generate(rebuilt, rt.local(), range(n), 0, ddpm.SampleSpec(), batch_size=128, show_progress=False)
@@ -250,9 +268,10 @@ def table(rows: list) -> str:
             c = r["colour_default"]
             out.append(f"| {r['name']} | {r['seed']} | {r['swd_default']:.2f} | {levels(r, 'default')} | "
                        f"{c['mean']:.1f} / {c['std']:.1f} | {d100} | {r['img_per_s']:.1f} | {r['params'] / 1e6:.2f}M |")
-            for tag in (k[4:] for k in r if k.startswith("swd_ema") and not k.endswith("_levels")):
+            for tag in (k[4:] for k in r if k.startswith(("swd_ema", "swd_end")) and not k.endswith("_levels")):
                 c = r[f"colour_{tag}"]
-                out.append(f"| {r['name']}, post-hoc EMA {tag[3:]} | {r['seed']} | {r[f'swd_{tag}']:.2f} | "
+                what = f"post-hoc EMA {tag[3:]}" if tag.startswith("ema") else f"sampling stopped at sigma {tag[3:]}"
+                out.append(f"| {r['name']}, {what} | {r['seed']} | {r[f'swd_{tag}']:.2f} | "
                            f"{levels(r, tag)} | {c['mean']:.1f} / {c['std']:.1f} | – | – | – |")
         elif r["what"] == "peer" and "swd_ddim25" in r:
             c = r["colour_ddim25"]
@@ -297,6 +316,8 @@ def main():
     p.add_argument("--samplers", nargs="+", default=None, metavar="SAMPLER/GRID",
                    help="--edm: only these rows of EDM_SAMPLERS (e.g. heun/karras; default: all, and ddpm 100)")
     p.add_argument("--churns", type=float, nargs="*", default=[], help="--edm: Heun at 25 calls with each S_churn")
+    p.add_argument("--ends", type=float, nargs="*", default=[], metavar="SIGMA_MIN",
+                   help="also sample with the default sampler stopped at these noise levels (instead of t = 0)")
     p.add_argument("--posthoc", type=float, nargs="*", default=[], metavar="SIGMA_REL",
                    help="keep the post-hoc EMA and measure each of these rebuilt EMA lengths too")
     a = p.parse_args()
@@ -365,7 +386,7 @@ def main():
             if a.only is not None and name not in a.only:
                 continue
             cfg, tc_r = recipe_configs(scale, recipe, a.img_size, tc)
-            emit(ours(name, cfg, tc_r, train, real_a, n, seed, rt, a.ddpm100, held, a.posthoc))
+            emit(ours(name, cfg, tc_r, train, real_a, n, seed, rt, a.ddpm100, held, a.posthoc, a.ends))
         if a.peer and (a.only is None or "peer" in a.only):
             row = peer(scale, train, real_a, n, seed, steps)
             if row is not None:
