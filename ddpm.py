@@ -117,6 +117,7 @@ import json
 import math
 import random
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -3283,9 +3284,6 @@ def inception_features(weights: Optional[str], device: torch.device) -> Features
     """pytorch-fid's InceptionV3 pool3 features (2048-d) with the pt_inception-2015-12-05 weights (the
     TF Inception of Heusel et al. 2017 behind published FIDs), from torch.hub's cache or --fid-weights
     (checked by its sha256 prefix); never downloads. Returns its Features: (B, 3, H, W) in [0, 1] -> (B, 2048)."""
-    import shutil
-    import tempfile
-
     try:
         from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
     except ImportError:
@@ -3553,7 +3551,7 @@ class TrainConfig:
     lr: float = setting(1e-4, "--lr", "Adam learning rate", demo=1e-3, check=lambda v: 0 < v <= 1,
                         rule="a positive number up to 1")
     lr_schedule: str = setting("constant", "--lr-schedule", "constant (the original) or cosine decay to 0 at the end "
-                               "of --epochs", choices=LR_SCHEDULES, demo="cosine")
+                               "of --epochs", choices=LR_SCHEDULES)
     warmup_steps: int = setting(0, "--warmup-steps", "linear learning-rate warm-up", demo=50, **at_least(0))
     epochs: int = setting(5, "--epochs", "epochs to train (with --resume: the run's total)", demo=4, **at_least(1))
     ema_decay: float = setting(0.9999, "--ema-decay", "EMA of the weights; 0 turns it off", demo=0.999,
@@ -4490,6 +4488,8 @@ class Trainer:
         if pos.step >= (tc.max_steps or float("inf")) or pos.epoch >= pos.end_epoch:
             self._say_nothing_to_do()
             return Stop.NOTHING
+        if self.posthoc is not None and is_rank0():
+            self._plan_posthoc(ckpt_dir)
         if pictures is not None:
             pictures.before(self)
         metrics = MetricsLog(ckpt_dir, pos.step, is_rank0(), tc.tensorboard)
@@ -4498,11 +4498,6 @@ class Trainer:
             self._start_probe(ckpt_dir, metrics)
         if tc.guide_snapshot and is_rank0():
             self._plan_guide(ckpt_dir, metrics)
-        if self.posthoc is not None:
-            n = sum(p.numel() for p in self.posthoc._src)
-            log(f"post-hoc EMA: widths {' and '.join(f'{w:g}' for w in self.posthoc.widths)}, a snapshot of both every "
-                f"{self.posthoc_every()} steps ({tc.posthoc_snapshots} over the run, about "
-                f"{tc.posthoc_snapshots * len(self.posthoc.widths) * 4 * n / 2**20:,.0f} MiB in {ckpt_dir / POSTHOC_DIR})")
         self.first_step = pos.step
         self.model.train()  # run-before.png (rank 0 only) left it in eval mode: dropout must be on, on every rank
         self.clock.restart(pos.step)
@@ -4644,6 +4639,24 @@ class Trainer:
         --max-steps, which is one invocation's, so that a run stopped and resumed keeps its cadence)."""
         return max(1, math.ceil(self.pos.end_epoch * self.steps_per_epoch / self.tc.posthoc_snapshots))
 
+    def _plan_posthoc(self, ckpt_dir: Path) -> None:
+        """--posthoc-ema: say what its snapshots will take on disk, and refuse in one line, before anything is
+        written, where the ones still to come need more than the disk has free."""
+        every, end = self.posthoc_every(), self.pos.end_epoch * self.steps_per_epoch
+        if self.tc.max_steps:
+            end = min(end, self.tc.max_steps)
+        to_come = end // every - self.pos.step // every + (end % every != 0)  # each due step, and the stop
+        size = len(self.posthoc.widths) * sum(4 * p.numel() for p in self.posthoc._src)  # fp32, both profiles
+        where = ckpt_dir / POSTHOC_DIR
+        free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.exists())).free
+        gib = lambda n: f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"  # noqa: E731
+        if to_come * size > free:
+            raise DDPMError(f"--posthoc-ema: {to_come} more snapshots of {gib(size)} each need {gib(to_come * size)} "
+                            f"in {where}, and {gib(free)} is free; lower --posthoc-snapshots or free some disk space")
+        log(f"post-hoc EMA: widths {' and '.join(f'{w:g}' for w in self.posthoc.widths)}, a snapshot of both every "
+            f"{every} steps ({self.tc.posthoc_snapshots} over the run, {gib(size)} each: {gib(to_come * size)} to come "
+            f"in {where}; {gib(free)} free)")
+
     def _save_posthoc(self, ckpt_dir: Path) -> None:
         """A snapshot of the post-hoc EMA's profiles at this step, ckpt/posthoc/phema-STEP.pth (rank 0), never
         over one that is there: a snapshot of a step is the same whenever the run reaches it."""
@@ -4774,15 +4787,12 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
-# The argparse Namespace stops in this section: main() parses the flags once into typed jobs
-# (TrainJob, SampleJob, EditJob, InvertJob, EvalJob, InfoJob, ExportJob, built from ModelConfig,
-# TrainConfig, SampleSpec, DataSource and the set of flags the user typed), and every command takes
-# its job. Only the parser and the job builders below read `args`.
-
-# -- typed jobs: each declares its own options -------------------------------------------------
 # The argparse Namespace stops in this section: main() parses the flags once into the typed job they
 # ask for (TrainJob, SampleJob, EditJob, InvertJob, EvalJob, InfoJob, ExportJob), each built from the
-# declared settings (see Settings), and every command takes its job.
+# declared settings (see Settings), and every command takes its job. Only the parser and the job
+# builders below read `args`.
+
+# -- typed jobs: each declares its own options -------------------------------------------------
 
 EVALS = ("nll", "fid", "swd", "nearest")
 MAX_GUIDANCE = 10.0  # --guidance above this only saturates (x_0 = guide + W (model - guide))

@@ -13,8 +13,9 @@
 #      $SEED_BASELINE); then the layouts at batch 256: channels_last, NCHW, NCHW with inductor's layout
 #      optimisation forced on;
 #   1. benchmarks/bench.py (default model: every sampler, compiled sampling, a profile);
-#   2. the command line end to end: --train on a generated image folder with compile, previews and
-#      checkpoints; --loadckpt ... --num-samples 100 --compile (CUDA graphs, padded last batch);
+#   2. the command line end to end: --train on a generated image folder with compile, previews,
+#      checkpoints and post-hoc EMA snapshots; --loadckpt ... --num-samples 100 --compile --ema-length 0.08
+#      (CUDA graphs, padded last batch, a rebuilt EMA);
 #      --resume (eager);
 #   3. --precision fp16 (GradScaler) and --precision fp32 for a few steps each;
 #   4. the 8 GB promise: the default model at batch 64 under an 8 GiB memory cap, bf16 and fp16,
@@ -150,10 +151,10 @@ TRAIN=(ddpm.py --train --data-folders "$W/faces" "${DEV[@]}" "${MODEL[@]}" --bat
 if want cli; then
   export TORCH_LOGS=graph_breaks,recompiles
   step cli_train 200 "$CLI" "$PY" "${TRAIN[@]}" --ckpt-save-dir "$W/ckpt" --save-dir "$W/out" --epochs 100 \
-    --max-steps "$STEPS" --sample-every $((STEPS / 2)) --log-every $((STEPS / 8))
+    --max-steps "$STEPS" --sample-every $((STEPS / 2)) --log-every $((STEPS / 8)) --posthoc-ema --posthoc-snapshots 4
   summary cli_train "$W/ckpt"
   step cli_sample 150 "$CLI" "$PY" ddpm.py --loadckpt "$W/ckpt" "${DEV[@]}" --num-samples 100 --batch-size 64 \
-    "${GRAPHS[@]}" --save-dir "$W/samples" --seed 1
+    "${GRAPHS[@]}" --save-dir "$W/samples" --seed 1 --ema-length 0.08
   ls "$W/samples" | grep -c '^ddpm-[0-9]*\.png$' | "$PY" -c "import json,sys; print(json.dumps({'what': 'summary',
     'name': 'cli_sample', 'pngs': int(sys.stdin.read())}))" | tee -a "$LOG"
   step cli_resume 150 "$CLI" "$PY" "${TRAIN[@]}" --resume --ckpt-save-dir "$W/ckpt" --save-dir "$W/out" \

@@ -38,6 +38,15 @@ ancestral steps; autoguidance by EMA snapshots of the same run at --guide-fracti
 --guide-snapshot saves) at weights --guidance-weights, sampled with the default sampler; and the
 recipe with --objective edm, trained the same way, sampled with each of them at 25 calls.
 
+Where the speckle comes from (the README's "Where the speckle comes from"): the SPECKLE recipes change one
+thing at a time from the demo recipe (the loss over noise levels, the learning rate's end, dropout, capacity
+at the highest resolution); --ends samples each model again with the default sampler stopped at higher noise
+levels; --posthoc keeps EDM2's post-hoc EMA and measures the EMA rebuilt at each relative width. Every row
+gives SWD by pyramid level beside the mean, the floor's levels in the header.
+
+    python benchmarks/quality.py --scale S --steps 512 --no-nll --only "demo recipe" "demo + constant lr" \
+        --ends 0.1 --posthoc 0.03 0.1 --seeds 0 1
+
 Prints one JSON object per line (and appends them to --out), then the table in Markdown.
 """
 import argparse
@@ -73,6 +82,9 @@ SPECKLE = {
     "demo + dropout 0.1": dict(PARTS, dropout=0.1),
     "demo + wide top": dict(PARTS, channel_multiples=(2, 2, 2, 2)),
     "demo + 2 blocks": dict(PARTS, num_blocks=2),
+    "demo + constant lr + min-snr": dict(PARTS, lr_schedule="constant", loss_weight="min-snr"),
+    # at scale M, today's default (32 groups) with the learning rate held
+    "demo - 8 groups + constant lr": dict(PARTS, norm_groups=32, lr_schedule="constant"),
 }
 # the README's first table: one change at a time from the original, on the demo faces
 FACE_VARIANTS = {"original": {}, "scale-shift": {"time_cond": "scale-shift"}, "8 groups": {"norm_groups": 8},
@@ -302,6 +314,7 @@ def main():
     p.add_argument("--only", nargs="*", default=None, help="recipe names to run (default: all)")
     p.add_argument("--peer", action="store_true", help="also train lucidrains' denoising-diffusion-pytorch")
     p.add_argument("--ddpm100", action="store_true", help="also SWD of 100 ancestral steps")
+    p.add_argument("--no-nll", action="store_true", help="demo faces: leave out the NLL bound (saves a minute a row)")
     p.add_argument("--speed", action="store_true", help="training img/s only (50 steps each), ours and the peer's")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     p.add_argument("--table", default=None, metavar="FILE", help="print the table of a results file and exit")
@@ -337,6 +350,7 @@ def main():
         n_train = 4096 if not a.quick else 256
         faces = ddpm.demo_faces(n_train + 3 * n, a.img_size)
         train, real_a, held, real_b = faces[:n_train], faces[n_train:n_train + n], faces[-2 * n:-n], faces[-n:]
+        held = None if a.no_nll else held
         scale, recipes = dict(SCALES["S"], steps=400), {k: dict(WITHOUT, **v) for k, v in FACE_VARIANTS.items()}
         if a.only and set(a.only) <= set(RECIPES) | set(SPECKLE):  # the demo preset's recipe and its variants
             recipes = {**RECIPES, **SPECKLE}

@@ -29,7 +29,7 @@ TINY = [*MODEL, "--device", "cpu"]
 TRAIN = ["--train", "--demo", "--demo-images", "32", *TINY, "--dropout", "0", "--batch-size", "8",
          "--grad-accum", "2", "--epochs", "2", "--seed", "11", "--log-every", "1", "--sample-every", "8",
          "--num-samples", "4", "--warmup-steps", "0", "--lr-schedule", "constant", "--sampler", "dpm++",
-         "--steps", "25", "--eval-every", "0"]
+         "--steps", "25", "--eval-every", "0", "--posthoc-ema", "--posthoc-snapshots", "2"]
 SAMPLE = ["--num-samples", "5", "--batch-size", "4", "--steps", "10", "--seed", "7", "--device", "cpu"]
 TIMEOUT = 300  # a deadlock (a collective on only some ranks) shows up as this timeout
 
@@ -271,7 +271,7 @@ def test_only_rank0_writes_and_prints(two, one):
     expected = files(one)
     assert {"ckpt/ckpt-0.pth", "ckpt/ckpt-1.pth", "ckpt/metrics.csv", "ckpt/events.csv",
             "output/run-before.png", "output/run-after.png", "output/final-grid.png", "output/loss.png",
-            "output/preview/step-0000008.png"} <= expected
+            "output/preview/step-0000008.png", "ckpt/posthoc/phema-0000004.pth", "ckpt/posthoc/phema-0000008.pth"} <= expected
     assert files(two.cwd[0]) == expected
     assert files(two.cwd[1]) == set(), "rank 1 wrote files"
     events = metrics_rows(two.cwd[0] / "ckpt" / "events.csv")
@@ -292,6 +292,10 @@ def test_resume_on_two_processes_continues_the_run(two, runs):
     a = ddpm.read_checkpoint(run.cwd[0] / "ckpt" / "ckpt-1.pth")
     b = ddpm.read_checkpoint(two.cwd[0] / "ckpt" / "ckpt-1.pth")
     assert torch.equal(a["rng"]["noise"], b["rng"]["noise"])
+    # the post-hoc EMA went on from the checkpoint: its step-8 snapshot is the uninterrupted run's
+    pa, pb = (ddpm.read_checkpoint(r.cwd[0] / "ckpt" / "posthoc" / "phema-0000008.pth")["ema"] for r in (run, two))
+    for x, y in zip(pa, pb):
+        assert_same_state(x, y, "post-hoc snapshot at step 8, resumed vs uninterrupted")
     assert [r["loss"] for r in metrics_rows(run.cwd[0] / "ckpt" / "metrics.csv")] == \
         [r["loss"] for r in metrics_rows(two.cwd[0] / "ckpt" / "metrics.csv")][4:]
     assert files(run.cwd[1]) == set()

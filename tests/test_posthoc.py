@@ -102,3 +102,20 @@ def test_posthoc_ema_from_the_command_line_survives_resume(tmp_path, capsys):
                       "4", "--device", "cpu", "--seed", "0"]) == 0
     assert "post-hoc EMA, SWD x1e3 by --ema-length: 0.05: " in capsys.readouterr().out
     assert not math.isnan(ddpm.power_gamma(0.05))
+
+
+
+def test_posthoc_snapshots_that_do_not_fit_on_the_disk_are_refused_before_anything_is_written(tmp_path, capsys,
+                                                                                               monkeypatch):
+    assert train(tmp_path / "roomy", "--epochs", "4") == 0
+    snaps = sorted((tmp_path / "roomy" / "ckpt" / "posthoc").glob("phema-*.pth"))
+    assert len(snaps) == 4
+    size = sum(4 * v.numel() for avg in ddpm.read_checkpoint(snaps[0])["ema"] for v in avg.values())
+    real = ddpm.shutil.disk_usage
+    monkeypatch.setattr(ddpm.shutil, "disk_usage", lambda p: real(p)._replace(free=3 * size))  # room for 3 of 4
+    capsys.readouterr()
+    assert train(tmp_path / "tight", "--epochs", "4") == 2
+    line = error_line(capsys)
+    assert "--posthoc-ema: 4 more snapshots of" in line and "lower --posthoc-snapshots" in line, line
+    assert not (tmp_path / "tight" / "ckpt" / "posthoc").exists()
+    assert not list((tmp_path / "tight" / "ckpt").glob("ckpt-*.pth"))

@@ -39,7 +39,7 @@ def test_every_field_declares_its_setting_or_says_where_it_comes_from():
 # samplers' own knobs are tried with their samplers, EDM's noise levels on the run's v objective
 CHANGED = {
     "batch_size": ["--batch-size", "2"], "grad_accum": ["--grad-accum", "2"], "lr": ["--lr", "0.002"],
-    "lr_schedule": ["--lr-schedule", "constant"], "warmup_steps": ["--warmup-steps", "3"], "epochs": ["--epochs", "7"],
+    "lr_schedule": ["--lr-schedule", "cosine"], "warmup_steps": ["--warmup-steps", "3"], "epochs": ["--epochs", "7"],
     "ema_decay": ["--ema-decay", "0.99"], "precision": ["--precision", "fp32"], "holdout": ["--holdout", "0.5"],
     "max_nonfinite": ["--max-nonfinite", "5"], "log_every": ["--log-every", "2"], "sample_every": ["--sample-every", "5"],
     "tensorboard": ["--tensorboard"], "pictures": ["--run-pictures"], "guide_snapshot": ["--guide-snapshot", "0.9"],
