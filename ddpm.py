@@ -2345,7 +2345,7 @@ def posthoc_state(path: Path, ckpt: dict, sigma_rel: float) -> Tuple[dict, str]:
                 state[name] = state.get(name, 0) + x[k] * v.double()
             k += 1
     return ({n: v.float() for n, v in state.items()},
-            f"post-hoc EMA of relative width {sigma_rel:g} at step {step}, from {len(snaps)} snapshots "
+            f"post-hoc EMA of relative width {sigma_rel:g} at step {step}, from {len(snaps)} snapshot{'s' * (len(snaps) != 1)} "
             f"(fit within {100 * err:.1f}%)")
 
 
@@ -3194,6 +3194,7 @@ def discretized_gaussian_log_likelihood(x0: torch.Tensor, mean: torch.Tensor, st
     return lb + torch.log1p(-torch.exp(la - lb))
 
 
+@torch.no_grad()
 def bits_per_dim(model: GaussianDiffusion, data: torch.Tensor, timesteps: Optional[int] = None,
                  batch_size: int = 64, seed: int = 0, model_fn: Optional[ModelFn] = None,
                  variance: str = "large") -> dict:
