@@ -50,7 +50,9 @@ gives SWD by pyramid level beside the mean, the floor's levels in the header.
 Prints one JSON object per line (and appends them to --out), then the table in Markdown.
 """
 import argparse
+import contextlib
 import copy
+import functools
 import json
 import math
 import shutil
@@ -75,7 +77,8 @@ RECIPES = {
        (("time_cond", "scale-shift"), ("norm_groups", "8 groups"), ("objective", "v"), ("beta_schedule", "cosine"))},
 }
 # where the speckle comes from (--only with these names, on either data): one change at a time from the demo
-# recipe: the loss over noise levels, the learning rate's end, dropout, capacity at the highest resolution
+# recipe: the loss over noise levels, the learning rate's end and height, Adam's beta_2, dropout, capacity at
+# the highest resolution
 SPECKLE = {
     "demo + min-snr": dict(PARTS, loss_weight="min-snr"),
     "demo + constant lr": dict(PARTS, lr_schedule="constant"),
@@ -83,6 +86,8 @@ SPECKLE = {
     "demo + wide top": dict(PARTS, channel_multiples=(2, 2, 2, 2)),
     "demo + 2 blocks": dict(PARTS, num_blocks=2),
     "demo + constant lr + min-snr": dict(PARTS, lr_schedule="constant", loss_weight="min-snr"),
+    "demo + constant lr x2": dict(PARTS, lr_schedule="constant", lr=2e-3),  # twice scale S's rate, held
+    "demo + constant lr + beta2 0.99": dict(PARTS, lr_schedule="constant", adam_beta2=0.99),  # EDM2's Adam
     # at scale M, today's default (32 groups) with the learning rate held
     "demo - 8 groups + constant lr": dict(PARTS, norm_groups=32, lr_schedule="constant"),
 }
@@ -400,7 +405,8 @@ def main():
             if a.only is not None and name not in a.only:
                 continue
             cfg, tc_r = recipe_configs(scale, recipe, a.img_size, tc)
-            emit(ours(name, cfg, tc_r, train, real_a, n, seed, rt, a.ddpm100, held, a.posthoc, a.ends))
+            with adam_beta2(recipe.get("adam_beta2")):
+                emit(ours(name, cfg, tc_r, train, real_a, n, seed, rt, a.ddpm100, held, a.posthoc, a.ends))
         if a.peer and (a.only is None or "peer" in a.only):
             row = peer(scale, train, real_a, n, seed, steps)
             if row is not None:
@@ -409,11 +415,25 @@ def main():
     print(table(rows))
 
 
+@contextlib.contextmanager
+def adam_beta2(beta2):
+    """A recipe's Adam beta_2 (ddpm.py keeps torch's 0.999): torch.optim.Adam with betas (0.9, beta2)."""
+    if beta2 is None:
+        yield
+        return
+    real = torch.optim.Adam
+    torch.optim.Adam = functools.partial(real, betas=(0.9, beta2))
+    try:
+        yield
+    finally:
+        torch.optim.Adam = real
+
+
 def recipe_configs(scale: dict, recipe: dict, size: int, tc: ddpm.TrainConfig):
     """The ModelConfig and TrainConfig of a recipe (its training settings, such as the loss weight, go
     to the TrainConfig)."""
     train = {k: v for k, v in recipe.items() if k in ddpm.settings_of(ddpm.TrainConfig)}
-    model = {**scale["model"], **{k: v for k, v in recipe.items() if k not in train}}
+    model = {**scale["model"], **{k: v for k, v in recipe.items() if k not in train and k != "adam_beta2"}}
     return ddpm.ModelConfig(img_size=size, **model).validate(), replace(tc, **train)
 
 
