@@ -5,6 +5,7 @@ Each class of failure is tried with at least two instances through the command l
 this process, or a subprocess where a real process is the point), checking the exit status, the
 one-line message, and that every file that existed before is byte-identical afterwards.
 """
+import _csv
 import errno
 import json
 import os
@@ -563,12 +564,37 @@ def test_ctrl_c_while_starting_exits_130_with_one_line(tmp_path, capsys, monkeyp
     assert not (tmp_path / "ckpt").exists()
 
 
+def _when_loaded(p: subprocess.Popen, library: str, timeout: float = 60.0) -> bool:
+    """Wait until process p has mapped a file whose name contains `library` (Linux: /proc/PID/maps);
+    False where that cannot be seen (no /proc) or p ended first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and p.poll() is None:
+        try:
+            if library in Path(f"/proc/{p.pid}/maps").read_text():
+                return True
+        except OSError:
+            return False
+        time.sleep(0.002)
+    return False
+
+
+# the phases of starting, each from the moment a library it loads is mapped: our imports (csv's extension,
+# imported right after the handler), torch's C extension, numpy inside torch, torch's own modules after it
+STARTING = {"our imports": (Path(getattr(_csv, "__file__", "") or "-").name, 0.0),
+            "torch's C extension": (Path(torch._C.__file__).name, 0.0),
+            "numpy inside torch": ("_multiarray_umath", 0.0), "torch's own modules": ("_multiarray_umath", 0.3)}
+
+
 @pytest.mark.skipif(os.name != "posix", reason="sends SIGINT")
-@pytest.mark.parametrize("delay", [0.25, 0.4, 0.8])  # our imports, numpy inside torch, torch's own modules
-def test_ctrl_c_while_torch_loads_exits_130_with_one_line(tmp_path, delay):
+@pytest.mark.parametrize("phase", list(STARTING))
+def test_ctrl_c_while_torch_loads_exits_130_with_one_line(tmp_path, phase):
+    # not by a fixed delay: a loaded machine can still be compiling the script then, before any of it runs
     p = subprocess.Popen([sys.executable, DDPM, *TRAIN, *dirs(tmp_path)], env=SUBPROCESS_ENV,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(delay)  # importing torch takes seconds
+    library, after = STARTING[phase]
+    if not _when_loaded(p, library):
+        time.sleep(1.0)  # no /proc to watch (or csv built in): by then the imports are under way
+    time.sleep(after)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
