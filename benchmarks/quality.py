@@ -390,13 +390,15 @@ def main():
                           dropout=scale["dropout"])
     if a.edm:
         for seed in a.seeds:
-            cfg, tc_r = recipe_configs(scale, recipes[a.recipe], a.img_size, tc)
-            samplers = tuple(tuple(s.split("/")) for s in a.samplers) if a.samplers else EDM_SAMPLERS
-            edm_family(a.recipe, cfg, tc_r, train, real_a, n, seed, rt, a.calls, a.guide_fractions,
-                       a.guidance_weights, emit, samplers, a.churns)
-            if not a.no_edm_objective:
-                cfg, tc_r = recipe_configs(scale, dict(recipes[a.recipe], objective="edm"), a.img_size, tc)
-                edm_family(f"{a.recipe}, objective edm", cfg, tc_r, train, real_a, n, seed, rt, [25], [], [], emit)
+            with adam_beta2(recipes[a.recipe].get("adam_beta2")):
+                cfg, tc_r = recipe_configs(scale, recipes[a.recipe], a.img_size, tc)
+                samplers = tuple(tuple(s.split("/")) for s in a.samplers) if a.samplers else EDM_SAMPLERS
+                edm_family(a.recipe, cfg, tc_r, train, real_a, n, seed, rt, a.calls, a.guide_fractions,
+                           a.guidance_weights, emit, samplers, a.churns)
+                if not a.no_edm_objective:
+                    cfg, tc_r = recipe_configs(scale, dict(recipes[a.recipe], objective="edm"), a.img_size, tc)
+                    edm_family(f"{a.recipe}, objective edm", cfg, tc_r, train, real_a, n, seed, rt, [25], [], [],
+                               emit)
         print()
         print(table(rows))
         return
@@ -413,6 +415,9 @@ def main():
                 emit(row)
     print()
     print(table(rows))
+
+
+BENCH_ONLY = {"adam_beta2"}  # recipe keys this script applies itself (adam_beta2), not settings of ddpm.py
 
 
 @contextlib.contextmanager
@@ -433,7 +438,7 @@ def recipe_configs(scale: dict, recipe: dict, size: int, tc: ddpm.TrainConfig):
     """The ModelConfig and TrainConfig of a recipe (its training settings, such as the loss weight, go
     to the TrainConfig)."""
     train = {k: v for k, v in recipe.items() if k in ddpm.settings_of(ddpm.TrainConfig)}
-    model = {**scale["model"], **{k: v for k, v in recipe.items() if k not in train and k != "adam_beta2"}}
+    model = {**scale["model"], **{k: v for k, v in recipe.items() if k not in train and k not in BENCH_ONLY}}
     return ddpm.ModelConfig(img_size=size, **model).validate(), replace(tc, **train)
 
 
