@@ -3543,7 +3543,7 @@ class TrainConfig:
     """Everything a training run reads besides the model config and the data: built once from the
     command line (or by hand, see the README), stored in every checkpoint, restored by --resume."""
 
-    batch_size: int = setting(64, "--batch-size", "training batch (global) and sampling batch", "run", demo=32,
+    batch_size: int = setting(64, "--batch-size", "training batch (global) and sampling batch", "run", demo=16,
                               commands=EVERY - {"info", "export", "invert"}, **at_least(1))
     grad_accum: int = setting(1, "--grad-accum", "micro-batches per update (same effective batch; on a GPU more are "
                               "used where memory is short, unless this is typed)", **at_least(1))
@@ -3553,9 +3553,9 @@ class TrainConfig:
                         rule="a positive number up to 1")
     lr_schedule: str = setting("constant", "--lr-schedule", "constant (the original) or cosine decay to 0 at the end "
                                "of --epochs", choices=LR_SCHEDULES)
-    warmup_steps: int = setting(0, "--warmup-steps", "linear learning-rate warm-up", demo=50, **at_least(0))
+    warmup_steps: int = setting(0, "--warmup-steps", "linear learning-rate warm-up", demo=100, **at_least(0))
     epochs: int = setting(5, "--epochs", "epochs to train (with --resume: the run's total)", demo=4, **at_least(1))
-    ema_decay: float = setting(0.9999, "--ema-decay", "EMA of the weights; 0 turns it off", demo=0.999,
+    ema_decay: float = setting(0.9999, "--ema-decay", "EMA of the weights; 0 turns it off", demo=0.9995,
                                **fraction("in [0, 1)"))
     precision: str = setting("auto", "--precision", "auto: bf16 on GPUs that have it, else fp16 with GradScaler; fp32 "
                              "on CPU", "run", choices=PRECISIONS, commands=EVERY - {"info", "export"})
@@ -3565,8 +3565,8 @@ class TrainConfig:
                                        check=lambda v: v >= 1, rule="at least 1 (leave it out for no limit)")
     max_nonfinite: int = setting(10, "--max-nonfinite", "stop after this many non-finite losses or gradients in a row "
                                  "(those updates are skipped)", **at_least(1))
-    log_every: int = setting(50, "--log-every", "steps between metrics.csv rows", demo=25, **at_least(1))
-    sample_every: int = setting(1000, "--sample-every", "steps between preview grids (0: never)", demo=256,
+    log_every: int = setting(50, "--log-every", "steps between metrics.csv rows", demo=50, **at_least(1))
+    sample_every: int = setting(1000, "--sample-every", "steps between preview grids (0: never)", demo=512,
                                 **at_least(0))
     tensorboard: bool = setting(False, "--tensorboard", "also log to TensorBoard (needs tensorboard)", switch="both")
     pictures: bool = setting(True, "--run-pictures", "draw run-before/after.png and the final grid (--no-run-pictures: "
@@ -3597,7 +3597,7 @@ class TrainConfig:
     eval_every: int = setting(0, "--eval-every", "--train: every N steps, the SWD of --eval-samples images of a fixed "
                               "seed (EMA, default sampler) against held-out images (--holdout, --eval-folders, or new "
                               "demo faces), logged to metrics.csv; the best checkpoint is kept as best.pth, and "
-                              "quality.png drawn (0: off)", "evaluation", metavar="N", demo=256, **at_least(0))
+                              "quality.png drawn (0: off)", "evaluation", metavar="N", demo=512, **at_least(0))
     eval_samples: Optional[int] = setting(None, "--eval-samples", "images per --eval-every measurement (default: 256 up "
                                           "to 32x32, 128 above)", "evaluation", kind=int, metavar="K", demo=64,
                                           **within(2, 65536, "from 2 to 65,536"))

@@ -39,8 +39,9 @@ ancestral steps; autoguidance by EMA snapshots of the same run at --guide-fracti
 recipe with --objective edm, trained the same way, sampled with each of them at 25 calls.
 
 Where the speckle comes from (the README's "Where the speckle comes from"): the SPECKLE recipes change one
-thing at a time from the demo recipe (the loss over noise levels, the learning rate's end, dropout, capacity
-at the highest resolution); --ends samples each model again with the default sampler stopped at higher noise
+thing at a time from the demo recipe (the loss over noise levels, the learning rate's end and height, Adam's
+beta_2, dropout, capacity at the highest resolution, and the batch: "batch /2" sees the same images in batches
+of half the size, so twice the steps, with the warm-up and the EMA's decay kept as long in images); --ends samples each model again with the default sampler stopped at higher noise
 levels; --posthoc keeps EDM2's post-hoc EMA and measures the EMA rebuilt at each relative width. Every row
 gives SWD by pyramid level beside the mean, the floor's levels in the header.
 
@@ -88,8 +89,12 @@ SPECKLE = {
     "demo + constant lr + min-snr": dict(PARTS, lr_schedule="constant", loss_weight="min-snr"),
     "demo + constant lr x2": dict(PARTS, lr_schedule="constant", lr=2e-3),  # twice scale S's rate, held
     "demo + constant lr + beta2 0.99": dict(PARTS, lr_schedule="constant", adam_beta2=0.99),  # EDM2's Adam
+    # the same images seen in batches of half (a quarter) the size: twice (four times) the updates
+    "demo + constant lr + batch /2": dict(PARTS, lr_schedule="constant", batch_div=2),
+    "demo + constant lr + batch /4": dict(PARTS, lr_schedule="constant", batch_div=4),
     # at scale M, today's default (32 groups) with the learning rate held
     "demo - 8 groups + constant lr": dict(PARTS, norm_groups=32, lr_schedule="constant"),
+    "demo - 8 groups + constant lr + batch /2": dict(PARTS, norm_groups=32, lr_schedule="constant", batch_div=2),
 }
 # the README's first table: one change at a time from the original, on the demo faces
 FACE_VARIANTS = {"original": {}, "scale-shift": {"time_cond": "scale-shift"}, "8 groups": {"norm_groups": 8},
@@ -417,7 +422,7 @@ def main():
     print(table(rows))
 
 
-BENCH_ONLY = {"adam_beta2"}  # recipe keys this script applies itself (adam_beta2), not settings of ddpm.py
+BENCH_ONLY = {"adam_beta2", "batch_div"}  # recipe keys this script applies itself, not settings of ddpm.py
 
 
 @contextlib.contextmanager
@@ -439,6 +444,10 @@ def recipe_configs(scale: dict, recipe: dict, size: int, tc: ddpm.TrainConfig):
     to the TrainConfig)."""
     train = {k: v for k, v in recipe.items() if k in ddpm.settings_of(ddpm.TrainConfig)}
     model = {**scale["model"], **{k: v for k, v in recipe.items() if k not in train and k not in BENCH_ONLY}}
+    k = recipe.get("batch_div")
+    if k:  # the scale's batch divided by k: the same images seen in k times the steps, the EMA and warm-up as long
+        train.update(batch_size=tc.batch_size // k, max_steps=k * tc.max_steps, epochs=k * tc.epochs,
+                     warmup_steps=k * tc.warmup_steps, ema_decay=tc.ema_decay ** (1 / k))
     return ddpm.ModelConfig(img_size=size, **model).validate(), replace(tc, **train)
 
 

@@ -280,7 +280,7 @@ def test_resume_says_each_typed_change_and_refuses_other_data(tmp_path, capsys, 
                       "--no-run-pictures"]) == 0
     out = capsys.readouterr().out
     # (the --demo preset's rate and decay, which the run used)
-    assert "resume: --lr 0.0003 (the run used 0.001)" in out and "resume: --ema-decay 0.5 (the run used 0.999)" in out
+    assert "resume: --lr 0.0003 (the run used 0.001)" in out and "resume: --ema-decay 0.5 (the run used 0.9995)" in out
     obj = ddpm.read_checkpoint(ddpm.newest_checkpoint(tmp_path / "ckpt"))
     assert obj["train"]["lr"] == 3e-4 and obj["step"] == 6
     # --resume-with-new-data lets it go on, on the new images
