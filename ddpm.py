@@ -3565,7 +3565,7 @@ class TrainConfig:
                                        check=lambda v: v >= 1, rule="at least 1 (leave it out for no limit)")
     max_nonfinite: int = setting(10, "--max-nonfinite", "stop after this many non-finite losses or gradients in a row "
                                  "(those updates are skipped)", **at_least(1))
-    log_every: int = setting(50, "--log-every", "steps between metrics.csv rows", demo=50, **at_least(1))
+    log_every: int = setting(50, "--log-every", "steps between metrics.csv rows", **at_least(1))
     sample_every: int = setting(1000, "--sample-every", "steps between preview grids (0: never)", demo=512,
                                 **at_least(0))
     tensorboard: bool = setting(False, "--tensorboard", "also log to TensorBoard (needs tensorboard)", switch="both")

@@ -41,8 +41,8 @@ recipe with --objective edm, trained the same way, sampled with each of them at 
 Where the speckle comes from (the README's "Where the speckle comes from"): the SPECKLE recipes change one
 thing at a time from the demo recipe (the loss over noise levels, the learning rate's end and height, Adam's
 beta_2, dropout, capacity at the highest resolution, and the batch: "batch /2" sees the same images in batches
-of half the size, so twice the steps, with the warm-up and the EMA's decay kept as long in images); --ends samples each model again with the default sampler stopped at higher noise
-levels; --posthoc keeps EDM2's post-hoc EMA and measures the EMA rebuilt at each relative width. Every row
+of half the size, so twice the steps, with the warm-up and the EMA's decay kept as long in images); --ends
+samples each model again with the default sampler stopped at higher noise levels; --posthoc keeps EDM2's post-hoc EMA and measures the EMA rebuilt at each relative width. Every row
 gives SWD by pyramid level beside the mean, the floor's levels in the header.
 
     python benchmarks/quality.py --scale S --steps 512 --no-nll --only "demo recipe" "demo + constant lr" \
