@@ -95,6 +95,10 @@ SPECKLE = {
     # at scale M, today's default (32 groups) with the learning rate held
     "demo - 8 groups + constant lr": dict(PARTS, norm_groups=32, lr_schedule="constant"),
     "demo - 8 groups + constant lr + batch /2": dict(PARTS, norm_groups=32, lr_schedule="constant", batch_div=2),
+    "demo - 8 groups + constant lr + batch /2 + no dropout": dict(PARTS, norm_groups=32, lr_schedule="constant",
+                                                                  batch_div=2, dropout=0.0),
+    "demo - 8 groups + constant lr x2 + batch /2": dict(PARTS, norm_groups=32, lr_schedule="constant", lr=1e-3,
+                                                        batch_div=2),  # twice scale M's rate, held
 }
 # the README's first table: one change at a time from the original, on the demo faces
 FACE_VARIANTS = {"original": {}, "scale-shift": {"time_cond": "scale-shift"}, "8 groups": {"norm_groups": 8},
