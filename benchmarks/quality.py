@@ -42,8 +42,9 @@ Where the speckle comes from (the README's "Where the speckle comes from"): the 
 thing at a time from the demo recipe (the loss over noise levels, the learning rate's end and height, Adam's
 beta_2, dropout, capacity at the highest resolution, and the batch: "batch /2" sees the same images in batches
 of half the size, so twice the steps, with the warm-up and the EMA's decay kept as long in images); --ends
-samples each model again with the default sampler stopped at higher noise levels; --posthoc keeps EDM2's post-hoc EMA and measures the EMA rebuilt at each relative width. Every row
-gives SWD by pyramid level beside the mean, the floor's levels in the header.
+samples each model again with the default sampler stopped at higher noise levels; --posthoc keeps EDM2's
+post-hoc EMA and measures the EMA rebuilt at each relative width. Every row gives SWD by pyramid level beside
+the mean, the floor's levels in the header.
 
     python benchmarks/quality.py --scale S --steps 512 --no-nll --only "demo recipe" "demo + constant lr" \
         --ends 0.1 --posthoc 0.03 0.1 --seeds 0 1
@@ -79,7 +80,8 @@ RECIPES = {
 }
 # where the speckle comes from (--only with these names, on either data): one change at a time from the demo
 # recipe: the loss over noise levels, the learning rate's end and height, Adam's beta_2, dropout, capacity at
-# the highest resolution
+# the highest resolution, the batch (at scale M from M_HELD: today's default, 32 groups, the rate held)
+M_HELD = dict(PARTS, norm_groups=32, lr_schedule="constant")
 SPECKLE = {
     "demo + min-snr": dict(PARTS, loss_weight="min-snr"),
     "demo + constant lr": dict(PARTS, lr_schedule="constant"),
@@ -93,12 +95,10 @@ SPECKLE = {
     "demo + constant lr + batch /2": dict(PARTS, lr_schedule="constant", batch_div=2),
     "demo + constant lr + batch /4": dict(PARTS, lr_schedule="constant", batch_div=4),
     # at scale M, today's default (32 groups) with the learning rate held
-    "demo - 8 groups + constant lr": dict(PARTS, norm_groups=32, lr_schedule="constant"),
-    "demo - 8 groups + constant lr + batch /2": dict(PARTS, norm_groups=32, lr_schedule="constant", batch_div=2),
-    "demo - 8 groups + constant lr + batch /2 + no dropout": dict(PARTS, norm_groups=32, lr_schedule="constant",
-                                                                  batch_div=2, dropout=0.0),
-    "demo - 8 groups + constant lr x2 + batch /2": dict(PARTS, norm_groups=32, lr_schedule="constant", lr=1e-3,
-                                                        batch_div=2),  # twice scale M's rate, held
+    "demo - 8 groups + constant lr": M_HELD,
+    "demo - 8 groups + constant lr + batch /2": dict(M_HELD, batch_div=2),
+    "demo - 8 groups + constant lr + batch /2 + no dropout": dict(M_HELD, batch_div=2, dropout=0.0),
+    "demo - 8 groups + constant lr x2 + batch /2": dict(M_HELD, lr=1e-3, batch_div=2),  # twice scale M's rate
 }
 # the README's first table: one change at a time from the original, on the demo faces
 FACE_VARIANTS = {"original": {}, "scale-shift": {"time_cond": "scale-shift"}, "8 groups": {"norm_groups": 8},
