@@ -513,16 +513,9 @@ def fraction(rule: str = "a fraction in [0, 1)") -> dict:
     return dict(check=lambda v: 0 <= v < 1, rule=rule)
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Model configuration
 # ----------------------------------------------------------------------------------------------
-
-# the allowed values of each choice, named once (the parser, validate and the checkpoint checks read them)
-TIME_CONDS = ("scale-shift", "add")
-OBJECTIVES = ("eps", "v", "edm")
-BETA_SCHEDULES = ("linear", "cosine")
-
 
 MODEL_COMMANDS = EVERY - {"info"}  # a typed model flag builds the model, or must agree with the checkpoint's
 
@@ -556,16 +549,16 @@ class ModelConfig:
                                      "attention)", False)
     time_cond: str = setting("scale-shift", "--time-cond", "how blocks see t: scale-shift = GroupNorm(h) * (1 + scale) "
                              "+ shift; add = the original's shift before GroupNorm (which cancels it); checkpoints "
-                             "without the field load as add", "model", choices=TIME_CONDS)
+                             "without the field load as add", "model", choices=("scale-shift", "add"))
     norm_groups: int = setting(32, "--norm-groups", "GroupNorm groups (channels must be a multiple)", "model", demo=8,
                                **at_least(1))
     objective: str = setting("v", "--objective", "the network predicts the noise eps (the original), v (Salimans & "
                              "Ho 2022), or is EDM's preconditioned denoiser (Karras et al. 2022; trained on log-normal "
                              "noise levels); checkpoints without the field load as eps", "diffusion",
-                             choices=OBJECTIVES)
+                             choices=("eps", "v", "edm"))
     beta_schedule: str = setting("cosine", "--beta-schedule", "linear (the original) or cosine (Nichol & Dhariwal "
                                  "2021); checkpoints without the field load as linear", "diffusion",
-                                 choices=BETA_SCHEDULES)
+                                 choices=("linear", "cosine"))
 
     def __post_init__(self):
         self.channel_multiples = tuple(int(m) for m in self.channel_multiples)
@@ -592,10 +585,7 @@ class ModelConfig:
         return self
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["channel_multiples"] = list(self.channel_multiples)
-        d["has_attn"] = list(self.has_attn)
-        return d
+        return {**asdict(self), "channel_multiples": list(self.channel_multiples), "has_attn": list(self.has_attn)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -921,7 +911,6 @@ class UNet(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-VARIANCES = ("large", "small")  # the ddpm sampler's sigma^2: beta (the original), or the posterior's beta-tilde
 
 
 def applies_to_sampler(flag: str, knob: str, also: str = "") -> Callable:
@@ -962,14 +951,17 @@ class SampleSpec:
                            check=lambda v: math.isfinite(v) and v >= 0, rule="0 or more")
     variance: str = setting("large", "--ddpm-variance", "the ddpm sampler's sigma^2: large = beta (the original), "
                             "small = the posterior's beta-tilde (better for few respaced steps); also the bound of "
-                            "--eval nll", choices=VARIANCES,
+                            "--eval nll", choices=("large", "small"),
                             needs=applies_to_sampler("--ddpm-variance", "variance", also="nll"))
     clip: bool = setting(True, "--clip", "clamp each x_0 estimate to [-1, 1] (Ho et al.'s reference code); --no-clip: "
                          "the original script's unclipped sampler", switch="both")
 
     @property
     def row(self) -> "Sampler":
-        return sampler_row(self.sampler)
+        """The sampler's row of SAMPLERS; an unknown name is a one-line error."""
+        if self.sampler not in SAMPLERS:
+            raise DDPMError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        return SAMPLERS[self.sampler]
 
     def steps_for(self, timesteps: int) -> int:
         return self.steps or self.row.default_steps or timesteps
@@ -1111,7 +1103,7 @@ class GaussianDiffusion(nn.Module):
             without dividing by sqrt(alpha_bar) (small at large t);
           edm (Karras et al. 2022, Table 1): out = F(c_in x; c_noise) at x = x_t / sqrt(alpha_bar), and
             x_0 = D = c_skip x + c_out F."""
-        ab_t = self.ab_of(t, xt.shape).to(xt.dtype) if ab_t is None else ab_t
+        ab_t = extract(self.alpha_bar, t, xt.shape).to(xt.dtype) if ab_t is None else ab_t
         model_fn = model_fn or (lambda x, tt: self.eps_model(x, tt).float())
         if self.objective == "edm":
             c_skip, c_out, c_in, c_noise = edm_preconditioning(sqrt_of((1 - ab_t) / ab_t))
@@ -1132,10 +1124,6 @@ class GaussianDiffusion(nn.Module):
             return t.to(x.device).expand(x.shape[0]) if t.dim() == 0 else t.to(x.device)
         whole = isinstance(t, int)
         return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long if whole else torch.float32)
-
-    def ab_of(self, t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-        """alpha_bar_t (float32) for a batch of integer timesteps t: (B,), broadcastable on `shape`."""
-        return extract(self.alpha_bar, t, shape)
 
     @staticmethod
     def ancestral_mean(xt, eps, ab_t, ab_s):
@@ -1169,8 +1157,11 @@ class GaussianDiffusion(nn.Module):
     def forward(self, x0: torch.Tensor, t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
                 weight: Optional[torch.Tensor] = None, per_image: bool = False):
         """L_simple = E ||eps - eps_theta(x_t, t)||^2 (eq. 14), in float32. x0: (B, C, H, W) in [-1, 1].
-        v objective: the target is v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0. weight: (B,), each
-        image's weight in the mean (the trainer's loss weighting, e.g. Min-SNR); None: all equal.
+        v objective: the target is v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0. edm objective, t the
+        noise levels sigma (see training_noise_levels): EDM's loss (Karras et al. 2022, eq. 8 with Table 1),
+        lambda(sigma) ||D(x_0 + sigma n; sigma) - x_0||^2 with D = c_skip x + c_out F(c_in x; c_noise) and
+        lambda = 1 / c_out^2: the plain MSE of F to (x_0 - c_skip x) / c_out. weight: (B,), each image's
+        weight in the mean (the trainer's loss weighting, e.g. Min-SNR); None: all equal.
         per_image: also each image's unweighted loss, (B,) (for the loss by noise level)."""
         if t is None:
             t = self.training_noise_levels(x0.shape[0], x0.device)
@@ -1178,25 +1169,15 @@ class GaussianDiffusion(nn.Module):
             noise = torch.randn_like(x0)
         x0, noise = x0.float(), noise.float()
         if self.objective == "edm":
-            return self._edm_loss(x0, t, noise, weight, per_image)
-        xt = self.q_sample(x0, t, eps=noise)
-        out = self.eps_model(xt, t).float()
-        target = noise if self.objective == "eps" else (
-            extract(self.sqrt_alpha_bar, t, x0.shape) * noise - extract(self.sqrt_one_minus_alpha_bar, t, x0.shape) * x0)
+            s = t.float().view(-1, *([1] * (x0.dim() - 1)))
+            c_skip, c_out, c_in, c_noise = edm_preconditioning(s)
+            x = x0 + s * noise
+            out, target = self.eps_model(c_in * x, c_noise.flatten()).float(), (x0 - c_skip * x) / c_out
+        else:
+            out = self.eps_model(self.q_sample(x0, t, eps=noise), t).float()
+            target = noise if self.objective == "eps" else (extract(self.sqrt_alpha_bar, t, x0.shape) * noise
+                                                             - extract(self.sqrt_one_minus_alpha_bar, t, x0.shape) * x0)
         per = (out - target).pow(2).flatten(1).mean(1)
-        loss = per.mean() if weight is None else (weight * per).mean()
-        return (loss, per.detach()) if per_image else loss
-
-    def _edm_loss(self, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, weight: Optional[torch.Tensor],
-                  per_image: bool = False):
-        """EDM's loss (Karras et al. 2022, eq. 8 with Table 1): lambda(sigma) ||D(x_0 + sigma n; sigma) - x_0||^2
-        with D = c_skip x + c_out F(c_in x; c_noise) and lambda = 1 / c_out^2: the plain MSE of F to
-        (x_0 - c_skip x) / c_out. sigma: (B,) noise levels (see training_noise_levels)."""
-        s = sigma.float().view(-1, *([1] * (x0.dim() - 1)))
-        c_skip, c_out, c_in, c_noise = edm_preconditioning(s)
-        x = x0 + s * noise
-        out = self.eps_model(c_in * x, c_noise.flatten()).float()
-        per = (out - (x0 - c_skip * x) / c_out).pow(2).flatten(1).mean(1)
         loss = per.mean() if weight is None else (weight * per).mean()
         return (loss, per.detach()) if per_image else loss
 
@@ -1280,18 +1261,6 @@ class GaussianDiffusion(nn.Module):
             return x0, x0
         return spec.row.step(self, x, t, s, spec, model_fn, noise_fn, hist)
 
-    def _renoise(self, x: torch.Tensor, s: float, t: float, noise_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """x_t ~ q(x_t | x_s) for s < t: back up the chain (RePaint's resampling jump)."""
-        return q_at(x, noise_fn(), self.ab(t) / self.ab(s))
-
-    def _impose(self, x: torch.Tensor, known: torch.Tensor, mask: torch.Tensor, s: int,
-                noise_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """RePaint (Lugmayr et al. 2022, eq. 8): keep the sampled pixels where mask = 1 and put the
-        known image, noised to timestep s by q(x_s | x_0), where mask = 0; at the end, the image itself."""
-        if s < 0:
-            return mask * x + (1 - mask) * known
-        return mask * x + (1 - mask) * q_at(known, noise_fn(), self.ab(s))
-
     @torch.no_grad()
     def sample(self, x: torch.Tensor, spec: SampleSpec = SampleSpec(),
                noise_fn: Optional[Callable[[], torch.Tensor]] = None, model_fn: Optional[ModelFn] = None,
@@ -1311,18 +1280,18 @@ class GaussianDiffusion(nn.Module):
         (SDEdit); known (B, C, H, W) in [-1, 1] with mask (B, 1, H, W), 1 = regenerate: inpainting
         (RePaint), with `jumps` resampling jumps per step (1 = none).
         """
-        model_fn = model_fn or (lambda xt, tt: self.eps_model(xt, tt).float())
         noise_fn = noise_fn or (lambda: torch.randn_like(x))
         grid = self.grid(spec, start)
         x, hist, x_s = x.float(), {}, None  # hist: what a multistep sampler keeps between steps
         for i, t in enumerate(grid):
             s = grid[i + 1] if i + 1 < len(grid) else -1
             for r in range(jumps if mask is not None and s >= 0 else 1):
-                if r:
-                    x = self._renoise(x_s, s, t, noise_fn)
+                if r:  # RePaint's resampling jump: back up the chain, x_t ~ q(x_t | x_s)
+                    x = q_at(x_s, noise_fn(), self.ab(t) / self.ab(s))
                 x_s, x0 = self.step(x, t, s, spec, model_fn, noise_fn, hist)
-                if mask is not None:
-                    x_s = self._impose(x_s, known, mask, s, noise_fn)
+                if mask is not None:  # RePaint (Lugmayr et al. 2022, eq. 8): the sampled pixels where mask = 1, the
+                    # known image noised to timestep s by q(x_s | x_0) where mask = 0; at the end, the image itself
+                    x_s = mask * x_s + (1 - mask) * (known if s < 0 else q_at(known, noise_fn(), self.ab(s)))
             x = x_s
             if callback is not None:
                 callback(i, x, x0)
@@ -1334,7 +1303,6 @@ class GaussianDiffusion(nn.Module):
         step of spec's grid run backwards, x_t = sqrt(alpha_bar_t) x_0(x_s) + sqrt(1 - alpha_bar_t)
         eps(x_s), with the model evaluated at the lower timestep s (the usual approximation; exact as
         the steps get small). sample(x_T, spec with ddim, eta 0) reconstructs x."""
-        model_fn = model_fn or (lambda xt, tt: self.eps_model(xt, tt).float())
         grid = self.grid(replace(spec, sampler=INVERTIBLE, eta=0.0))
         x = x.float()
         for s, t in zip(grid[::-1][:-1], grid[::-1][1:]):  # s < t, from 0 up to T-1
@@ -1495,16 +1463,7 @@ class Guidance:
         return self.weight != 1
 
 
-def sampler_row(name: str) -> Sampler:
-    """The row of SAMPLERS for `name`; an unknown name is a one-line error."""
-    if name not in SAMPLERS:
-        raise DDPMError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
-    return SAMPLERS[name]
-
-
 INVERT_STEPS = 100  # DDIM inversion's error is first order in the step: 25 steps reconstruct to ~25 dB, 100 to ~38
-
-
 INVERTIBLE = "ddim"  # the sampler whose deterministic path (eta 0) inversion runs backwards
 
 
@@ -1547,12 +1506,10 @@ SKIP_REASONS = {
 
 
 def _flatten_alpha(img, background: Tuple[int, int, int]):
-    """Composite an image with transparency onto a solid background colour; returns RGB."""
+    """Composite an image with transparency onto a solid background colour (RGB); others as they are."""
     from PIL import Image
 
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("RGB", "L") and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA", "P") or (img.mode in ("RGB", "L") and "transparency" in img.info):
         img = img.convert("RGBA")
         base = Image.new("RGBA", img.size, tuple(background) + (255,))
         return Image.alpha_composite(base, img).convert("RGB")
@@ -1561,6 +1518,7 @@ def _flatten_alpha(img, background: Tuple[int, int, int]):
 
 def _decode_image(path: Path, img_size: int, mode: str, background: Tuple[int, int, int]):
     """Decode one file to a (C, size, size) uint8 tensor; returns (tensor or None, skip reason, upscaled)."""
+    import numpy as np
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -1571,18 +1529,11 @@ def _decode_image(path: Path, img_size: int, mode: str, background: Tuple[int, i
                 return None, "too_large", False
             img.load()
             img = ImageOps.exif_transpose(img)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-                # 16/32-bit grayscale: scale the full range to 8 bits (convert("L") would clip to white)
-                import numpy as np
-
+            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                # 16/32-bit grayscale and float (0 to 1): the full range to 8 bits (convert("L") would clip)
                 arr = np.asarray(img, dtype=np.float64)
-                top = 65535.0 if img.mode.startswith("I;16") or arr.max() <= 65535 else float(arr.max())
+                top = 1.0 if img.mode == "F" else 65535.0 if img.mode != "I" else max(65535.0, float(arr.max()))
                 img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-            elif img.mode == "F":
-                import numpy as np
-
-                arr = np.asarray(img, dtype=np.float64)
-                img = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
             img = _flatten_alpha(img, background)
             img = img.convert(mode)  # CMYK, YCbCr, 1, P ... -> RGB or L
             upscaled = min(img.size) < img_size
@@ -1595,8 +1546,6 @@ def _decode_image(path: Path, img_size: int, mode: str, background: Tuple[int, i
         return None, "unreadable", False
     except (OSError, SyntaxError, ValueError):  # PIL reports truncated data as OSError
         return None, "corrupt", False
-    import numpy as np
-
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -1681,11 +1630,7 @@ def load_images(folders: Sequence, img_size: int = 64, img_channels: int = 3,
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         results = list(pool.map(lambda p: _decode_image(p, img_size, mode, tuple(background)), paths))
     images = [r[0] for r in results if r[0] is not None]
-    skipped = {k: 0 for k in SKIP_REASONS}
-    skipped["not_image"] = others
-    for _, reason, _ in results:
-        if reason:
-            skipped[reason] += 1
+    skipped = {k: others if k == "not_image" else sum(r[1] == k for r in results) for k in SKIP_REASONS}
     upscaled = sum(r[2] for r in results)
     names = ", ".join(str(f) for f in folders)
     if not images:
@@ -1995,13 +1940,11 @@ def read_checkpoint(path) -> dict:
                         f"checkpoint written by ddpm.py or torch.save")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError,
+            AttributeError) as e:
+        if isinstance(e, pickle.UnpicklingError) and re.search(r"weights[ _]only", str(e), re.I):
             raise DDPMError(f"{path}: refused: the file holds Python objects besides tensors (possibly code), "
                             f"which are never run; re-save it as a plain state_dict from a trusted source") from None
-        raise DDPMError(f"{path}: not a readable checkpoint ({first_line(e)}); the file may be truncated or "
-                        f"corrupt") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, AttributeError) as e:
         raise DDPMError(f"{path}: not a readable checkpoint ({first_line(e)}); the file may be truncated or "
                         f"corrupt") from None
     if not isinstance(ckpt, dict):
@@ -2068,13 +2011,9 @@ def peek_checkpoint(path: Path) -> dict:
 def checkpoint_meta(path: Path) -> Tuple[int, Optional[str]]:
     """(step, run id) recorded in a checkpoint (peek_checkpoint); (-1, None) where there is none.
     Checkpoints from before run ids are told apart by their seed."""
-    ckpt = peek_checkpoint(path)
-    if not ckpt:
-        return -1, None
+    ckpt = peek_checkpoint(path) or {}
     step = ckpt.get("step", -1)
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        return -1, None
-    return step, run_id_of(ckpt)
+    return (step, run_id_of(ckpt)) if is_count(step) else (-1, None)
 
 
 def run_id_of(ckpt: dict) -> Optional[str]:
@@ -2371,8 +2310,7 @@ def build_diffusion(cfg: ModelConfig, source: Optional[ModelSource] = None, drop
                              source=source)
 
 
-def load_weights(module: nn.Module, state: dict, path: Path,
-                 fix: str = "give the model flags it was trained with") -> None:
+def load_weights(module: nn.Module, state: dict, path: Path, fix: str) -> None:
     """load_state_dict with a one-line error that names the file, the first mismatch and `fix`."""
     check_weights(module.state_dict(), state, path, fix)
     module.load_state_dict(state)
@@ -2670,22 +2608,14 @@ def plan_memory(free: int, state: int, per_image: int, fixed: int, share: int, a
     return MemoryPlan(micro, accum, on_device, note)
 
 
-def free_memory(dev: torch.device) -> Optional[int]:
-    """Bytes free on the device (for the CPU: available RAM where the system says), or None."""
-    if dev.type == "cuda":
-        return cuda_free_bytes(dev)
-    if dev.type == "cpu":
-        return available_ram()
-    return None
-
-
 def check_sampling_memory(cfg: ModelConfig, batch: int, n: int, dev: torch.device) -> None:
     """Refuse, with an estimate, sampling that cannot fit: for a batch, about a dozen feature maps of
     the top resolution alive at once (input, skip connections, the residual blocks' inner maps); for
     all n images, their uint8 pixels kept in CPU memory until written."""
     need = batch * cfg.img_size ** 2 * max(cfg.num_channels, cfg.img_channels) * 4 * 12
     keep = n * (cfg.img_channels * cfg.img_size ** 2 + 64)
-    free, ram = free_memory(dev), free_memory(torch.device("cpu"))
+    ram = available_ram()  # where the system says
+    free = cuda_free_bytes(dev) if dev.type == "cuda" else ram if dev.type == "cpu" else None
     if ram is not None and keep > ram:
         raise DDPMError(f"--num-samples {n} at {cfg.img_size}x{cfg.img_size} needs about {keep / 2**30:,.1f} GiB of "
                         f"memory for the images, more than the {ram / 2**30:,.1f} GiB free; make fewer per run "
@@ -2866,19 +2796,19 @@ def gather_images(parts: List[torch.Tensor], total: int, cfg: ModelConfig, rt: R
 
 # -- pictures -------------------------------------------------------------------------------------
 
-def png_bytes(img: torch.Tensor) -> bytes:
-    """A (C, H, W) uint8 image encoded as PNG."""
+def pil_image(img: torch.Tensor):
+    """A (C, H, W) uint8 image as a PIL image (L for one channel)."""
     from PIL import Image
 
     arr = img.permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(buf, format="PNG")
-    return buf.getvalue()
+    return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
 
 
 def save_png(img: torch.Tensor, path: Path) -> None:
-    """Write a (C, H, W) uint8 image as a new file (see write_output)."""
-    write_output(path, png_bytes(img))
+    """Write a (C, H, W) uint8 image as a new PNG file (see write_output)."""
+    buf = io.BytesIO()
+    pil_image(img).save(buf, format="PNG")
+    write_output(path, buf.getvalue())
 
 
 def image_grid(imgs: torch.Tensor, nrow: int = 8) -> torch.Tensor:
@@ -2910,32 +2840,27 @@ def snapshot_steps(n_steps: int, count: int = 10) -> set:
     return {round(i * (n_steps - 1) / max(count - 1, 1)) for i in range(count)} | {n_steps - 1}
 
 
+def snapshots(model: GaussianDiffusion, rt: Runtime, indices: Sequence[int], seed: int, spec: SampleSpec, count: int,
+              model_fn: Optional[ModelFn]) -> List[torch.Tensor]:
+    """Images `indices` (uint8, on the CPU) at about `count` steps of their reverse process, ending at x_0."""
+    keep, out = snapshot_steps(len(model.grid(spec)), count), []
+    generate(model, rt, list(indices), seed, spec, batch_size=len(indices), model_fn=model_fn,
+             callback=lambda i, x, x0: out.append(to_uint8(x).cpu()) if i in keep else None)
+    return out
+
+
 def reverse_strip(model: GaussianDiffusion, rt: Runtime, seed: int, n: int, spec: SampleSpec,
                   model_fn: Optional[ModelFn] = None) -> torch.Tensor:
     """Rows: n images; columns: x_T, then snapshots of the reverse process, ending at x_0."""
     cfg = model.config
-    keep = snapshot_steps(len(model.grid(spec)))
     first = ImageNoise(seed, range(n), (cfg.img_channels, cfg.img_size, cfg.img_size), torch.device("cpu"))()
-    cols = [to_uint8(first)]
-
-    def cb(i, x, x0):
-        if i in keep:
-            cols.append(to_uint8(x).cpu())
-    generate(model, rt, list(range(n)), seed, spec, batch_size=n, callback=cb, model_fn=model_fn)
-    return strip(cols)
+    return strip([to_uint8(first)] + snapshots(model, rt, range(n), seed, spec, 10, model_fn))
 
 
 def denoise_frames(model: GaussianDiffusion, rt: Runtime, indices: Sequence[int], seed: int,
                    spec: SampleSpec, model_fn: Optional[ModelFn] = None) -> List[torch.Tensor]:
     """About 30 grids (4 per row) of images `indices` as they are denoised, for denoise.gif."""
-    keep = snapshot_steps(len(model.grid(spec)), 30)
-    frames: List[torch.Tensor] = []
-
-    def cb(i, x, x0):
-        if i in keep:
-            frames.append(image_grid(to_uint8(x).cpu(), nrow=4))
-    generate(model, rt, indices, seed, spec, batch_size=len(indices), callback=cb, model_fn=model_fn)
-    return frames
+    return [image_grid(x, nrow=4) for x in snapshots(model, rt, indices, seed, spec, 30, model_fn)]
 
 
 def interpolation_strip(model: GaussianDiffusion, rt: Runtime, za: torch.Tensor, zb: torch.Tensor, spec: SampleSpec,
@@ -2975,10 +2900,7 @@ def forward_strip(model: GaussianDiffusion, x0: torch.Tensor, seed: int) -> torc
 
 def save_gif(frames: List[torch.Tensor], path: Path, ms: int = 80) -> None:
     """An animated GIF from (C, H, W) uint8 frames, written with PIL; the last frame is held."""
-    from PIL import Image
-
-    pics = [Image.fromarray(f.permute(1, 2, 0).numpy().squeeze(2) if f.shape[0] == 1 else f.permute(1, 2, 0).numpy())
-            for f in frames]
+    pics = [pil_image(f) for f in frames]
     buf = io.BytesIO()
     pics[0].save(buf, format="GIF", save_all=True, append_images=pics[1:] + [pics[-1]] * 10, duration=ms, loop=0)
     write_output(path, buf.getvalue())
@@ -3015,11 +2937,6 @@ def read_metric_rows(metrics_csv: Path, column: str, bad: Optional[list] = None)
                     elif text and bad is not None:
                         bad.append(step)
     return out
-
-
-def read_loss_rows(metrics_csv: Path) -> List[Tuple[int, float]]:
-    """(step, loss) of the rows of metrics.csv whose loss is a finite number."""
-    return [(step, v) for step, _, v in read_metric_rows(metrics_csv, "loss")]
 
 
 def plot_png(series: Dict[str, Tuple[Sequence[float], Sequence[float]]], out: Path, xlabel: str, ylabel: str,
@@ -3370,20 +3287,17 @@ def real_statistics(src: DataSource, cfg: ModelConfig, features: Features, cache
                     batch_size: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """(mean, covariance, n) of the real images' features, read from `cache` when it is there and
     readable, else computed and cached (atomically; a cache that cannot be written is only a warning)."""
-    tag, feature_fn = features.tag, features
-    try:
+    with contextlib.suppress(Exception):  # missing or unreadable: recompute
         st = torch.load(cache, map_location="cpu", weights_only=True)
         log(f"fid: real statistics of {int(st['n'])} images from {cache} (cached)")
         return st["mu"], st["sigma"], int(st["n"])
-    except Exception:  # missing or unreadable: recompute
-        pass
-    mu, sigma, n = activation_stats(src.load(cfg).split(batch_size), feature_fn)
+    mu, sigma, n = activation_stats(src.load(cfg).split(batch_size), features)
     if os.path.lexists(cache):  # there, but unreadable: left as it is
         warn_once(f"{cache} could not be read; the FID statistics were computed again and not cached")
         return mu, sigma, n
     try:
         atomic_write(cache, lambda f: torch.save({"mu": mu, "sigma": sigma, "n": n, "source": src.describe(),
-                                                 "features": tag}, f), replace_existing=False)
+                                                 "features": features.tag}, f), replace_existing=False)
         log(f"fid: real statistics of {n} images saved to {cache}")
     except OSError as e:
         warn_once(f"could not cache the FID statistics in {cache} ({e})")
@@ -3462,11 +3376,8 @@ def swd(fake: torch.Tensor, real: torch.Tensor, seed: int = 0, repeats: int = 4,
     per_level, sizes = [], [size >> i for i in range(levels)]
     for da, db in zip(swd_descriptors(fake, levels, seed=seed, fixed=fixed),
                       swd_descriptors(real, levels, seed=seed, fixed=fixed)):
-        dists = []
-        for _ in range(repeats):
-            dirs = torch.randn(da.shape[1], dirs_per_repeat, generator=g)
-            dists.append(sliced_wasserstein(da, db, dirs / dirs.norm(dim=0, keepdim=True)))
-        per_level.append(1e3 * sum(dists) / repeats)
+        dirs = [torch.randn(da.shape[1], dirs_per_repeat, generator=g) for _ in range(repeats)]
+        per_level.append(1e3 * sum(sliced_wasserstein(da, db, d / d.norm(dim=0, keepdim=True)) for d in dirs) / repeats)
     return {"sizes": sizes, "per_level": per_level, "mean": sum(per_level) / len(per_level)}
 
 
@@ -3737,13 +3648,9 @@ class StopRequest:
 
     def __enter__(self):
         for name in ("SIGINT", "SIGTERM"):
-            sig = getattr(signal, name, None)
-            if sig is None:
-                continue
-            try:
+            with contextlib.suppress(AttributeError, ValueError, OSError):  # no such signal, not the main thread
+                sig = getattr(signal, name)
                 self._old[sig] = signal.signal(sig, self._handle)
-            except (ValueError, OSError):  # not the main thread, or unsupported here
-                pass
         return self
 
     def __exit__(self, *exc):
@@ -3820,16 +3727,11 @@ class MetricsLog:
     @staticmethod
     def _row_ok(r: dict) -> bool:
         """A row whose step is an integer and whose loss (if any) is a number."""
-        if not (r.get("step") or "").isdigit():
-            return False
-        loss = r.get("loss")
-        if loss in (None, ""):
-            return True
         try:
-            float(loss)
-            return True
+            float(r.get("loss") or 0)
         except ValueError:
             return False
+        return (r.get("step") or "").isdigit()
 
     def _append(self, path: Path, cols: List[str], row: dict) -> None:
         """One row at the end of a log, never through a link planted at its name."""
@@ -3915,8 +3817,7 @@ class LossStats:
     NAMES = ("loss_sum", "good_steps", "epoch_loss_sum", "epoch_good", "bad_total", "bad_run", "bad_run_max")
 
     def __init__(self, device: torch.device):
-        # one tensor, so that an update is a handful of kernels: the loss and good steps since the last
-        # log line and since the epoch began, the skipped steps in all, in a row, and the longest run
+        # one tensor (NAMES), so that an update is a handful of kernels
         self.acc = torch.zeros(len(self.NAMES), device=device)
         for i, name in enumerate(self.NAMES):
             setattr(self, name, self.acc[i])  # views: zero_() and item() work on them
@@ -4078,14 +3979,11 @@ class RunPictures:
             save_png(upscale(strips, 2), self.folder / "run-before.png")
 
     def preview(self, tr: "Trainer", metrics: MetricsLog, n: int = 16) -> Path:
-        model = tr.sampling_view(ema=True)
-        was_training = model.training
-        model.eval()
         with self.memory("a preview"):
-            imgs = generate(model, tr.rt.local(), list(range(n)), tr.seed, tr.tc.preview, batch_size=n,
-                            show_progress=False)
-        model.train(was_training)
-        grid = image_grid(imgs, nrow=int(math.ceil(math.sqrt(n))))
+            imgs = generate(tr.sampling_view(ema=True), tr.rt.local(), list(range(n)), tr.seed, tr.tc.preview,
+                            batch_size=n, show_progress=False)
+        tr.model.train()  # sampling_view put it in eval mode where there is no EMA
+        grid = image_grid(imgs, nrow=math.ceil(math.sqrt(n)))
         path = self.folder / "preview" / f"step-{tr.pos.step:07d}.png"
         save_picture(grid, tr.cfg, path)
         metrics.event(tr.pos.step, "preview", path, image=grid)
@@ -4094,11 +3992,9 @@ class RunPictures:
     def after(self, tr: "Trainer", ckpt_dir: Path, stop: Stop) -> None:
         if not is_rank0():
             return
-        why = write_curve(ckpt_dir / "metrics.csv", self.folder / "loss.png", "loss", objective=tr.cfg.objective)
-        if why:
-            log(f"note: {why}")
-        if tr.probe is not None:
-            why = write_curve(ckpt_dir / "metrics.csv", self.folder / "quality.png", "swd", probe_floors(tr.probe.record()))
+        floors = probe_floors(tr.probe.record()) if tr.probe is not None else None
+        for name, column in [("loss.png", "loss")] + ([("quality.png", "swd")] if tr.probe is not None else []):
+            why = write_curve(ckpt_dir / "metrics.csv", self.folder / name, column, floors, tr.cfg.objective)
             if why:
                 log(f"note: {why}")
         if self.strips and not stop.by_signal:
@@ -4600,8 +4496,7 @@ class Trainer:
         the colour gap, and best.pth where the SWD is the lowest so far (written by rank 0 alone, with this
         process's generator states)."""
         p, pos = self.probe, self.pos
-        model = self.sampling_view(ema=True)
-        m = p.measure(model, self.rt.local())
+        m = p.measure(self.sampling_view(ema=True), self.rt.local())
         value = m["swd"]
         self.model.train()  # sampling_view put it in eval mode where there is no EMA
         metrics.metric(step=pos.step, epoch=pos.epoch, images_seen=pos.images_seen, swd=round(value, 3),
@@ -4643,9 +4538,7 @@ class Trainer:
     def _plan_posthoc(self, ckpt_dir: Path) -> None:
         """--posthoc-ema: say what its snapshots will take on disk, and refuse in one line, before anything is
         written, where the ones still to come need more than the disk has free."""
-        every, end = self.posthoc_every(), self.pos.end_epoch * self.steps_per_epoch
-        if self.tc.max_steps:
-            end = min(end, self.tc.max_steps)
+        every, end = self.posthoc_every(), self.planned_steps()
         to_come = end // every - self.pos.step // every + (end % every != 0)  # each due step, and the stop
         size = len(self.posthoc.widths) * sum(4 * p.numel() for p in self.posthoc._src)  # fp32, both profiles
         where = ckpt_dir / POSTHOC_DIR
@@ -5112,10 +5005,11 @@ def check_flags(args, typed: frozenset) -> None:
         raise DDPMError("--invert runs the deterministic DDIM (eta 0) backwards: use --sampler "
                         f"{' or '.join(n for n, r in SAMPLERS.items() if not r.stochastic)} with --eta 0, not a "
                         f"stochastic sampler")
-    for s in (settings_of(Outputs)["save_dir"], settings_of(TrainJob)["ckpt_dir"], TRAIN_EXPORT, LOADCKPT, INFO):
+    paths = [settings_of(c)[n] for c, n in ((Outputs, "save_dir"), (TrainJob, "ckpt_dir"), (LoadSpec, "path"))]
+    for s in paths + [settings_of(ExportJob)["out"], settings_of(InfoJob)["path"]]:  # the last two: files
         v = getattr(args, s.name)
         if v is not None and not str(v).strip():
-            raise DDPMError(f"{s.flag} is empty; name a {'file' if s in (TRAIN_EXPORT, INFO) else 'path'}"
+            raise DDPMError(f"{s.flag} is empty; name a {'path' if s in paths else 'file'}"
                             + (" (. for the current folder)" if s.flag.endswith("dir") else ""))
     for s in DECLARED:
         why = s.out_of_range(getattr(args, s.name))
@@ -5136,23 +5030,17 @@ def check_flags(args, typed: frozenset) -> None:
                         f"not {len(args.mask)}")
 
 
-TRAIN_EXPORT, LOADCKPT, INFO = settings_of(ExportJob)["out"], settings_of(LoadSpec)["path"], settings_of(InfoJob)["path"]
-
-
 # -- from the flags to a job ------------------------------------------------------------------------
 
 def from_flags(cls, args, **given):
     """An instance of cls from the parsed flags: each field that declares or takes a setting gets its
     flag's value (a list as a tuple, a path as a Path); `given` fills in the others."""
-    values = {}
+    values = dict(given)
     for f in fields(cls):
         s = f.metadata.get("setting")
-        if f.name in given or s is None:
-            if f.name in given:
-                values[f.name] = given[f.name]
-            continue
-        v = getattr(args, s.name)
-        values[f.name] = tuple(v) if isinstance(v, list) else Path(v) if "Path" in str(f.type) and v is not None else v
+        if s is not None and f.name not in given:
+            v = getattr(args, s.name)
+            values[f.name] = tuple(v) if isinstance(v, list) else Path(v) if "Path" in str(f.type) and v is not None else v
     return cls(**values)
 
 
@@ -5291,8 +5179,7 @@ def fine_tune_start(job: TrainJob, ckpt: dict, path: Path, cfg: ModelConfig) -> 
             raise DDPMError(f"{path}: the stored training settings are invalid ({e}); the file was edited or is "
                             f"damaged") from None
     log(f"fine-tune: weights from {path}, lr {tc.lr}")
-    run_id = None if is_legacy_state_dict(ckpt) else run_id_of(ckpt)
-    return RunStart("fine-tune", cfg, tc, job.data, run_id or new_run_id(), ckpt, path, job.eval_folders)
+    return RunStart("fine-tune", cfg, tc, job.data, run_id_of(ckpt) or new_run_id(), ckpt, path, job.eval_folders)
 
 
 def resumed_source(job: TrainJob, ckpt: dict) -> DataSource:
@@ -5300,9 +5187,8 @@ def resumed_source(job: TrainJob, ckpt: dict) -> DataSource:
     flags typed that name other data are refused unless --resume-with-new-data says so."""
     src, typed = job.data, {"data_folders", "demo", "demo_images", "background"} & job.typed
     if not ckpt.get("data"):  # written before the data record: its folders were kept as typed, relative to
-        if src.folders:      # a working directory it did not record, so only the image count is checked
-            return src
-        return training_source(ckpt, DataFlags(background=src.background))
+        # a working directory it did not record, so only the image count is checked
+        return src if src.folders else training_source(ckpt, DataFlags(background=src.background))
     run = DataSource.from_record(ckpt["data"], src.background)
     if not typed:
         return run
@@ -5531,7 +5417,7 @@ def sample_command(job: SampleJob) -> int:
     seed = pick_seed(job.seed)
     ends = interpolation_ends(job, model, rt.local()) if job.interpolate and is_rank0() else None
     n = 1 if job.index is not None else job.count
-    check_sampling_memory(cfg, min(job.batch_size, n), n, rt.device)
+    check_sampling_memory(cfg, min(job.batch_size, n), n, rt.device)  # before a list of n indices is made
     indices = [job.index] if job.index is not None else list(range(n))
     fn = sampling_fn(job, model, rt)
     with writing_to(job.out.save_dir, "sample", job.out.overwrite) as save_dir:
@@ -5615,8 +5501,7 @@ def edit_command(job: EditJob) -> int:
     images = load_image_files(job.images, cfg.img_size, cfg.img_channels, job.background, "--init-images")
     masks = None
     if job.masks:
-        m = load_masks(job.masks, job.images, cfg.img_size)
-        masks = (m > 127).float().expand(len(images), -1, -1, -1) if len(m) == 1 else (m > 127).float()
+        masks = (load_masks(job.masks, job.images, cfg.img_size) > 127).float().expand(len(images), -1, -1, -1)
     k = job.variations
     rows = [j for j in range(len(images)) for _ in range(k)]
     strength = job.strength if job.strength is not None else (1.0 if job.masks else 0.5)
@@ -5711,9 +5596,7 @@ def evaluate(job: EvalJob, rt: Runtime, features: Optional[Features]) -> Optiona
     if job.kind == "nll":
         return eval_nll(job, ckpt, model, seed)
     n = job.samples or {"fid": 5000, "swd": 256}.get(job.kind, 16)
-    spec = job.spec
-
-    fn = sampling_fn(job, model, rt)
+    spec, fn = job.spec, sampling_fn(job, model, rt)
 
     def samples(lo: int, hi: int) -> torch.Tensor:  # (hi - lo, C, H, W) uint8
         return generate(model, rt, list(range(lo, hi)), seed, spec, job.batch_size, model_fn=fn)
@@ -5731,8 +5614,7 @@ def eval_swd(job: EvalJob, ckpt: dict, cfg: ModelConfig, samples: Callable[[int,
     run's --holdout, new demo faces; else the training images), beside the figure of n other real
     images against the same n, so that a number means something."""
     train, held, what = eval_datasets(ckpt, cfg, job.data, new_faces=2 * n)
-    ref = held if held is not None else train
-    what = what if held is not None else "the training images"
+    ref, what = (held, what) if held is not None else (train, "the training images")
     real_a, real_b = two_real_sets(ref, n, seed, 10, what, "--eval swd", "--num-samples")
     n = len(real_a)
 
@@ -5748,7 +5630,7 @@ def eval_swd(job: EvalJob, ckpt: dict, cfg: ModelConfig, samples: Callable[[int,
     return fake["mean"]
 
 
-def eval_nll(job: EvalJob, ckpt: dict, model: GaussianDiffusion, seed: int) -> int:
+def eval_nll(job: EvalJob, ckpt: dict, model: GaussianDiffusion, seed: int) -> None:
     """--eval nll: the bound in bits/dim on held-out images (or, without any, the training images)."""
     cfg, variance = model.config, job.spec.variance
     if job.data.eval_folders:  # the training data is not needed
@@ -5769,11 +5651,10 @@ def eval_nll(job: EvalJob, ckpt: dict, model: GaussianDiffusion, seed: int) -> i
     log(f"  terms (bits/dim): prior L_T {r['prior']:.4f} | KL L_1..L_T-1 {r['kl']:.4f} | decoder L_0 "
         f"{r['decoder']:.4f} (sigma_t^2 = {'beta_t' if variance == 'large' else 'beta-tilde_t'}; 8-bit "
         f"data scaled to [-1, 1], 256 bins)")
-    return 0
 
 
 def eval_fid(job: EvalJob, ckpt: dict, path: Path, cfg: ModelConfig, samples: Callable[[int, int], torch.Tensor],
-             n: int, how: str, features: Features) -> int:
+             n: int, how: str, features: Features) -> None:
     """--eval fid: n samples against the real images (--eval-folders, --data-folders or the run's data),
     whose statistics are cached next to the checkpoint."""
     d = job.data
@@ -5788,11 +5669,10 @@ def eval_fid(job: EvalJob, ckpt: dict, path: Path, cfg: ModelConfig, samples: Ca
     fake = activation_stats((samples(b, min(n, b + chunk)) for b in range(0, n, chunk)), features)
     dist_ = frechet_distance(fake[0], fake[1], real[0], real[1])
     log(f"FID: {dist_:.4f} ({n} samples: {how}; vs {real[2]} real images: {src.describe()}; features: {features.tag})")
-    return 0
 
 
 def eval_nearest(job: EvalJob, rt: Runtime, ckpt: dict, cfg: ModelConfig, samples: Callable[[int, int], torch.Tensor],
-                 n: int, how: str) -> int:
+                 n: int, how: str) -> None:
     """--eval nearest: samples vs training images, with held-out real images vs the training images
     as the yardstick; nearest.png shows each sample beside its nearest training images."""
     train, held, what = eval_datasets(ckpt, cfg, job.data)
@@ -5824,7 +5704,6 @@ def eval_nearest(job: EvalJob, rt: Runtime, ckpt: dict, cfg: ModelConfig, sample
     with writing_to(job.out.save_dir, "nearest", job.out.overwrite) as save_dir:
         save_picture(image_grid(rows, nrow=k + 1), cfg, save_dir / "nearest.png")
     log(f"wrote {save_dir / 'nearest.png'} (each row: a sample, then its {k} nearest training images)")
-    return 0
 
 
 # -- inspect and export ---------------------------------------------------------------------------
@@ -5896,25 +5775,21 @@ def plot_run(folder: Path, ckpt: dict, out: Outputs) -> None:
                 log(f"note: {why}")
 
 
-def check_export_target(out: Path, source: Path, overwrite: bool) -> None:
+def export_command(job: ExportJob) -> int:
     """--export never writes over its own source, nor over another file without --overwrite, and
     fails before reading anything if the place cannot take the file."""
+    source, out = resolve_checkpoint(job.weights.path), job.out
     if out.is_dir():
         raise DDPMError(f"--export {out} is a folder; name a file such as {out / 'model.safetensors'}")
     if os.path.lexists(out):
         if source.exists() and out.exists() and os.path.samefile(out, source):
             raise DDPMError(f"--export {out} is the checkpoint being exported; name another file")
-        if not overwrite:
+        if not job.overwrite:
             raise DDPMError(f"--export {out} exists; name another file, or add --overwrite to replace it")
     check_writable(out.parent if str(out.parent) else Path("."), "--export")
-
-
-def export_command(job: ExportJob) -> int:
-    source = resolve_checkpoint(job.weights.path)
-    check_export_target(job.out, source, job.overwrite)
     model = load_model(source, "cpu", use_ema=job.weights.ema, ema_length=job.weights.length, **job.weights.flags)
     weights = f"post-hoc ema {job.weights.length:g}" if job.weights.length else "ema" if model.source.ema else "raw"
-    if os.path.lexists(job.out):  # --overwrite (check_export_target): the old file is kept under another name
+    if os.path.lexists(job.out):  # --overwrite (above): the old file is kept under another name
         aside = unused_name(job.out.with_name(f"{job.out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
         os.replace(job.out, aside)
         log(f"--overwrite: moved the earlier {job.out} to {aside}")
@@ -5973,18 +5848,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def fsync_dir(folder: Path) -> None:
     """fsync a folder so a rename in it is durable. POSIX only; elsewhere a no-op."""
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(str(folder), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    if os.name == "posix":
+        with contextlib.suppress(OSError):
+            fd = os.open(str(folder), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def new_file_mode() -> int:
@@ -6030,10 +5900,8 @@ def _link_new(tmp: Path, path: Path) -> None:
     """Give the finished file `tmp` the name `path`, which must not exist."""
     try:
         os.link(tmp, path)
-    except FileExistsError:
-        raise FileExistsError(errno.EEXIST, "it appeared while this command ran; it was left as it is") from None
-    except OSError:  # no hard links on this file system (FAT, some network shares)
-        if os.path.lexists(path):
+    except OSError as e:  # the name exists, or no hard links on this file system (FAT, some network shares)
+        if isinstance(e, FileExistsError) or os.path.lexists(path):
             raise FileExistsError(errno.EEXIST, "it appeared while this command ran; it was left as it is") from None
         os.replace(tmp, path)
         return
@@ -6280,14 +6148,6 @@ RUN_FILES = ("metrics.csv", "events.csv") + KEPT  # the run's files besides the 
 RUN_LOGS = RUN_FILES + ("tensorboard", POSTHOC_DIR)  # all a run writes into its folder besides the rotation
 
 
-def run_files(folder: Path) -> List[Path]:
-    """The files a training run writes into its checkpoint folder (checkpoints, logs, TensorBoard)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return sorted(checkpoint_files(folder) + [folder / n for n in RUN_LOGS if os.path.lexists(folder / n)])
-
-
 def guard_run_folder(folder: Path, run_id: Optional[str], continuing: bool, overwrite: bool,
                      source: Optional[Path] = None, from_step: Optional[int] = None) -> Optional[Path]:
     """One run per checkpoint folder. A run may write into `folder` if it holds no run files, or
@@ -6298,12 +6158,15 @@ def guard_run_folder(folder: Path, run_id: Optional[str], continuing: bool, over
     is restartable: the logs are moved aside. Otherwise refuse with one line, or with --overwrite
     move the other run's files into a dated subfolder (never deleted), which is returned."""
     folder = Path(folder)
+    if not folder.is_dir():
+        return
     odd = [p for p in [*folder.glob(CKPT_PATTERN), *(folder / n for n in RUN_FILES)]
-           if os.path.lexists(p) and (p.is_symlink() or not p.is_file())] if folder.is_dir() else []
+           if os.path.lexists(p) and (p.is_symlink() or not p.is_file())]
     if odd:
         raise DDPMError(f"{odd[0]} is not a regular file (a folder, link or device is in its place); move it away "
                         f"or use another --ckpt-save-dir")
-    files = run_files(folder)
+    # the files a training run writes here: checkpoints, logs, TensorBoard
+    files = sorted(checkpoint_files(folder) + [folder / n for n in RUN_LOGS if os.path.lexists(folder / n)])
     if not files:
         return
     ckpts = [p for p in files if p.suffix == ".pth"]  # the rotation and the kept files

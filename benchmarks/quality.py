@@ -174,7 +174,11 @@ def ours(name: str, cfg: ddpm.ModelConfig, tc: ddpm.TrainConfig, train: torch.Te
                 del ddpm.GRIDS["stop"]
             row.update(measure(fake, real, f"end{sigma_min:g}"))
         for width in posthoc:
-            rebuilt = ddpm.load_model(tmp / "ckpt", rt.device, ema_length=width)
+            try:
+                rebuilt = ddpm.load_model(tmp / "ckpt", rt.device, ema_length=width)
+            except ddpm.DDPMError as e:  # a width the snapshots cannot rebuild: say so, keep the others
+                row[f"ema{width:g}_refused"] = str(e)
+                continue
             fake = ddpm.generate(rebuilt, rt.local(), range(n), 0, ddpm.SampleSpec(), batch_size=128, show_progress=False)
             row.update(measure(fake, real, f"ema{width:g}"))
         return row
@@ -449,9 +453,10 @@ def recipe_configs(scale: dict, recipe: dict, size: int, tc: ddpm.TrainConfig):
     train = {k: v for k, v in recipe.items() if k in ddpm.settings_of(ddpm.TrainConfig)}
     model = {**scale["model"], **{k: v for k, v in recipe.items() if k not in train and k not in BENCH_ONLY}}
     k = recipe.get("batch_div")
-    if k:  # the scale's batch divided by k: the same images seen in k times the steps, the EMA and warm-up as long
-        train.update(batch_size=tc.batch_size // k, max_steps=k * tc.max_steps, epochs=k * tc.epochs,
-                     warmup_steps=k * tc.warmup_steps, ema_decay=tc.ema_decay ** (1 / k))
+    if k:  # the scale's batch divided by k: the same images (and epochs) seen in k times the steps, the EMA and
+        # warm-up as long
+        train.update(batch_size=tc.batch_size // k, max_steps=k * tc.max_steps, warmup_steps=k * tc.warmup_steps,
+                     ema_decay=tc.ema_decay ** (1 / k))
     return ddpm.ModelConfig(img_size=size, **model).validate(), replace(tc, **train)
 
 

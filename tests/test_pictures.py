@@ -114,3 +114,21 @@ def test_run_pictures_and_previews_honour_the_sampling_flags(tmp_path):
     for pic in got["clip"]:
         assert got["clip"][pic] != got["no-clip"][pic], pic
         assert got["ddim"][pic] != got["ddim-eta"][pic], pic
+
+
+def test_previews_without_ema_leave_dropout_on(tmp_path, monkeypatch):
+    """Without an EMA a preview samples the raw model in eval mode; the next step trains it again, with
+    dropout on (a preview that left it in eval mode turned dropout off for the rest of the run)."""
+    modes = []
+    real_step = ddpm.Trainer.train_step
+
+    def train_step(self):
+        modes.append(self.model.training)
+        real_step(self)
+    monkeypatch.setattr(ddpm.Trainer, "train_step", train_step)
+    assert ddpm.main(["--train", "--demo", "--demo-images", "8", *TINY, "--batch-size", "4", "--max-steps", "3",
+                      "--ema-decay", "0", "--dropout", "0.1", "--sample-every", "1", "--eval-every", "0",
+                      "--no-run-pictures", "--seed", "0", "--ckpt-save-dir", str(tmp_path / "ckpt"),
+                      "--save-dir", str(tmp_path / "out")]) == 0
+    assert len(list((tmp_path / "out" / "preview").glob("step-*.png"))) == 3
+    assert modes == [True, True, True]
