@@ -3982,7 +3982,6 @@ class RunPictures:
         with self.memory("a preview"):
             imgs = generate(tr.sampling_view(ema=True), tr.rt.local(), list(range(n)), tr.seed, tr.tc.preview,
                             batch_size=n, show_progress=False)
-        tr.model.train()  # sampling_view put it in eval mode where there is no EMA
         grid = image_grid(imgs, nrow=math.ceil(math.sqrt(n)))
         path = self.folder / "preview" / f"step-{tr.pos.step:07d}.png"
         save_picture(grid, tr.cfg, path)
@@ -4396,7 +4395,7 @@ class Trainer:
         if tc.guide_snapshot and is_rank0():
             self._plan_guide(ckpt_dir, metrics)
         self.first_step = pos.step
-        self.model.train()  # run-before.png (rank 0 only) left it in eval mode: dropout must be on, on every rank
+        self.model.train()  # run-before.png and the probe (rank 0 only) left it in eval mode: dropout on, every rank
         self.clock.restart(pos.step)
         try:
             with StopRequest() as self.stop, make_progress() as progress:
@@ -4489,7 +4488,6 @@ class Trainer:
         log(f"eval: every {p.every} steps, {p.n} samples ({p.spec.sampler}, {steps} steps, EMA) against {p.n} held-out "
             f"images of {p.what}; real vs real {p.floor:.2f}; about {p.estimate(self.sampling_view(), self.rt.local()):.0f} s "
             f"per evaluation")
-        self.model.train()
 
     def _evaluate(self, ckpt_dir: Path, metrics: MetricsLog, say: Optional[Callable]) -> float:
         """One --eval-every measurement: a metrics.csv row (and TensorBoard) with the SWD, its levels and
@@ -4498,7 +4496,6 @@ class Trainer:
         p, pos = self.probe, self.pos
         m = p.measure(self.sampling_view(ema=True), self.rt.local())
         value = m["swd"]
-        self.model.train()  # sampling_view put it in eval mode where there is no EMA
         metrics.metric(step=pos.step, epoch=pos.epoch, images_seen=pos.images_seen, swd=round(value, 3),
                        swd_levels=m["levels"], colour_mean=round(m["colour_mean"], 3),
                        colour_std=round(m["colour_std"], 3), wall_time=round(time.time(), 3))
@@ -4615,12 +4612,16 @@ class Trainer:
 
     def _write_or_defer(self, write: Callable, *args) -> None:
         """A write of rank 0 during training (a log row, a preview): if it fails, the run stops at the
-        end of this step with a checkpoint, and then reports the failure."""
+        end of this step with a checkpoint, and then reports the failure. The model trains again after it
+        (a picture or an evaluation samples through sampling_view, which puts it in eval mode where there
+        is no EMA)."""
         if self.failure is None:
             try:
                 write(*args)
             except (DDPMError, OSError) as e:
                 self.failure = e if isinstance(e, DDPMError) else DDPMError(f"a write failed ({first_line(e)})")
+            finally:
+                self.model.train()
 
     def _log_interval(self, metrics: MetricsLog, progress, task, deadline: Optional[float]) -> None:
         """Every --log-every steps (host sync): the mean loss of the steps that were not skipped, img/s,
@@ -5789,12 +5790,12 @@ def export_command(job: ExportJob) -> int:
     check_writable(out.parent if str(out.parent) else Path("."), "--export")
     model = load_model(source, "cpu", use_ema=job.weights.ema, ema_length=job.weights.length, **job.weights.flags)
     weights = f"post-hoc ema {job.weights.length:g}" if job.weights.length else "ema" if model.source.ema else "raw"
-    if os.path.lexists(job.out):  # --overwrite (above): the old file is kept under another name
-        aside = unused_name(job.out.with_name(f"{job.out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
-        os.replace(job.out, aside)
-        log(f"--overwrite: moved the earlier {job.out} to {aside}")
-    export_safetensors(model, model.config, job.out, weights, model.source.step or 0)
-    print(f"wrote {job.out} ({weights} weights, config in the metadata)")
+    if os.path.lexists(out):  # --overwrite (above): the old file is kept under another name
+        aside = unused_name(out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"))
+        os.replace(out, aside)
+        log(f"--overwrite: moved the earlier {out} to {aside}")
+    export_safetensors(model, model.config, out, weights, model.source.step or 0)
+    print(f"wrote {out} ({weights} weights, config in the metadata)")
     return 0
 
 

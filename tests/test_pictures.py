@@ -117,8 +117,9 @@ def test_run_pictures_and_previews_honour_the_sampling_flags(tmp_path):
 
 
 def test_previews_without_ema_leave_dropout_on(tmp_path, monkeypatch):
-    """Without an EMA a preview samples the raw model in eval mode; the next step trains it again, with
-    dropout on (a preview that left it in eval mode turned dropout off for the rest of the run)."""
+    """Without an EMA a preview or a quality measurement samples the raw model in eval mode; the next step
+    trains it again, with dropout on (a preview that left it in eval mode turned dropout off for the rest
+    of the run)."""
     modes = []
     real_step = ddpm.Trainer.train_step
 
@@ -127,7 +128,7 @@ def test_previews_without_ema_leave_dropout_on(tmp_path, monkeypatch):
         real_step(self)
     monkeypatch.setattr(ddpm.Trainer, "train_step", train_step)
     assert ddpm.main(["--train", "--demo", "--demo-images", "8", *TINY, "--batch-size", "4", "--max-steps", "3",
-                      "--ema-decay", "0", "--dropout", "0.1", "--sample-every", "1", "--eval-every", "0",
+                      "--ema-decay", "0", "--dropout", "0.1", "--sample-every", "1", "--eval-every", "1", "--eval-samples", "4",
                       "--no-run-pictures", "--seed", "0", "--ckpt-save-dir", str(tmp_path / "ckpt"),
                       "--save-dir", str(tmp_path / "out")]) == 0
     assert len(list((tmp_path / "out" / "preview").glob("step-*.png"))) == 3
