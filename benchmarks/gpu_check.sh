@@ -21,8 +21,12 @@
 #   4. the 8 GB promise: the default model at batch 64 under an 8 GiB memory cap, bf16 and fp16,
 #      compile on and off, with peak memory;
 #   5. torchrun --standalone --nproc_per_node 1 (NCCL on CUDA, gloo on a CPU);
-#   6. the out-of-memory retry: batch 256 with --grad-accum 1 under an 8 GiB cap.
-# GPU_CHECK_ONLY="memory torchrun" runs only those parts (graphs layout bench cli precision memory torchrun oom);
+#   6. the out-of-memory retry: batch 256 with --grad-accum 1 under an 8 GiB cap;
+#   7. the command line under CUDA graphs (--compile-mode reduce-overhead): --grad-accum 2, SIGTERM once
+#      steps are logged (finish the step, save, exit 0), --resume under graphs again, and the
+#      out-of-memory retry under graphs.
+# GPU_CHECK_ONLY="memory torchrun" runs only those parts (graphs layout bench cli precision memory torchrun oom
+# graphs_cli);
 # MEMORY_COMPILE_MODES="off" leaves out the compiled runs of part 4.
 set -u
 cd "$(dirname "$0")/.."
@@ -107,10 +111,11 @@ EOF
 if [ "$QUICK" = 1 ]; then
   DEV=(--device cpu)
   MODEL=(--img-size 16 --num-channels 32 --channel-multiples 1 2 --has-attn f t --num-blocks 1 --timesteps 100)
-  N_IMAGES=64; SIZE=16; BATCH=8; STEPS=12; MORE=16; FEW=4; GRAPHS=()
+  N_IMAGES=64; SIZE=16; BATCH=8; STEPS=12; MORE=16; FEW=4; GRAPHS=(); GRAPH_TRAIN=()
   BENCH=(--quick); BASE=(--quick)
 else
   DEV=(); MODEL=(); N_IMAGES=2048; SIZE=64; BATCH=64; STEPS=256; MORE=288; FEW=20; GRAPHS=(--compile)
+  GRAPH_TRAIN=(--compile --compile-mode reduce-overhead)
   BENCH=(--profile "$OUTDIR/profile.txt"); BASE=()
 fi
 
@@ -205,5 +210,47 @@ sys.exit(rc)
 EOF
   summary oom_retry "$W/ck-oom"
   grep -h "out of memory" "$CLI" | head -5
+fi
+# 7. the command line under CUDA graphs: accumulation, a signal, resume, the out-of-memory retry
+if want graphs_cli; then
+  G=$W/ck-graphs
+  GTRAIN=("${TRAIN[@]}" "${GRAPH_TRAIN[@]}" --grad-accum 2 --ckpt-save-dir "$G" --save-dir "$W/out-graphs"
+          --no-run-pictures --sample-every 0 --log-every 4)
+  # train until 3 rows are logged (past the compile and the graphs' capture), then SIGTERM
+  echo "=== graphs_sigterm: ${GTRAIN[*]} --epochs 1000" >> "$CLI"
+  t0=$(date +%s.%N)
+  "$PY" "${GTRAIN[@]}" --epochs 1000 > "$W/step.out" 2>&1 &
+  pid=$!
+  until [ "$(grep -c '^[0-9]' "$G/metrics.csv" 2>/dev/null)" -ge 3 ] 2>/dev/null || ! kill -0 $pid 2>/dev/null \
+        || [ "$(left)" -le 60 ]; do sleep 1; done
+  kill -TERM $pid 2>/dev/null
+  wait $pid
+  rc=$?
+  cat "$W/step.out" >> "$CLI"
+  "$PY" -c "import json,sys; print(json.dumps({'what': 'step', 'name': 'graphs_sigterm', 'rc': int(sys.argv[1]),
+    'seconds': round(float(sys.argv[3]) - float(sys.argv[2]), 1), 'expect': 'rc 0, stopped (SIGTERM)',
+    'stopped': [l.strip() for l in open(sys.argv[4]) if 'stopped (' in l][-1:]}))" \
+    "$rc" "$t0" "$(date +%s.%N)" "$W/step.out" | tee -a "$LOG"
+  summary graphs_sigterm "$G"
+  more=$("$PY" -c "import sys; sys.path.insert(0, '.'); import ddpm; print(ddpm.read_checkpoint(
+    ddpm.newest_checkpoint(sys.argv[1]))['step'] + 8)" "$G" 2>/dev/null || echo "$MORE")
+  step graphs_resume 150 "$CLI" "$PY" "${GTRAIN[@]}" --resume --max-steps "$more"
+  summary graphs_resume "$G"
+  if [ "$QUICK" = 0 ]; then
+    step graphs_oom 150 "$CLI" "$PY" - "$W/faces" "$W/ck-goom" "$W/out-goom" <<'EOF'
+import sys
+import torch
+sys.path.insert(0, ".")
+import ddpm
+total = torch.cuda.get_device_properties(0).total_memory
+torch.cuda.set_per_process_memory_fraction(8 * 2**30 / total)
+rc = ddpm.main(["--train", "--data-folders", sys.argv[1], "--ckpt-save-dir", sys.argv[2], "--save-dir", sys.argv[3],
+                "--batch-size", "256", "--grad-accum", "1", "--compile", "--compile-mode", "reduce-overhead",
+                "--max-steps", "6", "--seed", "0", "--no-run-pictures", "--sample-every", "0", "--log-every", "2"])
+print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB under the 8 GiB cap")
+sys.exit(rc)
+EOF
+    summary graphs_oom "$W/ck-goom"
+  fi
 fi
 echo "gpu_check: done; figures in $LOG"
