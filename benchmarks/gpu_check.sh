@@ -98,6 +98,27 @@ print(json.dumps(out))
 EOF
 }
 
+# oom_retry NAME TAG FLAGS...: train at batch 256 with --grad-accum 1 under an 8 GiB cap, so that the
+# first step runs out of memory and the retry halves the micro-batch; then the checkpoint's summary
+oom_retry() {
+  local name=$1 tag=$2
+  shift 2
+  step "$name" 150 "$CLI" "$PY" - "$W/faces" "$W/ck-$tag" "$W/out-$tag" "$@" <<'EOF'
+import sys
+import torch
+sys.path.insert(0, ".")
+import ddpm
+total = torch.cuda.get_device_properties(0).total_memory
+torch.cuda.set_per_process_memory_fraction(8 * 2**30 / total)
+rc = ddpm.main(["--train", "--data-folders", sys.argv[1], "--ckpt-save-dir", sys.argv[2], "--save-dir", sys.argv[3],
+                "--batch-size", "256", "--grad-accum", "1", "--max-steps", "6", "--seed", "0", "--no-run-pictures",
+                "--sample-every", "0", "--log-every", "2", *sys.argv[4:]])
+print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB under the 8 GiB cap")
+sys.exit(rc)
+EOF
+  summary "$name" "$W/ck-$tag"
+}
+
 "$PY" - <<'EOF' | tee -a "$LOG"
 import json, platform, torch
 d = {"what": "machine", "torch": torch.__version__, "python": platform.python_version(), "cuda": torch.cuda.is_available()}
@@ -195,20 +216,7 @@ want torchrun && summary torchrun "$W/ck-dist"
 
 # 6. the out-of-memory retry: a batch that cannot fit under the cap, split by halving
 if [ "$QUICK" = 0 ] && want oom; then
-  step oom_retry 150 "$CLI" "$PY" - "$W/faces" "$W/ck-oom" "$W/out-oom" <<'EOF'
-import sys
-import torch
-sys.path.insert(0, ".")
-import ddpm
-total = torch.cuda.get_device_properties(0).total_memory
-torch.cuda.set_per_process_memory_fraction(8 * 2**30 / total)
-rc = ddpm.main(["--train", "--data-folders", sys.argv[1], "--ckpt-save-dir", sys.argv[2], "--save-dir", sys.argv[3],
-                "--batch-size", "256", "--grad-accum", "1", "--no-compile", "--max-steps", "6", "--seed", "0",
-                "--no-run-pictures", "--sample-every", "0", "--log-every", "2"])
-print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB under the 8 GiB cap")
-sys.exit(rc)
-EOF
-  summary oom_retry "$W/ck-oom"
+  oom_retry oom_retry oom --no-compile
   grep -h "out of memory" "$CLI" | head -5
 fi
 # 7. the command line under CUDA graphs: accumulation, a signal, resume, the out-of-memory retry
@@ -237,20 +245,7 @@ if want graphs_cli; then
   step graphs_resume 150 "$CLI" "$PY" "${GTRAIN[@]}" --resume --max-steps "$more"
   summary graphs_resume "$G"
   if [ "$QUICK" = 0 ]; then
-    step graphs_oom 150 "$CLI" "$PY" - "$W/faces" "$W/ck-goom" "$W/out-goom" <<'EOF'
-import sys
-import torch
-sys.path.insert(0, ".")
-import ddpm
-total = torch.cuda.get_device_properties(0).total_memory
-torch.cuda.set_per_process_memory_fraction(8 * 2**30 / total)
-rc = ddpm.main(["--train", "--data-folders", sys.argv[1], "--ckpt-save-dir", sys.argv[2], "--save-dir", sys.argv[3],
-                "--batch-size", "256", "--grad-accum", "1", "--compile", "--compile-mode", "reduce-overhead",
-                "--max-steps", "6", "--seed", "0", "--no-run-pictures", "--sample-every", "0", "--log-every", "2"])
-print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB under the 8 GiB cap")
-sys.exit(rc)
-EOF
-    summary graphs_oom "$W/ck-goom"
+    oom_retry graphs_oom goom --compile --compile-mode reduce-overhead
   fi
 fi
 echo "gpu_check: done; figures in $LOG"
