@@ -219,6 +219,7 @@ if [ "$QUICK" = 0 ] && want oom; then
   oom_retry oom_retry oom --no-compile
   grep -h "out of memory" "$CLI" | head -5
 fi
+
 # 7. the command line under CUDA graphs: accumulation, a signal, resume, the out-of-memory retry
 if want graphs_cli; then
   G=$W/ck-graphs
@@ -232,8 +233,11 @@ if want graphs_cli; then
   until [ "$(grep -c '^[0-9]' "$G/metrics.csv" 2>/dev/null)" -ge 3 ] 2>/dev/null || ! kill -0 $pid 2>/dev/null \
         || [ "$(left)" -le 60 ]; do sleep 1; done
   kill -TERM $pid 2>/dev/null
+  (sleep 60; kill -KILL $pid 2>/dev/null) &  # a run that does not stop within a minute counts as a failure
+  watchdog=$!
   wait $pid
   rc=$?
+  kill $watchdog 2>/dev/null
   cat "$W/step.out" >> "$CLI"
   "$PY" -c "import json,sys; print(json.dumps({'what': 'step', 'name': 'graphs_sigterm', 'rc': int(sys.argv[1]),
     'seconds': round(float(sys.argv[3]) - float(sys.argv[2]), 1), 'expect': 'rc 0, stopped (SIGTERM)',
