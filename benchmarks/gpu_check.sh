@@ -71,9 +71,16 @@ step() {
   local rc=$?
   cat "$W/step.out" >> "$logf"
   grep '^{' "$W/step.out" >> "$LOG"
-  "$PY" -c "import json,sys; print(json.dumps({'what': 'step', 'name': sys.argv[1], 'rc': int(sys.argv[2]),
-    'seconds': round(float(sys.argv[4]) - float(sys.argv[3]), 1)}))" "$name" "$rc" "$t0" "$(date +%s.%N)" | tee -a "$LOG"
+  record "$name" "$rc" "$t0"
   return $rc
+}
+
+# record NAME RC T0 [KEY VALUE]...: one JSON line for a finished part, its exit status, its seconds since
+# T0 and any further text fields
+record() {
+  "$PY" -c "import json,sys; a = sys.argv; print(json.dumps({'what': 'step', 'name': a[1], 'rc': int(a[2]),
+    'seconds': round(float(a[4]) - float(a[3]), 1), **dict(zip(a[5::2], a[6::2]))}))" \
+    "$1" "$2" "$3" "$(date +%s.%N)" "${@:4}" | tee -a "$LOG"
 }
 
 # summary NAME CKPT_DIR: the last checkpoint's step and the last logged loss, as a JSON line
@@ -239,14 +246,11 @@ if want graphs_cli; then
   rc=$?
   kill $watchdog 2>/dev/null
   cat "$W/step.out" >> "$CLI"
-  "$PY" -c "import json,sys; print(json.dumps({'what': 'step', 'name': 'graphs_sigterm', 'rc': int(sys.argv[1]),
-    'seconds': round(float(sys.argv[3]) - float(sys.argv[2]), 1), 'expect': 'rc 0, stopped (SIGTERM)',
-    'stopped': [l.strip() for l in open(sys.argv[4]) if 'stopped (' in l][-1:]}))" \
-    "$rc" "$t0" "$(date +%s.%N)" "$W/step.out" | tee -a "$LOG"
+  stopped=$(grep -h 'stopped (' "$W/step.out" | tail -1)
+  record graphs_sigterm "$rc" "$t0" expect "rc 0, stopped (SIGTERM)" stopped "$stopped"
   summary graphs_sigterm "$G"
-  more=$("$PY" -c "import sys; sys.path.insert(0, '.'); import ddpm; print(ddpm.read_checkpoint(
-    ddpm.newest_checkpoint(sys.argv[1]))['step'] + 8)" "$G" 2>/dev/null || echo "$MORE")
-  step graphs_resume 150 "$CLI" "$PY" "${GTRAIN[@]}" --resume --max-steps "$more"
+  n=$(echo "$stopped" | grep -o 'at step [0-9]*' | grep -o '[0-9]*')
+  step graphs_resume 150 "$CLI" "$PY" "${GTRAIN[@]}" --resume --max-steps $((${n:-$MORE} + 8))
   summary graphs_resume "$G"
   if [ "$QUICK" = 0 ]; then
     oom_retry graphs_oom goom --compile --compile-mode reduce-overhead
